@@ -1,0 +1,4 @@
+//! The audit trail: the hash-chained `audit_log` (through the [`crate::store::Store`]) and
+//! one git commit per finished request.
+
+pub mod chain;

@@ -1,0 +1,23 @@
+//! # chiffon-core
+//!
+//! The orchestrator engine of Chiffon, as a library: a request in plain words becomes a
+//! validated plan (LLM providers under monthly budgets with fallback, down to an offline
+//! planner), passes an approval gate and cost limits, is dispatched step by step to agents
+//! that have the resources it needs, and ends recorded in the store, the hash-chained audit
+//! log and a git commit.
+//!
+//! Module map:
+//! - [`model`]: requests, plans, steps, statuses and their legal transitions.
+//! - [`catalog`]: the action catalog (`playbooks/*/action.toml`) and parameter validation.
+//! - [`store`]: the `Store` trait; PostgreSQL and SQLite implementations.
+//! - [`transport`]: the `Transport` trait; RabbitMQ and in-process implementations.
+//! - [`audit`]: the audit log's hash chain and the git trail.
+//!
+//! Architecture invariant: this crate never reads environment variables or argv; the
+//! binaries build its configuration types and hand them in.
+
+pub mod audit;
+pub mod catalog;
+pub mod model;
+pub mod store;
+pub mod transport;

@@ -1,0 +1,425 @@
+//! The engine's domain types: requests, plans, steps, log lines, agents, audit entries.
+//! Boundary types (stored as JSON, returned by the API) derive serde.
+
+use chiffon_protocol::{ErrorPayload, Heartbeat, Resources};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+/// A request's status, as stored and as returned everywhere (see CONTRACT.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestStatus {
+    Planning,
+    AwaitingApproval,
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+    Rejected,
+}
+
+impl RequestStatus {
+    pub const ALL: [RequestStatus; 8] = [
+        RequestStatus::Planning,
+        RequestStatus::AwaitingApproval,
+        RequestStatus::Queued,
+        RequestStatus::Running,
+        RequestStatus::Completed,
+        RequestStatus::Failed,
+        RequestStatus::Cancelled,
+        RequestStatus::Rejected,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestStatus::Planning => "planning",
+            RequestStatus::AwaitingApproval => "awaiting_approval",
+            RequestStatus::Queued => "queued",
+            RequestStatus::Running => "running",
+            RequestStatus::Completed => "completed",
+            RequestStatus::Failed => "failed",
+            RequestStatus::Cancelled => "cancelled",
+            RequestStatus::Rejected => "rejected",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RequestStatus> {
+        RequestStatus::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            RequestStatus::Completed
+                | RequestStatus::Failed
+                | RequestStatus::Cancelled
+                | RequestStatus::Rejected
+        )
+    }
+
+    /// The one place the lifecycle's legal transitions are written down.
+    pub fn can_transition_to(self, next: RequestStatus) -> bool {
+        use RequestStatus::*;
+        matches!(
+            (self, next),
+            (
+                Planning,
+                AwaitingApproval | Queued | Failed | Cancelled | Rejected
+            ) | (AwaitingApproval, Queued | Rejected | Cancelled)
+                | (Queued, Running | Cancelled | Failed | Completed)
+                | (Running, Completed | Failed | Cancelled)
+        )
+    }
+}
+
+impl std::fmt::Display for RequestStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One step of a plan as the planner proposes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanStep {
+    pub action: String,
+    #[serde(default)]
+    pub parameters: Map<String, Value>,
+    /// Filled from the catalog, never from the LLM.
+    #[serde(default)]
+    pub agent_type: String,
+    #[serde(default)]
+    pub resources: Resources,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// A validated plan: only catalog actions with schema-valid parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub summary: String,
+    pub steps: Vec<PlanStep>,
+    #[serde(default)]
+    pub risks: Vec<String>,
+    /// LLM spend of planning it plus the actions' declared costs, in USD.
+    #[serde(default)]
+    pub estimated_cost_usd: f64,
+    /// The LLM spend alone, in USD.
+    #[serde(default)]
+    pub llm_cost_usd: f64,
+    pub provider: String,
+    pub model: String,
+    /// Taken from the plan cache (no LLM call).
+    #[serde(default)]
+    pub cached: bool,
+}
+
+/// A request (a row of `tasks`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    pub id: Uuid,
+    pub trace_id: String,
+    pub text: String,
+    pub requester: String,
+    pub dry_run: bool,
+    pub status: RequestStatus,
+    pub plan: Option<Plan>,
+    pub approver: Option<String>,
+    pub approval_comment: Option<String>,
+    pub error: Option<ErrorPayload>,
+    pub commit_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What [`crate::store::Store::create_request`] needs.
+#[derive(Debug, Clone)]
+pub struct NewRequest {
+    pub id: Uuid,
+    pub trace_id: String,
+    pub text: String,
+    pub requester: String,
+    pub dry_run: bool,
+}
+
+/// Fields a transition may set along with the status. `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct RequestPatch {
+    /// Stores the plan and creates its steps (status `pending`) in the same transaction.
+    pub plan: Option<Plan>,
+    pub approver: Option<String>,
+    pub approval_comment: Option<String>,
+    pub error: Option<ErrorPayload>,
+    pub commit_id: Option<String>,
+}
+
+/// Filter for [`crate::store::Store::list_requests`]; newest first.
+#[derive(Debug, Clone, Default)]
+pub struct RequestFilter {
+    pub status: Option<RequestStatus>,
+    /// Only requests last updated before this instant.
+    pub updated_before: Option<DateTime<Utc>>,
+    pub limit: Option<u32>,
+}
+
+/// A step's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// Waits for the steps before it.
+    Pending,
+    /// May be dispatched now (waits for an agent with capacity).
+    Ready,
+    /// Published to an agent's queue.
+    Dispatched,
+    /// The agent reported it started.
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+    /// Never ran because an earlier step failed or the request ended.
+    Skipped,
+}
+
+impl StepStatus {
+    pub const ALL: [StepStatus; 8] = [
+        StepStatus::Pending,
+        StepStatus::Ready,
+        StepStatus::Dispatched,
+        StepStatus::Running,
+        StepStatus::Completed,
+        StepStatus::Failed,
+        StepStatus::Cancelled,
+        StepStatus::Skipped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Pending => "pending",
+            StepStatus::Ready => "ready",
+            StepStatus::Dispatched => "dispatched",
+            StepStatus::Running => "running",
+            StepStatus::Completed => "completed",
+            StepStatus::Failed => "failed",
+            StepStatus::Cancelled => "cancelled",
+            StepStatus::Skipped => "skipped",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<StepStatus> {
+        StepStatus::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            StepStatus::Completed
+                | StepStatus::Failed
+                | StepStatus::Cancelled
+                | StepStatus::Skipped
+        )
+    }
+}
+
+/// A step of a request's plan, as stored (`plan_steps`). `task_id` is the id agents see.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    pub request_id: Uuid,
+    /// 0-based position in the plan.
+    pub seq: u32,
+    pub task_id: Uuid,
+    pub action: String,
+    pub parameters: Map<String, Value>,
+    pub agent_type: String,
+    pub resources: Resources,
+    pub status: StepStatus,
+    /// 0 before the first dispatch; each dispatch counts one up.
+    pub attempt: u32,
+    pub agent_id: Option<String>,
+    /// The queue it was dispatched to.
+    pub queue: Option<String>,
+    pub progress: u32,
+    pub output: Option<String>,
+    pub diff: Option<String>,
+    pub changed: Option<bool>,
+    pub error: Option<ErrorPayload>,
+    pub ready_at: Option<DateTime<Utc>>,
+    pub dispatched_at: Option<DateTime<Utc>>,
+    /// Past this instant with no result, the step has timed out.
+    pub deadline_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Retry not before this instant (transient failures back off).
+    pub not_before: Option<DateTime<Utc>>,
+}
+
+/// Fields [`crate::store::Store::update_step`] may set along with the status. `None` leaves a
+/// field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct StepPatch {
+    pub attempt: Option<u32>,
+    pub agent_id: Option<String>,
+    pub queue: Option<String>,
+    pub progress: Option<u32>,
+    pub output: Option<String>,
+    pub diff: Option<String>,
+    pub changed: Option<bool>,
+    pub error: Option<ErrorPayload>,
+    pub ready_at: Option<DateTime<Utc>>,
+    pub dispatched_at: Option<DateTime<Utc>>,
+    pub deadline_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub not_before: Option<DateTime<Utc>>,
+}
+
+/// A line of `execution_logs` to append.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewLogLine {
+    pub request_id: Uuid,
+    pub task_id: Option<Uuid>,
+    pub at: DateTime<Utc>,
+    /// `status`, `output`, `result`, `error` or `engine`.
+    pub kind: String,
+    pub progress: Option<u32>,
+    pub message: String,
+}
+
+/// A stored line of `execution_logs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub id: i64,
+    #[serde(flatten)]
+    pub line: NewLogLine,
+}
+
+/// An agent as last seen through its heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub agent_id: String,
+    pub agent_type: String,
+    pub hostname: String,
+    pub last_seen: DateTime<Utc>,
+    pub heartbeat: Heartbeat,
+}
+
+/// Outcome of [`crate::store::Store::reserve_llm`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reservation {
+    /// Reserved; settle it with this id.
+    Reserved { id: Uuid },
+    /// The reservation would pass the budget.
+    OverBudget {
+        spent_micros: i64,
+        reserved_micros: i64,
+    },
+}
+
+/// A reservation request: the worst-case cost of one LLM call.
+#[derive(Debug, Clone)]
+pub struct LlmReservation {
+    pub provider: String,
+    pub model: String,
+    /// `YYYY-MM`, UTC.
+    pub month: String,
+    pub amount_micros: i64,
+    pub budget_micros: i64,
+    pub request_id: Option<Uuid>,
+}
+
+/// The real cost of a reserved call (settles the reservation).
+#[derive(Debug, Clone)]
+pub struct LlmSettlement {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost_micros: i64,
+    pub ok: bool,
+}
+
+/// Spend of one provider in one month.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProviderSpend {
+    pub provider: String,
+    pub month: String,
+    /// Settled spend, USD micro-dollars.
+    pub spent_micros: i64,
+    /// Reserved and not yet settled.
+    pub reserved_micros: i64,
+    pub calls: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// An audit entry to append.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewAuditEntry {
+    pub request_id: Option<Uuid>,
+    /// Who decided: a user, `engine`, an agent id, a rule.
+    pub actor: String,
+    /// `received`, `planned`, `fallback`, `approved`, `rejected`, `auto_approved`, `dispatched`, …
+    pub event: String,
+    pub details: Value,
+}
+
+/// A stored, hash-chained audit entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: i64,
+    pub at: DateTime<Utc>,
+    pub request_id: Option<Uuid>,
+    pub actor: String,
+    pub event: String,
+    pub details: Value,
+    /// Hash of the entry before (64 zeros for the first).
+    pub prev_hash: String,
+    /// sha256 over `prev_hash` and this entry's canonical content; see [`crate::audit::chain`].
+    pub hash: String,
+}
+
+/// Result of verifying the audit chain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditVerification {
+    pub ok: bool,
+    pub entries_checked: u64,
+    /// The first bad entry's seq, and why.
+    pub first_bad_seq: Option<i64>,
+    pub problem: Option<String>,
+}
+
+/// Micro-dollars from dollars.
+pub fn usd_to_micros(usd: f64) -> i64 {
+    (usd * 1_000_000.0).round() as i64
+}
+
+/// Dollars from micro-dollars.
+pub fn micros_to_usd(micros: i64) -> f64 {
+    micros as f64 / 1_000_000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transitions() {
+        use RequestStatus::*;
+        assert!(Planning.can_transition_to(AwaitingApproval));
+        assert!(Planning.can_transition_to(Queued));
+        assert!(AwaitingApproval.can_transition_to(Queued));
+        assert!(!AwaitingApproval.can_transition_to(Running));
+        assert!(!Completed.can_transition_to(Running));
+        for s in RequestStatus::ALL {
+            if s.is_terminal() {
+                assert!(RequestStatus::ALL.iter().all(|n| !s.can_transition_to(*n)));
+            }
+            assert_eq!(RequestStatus::parse(s.as_str()), Some(s));
+            assert_eq!(
+                serde_json::to_value(s).unwrap(),
+                serde_json::json!(s.as_str())
+            );
+        }
+        for s in StepStatus::ALL {
+            assert_eq!(StepStatus::parse(s.as_str()), Some(s));
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! The `Store` trait: everything the engine persists, behind one mockable boundary.
+//!
+//! Two implementations with the same behaviour, checked by one conformance suite
+//! ([`conformance`], behind the `test-utils` feature):
+//! - [`postgres::PgStore`] (feature `postgres`): the production store; several orchestrator
+//!   instances may share one database.
+//! - [`sqlite::SqliteStore`] (feature `sqlite`): the embedded default (`sqlite://PATH`).
+//!
+//! Architecture invariant: every status change is conditional on the current status
+//! (`UPDATE … WHERE status = $from`), so concurrent engines never overwrite each other; a
+//! change that lost the race is a [`StoreError::Conflict`] naming the status found.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+use chiffon_protocol::{ErrorCode, Heartbeat};
+
+use crate::model::*;
+
+/// Errors of a [`Store`]. Backend errors are boxed so sqlx types never leak.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("{what} not found")]
+    NotFound { what: String },
+    /// A conditional update found another status (or a duplicate key).
+    #[error("conflict: {message}")]
+    Conflict {
+        message: String,
+        current: Option<String>,
+    },
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("migration failed: {0}")]
+    Migration(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl StoreError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            StoreError::NotFound { .. } => ErrorCode::NotFound,
+            StoreError::Conflict { .. } => ErrorCode::Conflict,
+            StoreError::Unavailable(_) => ErrorCode::StoreUnavailable,
+            StoreError::Migration(_) => ErrorCode::MigrationFailed,
+            StoreError::Corrupt(_) => ErrorCode::AuditChainBroken,
+            StoreError::Backend(_) => ErrorCode::Internal,
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+
+    pub fn not_found(what: impl Into<String>) -> Self {
+        StoreError::NotFound { what: what.into() }
+    }
+}
+
+/// Persistence for the engine. Object-safe: the engine holds an `Arc<dyn Store>`.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `postgres` or `sqlite`.
+    fn backend(&self) -> &'static str;
+    /// Applies pending migrations (also done on connect).
+    async fn migrate(&self) -> Result<(), StoreError>;
+    /// A cheap round trip (`SELECT 1`).
+    async fn health(&self) -> Result<(), StoreError>;
+
+    // ---- requests (`tasks`) ----
+    /// Inserts a request in status `planning`. A duplicate id is a `Conflict`.
+    async fn create_request(&self, req: &NewRequest) -> Result<Request, StoreError>;
+    async fn get_request(&self, id: Uuid) -> Result<Request, StoreError>;
+    /// Newest first.
+    async fn list_requests(&self, filter: &RequestFilter) -> Result<Vec<Request>, StoreError>;
+    /// Moves a request from `from` to `to` and applies `patch`, atomically and only if its
+    /// status is still `from`; otherwise `Conflict` with the status found. Checks
+    /// [`RequestStatus::can_transition_to`]. A patch with a plan also inserts its steps
+    /// (status `pending`, fresh task ids) in the same transaction.
+    async fn transition(
+        &self,
+        id: Uuid,
+        from: RequestStatus,
+        to: RequestStatus,
+        patch: &RequestPatch,
+    ) -> Result<Request, StoreError>;
+
+    // ---- steps (`plan_steps`) ----
+    /// A request's steps in plan order.
+    async fn steps(&self, request_id: Uuid) -> Result<Vec<Step>, StoreError>;
+    async fn get_step(&self, task_id: Uuid) -> Result<Step, StoreError>;
+    /// Moves a step to `to` and applies `patch`, only if its status is one of `from`;
+    /// otherwise `Conflict`. Also releases any dispatch claim on it.
+    async fn update_step(
+        &self,
+        task_id: Uuid,
+        from: &[StepStatus],
+        to: StepStatus,
+        patch: &StepPatch,
+    ) -> Result<Step, StoreError>;
+    /// Claims up to `limit` `ready` steps whose `not_before` has passed and that no one else
+    /// holds, oldest `ready_at` first, for `lease`. Two concurrent claimers never get the
+    /// same step (PostgreSQL: `FOR UPDATE SKIP LOCKED`).
+    async fn claim_ready_steps(
+        &self,
+        owner: &str,
+        limit: u32,
+        lease: Duration,
+    ) -> Result<Vec<Step>, StoreError>;
+    /// Gives a claimed step back without changing it (no agent had room).
+    async fn release_step(&self, task_id: Uuid, owner: &str) -> Result<(), StoreError>;
+    /// Steps `dispatched` or `running` whose `deadline_at` is before `now`.
+    async fn overdue_steps(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Step>, StoreError>;
+
+    // ---- execution logs ----
+    async fn append_logs(&self, lines: &[NewLogLine]) -> Result<(), StoreError>;
+    /// A request's log lines in order, after `after_id` if given.
+    async fn logs(
+        &self,
+        request_id: Uuid,
+        after_id: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<LogLine>, StoreError>;
+
+    // ---- agents and resource metrics ----
+    /// Upserts the agent and appends a `resource_metrics` row.
+    async fn record_heartbeat(&self, hb: &Heartbeat, at: DateTime<Utc>) -> Result<(), StoreError>;
+    /// Every agent seen, with its last heartbeat.
+    async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+
+    // ---- LLM usage and budgets ----
+    /// Atomically reserves `amount_micros` against the provider's monthly budget: succeeds
+    /// only if settled spend + open reservations + amount <= budget, even with concurrent
+    /// reservers on several instances.
+    async fn reserve_llm(&self, r: &LlmReservation) -> Result<Reservation, StoreError>;
+    /// Replaces a reservation by the real cost and token counts.
+    async fn settle_llm(&self, reservation: Uuid, s: &LlmSettlement) -> Result<(), StoreError>;
+    /// Spend per provider for `month` (`YYYY-MM`).
+    async fn llm_spend(&self, month: &str) -> Result<Vec<ProviderSpend>, StoreError>;
+
+    // ---- plan cache ----
+    async fn cached_plan(&self, key: &str) -> Result<Option<Plan>, StoreError>;
+    async fn cache_plan(&self, key: &str, plan: &Plan) -> Result<(), StoreError>;
+
+    // ---- audit log (append-only, hash-chained) ----
+    /// Appends entries in order, chaining each to the one before; safe with concurrent
+    /// appenders on several instances (the chain never forks).
+    async fn append_audit(&self, entries: &[NewAuditEntry]) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Entries in seq order, for one request or all, after `after_seq`.
+    async fn audit_log(
+        &self,
+        request_id: Option<Uuid>,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Recomputes the whole chain; detects altered, inserted or deleted rows.
+    async fn verify_audit(&self) -> Result<AuditVerification, StoreError>;
+}
+
+/// Opens the store a URL names: `postgres://…`/`postgresql://…` or `sqlite://PATH`
+/// (the file and its folder are created). Migrations are applied.
+pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        // wired by the PostgreSQL store: PgStore::connect(url)
+    }
+    if url.starts_with("sqlite:") {
+        // wired by the SQLite store: SqliteStore::connect(url)
+    }
+    Err(StoreError::Unavailable(
+        format!("unsupported database URL `{url}` (expected postgres://… or sqlite://PATH, with the matching feature)").into(),
+    ))
+}
