@@ -18,6 +18,8 @@
 
 pub mod audit;
 pub mod catalog;
+pub mod engine;
 pub mod model;
+pub mod scheduler;
 pub mod store;
 pub mod transport;

@@ -361,15 +361,17 @@ impl Envelope {
             None => return Err(ProtocolError::field("version", "missing field `version`")),
             Some(v) => match v.as_u64() {
                 Some(1) => {}
-                Some(n) => return Err(ProtocolError::new(
-                    ErrorCode::UnsupportedVersion,
-                    format!(
+                Some(n) => {
+                    return Err(ProtocolError::new(
+                        ErrorCode::UnsupportedVersion,
+                        format!(
                         "unsupported protocol version {n}, this build speaks {PROTOCOL_VERSION}"
                     ),
-                )
-                .with_details(
-                    serde_json::json!({ "version": n, "supported": [PROTOCOL_VERSION] }),
-                )),
+                    )
+                    .with_details(
+                        serde_json::json!({ "version": n, "supported": [PROTOCOL_VERSION] }),
+                    ))
+                }
                 None => {
                     return Err(ProtocolError::field(
                         "version",

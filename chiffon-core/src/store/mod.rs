@@ -91,6 +91,11 @@ pub trait Store: Send + Sync + 'static {
         patch: &RequestPatch,
     ) -> Result<Request, StoreError>;
 
+    /// Records the audit commit of a request (any status); only sets it once.
+    async fn set_commit_id(&self, id: Uuid, commit_id: &str) -> Result<(), StoreError>;
+    /// How many requests are in each status (for `/metrics`).
+    async fn request_counts(&self) -> Result<Vec<(RequestStatus, u64)>, StoreError>;
+
     // ---- steps (`plan_steps`) ----
     /// A request's steps in plan order.
     async fn steps(&self, request_id: Uuid) -> Result<Vec<Step>, StoreError>;

@@ -1,0 +1,949 @@
+//! The public operations of the engine and the lifecycle decisions they make.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use chiffon_protocol::{Cancel, Envelope, ErrorCode, ErrorPayload, Message};
+use chrono::Utc;
+use serde_json::json;
+use tokio::sync::{broadcast, Notify, Semaphore};
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use super::*;
+use crate::audit::git::RequestRecord;
+use crate::model::{
+    micros_to_usd, AgentRecord, AuditEntry, AuditVerification, LogLine, NewAuditEntry, NewLogLine,
+    NewRequest, RequestFilter, RequestPatch, RequestStatus, StepPatch, StepStatus,
+};
+
+/// Longest request text accepted.
+pub const MAX_TEXT_LEN: usize = 10_000;
+
+const LATENCY_BOUNDS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0, 300.0,
+];
+
+#[derive(Default)]
+pub(super) struct Metrics {
+    pub dispatched: AtomicU64,
+    pub results: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub retries: AtomicU64,
+    pub timeouts: AtomicU64,
+    latency: Mutex<([u64; LATENCY_BOUNDS.len()], f64, u64)>,
+}
+
+impl Metrics {
+    pub fn observe_latency(&self, seconds: f64) {
+        let mut l = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, b) in LATENCY_BOUNDS.iter().enumerate() {
+            if seconds <= *b {
+                l.0[i] += 1;
+            }
+        }
+        l.1 += seconds;
+        l.2 += 1;
+    }
+}
+
+pub(super) struct Inner {
+    pub store: Arc<dyn Store>,
+    pub transport: Arc<dyn Transport>,
+    pub planner: Arc<dyn PlanProvider>,
+    pub catalog: Arc<Catalog>,
+    pub git: Option<Arc<GitTrail>>,
+    pub config: EngineConfig,
+    pub events: EventHub,
+    /// Wakes the dispatcher (approval, result, heartbeat).
+    pub wake: Notify,
+    pub planning: Arc<Semaphore>,
+    pub tasks: TaskTracker,
+    pub metrics: Metrics,
+    pub declared: Mutex<std::collections::HashSet<String>>,
+}
+
+/// The result of verifying the audit trail: the hash chain and the git commits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditReport {
+    pub chain: AuditVerification,
+    /// Terminal requests that were approved and have no audit commit.
+    pub missing_commits: Vec<Uuid>,
+    pub ok: bool,
+}
+
+impl Engine {
+    /// Builds an engine; call [`Engine::run`] to start its background work.
+    pub fn new(parts: EngineParts) -> Engine {
+        let planning = Arc::new(Semaphore::new(
+            parts.config.dispatch.planning_concurrency.max(1),
+        ));
+        Engine {
+            inner: Arc::new(Inner {
+                store: parts.store,
+                transport: parts.transport,
+                planner: parts.planner,
+                catalog: parts.catalog,
+                git: parts.git,
+                config: parts.config,
+                events: EventHub::default(),
+                wake: Notify::new(),
+                planning,
+                tasks: TaskTracker::new(),
+                metrics: Metrics::default(),
+                declared: Mutex::new(Default::default()),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.inner.transport
+    }
+
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.inner.catalog
+    }
+
+    /// Accepts a request: stores it (`planning`), audits it, and plans it in the background.
+    /// Submitting an existing `request_id` again returns that request unchanged.
+    pub async fn submit(&self, req: SubmitRequest) -> Result<Request, EngineError> {
+        let text = req.text.trim().to_string();
+        if text.is_empty() {
+            return Err(EngineError::Invalid("text must not be empty".into()));
+        }
+        if text.len() > MAX_TEXT_LEN {
+            return Err(EngineError::Invalid(format!(
+                "text is longer than {MAX_TEXT_LEN} bytes"
+            )));
+        }
+        let new = NewRequest {
+            id: req.request_id.unwrap_or_else(Uuid::now_v7),
+            trace_id: req
+                .trace_id
+                .filter(|t| !t.is_empty())
+                .unwrap_or_else(|| Uuid::new_v4().simple().to_string()),
+            text,
+            requester: req
+                .requester
+                .filter(|r| !r.is_empty())
+                .unwrap_or_else(|| "anonymous".into()),
+            dry_run: req.dry_run,
+        };
+        let request = match self.inner.store.create_request(&new).await {
+            Ok(r) => r,
+            Err(StoreError::Conflict { .. }) => {
+                return Ok(self.inner.store.get_request(new.id).await?)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.audit(vec![NewAuditEntry {
+            request_id: Some(request.id),
+            actor: request.requester.clone(),
+            event: "received".into(),
+            details: json!({ "text": request.text, "dry_run": request.dry_run, "trace_id": request.trace_id }),
+        }])
+        .await;
+        let engine = self.clone();
+        let r = request.clone();
+        self.inner
+            .tasks
+            .spawn(async move { engine.plan_request(r).await });
+        Ok(request)
+    }
+
+    /// Plans a request in `planning` and moves it on: to `awaiting_approval`, straight to
+    /// `queued` under an auto-approval rule, `rejected` above the cost limit, or `failed`.
+    pub(super) async fn plan_request(&self, request: Request) {
+        let Ok(_permit) = self.inner.planning.clone().acquire_owned().await else {
+            return;
+        };
+        let input = PlanInput {
+            request_id: request.id,
+            text: request.text.clone(),
+            dry_run: request.dry_run,
+        };
+        let outcome = self.inner.planner.plan(&input).await;
+        let mut audit: Vec<NewAuditEntry> = Vec::new();
+        let events = match &outcome {
+            Ok(o) => &o.events,
+            Err(f) => &f.events,
+        };
+        for e in events {
+            audit.push(NewAuditEntry {
+                request_id: Some(request.id),
+                actor: "planner".into(),
+                event: e.event.clone(),
+                details: e.details.clone(),
+            });
+        }
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(f) => {
+                audit.push(NewAuditEntry {
+                    request_id: Some(request.id),
+                    actor: "planner".into(),
+                    event: "plan_failed".into(),
+                    details: json!({ "code": f.code.code(), "message": f.message }),
+                });
+                self.audit(audit).await;
+                let patch = RequestPatch {
+                    error: Some(ErrorPayload::new(f.code, f.message)),
+                    ..Default::default()
+                };
+                self.set_status(
+                    request.id,
+                    RequestStatus::Planning,
+                    RequestStatus::Failed,
+                    patch,
+                )
+                .await
+                .ok();
+                return;
+            }
+        };
+        let plan = outcome.plan;
+        audit.push(NewAuditEntry {
+            request_id: Some(request.id),
+            actor: "planner".into(),
+            event: "planned".into(),
+            details: json!({
+                "provider": plan.provider, "model": plan.model, "cached": plan.cached,
+                "input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens,
+                "llm_cost_usd": plan.llm_cost_usd, "estimated_cost_usd": plan.estimated_cost_usd,
+                "steps": plan.steps.iter().map(|s| s.action.as_str()).collect::<Vec<_>>(),
+                "summary": plan.summary,
+            }),
+        });
+        let policy = &self.inner.config.approval;
+        if let Some(limit) = policy.cost_limit_usd {
+            if plan.estimated_cost_usd > limit {
+                let msg = format!(
+                    "estimated cost ${:.4} is above the per-request limit ${limit:.4}",
+                    plan.estimated_cost_usd
+                );
+                audit.push(NewAuditEntry {
+                    request_id: Some(request.id),
+                    actor: "policy:cost_limit".into(),
+                    event: "rejected".into(),
+                    details: json!({ "reason": msg, "limit_usd": limit, "estimated_cost_usd": plan.estimated_cost_usd }),
+                });
+                self.audit(audit).await;
+                let patch = RequestPatch {
+                    plan: Some(plan),
+                    error: Some(ErrorPayload::new(ErrorCode::CostLimitExceeded, msg)),
+                    approver: Some("policy:cost_limit".into()),
+                    ..Default::default()
+                };
+                self.set_status(
+                    request.id,
+                    RequestStatus::Planning,
+                    RequestStatus::Rejected,
+                    patch,
+                )
+                .await
+                .ok();
+                return;
+            }
+        }
+        if let Some(rule) = self.auto_approval_rule(&request, &plan) {
+            audit.push(NewAuditEntry {
+                request_id: Some(request.id),
+                actor: format!("policy:{rule}"),
+                event: "auto_approved".into(),
+                details: json!({ "rule": rule, "estimated_cost_usd": plan.estimated_cost_usd }),
+            });
+            self.audit(audit).await;
+            let patch = RequestPatch {
+                plan: Some(plan),
+                approver: Some(format!("policy:{rule}")),
+                ..Default::default()
+            };
+            if self
+                .set_status(
+                    request.id,
+                    RequestStatus::Planning,
+                    RequestStatus::Queued,
+                    patch,
+                )
+                .await
+                .is_ok()
+            {
+                self.promote_next(request.id).await.ok();
+            }
+            return;
+        }
+        self.audit(audit).await;
+        let patch = RequestPatch {
+            plan: Some(plan),
+            ..Default::default()
+        };
+        self.set_status(
+            request.id,
+            RequestStatus::Planning,
+            RequestStatus::AwaitingApproval,
+            patch,
+        )
+        .await
+        .ok();
+    }
+
+    /// The auto-approval rule that lets this plan skip the gate, if any.
+    fn auto_approval_rule(&self, request: &Request, plan: &Plan) -> Option<String> {
+        let policy = &self.inner.config.approval;
+        if request.dry_run && policy.dry_run_skips_approval {
+            return Some("dry_run".into());
+        }
+        let max = policy.auto_approve_max_cost_usd?;
+        let all_marked = plan.steps.iter().all(|s| {
+            self.inner
+                .catalog
+                .actions
+                .get(&s.action)
+                .is_some_and(|a| a.auto_approve)
+        });
+        (all_marked && plan.estimated_cost_usd <= max)
+            .then(|| format!("auto_approve_under_{max}_usd"))
+    }
+
+    /// Approves a request awaiting approval; it is queued for dispatch.
+    pub async fn approve(
+        &self,
+        id: Uuid,
+        approver: &str,
+        comment: Option<String>,
+    ) -> Result<Request, EngineError> {
+        let request = self.get_request(id).await?;
+        if request.status != RequestStatus::AwaitingApproval {
+            return Err(EngineError::IllegalTransition {
+                id,
+                status: request.status.to_string(),
+                action: "approve",
+            });
+        }
+        if self.inner.config.approval.four_eyes && approver == request.requester {
+            self.audit(vec![NewAuditEntry {
+                request_id: Some(id),
+                actor: approver.to_string(),
+                event: "approval_refused".into(),
+                details: json!({ "reason": "four-eyes rule: the approver must differ from the requester" }),
+            }])
+            .await;
+            return Err(EngineError::FourEyes {
+                id,
+                approver: approver.to_string(),
+            });
+        }
+        let patch = RequestPatch {
+            approver: Some(approver.to_string()),
+            approval_comment: comment.clone(),
+            ..Default::default()
+        };
+        let updated = self
+            .transition_checked(
+                id,
+                RequestStatus::AwaitingApproval,
+                RequestStatus::Queued,
+                patch,
+                "approve",
+            )
+            .await?;
+        self.audit(vec![NewAuditEntry {
+            request_id: Some(id),
+            actor: approver.to_string(),
+            event: "approved".into(),
+            details: json!({ "comment": comment }),
+        }])
+        .await;
+        self.promote_next(id).await?;
+        Ok(updated)
+    }
+
+    /// Rejects a request awaiting approval.
+    pub async fn reject(
+        &self,
+        id: Uuid,
+        approver: &str,
+        comment: Option<String>,
+    ) -> Result<Request, EngineError> {
+        let patch = RequestPatch {
+            approver: Some(approver.to_string()),
+            approval_comment: comment.clone(),
+            ..Default::default()
+        };
+        let updated = self
+            .transition_checked(
+                id,
+                RequestStatus::AwaitingApproval,
+                RequestStatus::Rejected,
+                patch,
+                "reject",
+            )
+            .await?;
+        self.audit(vec![NewAuditEntry {
+            request_id: Some(id),
+            actor: approver.to_string(),
+            event: "rejected".into(),
+            details: json!({ "comment": comment }),
+        }])
+        .await;
+        Ok(updated)
+    }
+
+    /// Cancels a request in any non-terminal status. A running step is sent `cancel` on
+    /// `chiffon.control`; the request ends `cancelled` when the agent confirms or after the
+    /// cancel timeout.
+    pub async fn cancel(&self, id: Uuid, by: &str) -> Result<Request, EngineError> {
+        for _ in 0..5 {
+            let request = self.get_request(id).await?;
+            if request.status.is_terminal() {
+                return Err(EngineError::IllegalTransition {
+                    id,
+                    status: request.status.to_string(),
+                    action: "cancel",
+                });
+            }
+            let steps = self.inner.store.steps(id).await?;
+            let now = Utc::now();
+            let mut active = Vec::new();
+            for s in &steps {
+                match s.status {
+                    StepStatus::Pending | StepStatus::Ready => {
+                        let patch = StepPatch {
+                            finished_at: Some(now),
+                            ..Default::default()
+                        };
+                        match self
+                            .inner
+                            .store
+                            .update_step(s.task_id, &[s.status], StepStatus::Cancelled, &patch)
+                            .await
+                        {
+                            Ok(_) | Err(StoreError::Conflict { .. }) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    StepStatus::Dispatched | StepStatus::Running => active.push(s.clone()),
+                    _ => {}
+                }
+            }
+            if active.is_empty() {
+                let patch = RequestPatch {
+                    error: Some(ErrorPayload::new(
+                        ErrorCode::RequestCancelled,
+                        format!("cancelled by {by}"),
+                    )),
+                    ..Default::default()
+                };
+                match self
+                    .inner
+                    .store
+                    .transition(id, request.status, RequestStatus::Cancelled, &patch)
+                    .await
+                {
+                    Ok(updated) => {
+                        self.audit(vec![NewAuditEntry {
+                            request_id: Some(id),
+                            actor: by.to_string(),
+                            event: "cancelled".into(),
+                            details: json!({ "from": request.status }),
+                        }])
+                        .await;
+                        self.after_terminal(&updated).await;
+                        return Ok(self.get_request(id).await?);
+                    }
+                    // The status moved under us (planning finished, a step was dispatched): look again.
+                    Err(StoreError::Conflict { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let deadline = now
+                + chrono::Duration::from_std(self.inner.config.dispatch.cancel_timeout)
+                    .unwrap_or_default();
+            for s in &active {
+                let patch = StepPatch {
+                    error: Some(ErrorPayload::new(
+                        ErrorCode::TaskCancelled,
+                        format!("cancel requested by {by}"),
+                    )),
+                    deadline_at: Some(deadline),
+                    ..Default::default()
+                };
+                match self
+                    .inner
+                    .store
+                    .update_step(s.task_id, &[s.status], s.status, &patch)
+                    .await
+                {
+                    Ok(_) | Err(StoreError::Conflict { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                let env = Envelope::new(
+                    request.trace_id.clone(),
+                    Some(id),
+                    Message::Cancel(Cancel {
+                        task_id: s.task_id,
+                        reason: Some(format!("cancelled by {by}")),
+                    }),
+                );
+                self.inner.transport.broadcast(&env).await?;
+            }
+            self.audit(vec![NewAuditEntry {
+                request_id: Some(id),
+                actor: by.to_string(),
+                event: "cancel_requested".into(),
+                details: json!({ "tasks": active.iter().map(|s| s.task_id).collect::<Vec<_>>() }),
+            }])
+            .await;
+            return Ok(self.get_request(id).await?);
+        }
+        Err(EngineError::Store(StoreError::Conflict {
+            message: "the request kept changing while being cancelled".into(),
+            current: None,
+        }))
+    }
+
+    /// A request with its steps.
+    pub async fn get(&self, id: Uuid) -> Result<RequestView, EngineError> {
+        let request = self.get_request(id).await?;
+        let steps = self.inner.store.steps(id).await?;
+        Ok(RequestView { request, steps })
+    }
+
+    /// Requests, newest first.
+    pub async fn list(&self, filter: &RequestFilter) -> Result<Vec<Request>, EngineError> {
+        Ok(self.inner.store.list_requests(filter).await?)
+    }
+
+    /// The request's execution log.
+    pub async fn logs(
+        &self,
+        id: Uuid,
+        after_id: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<LogLine>, EngineError> {
+        self.get_request(id).await?;
+        Ok(self.inner.store.logs(id, after_id, limit).await?)
+    }
+
+    /// Live events of a request from now on (status changes, progress, output lines).
+    pub fn subscribe(&self, id: Uuid) -> broadcast::Receiver<EngineEvent> {
+        self.inner.events.subscribe(id)
+    }
+
+    /// Known agents with their last heartbeat.
+    pub async fn agents(&self) -> Result<Vec<AgentRecord>, EngineError> {
+        Ok(self.inner.store.agents().await?)
+    }
+
+    /// LLM spend this month per provider against its budget.
+    pub async fn costs(&self) -> Result<Vec<CostLine>, EngineError> {
+        let month = Utc::now().format("%Y-%m").to_string();
+        let spend = self.inner.store.llm_spend(&month).await?;
+        let mut lines: Vec<CostLine> = spend
+            .into_iter()
+            .map(|s| CostLine {
+                budget_usd: self.inner.config.budgets.get(&s.provider).copied(),
+                provider: s.provider,
+                month: s.month,
+                spent_usd: micros_to_usd(s.spent_micros),
+                reserved_usd: micros_to_usd(s.reserved_micros),
+                calls: s.calls,
+                input_tokens: s.input_tokens,
+                output_tokens: s.output_tokens,
+            })
+            .collect();
+        for (provider, budget) in &self.inner.config.budgets {
+            if !lines.iter().any(|l| &l.provider == provider) {
+                lines.push(CostLine {
+                    provider: provider.clone(),
+                    month: month.clone(),
+                    spent_usd: 0.0,
+                    reserved_usd: 0.0,
+                    budget_usd: Some(*budget),
+                    calls: 0,
+                    input_tokens: 0,
+                    output_tokens: 0,
+                });
+            }
+        }
+        Ok(lines)
+    }
+
+    /// The audit log (all, or one request's), in order.
+    pub async fn audit_log(
+        &self,
+        request_id: Option<Uuid>,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, EngineError> {
+        Ok(self
+            .inner
+            .store
+            .audit_log(request_id, after_seq, limit)
+            .await?)
+    }
+
+    /// Checks the audit log's hash chain and that every approved request that ended has its
+    /// git commit.
+    pub async fn verify_audit(&self) -> Result<AuditReport, EngineError> {
+        let chain = self.inner.store.verify_audit().await?;
+        let mut missing = Vec::new();
+        for status in [
+            RequestStatus::Completed,
+            RequestStatus::Failed,
+            RequestStatus::Cancelled,
+        ] {
+            let mut before = None;
+            loop {
+                let page = self
+                    .inner
+                    .store
+                    .list_requests(&RequestFilter {
+                        status: Some(status),
+                        updated_before: before,
+                        limit: Some(500),
+                    })
+                    .await?;
+                for r in &page {
+                    if r.approver.is_some() {
+                        let ok = match (&self.inner.git, &r.commit_id) {
+                            (Some(git), Some(c)) => {
+                                let git = git.clone();
+                                let id = r.id;
+                                let c = c.clone();
+                                tokio::task::spawn_blocking(move || {
+                                    git.find_commit_for(id).ok().flatten() == Some(c)
+                                })
+                                .await
+                                .unwrap_or(false)
+                            }
+                            (None, Some(_)) => true,
+                            (_, None) => false,
+                        };
+                        if !ok {
+                            missing.push(r.id);
+                        }
+                    }
+                }
+                if page.len() < 500 {
+                    break;
+                }
+                before = page.last().map(|r| r.updated_at);
+            }
+        }
+        let ok = chain.ok && missing.is_empty();
+        Ok(AuditReport {
+            chain,
+            missing_commits: missing,
+            ok,
+        })
+    }
+
+    /// The store's and the bus's state.
+    pub async fn health(&self) -> Health {
+        let store = match self.inner.store.health().await {
+            Ok(()) => "ok".to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        let bus = match self.inner.transport.health().await {
+            Ok(()) => "ok".to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        Health {
+            status: if store == "ok" && bus == "ok" {
+                "ok"
+            } else {
+                "degraded"
+            }
+            .into(),
+            store,
+            bus,
+            store_backend: self.inner.store.backend().into(),
+            bus_backend: self.inner.transport.backend().into(),
+            instance_id: self.inner.config.instance_id.clone(),
+        }
+    }
+
+    /// Counters and the dispatch-to-result latency histogram.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        let m = &self.inner.metrics;
+        let l = m.latency.lock().unwrap_or_else(|e| e.into_inner());
+        MetricsSnapshot {
+            dispatched_total: m.dispatched.load(Ordering::Relaxed),
+            results_total: m.results.load(Ordering::Relaxed),
+            duplicate_results_total: m.duplicates.load(Ordering::Relaxed),
+            retries_total: m.retries.load(Ordering::Relaxed),
+            timeouts_total: m.timeouts.load(Ordering::Relaxed),
+            latency_buckets: LATENCY_BOUNDS
+                .iter()
+                .copied()
+                .zip(l.0.iter().copied())
+                .collect(),
+            latency_sum_seconds: l.1,
+            latency_count: l.2,
+        }
+    }
+
+    /// Waits until the request is in a terminal status (or `statuses` if given), following
+    /// its events; re-reads the store so nothing is missed between reads.
+    pub async fn wait_until(
+        &self,
+        id: Uuid,
+        statuses: &[RequestStatus],
+    ) -> Result<Request, EngineError> {
+        let mut rx = self.subscribe(id);
+        loop {
+            let r = self.get_request(id).await?;
+            if r.status.is_terminal() || statuses.contains(&r.status) {
+                return Ok(r);
+            }
+            match tokio::time::timeout(std::time::Duration::from_millis(500), rx.recv()).await {
+                Ok(Err(broadcast::error::RecvError::Closed)) => rx = self.subscribe(id),
+                _ => {}
+            }
+        }
+    }
+
+    // ---- internals shared with the runtime ----
+
+    pub(super) async fn get_request(&self, id: Uuid) -> Result<Request, EngineError> {
+        match self.inner.store.get_request(id).await {
+            Err(StoreError::NotFound { .. }) => Err(EngineError::NotFound(id)),
+            other => Ok(other?),
+        }
+    }
+
+    async fn transition_checked(
+        &self,
+        id: Uuid,
+        from: RequestStatus,
+        to: RequestStatus,
+        patch: RequestPatch,
+        action: &'static str,
+    ) -> Result<Request, EngineError> {
+        match self.set_status(id, from, to, patch).await {
+            Err(EngineError::Store(StoreError::Conflict { current, .. })) => {
+                Err(EngineError::IllegalTransition {
+                    id,
+                    status: current.unwrap_or_else(|| "changed".into()),
+                    action,
+                })
+            }
+            Err(EngineError::Store(StoreError::NotFound { .. })) => Err(EngineError::NotFound(id)),
+            other => other,
+        }
+    }
+
+    /// A conditional status change that also publishes the status event.
+    pub(super) async fn set_status(
+        &self,
+        id: Uuid,
+        from: RequestStatus,
+        to: RequestStatus,
+        patch: RequestPatch,
+    ) -> Result<Request, EngineError> {
+        let updated = self.inner.store.transition(id, from, to, &patch).await?;
+        self.inner.events.publish(EngineEvent::Status {
+            request_id: id,
+            status: to,
+            at: updated.updated_at,
+        });
+        if to == RequestStatus::Queued {
+            self.inner.wake.notify_one();
+        }
+        Ok(updated)
+    }
+
+    /// Marks the first pending step ready when no step is active or failed; finishes the
+    /// request when every step completed. Safe to call again (conditional updates).
+    pub(super) async fn promote_next(&self, id: Uuid) -> Result<(), EngineError> {
+        let steps = self.inner.store.steps(id).await?;
+        if steps.iter().any(|s| {
+            matches!(
+                s.status,
+                StepStatus::Ready
+                    | StepStatus::Dispatched
+                    | StepStatus::Running
+                    | StepStatus::Failed
+                    | StepStatus::Cancelled
+            )
+        }) {
+            return Ok(());
+        }
+        if let Some(next) = steps.iter().find(|s| s.status == StepStatus::Pending) {
+            let patch = StepPatch {
+                ready_at: Some(Utc::now()),
+                ..Default::default()
+            };
+            match self
+                .inner
+                .store
+                .update_step(
+                    next.task_id,
+                    &[StepStatus::Pending],
+                    StepStatus::Ready,
+                    &patch,
+                )
+                .await
+            {
+                Ok(_) | Err(StoreError::Conflict { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.inner.wake.notify_one();
+            return Ok(());
+        }
+        // Every step is completed or skipped.
+        let request = self.get_request(id).await?;
+        if matches!(
+            request.status,
+            RequestStatus::Queued | RequestStatus::Running
+        ) {
+            self.finish(id, request.status, RequestStatus::Completed, None)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Ends a request: the terminal transition, the audit entry, then the git commit.
+    pub(super) async fn finish(
+        &self,
+        id: Uuid,
+        from: RequestStatus,
+        to: RequestStatus,
+        error: Option<ErrorPayload>,
+    ) -> Result<(), EngineError> {
+        let patch = RequestPatch {
+            error: error.clone(),
+            ..Default::default()
+        };
+        let updated = match self.set_status(id, from, to, patch).await {
+            Ok(u) => u,
+            Err(EngineError::Store(StoreError::Conflict { .. })) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        self.audit(vec![NewAuditEntry {
+            request_id: Some(id),
+            actor: "engine".into(),
+            event: to.as_str().into(),
+            details: match &error {
+                Some(e) => json!({ "code": e.code.code(), "message": e.message }),
+                None => json!({}),
+            },
+        }])
+        .await;
+        self.after_terminal(&updated).await;
+        Ok(())
+    }
+
+    /// The git commit of an approved request that ended; its id is stored on the request.
+    pub(super) async fn after_terminal(&self, request: &Request) {
+        let (Some(git), Some(approver)) = (&self.inner.git, &request.approver) else {
+            return;
+        };
+        if request.commit_id.is_some() {
+            return;
+        }
+        let steps = self.inner.store.steps(request.id).await.unwrap_or_default();
+        let summary = request
+            .plan
+            .as_ref()
+            .map(|p| p.summary.clone())
+            .unwrap_or_else(|| request.text.clone());
+        let duration = (request.updated_at - request.created_at).num_milliseconds() as f64 / 1000.0;
+        let document = json!({
+            "id": request.id,
+            "text": request.text,
+            "requester": request.requester,
+            "approver": approver,
+            "approval_comment": request.approval_comment,
+            "dry_run": request.dry_run,
+            "outcome": request.status,
+            "error": request.error,
+            "plan": request.plan,
+            "cost_usd": request.plan.as_ref().map(|p| p.estimated_cost_usd),
+            "steps": steps.iter().map(|s| json!({
+                "seq": s.seq, "action": s.action, "parameters": s.parameters, "status": s.status,
+                "attempt": s.attempt, "agent_id": s.agent_id, "changed": s.changed, "diff": s.diff,
+                "error": s.error, "output_tail": s.output,
+            })).collect::<Vec<_>>(),
+            "created_at": request.created_at,
+            "finished_at": request.updated_at,
+            "duration_seconds": duration,
+            "trace_id": request.trace_id,
+        });
+        let record = RequestRecord {
+            id: request.id,
+            summary: if request.dry_run {
+                format!("[dry run] {summary}")
+            } else {
+                summary
+            },
+            author_name: approver.clone(),
+            author_email: format!(
+                "{}@chiffon",
+                approver.replace(
+                    |c: char| !c.is_ascii_alphanumeric() && c != '.' && c != '-',
+                    "_"
+                )
+            ),
+            document,
+        };
+        let git = git.clone();
+        let result = tokio::task::spawn_blocking(move || git.commit_request(&record)).await;
+        match result {
+            Ok(Ok(commit)) => {
+                if let Err(e) = self.inner.store.set_commit_id(request.id, &commit).await {
+                    tracing::warn!(request = %request.id, error = %e, "could not store the audit commit id");
+                }
+                self.audit(vec![NewAuditEntry {
+                    request_id: Some(request.id),
+                    actor: "engine".into(),
+                    event: "committed".into(),
+                    details: json!({ "commit": commit }),
+                }])
+                .await;
+            }
+            Ok(Err(e)) => {
+                tracing::error!(request = %request.id, error = %e, "audit commit failed; `chiffon audit verify` will report it");
+                self.audit(vec![NewAuditEntry {
+                    request_id: Some(request.id),
+                    actor: "engine".into(),
+                    event: "commit_failed".into(),
+                    details: json!({ "code": ErrorCode::GitCommitFailed.code(), "message": e.to_string() }),
+                }])
+                .await;
+            }
+            Err(e) => {
+                tracing::error!(request = %request.id, error = %e, "audit commit task panicked")
+            }
+        }
+    }
+
+    /// Appends to the audit log. A failure is logged, never swallowed silently: the
+    /// decision itself is already stored, and `audit verify` shows the gap.
+    pub(super) async fn audit(&self, entries: Vec<NewAuditEntry>) {
+        if entries.is_empty() {
+            return;
+        }
+        if let Err(e) = self.inner.store.append_audit(&entries).await {
+            tracing::error!(error = %e, entries = entries.len(), "audit append failed");
+        }
+    }
+
+    pub(super) async fn log_lines(&self, lines: Vec<NewLogLine>) {
+        if lines.is_empty() {
+            return;
+        }
+        if let Err(e) = self.inner.store.append_logs(&lines).await {
+            tracing::warn!(error = %e, "execution log append failed");
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! The orchestrator engine: the request lifecycle from plain words to a recorded outcome.
+//!
+//! [`Engine`] is a cheap-to-clone handle. Frontends call its methods (`submit`, `approve`,
+//! `cancel`, `get`, `subscribe`, …); [`Engine::run`] drives the background work: intake
+//! from `orchestrator.requests`, results and heartbeats from `orchestrator.results`,
+//! dispatch of ready steps to agents with room, retries, timeouts and approval expiry.
+//!
+//! Architecture invariants:
+//! - Every status change goes through [`crate::store::Store::transition`] /
+//!   `update_step`, conditional on the status read, so several engine instances can share
+//!   one database and bus: a step is marked `dispatched` (conditionally) *before* it is
+//!   published, so no two instances dispatch it, and a result applies only to the step's
+//!   current attempt while it is `dispatched`/`running`, so duplicates never apply twice.
+//! - Every decision is appended to the audit log.
+
+mod events;
+mod lifecycle;
+mod runtime;
+
+pub use events::{EngineEvent, EventHub};
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chiffon_protocol::ErrorCode;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::audit::git::GitTrail;
+use crate::catalog::{Catalog, CatalogError};
+use crate::model::{Plan, Request, Step};
+use crate::store::{Store, StoreError};
+use crate::transport::{Transport, TransportError};
+
+/// What a request asks for, as a frontend hands it in.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SubmitRequest {
+    pub text: String,
+    #[serde(default)]
+    pub requester: Option<String>,
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Carried into every bus message and log line; generated when absent.
+    #[serde(default)]
+    pub trace_id: Option<String>,
+    /// Idempotency: submitting the same id twice returns the first request.
+    #[serde(default)]
+    pub request_id: Option<Uuid>,
+}
+
+/// A request with its steps: what `GET /request/{id}` returns.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RequestView {
+    #[serde(flatten)]
+    pub request: Request,
+    pub steps: Vec<Step>,
+}
+
+/// Input of planning.
+#[derive(Debug, Clone)]
+pub struct PlanInput {
+    pub request_id: Uuid,
+    pub text: String,
+    pub dry_run: bool,
+}
+
+/// Something planning decided that belongs in the audit log (a fallback, a skip, a cache hit).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanEvent {
+    /// `fallback`, `skipped`, `cache_hit`, …
+    pub event: String,
+    pub details: Value,
+}
+
+/// A plan and how it was made.
+#[derive(Debug, Clone)]
+pub struct PlanOutcome {
+    pub plan: Plan,
+    pub events: Vec<PlanEvent>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// Planning failed (every provider, the offline planner included).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct PlanFailure {
+    pub code: ErrorCode,
+    pub message: String,
+    pub events: Vec<PlanEvent>,
+}
+
+/// What the engine needs from the planner: implemented by [`crate::planner`]'s planner and by
+/// test doubles.
+#[async_trait]
+pub trait PlanProvider: Send + Sync + 'static {
+    async fn plan(&self, input: &PlanInput) -> Result<PlanOutcome, PlanFailure>;
+}
+
+/// The approval gate's policy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApprovalConfig {
+    /// The approver must differ from the requester.
+    pub four_eyes: bool,
+    /// Plans estimated above this (USD) are rejected before anyone is asked.
+    pub cost_limit_usd: Option<f64>,
+    /// Auto-approve plans whose every action is marked `auto_approve` and whose estimated
+    /// cost is at most this (USD). Off (`None`) by default.
+    pub auto_approve_max_cost_usd: Option<f64>,
+    /// A request awaiting approval longer than this is rejected (`approval_expired`).
+    #[serde(with = "secs_opt")]
+    pub expire_after: Option<Duration>,
+    /// Dry runs change nothing, so they skip the gate (audited as rule `dry_run`).
+    pub dry_run_skips_approval: bool,
+}
+
+impl Default for ApprovalConfig {
+    fn default() -> Self {
+        ApprovalConfig {
+            four_eyes: false,
+            cost_limit_usd: None,
+            auto_approve_max_cost_usd: None,
+            expire_after: Some(Duration::from_secs(24 * 3600)),
+            dry_run_skips_approval: true,
+        }
+    }
+}
+
+/// Dispatch, retry and timeout settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DispatchConfig {
+    /// Attempts per step for transient failures and timeouts (1 = no retry).
+    pub max_attempts: u32,
+    /// First retry backoff; doubles each attempt (with jitter), capped at 60 s.
+    #[serde(with = "secs")]
+    pub retry_backoff: Duration,
+    /// A step with no result after this (or the action's `timeout_seconds`) timed out.
+    #[serde(with = "secs")]
+    pub step_timeout: Duration,
+    /// After a cancel of a running step, wait this long for the agent to confirm.
+    #[serde(with = "secs")]
+    pub cancel_timeout: Duration,
+    /// Heartbeats older than this do not count as capacity.
+    #[serde(with = "secs")]
+    pub heartbeat_max_age: Duration,
+    /// Steps claimed per dispatch round.
+    pub batch: u32,
+    /// Background sweep interval (dispatch, timeouts, expiry) when nothing wakes it earlier.
+    #[serde(with = "secs")]
+    pub tick: Duration,
+    /// Concurrent planning tasks.
+    pub planning_concurrency: usize,
+    /// Unacked deliveries held per consumer.
+    pub prefetch: u16,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            max_attempts: 3,
+            retry_backoff: Duration::from_secs(2),
+            step_timeout: Duration::from_secs(3600),
+            cancel_timeout: Duration::from_secs(30),
+            heartbeat_max_age: Duration::from_secs(60),
+            batch: 64,
+            tick: Duration::from_millis(500),
+            planning_concurrency: 8,
+            prefetch: 64,
+        }
+    }
+}
+
+/// The engine's configuration (a section of the TOML file).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Names this instance in step claims and logs; unique per process.
+    pub instance_id: String,
+    pub approval: ApprovalConfig,
+    pub dispatch: DispatchConfig,
+    /// Monthly budgets per provider (USD), shown by `costs`.
+    pub budgets: BTreeMap<String, f64>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            instance_id: format!("engine-{}", Uuid::new_v4().simple()),
+            approval: ApprovalConfig::default(),
+            dispatch: DispatchConfig::default(),
+            budgets: BTreeMap::new(),
+        }
+    }
+}
+
+/// Errors of the engine's operations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    #[error("request {0} not found")]
+    NotFound(Uuid),
+    #[error("request {id} is {status}: cannot {action}")]
+    IllegalTransition {
+        id: Uuid,
+        status: String,
+        action: &'static str,
+    },
+    #[error("four-eyes rule: {approver} requested {id} and cannot approve it")]
+    FourEyes { id: Uuid, approver: String },
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
+impl EngineError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            EngineError::NotFound(_) => ErrorCode::NotFound,
+            EngineError::IllegalTransition { .. } => ErrorCode::IllegalTransition,
+            EngineError::FourEyes { .. } => ErrorCode::FourEyesViolation,
+            EngineError::Invalid(_) => ErrorCode::BadRequest,
+            EngineError::Store(e) => e.code(),
+            EngineError::Transport(e) => e.code(),
+            EngineError::Catalog(e) => e.code(),
+        }
+    }
+}
+
+/// LLM spend of one provider this month against its budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CostLine {
+    pub provider: String,
+    pub month: String,
+    pub spent_usd: f64,
+    pub reserved_usd: f64,
+    /// `None`: no budget configured (free or unlimited).
+    pub budget_usd: Option<f64>,
+    pub calls: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// `GET /health`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    /// `ok` or `degraded`.
+    pub status: String,
+    pub store: String,
+    pub bus: String,
+    pub store_backend: String,
+    pub bus_backend: String,
+    pub instance_id: String,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MetricsSnapshot {
+    pub dispatched_total: u64,
+    pub results_total: u64,
+    pub duplicate_results_total: u64,
+    pub retries_total: u64,
+    pub timeouts_total: u64,
+    /// Dispatch-to-result latency histogram: (upper bound in seconds, cumulative count).
+    pub latency_buckets: Vec<(f64, u64)>,
+    pub latency_sum_seconds: f64,
+    pub latency_count: u64,
+}
+
+/// Everything the engine is built from.
+pub struct EngineParts {
+    pub store: Arc<dyn Store>,
+    pub transport: Arc<dyn Transport>,
+    pub planner: Arc<dyn PlanProvider>,
+    pub catalog: Arc<Catalog>,
+    /// The git audit trail; `None` disables commits (tests of other parts).
+    pub git: Option<Arc<GitTrail>>,
+    pub config: EngineConfig,
+}
+
+/// The orchestrator engine. Clone it freely: clones share one engine.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<lifecycle::Inner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("instance", &self.inner.config.instance_id)
+            .finish()
+    }
+}
+
+mod secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(v).map_err(serde::de::Error::custom)
+    }
+}
+
+mod secs_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&d.as_secs_f64()),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        match Option::<f64>::deserialize(d)? {
+            Some(v) => Duration::try_from_secs_f64(v)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+            None => Ok(None),
+        }
+    }
+}

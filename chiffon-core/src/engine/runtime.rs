@@ -1,0 +1,908 @@
+//! The engine's background work: intake, results, dispatch, timeouts, expiry, repair.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chiffon_protocol::{
+    Cancel, Envelope, ErrorCode, ErrorPayload, Message, TaskState, WorkRequest, WorkResult,
+    WorkStatus,
+};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use rand::Rng;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::model::{
+    AgentRecord, NewAuditEntry, NewLogLine, RequestFilter, RequestPatch, RequestStatus, StepPatch,
+    StepStatus,
+};
+use crate::transport::{ConsumeOptions, Delivery};
+
+/// Most output kept on a step (the tail).
+const OUTPUT_TAIL: usize = 16 * 1024;
+/// How long a claim on a ready step lasts before another instance may take it.
+const CLAIM_LEASE: Duration = Duration::from_secs(30);
+/// Queued/running requests untouched this long are reconciled by the sweeper.
+const REPAIR_AFTER: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
+
+fn chrono_dur(d: Duration) -> chrono::TimeDelta {
+    chrono::TimeDelta::from_std(d).unwrap_or(chrono::TimeDelta::MAX)
+}
+
+fn tail(s: &str) -> String {
+    if s.len() <= OUTPUT_TAIL {
+        return s.to_string();
+    }
+    let mut start = s.len() - OUTPUT_TAIL;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    s[start..].to_string()
+}
+
+impl Engine {
+    /// Runs the engine until `shutdown` is cancelled: declares the topology, consumes
+    /// `orchestrator.requests` and `orchestrator.results`, dispatches ready steps and sweeps
+    /// for timeouts, expired approvals and interrupted requests.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), EngineError> {
+        let t = self.inner.transport.topology().clone();
+        self.inner.transport.declare_topology().await?;
+        let prefetch = self.inner.config.dispatch.prefetch;
+        let requests = self
+            .inner
+            .transport
+            .consume(&t.requests_queue, ConsumeOptions { prefetch })
+            .await?;
+        let results = self
+            .inner
+            .transport
+            .consume(&t.results_queue, ConsumeOptions { prefetch })
+            .await?;
+        tracing::info!(instance = %self.inner.config.instance_id, store = self.inner.store.backend(), bus = self.inner.transport.backend(), "engine running");
+
+        let limit = prefetch.max(1) as usize;
+        let intake = {
+            let engine = self.clone();
+            let stop = shutdown.clone();
+            async move {
+                requests
+                    .take_until(stop.cancelled_owned())
+                    .for_each_concurrent(limit, |d| {
+                        let engine = engine.clone();
+                        async move {
+                            match d {
+                                Ok(d) => engine.on_intake(d).await,
+                                Err(e) => tracing::warn!(error = %e, "intake consumer error"),
+                            }
+                        }
+                    })
+                    .await
+            }
+        };
+        let results = {
+            let engine = self.clone();
+            let stop = shutdown.clone();
+            async move {
+                results
+                    .take_until(stop.cancelled_owned())
+                    .for_each_concurrent(limit, |d| {
+                        let engine = engine.clone();
+                        async move {
+                            match d {
+                                Ok(d) => engine.on_result_delivery(d).await,
+                                Err(e) => tracing::warn!(error = %e, "results consumer error"),
+                            }
+                        }
+                    })
+                    .await
+            }
+        };
+        let dispatcher = {
+            let engine = self.clone();
+            let stop = shutdown.clone();
+            async move {
+                let tick = engine.inner.config.dispatch.tick;
+                let mut last_sweep = tokio::time::Instant::now() - tick;
+                loop {
+                    if let Err(e) = engine.dispatch_all().await {
+                        tracing::warn!(error = %e, "dispatch round failed");
+                    }
+                    if last_sweep.elapsed() >= tick {
+                        last_sweep = tokio::time::Instant::now();
+                        if let Err(e) = engine.sweep().await {
+                            tracing::warn!(error = %e, "sweep failed");
+                        }
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = engine.inner.wake.notified() => {}
+                        _ = tokio::time::sleep(tick) => {}
+                    }
+                }
+            }
+        };
+        tokio::join!(intake, results, dispatcher);
+        self.inner.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.inner.tasks.wait()).await;
+        tracing::info!(instance = %self.inner.config.instance_id, "engine stopped");
+        Ok(())
+    }
+
+    /// A `user_request` from the bus: handled exactly like `POST /request`; acked once stored.
+    async fn on_intake(&self, d: Delivery) {
+        let env = match d.parse() {
+            Ok(env) => env,
+            Err(e) => {
+                tracing::warn!(code = e.code.code(), error = %e, "unparsable message on the requests queue: dead-lettered");
+                let _ = d.dead_letter().await;
+                return;
+            }
+        };
+        let Message::UserRequest(u) = &env.body else {
+            tracing::warn!(
+                message_type = env.message_type(),
+                "unexpected message on the requests queue: dead-lettered"
+            );
+            let _ = d.dead_letter().await;
+            return;
+        };
+        let submit = SubmitRequest {
+            text: u.text.clone(),
+            requester: u.requester.clone(),
+            dry_run: u.dry_run,
+            trace_id: Some(env.trace_id.clone()),
+            // A redelivered message maps to the same request: never planned twice.
+            request_id: Some(env.request_id.unwrap_or(env.message_id)),
+        };
+        match self.submit(submit).await {
+            Ok(_) => {
+                let _ = d.ack().await;
+            }
+            Err(EngineError::Invalid(msg)) => {
+                tracing::warn!(error = %msg, "invalid user_request: dead-lettered");
+                let _ = d.dead_letter().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not store a user_request; it stays on the queue");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let _ = d.requeue().await;
+            }
+        }
+    }
+
+    async fn on_result_delivery(&self, d: Delivery) {
+        let env = match d.parse() {
+            Ok(env) => env,
+            Err(e) => {
+                tracing::warn!(code = e.code.code(), error = %e, "unparsable message on the results queue: dead-lettered");
+                let _ = d.dead_letter().await;
+                return;
+            }
+        };
+        let outcome = match &env.body {
+            Message::Heartbeat(hb) => {
+                let r = self
+                    .inner
+                    .store
+                    .record_heartbeat(hb, env.timestamp)
+                    .await
+                    .map_err(EngineError::from);
+                self.inner.wake.notify_one();
+                r
+            }
+            Message::WorkStatus(s) => self.on_status(&env, s).await,
+            Message::WorkResult(r) => self.on_result(&env, r).await,
+            Message::Error(e) => {
+                self.audit(vec![NewAuditEntry {
+                    request_id: env.request_id,
+                    actor: "agent".into(),
+                    event: "agent_error".into(),
+                    details: json!({ "code": e.code.code(), "message": e.message, "details": e.details }),
+                }])
+                .await;
+                Ok(())
+            }
+            other => {
+                tracing::warn!(
+                    message_type = other.message_type(),
+                    "unexpected message on the results queue: dead-lettered"
+                );
+                let _ = d.dead_letter().await;
+                return;
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                let _ = d.ack().await;
+            }
+            Err(e) if e.code().is_transient() => {
+                tracing::warn!(error = %e, "result not applied yet; requeued");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = d.requeue().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "result could not be applied: dead-lettered");
+                let _ = d.dead_letter().await;
+            }
+        }
+    }
+
+    async fn on_status(&self, env: &Envelope, s: &WorkStatus) -> Result<(), EngineError> {
+        let step = match self.inner.store.get_step(s.task_id).await {
+            Ok(step) => step,
+            Err(StoreError::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        if step.status == StepStatus::Dispatched
+            && matches!(s.status, TaskState::Accepted | TaskState::Running)
+        {
+            let patch = StepPatch {
+                progress: Some(s.progress),
+                agent_id: s.agent_id.clone(),
+                ..Default::default()
+            };
+            match self
+                .inner
+                .store
+                .update_step(
+                    step.task_id,
+                    &[StepStatus::Dispatched],
+                    StepStatus::Running,
+                    &patch,
+                )
+                .await
+            {
+                Ok(_) => self.inner.events.publish(EngineEvent::Step {
+                    request_id: step.request_id,
+                    task_id: step.task_id,
+                    seq: step.seq,
+                    status: StepStatus::Running,
+                    at: Utc::now(),
+                }),
+                Err(StoreError::Conflict { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let at = env.timestamp;
+        let mut lines = vec![NewLogLine {
+            request_id: step.request_id,
+            task_id: Some(step.task_id),
+            at,
+            kind: "status".into(),
+            progress: Some(s.progress),
+            message: s.message.clone(),
+        }];
+        self.inner.events.publish(EngineEvent::Progress {
+            request_id: step.request_id,
+            task_id: step.task_id,
+            seq: step.seq,
+            progress: s.progress,
+            message: s.message.clone(),
+            at,
+        });
+        for line in &s.lines {
+            lines.push(NewLogLine {
+                request_id: step.request_id,
+                task_id: Some(step.task_id),
+                at,
+                kind: "output".into(),
+                progress: None,
+                message: line.clone(),
+            });
+            self.inner.events.publish(EngineEvent::Output {
+                request_id: step.request_id,
+                task_id: step.task_id,
+                seq: step.seq,
+                line: line.clone(),
+                at,
+            });
+        }
+        self.log_lines(lines).await;
+        Ok(())
+    }
+
+    /// Applies a `work_result` once: only to the step's current attempt while it is
+    /// `dispatched` or `running` (conditional update), so duplicates and redeliveries are
+    /// acknowledged and ignored.
+    async fn on_result(&self, env: &Envelope, r: &WorkResult) -> Result<(), EngineError> {
+        let step = match self.inner.store.get_step(r.task_id).await {
+            Ok(step) => step,
+            Err(StoreError::NotFound { .. }) => {
+                tracing::warn!(task = %r.task_id, "result for an unknown task ignored");
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let active = [StepStatus::Dispatched, StepStatus::Running];
+        if r.attempt != step.attempt || !active.contains(&step.status) || !r.status.is_terminal() {
+            self.inner
+                .metrics
+                .duplicates
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(task = %r.task_id, attempt = r.attempt, "duplicate or stale result ignored");
+            return Ok(());
+        }
+        let now = Utc::now();
+        let cancel_requested = step
+            .error
+            .as_ref()
+            .is_some_and(|e| e.code == ErrorCode::TaskCancelled);
+        let error = match r.status {
+            TaskState::Completed => None,
+            TaskState::Cancelled => Some(
+                r.error
+                    .clone()
+                    .unwrap_or_else(|| ErrorPayload::new(ErrorCode::TaskCancelled, "cancelled")),
+            ),
+            _ => Some(r.error.clone().unwrap_or_else(|| {
+                ErrorPayload::new(ErrorCode::ActionFailed, "the action failed")
+            })),
+        };
+        let retry = matches!(r.status, TaskState::Failed)
+            && !cancel_requested
+            && error.as_ref().is_some_and(|e| e.code.is_transient())
+            && step.attempt < self.inner.config.dispatch.max_attempts;
+        let mut patch = StepPatch {
+            output: Some(tail(&r.output)),
+            diff: r.diff.clone(),
+            changed: r.changed,
+            error: error.clone(),
+            agent_id: r.agent_id.clone(),
+            ..Default::default()
+        };
+        let to = if retry {
+            let backoff = self.backoff(step.attempt);
+            patch.not_before = Some(now + chrono_dur(backoff));
+            patch.ready_at = Some(now);
+            StepStatus::Ready
+        } else {
+            patch.finished_at = Some(now);
+            patch.progress = (r.status == TaskState::Completed).then_some(100);
+            match r.status {
+                TaskState::Completed => StepStatus::Completed,
+                TaskState::Cancelled => StepStatus::Cancelled,
+                _ => StepStatus::Failed,
+            }
+        };
+        match self
+            .inner
+            .store
+            .update_step(step.task_id, &active, to, &patch)
+            .await
+        {
+            Ok(_) => {}
+            Err(StoreError::Conflict { .. }) => {
+                self.inner
+                    .metrics
+                    .duplicates
+                    .fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.inner.metrics.results.fetch_add(1, Ordering::Relaxed);
+        if let Some(d) = step.dispatched_at {
+            self.inner
+                .metrics
+                .observe_latency(((now - d).num_microseconds().unwrap_or(0) as f64 / 1e6).max(0.0));
+        }
+        self.inner.events.publish(EngineEvent::Step {
+            request_id: step.request_id,
+            task_id: step.task_id,
+            seq: step.seq,
+            status: to,
+            at: now,
+        });
+        self.log_lines(vec![NewLogLine {
+            request_id: step.request_id,
+            task_id: Some(step.task_id),
+            at: env.timestamp,
+            kind: "result".into(),
+            progress: (to == StepStatus::Completed).then_some(100),
+            message: match &error {
+                None => format!(
+                    "step {} ({}) completed in {:.2}s",
+                    step.seq + 1,
+                    step.action,
+                    r.duration_seconds
+                ),
+                Some(e) => format!(
+                    "step {} ({}) {}: {} {}",
+                    step.seq + 1,
+                    step.action,
+                    r.status.as_str(),
+                    e.code.code(),
+                    e.message
+                ),
+            },
+        }])
+        .await;
+        let mut details = json!({
+            "task_id": step.task_id, "seq": step.seq, "action": step.action, "attempt": step.attempt,
+            "agent_id": r.agent_id, "status": r.status, "duration_seconds": r.duration_seconds,
+            "changed": r.changed, "resource_usage": r.resource_usage,
+        });
+        if let Some(e) = &error {
+            details["code"] = json!(e.code.code());
+            details["message"] = json!(e.message);
+        }
+        let event = if retry { "retry" } else { "step_result" };
+        if retry {
+            self.inner.metrics.retries.fetch_add(1, Ordering::Relaxed);
+        }
+        self.audit(vec![NewAuditEntry {
+            request_id: Some(step.request_id),
+            actor: r.agent_id.clone().unwrap_or_else(|| "agent".into()),
+            event: event.into(),
+            details,
+        }])
+        .await;
+        if retry {
+            self.inner.wake.notify_one();
+            return Ok(());
+        }
+        if cancel_requested || to == StepStatus::Cancelled {
+            return self
+                .end_request(
+                    step.request_id,
+                    RequestStatus::Cancelled,
+                    Some(ErrorPayload::new(ErrorCode::RequestCancelled, "cancelled")),
+                )
+                .await;
+        }
+        if to == StepStatus::Failed {
+            return self
+                .end_request(step.request_id, RequestStatus::Failed, error)
+                .await;
+        }
+        self.promote_next(step.request_id).await
+    }
+
+    /// Skips the steps that will never run and ends the request.
+    async fn end_request(
+        &self,
+        id: Uuid,
+        to: RequestStatus,
+        error: Option<ErrorPayload>,
+    ) -> Result<(), EngineError> {
+        let steps = self.inner.store.steps(id).await?;
+        let skip_to = if to == RequestStatus::Cancelled {
+            StepStatus::Cancelled
+        } else {
+            StepStatus::Skipped
+        };
+        for s in steps
+            .iter()
+            .filter(|s| matches!(s.status, StepStatus::Pending | StepStatus::Ready))
+        {
+            let patch = StepPatch {
+                finished_at: Some(Utc::now()),
+                ..Default::default()
+            };
+            match self
+                .inner
+                .store
+                .update_step(s.task_id, &[s.status], skip_to, &patch)
+                .await
+            {
+                Ok(_) | Err(StoreError::Conflict { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let request = self.get_request(id).await?;
+        if request.status.is_terminal() {
+            return Ok(());
+        }
+        self.finish(id, request.status, to, error).await
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let base = self.inner.config.dispatch.retry_backoff.as_secs_f64();
+        let exp = base * 2f64.powi(attempt.saturating_sub(1).min(16) as i32);
+        let jitter = rand::rng().random_range(0.8..1.2);
+        Duration::from_secs_f64((exp * jitter).min(60.0))
+    }
+
+    /// Dispatch rounds until no more ready steps are claimable.
+    async fn dispatch_all(&self) -> Result<(), EngineError> {
+        loop {
+            let (claimed, _) = self.dispatch_round().await?;
+            if claimed < self.inner.config.dispatch.batch as usize {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Claims ready steps (oldest first) and dispatches each to an agent with room. Steps
+    /// that need resources no fresh heartbeat shows are released, and so are the
+    /// resource-needing steps after them, so capacity goes to them in arrival order.
+    /// Returns (claimed, dispatched).
+    pub(super) async fn dispatch_round(&self) -> Result<(usize, usize), EngineError> {
+        let cfg = &self.inner.config.dispatch;
+        let owner = &self.inner.config.instance_id;
+        let steps = self
+            .inner
+            .store
+            .claim_ready_steps(owner, cfg.batch, CLAIM_LEASE)
+            .await?;
+        if steps.is_empty() {
+            return Ok((0, 0));
+        }
+        let claimed = steps.len();
+        let needs_agents = steps
+            .iter()
+            .any(|s| s.resources.gpu || s.resources.memory_gb > 0.0 || s.agent_type == "desktop");
+        let mut agents: Vec<AgentRecord> = if needs_agents {
+            let fresh = Utc::now() - chrono_dur(cfg.heartbeat_max_age);
+            self.inner
+                .store
+                .agents()
+                .await?
+                .into_iter()
+                .filter(|a| a.last_seen >= fresh)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut requests: HashMap<Uuid, Request> = HashMap::new();
+        let mut blocked = false;
+        let mut audit = Vec::new();
+        let mut dispatched = 0;
+        let topology = self.inner.transport.topology().clone();
+        for step in steps {
+            let request = match requests.get(&step.request_id) {
+                Some(r) => r.clone(),
+                None => {
+                    let r = self.get_request(step.request_id).await?;
+                    requests.insert(r.id, r.clone());
+                    r
+                }
+            };
+            if !matches!(
+                request.status,
+                RequestStatus::Queued | RequestStatus::Running
+            ) {
+                let patch = StepPatch {
+                    finished_at: Some(Utc::now()),
+                    ..Default::default()
+                };
+                let _ = self
+                    .inner
+                    .store
+                    .update_step(
+                        step.task_id,
+                        &[StepStatus::Ready],
+                        StepStatus::Skipped,
+                        &patch,
+                    )
+                    .await;
+                continue;
+            }
+            let needs = step.resources.gpu
+                || step.resources.memory_gb > 0.0
+                || step.agent_type == "desktop";
+            let (queue, agent_id) = if needs {
+                let chosen = if blocked {
+                    None
+                } else {
+                    crate::scheduler::choose_agent(&mut agents, &step)
+                };
+                match chosen {
+                    Some(a) => {
+                        let q = if step.agent_type == "desktop" {
+                            topology.desktop_queue(&a.hostname)
+                        } else {
+                            a.heartbeat
+                                .queue
+                                .clone()
+                                .unwrap_or_else(|| topology.agent_queue(&step.agent_type))
+                        };
+                        (q, Some(a.agent_id.clone()))
+                    }
+                    None => {
+                        blocked = true;
+                        self.inner.store.release_step(step.task_id, owner).await?;
+                        continue;
+                    }
+                }
+            } else {
+                (topology.agent_queue(&step.agent_type), None)
+            };
+            let now = Utc::now();
+            let timeout = self
+                .inner
+                .catalog
+                .actions
+                .get(&step.action)
+                .and_then(|a| a.timeout_seconds)
+                .map(Duration::from_secs)
+                .unwrap_or(cfg.step_timeout);
+            let attempt = step.attempt + 1;
+            let patch = StepPatch {
+                attempt: Some(attempt),
+                queue: Some(queue.clone()),
+                agent_id: agent_id.clone(),
+                dispatched_at: Some(now),
+                deadline_at: Some(now + chrono_dur(timeout)),
+                ..Default::default()
+            };
+            match self
+                .inner
+                .store
+                .update_step(
+                    step.task_id,
+                    &[StepStatus::Ready],
+                    StepStatus::Dispatched,
+                    &patch,
+                )
+                .await
+            {
+                Ok(_) => {}
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            if request.status == RequestStatus::Queued {
+                match self
+                    .set_status(
+                        request.id,
+                        RequestStatus::Queued,
+                        RequestStatus::Running,
+                        Default::default(),
+                    )
+                    .await
+                {
+                    Ok(r) => {
+                        requests.insert(r.id, r);
+                    }
+                    Err(EngineError::Store(StoreError::Conflict { .. })) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let work = WorkRequest {
+                agent_type: step.agent_type.clone(),
+                task_id: step.task_id,
+                action: step.action.clone(),
+                parameters: step.parameters.clone(),
+                resources_required: step.resources.clone(),
+                dry_run: request.dry_run,
+                attempt,
+                timeout_seconds: Some(timeout.as_secs().max(1)),
+            };
+            let env = Envelope::new(
+                request.trace_id.clone(),
+                Some(request.id),
+                Message::WorkRequest(work),
+            );
+            if let Err(e) = self.publish_to(&queue, &env).await {
+                // Not published: make it ready again (the attempt stays counted).
+                let back = StepPatch {
+                    not_before: Some(Utc::now() + chrono::TimeDelta::seconds(1)),
+                    ready_at: Some(now),
+                    ..Default::default()
+                };
+                let _ = self
+                    .inner
+                    .store
+                    .update_step(
+                        step.task_id,
+                        &[StepStatus::Dispatched],
+                        StepStatus::Ready,
+                        &back,
+                    )
+                    .await;
+                tracing::warn!(error = %e, task = %step.task_id, "dispatch publish failed; will retry");
+                continue;
+            }
+            dispatched += 1;
+            self.inner
+                .metrics
+                .dispatched
+                .fetch_add(1, Ordering::Relaxed);
+            self.inner.events.publish(EngineEvent::Step {
+                request_id: request.id,
+                task_id: step.task_id,
+                seq: step.seq,
+                status: StepStatus::Dispatched,
+                at: now,
+            });
+            audit.push(NewAuditEntry {
+                request_id: Some(request.id),
+                actor: self.inner.config.instance_id.clone(),
+                event: "dispatched".into(),
+                details: json!({ "task_id": step.task_id, "seq": step.seq, "action": step.action, "queue": queue, "agent_id": agent_id, "attempt": attempt }),
+            });
+        }
+        self.audit(audit).await;
+        Ok((claimed, dispatched))
+    }
+
+    /// Publishes to a queue, declaring it first (once per process) so a direct exchange
+    /// never drops the message for want of a binding.
+    async fn publish_to(&self, queue: &str, env: &Envelope) -> Result<(), TransportError> {
+        let known = self
+            .inner
+            .declared
+            .lock()
+            .map(|s| s.contains(queue))
+            .unwrap_or(false);
+        if !known {
+            self.inner.transport.declare_queue(queue).await?;
+            if let Ok(mut s) = self.inner.declared.lock() {
+                s.insert(queue.to_string());
+            }
+        }
+        self.inner.transport.publish(queue, env).await
+    }
+
+    /// Timeouts, expired approvals, and requests interrupted between two writes.
+    pub(super) async fn sweep(&self) -> Result<(), EngineError> {
+        let now = Utc::now();
+        for step in self.inner.store.overdue_steps(now, 100).await? {
+            self.on_timeout(step, now).await?;
+        }
+        if let Some(expire) = self.inner.config.approval.expire_after {
+            let filter = RequestFilter {
+                status: Some(RequestStatus::AwaitingApproval),
+                updated_before: Some(now - chrono_dur(expire)),
+                limit: Some(100),
+            };
+            for r in self.inner.store.list_requests(&filter).await? {
+                let msg = format!("no approval within {} s", expire.as_secs());
+                let patch = RequestPatch {
+                    error: Some(ErrorPayload::new(ErrorCode::ApprovalExpired, msg.clone())),
+                    ..Default::default()
+                };
+                if self
+                    .set_status(
+                        r.id,
+                        RequestStatus::AwaitingApproval,
+                        RequestStatus::Rejected,
+                        patch,
+                    )
+                    .await
+                    .is_ok()
+                {
+                    self.audit(vec![NewAuditEntry {
+                        request_id: Some(r.id),
+                        actor: "policy:approval_timeout".into(),
+                        event: "rejected".into(),
+                        details: json!({ "reason": msg, "code": ErrorCode::ApprovalExpired.code() }),
+                    }])
+                    .await;
+                }
+            }
+        }
+        for status in [RequestStatus::Queued, RequestStatus::Running] {
+            let filter = RequestFilter {
+                status: Some(status),
+                updated_before: Some(now - REPAIR_AFTER),
+                limit: Some(50),
+            };
+            for r in self.inner.store.list_requests(&filter).await? {
+                self.reconcile(r.id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings a queued/running request whose steps moved on back in line (e.g. after a crash
+    /// between completing a step and promoting the next).
+    async fn reconcile(&self, id: Uuid) -> Result<(), EngineError> {
+        let steps = self.inner.store.steps(id).await?;
+        if let Some(failed) = steps.iter().find(|s| s.status == StepStatus::Failed) {
+            return self
+                .end_request(id, RequestStatus::Failed, failed.error.clone())
+                .await;
+        }
+        if steps.iter().any(|s| s.status == StepStatus::Cancelled)
+            && !steps
+                .iter()
+                .any(|s| matches!(s.status, StepStatus::Dispatched | StepStatus::Running))
+        {
+            return self.end_request(id, RequestStatus::Cancelled, None).await;
+        }
+        self.promote_next(id).await
+    }
+
+    async fn on_timeout(&self, step: Step, now: DateTime<Utc>) -> Result<(), EngineError> {
+        let active = [StepStatus::Dispatched, StepStatus::Running];
+        let request = self.get_request(step.request_id).await?;
+        let cancel_requested = step
+            .error
+            .as_ref()
+            .is_some_and(|e| e.code == ErrorCode::TaskCancelled);
+        // Tell the (possibly alive but silent) agent to stop, so the step never runs twice at once.
+        let cancel = Envelope::new(
+            request.trace_id.clone(),
+            Some(request.id),
+            Message::Cancel(Cancel {
+                task_id: step.task_id,
+                reason: Some("timed out".into()),
+            }),
+        );
+        if let Err(e) = self.inner.transport.broadcast(&cancel).await {
+            tracing::warn!(error = %e, "could not broadcast cancel for a timed-out step");
+        }
+        self.inner.metrics.timeouts.fetch_add(1, Ordering::Relaxed);
+        if cancel_requested {
+            let patch = StepPatch {
+                finished_at: Some(now),
+                ..Default::default()
+            };
+            match self
+                .inner
+                .store
+                .update_step(step.task_id, &active, StepStatus::Cancelled, &patch)
+                .await
+            {
+                Ok(_) => {}
+                Err(StoreError::Conflict { .. }) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+            self.audit(vec![NewAuditEntry {
+                request_id: Some(step.request_id),
+                actor: "engine".into(),
+                event: "cancel_timeout".into(),
+                details: json!({ "task_id": step.task_id, "seq": step.seq }),
+            }])
+            .await;
+            return self
+                .end_request(
+                    step.request_id,
+                    RequestStatus::Cancelled,
+                    Some(ErrorPayload::new(
+                        ErrorCode::RequestCancelled,
+                        "cancelled (the agent did not confirm in time)",
+                    )),
+                )
+                .await;
+        }
+        let error = ErrorPayload::new(
+            ErrorCode::AgentTimeout,
+            format!(
+                "no result from {} within the step's timeout",
+                step.queue.clone().unwrap_or_default()
+            ),
+        );
+        let retry = step.attempt < self.inner.config.dispatch.max_attempts;
+        let mut patch = StepPatch {
+            error: Some(error.clone()),
+            ..Default::default()
+        };
+        let to = if retry {
+            patch.ready_at = Some(now);
+            patch.not_before = Some(now + chrono_dur(self.backoff(step.attempt)));
+            StepStatus::Ready
+        } else {
+            patch.finished_at = Some(now);
+            StepStatus::Failed
+        };
+        match self
+            .inner
+            .store
+            .update_step(step.task_id, &active, to, &patch)
+            .await
+        {
+            Ok(_) => {}
+            Err(StoreError::Conflict { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        self.audit(vec![NewAuditEntry {
+            request_id: Some(step.request_id),
+            actor: "engine".into(),
+            event: if retry { "timeout_retry" } else { "timeout" }.into(),
+            details: json!({ "task_id": step.task_id, "seq": step.seq, "attempt": step.attempt, "code": ErrorCode::AgentTimeout.code() }),
+        }])
+        .await;
+        if retry {
+            self.inner.metrics.retries.fetch_add(1, Ordering::Relaxed);
+            self.inner.wake.notify_one();
+            return Ok(());
+        }
+        self.end_request(step.request_id, RequestStatus::Failed, Some(error))
+            .await
+    }
+}

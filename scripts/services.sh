@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Makes sure PostgreSQL and RabbitMQ run on this machine and hold what Chiffon's tests and
+# production mode need. Idempotent: starts what is stopped, installs what is missing (from
+# Debian's packages, when run as root), waits until both answer, then creates the
+# `chiffon` database and the `chiffon` vhost.
+#
+#   scripts/services.sh            # start/install both
+#   CHIFFON_SKIP_SERVICES=1 ...    # do nothing (services managed elsewhere)
+set -euo pipefail
+
+[ "${CHIFFON_SKIP_SERVICES:-}" = "1" ] && { echo "services: skipped (CHIFFON_SKIP_SERVICES=1)"; exit 0; }
+
+log() { printf 'services: %s\n' "$*"; }
+die() { printf 'services: error: %s\n' "$*" >&2; exit 1; }
+
+PG_PORT=${CHIFFON_PG_PORT:-5432}
+AMQP_PORT=${CHIFFON_AMQP_PORT:-5672}
+APT_UPDATED=
+
+as_root() {
+  [ "$(id -u)" = 0 ] || die "$1 is missing and installing it needs root: install it, or run this script as root"
+}
+
+apt_install() {
+  as_root "$*"
+  if [ -z "$APT_UPDATED" ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    APT_UPDATED=1
+  fi
+  log "installing $* from Debian's packages"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() { # name port seconds
+  local i
+  for ((i = 0; i < $3 * 4; i++)); do
+    port_open "$2" && return 0
+    sleep 0.25
+  done
+  die "$1 did not answer on 127.0.0.1:$2 within $3 s"
+}
+
+as_postgres() {
+  if [ "$(id -u)" = 0 ] && id postgres >/dev/null 2>&1; then
+    (cd / && runuser -u postgres -- "$@")
+  else
+    "$@"
+  fi
+}
+
+# ---- PostgreSQL ----
+if ! port_open "$PG_PORT"; then
+  if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
+    apt_install postgresql postgresql-client
+  fi
+  ver=$(ls /etc/postgresql | sort -V | tail -n 1)
+  log "starting PostgreSQL $ver"
+  pg_ctlcluster --skip-systemctl-redirect "$ver" main start || true
+  wait_port PostgreSQL "$PG_PORT" 60
+fi
+command -v psql >/dev/null || apt_install postgresql-client
+# The tests connect as postgres/postgres over TCP: make that work on a fresh install
+# (scram auth by default) without touching a machine where it already works (trust).
+if ! PGPASSWORD=postgres psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -tAc 'select 1' >/dev/null 2>&1; then
+  log "setting the postgres role's password for local TCP connections"
+  as_postgres psql -p "$PG_PORT" -d postgres -qc "ALTER ROLE postgres PASSWORD 'postgres'" >/dev/null \
+    || die "cannot reach PostgreSQL as postgres on 127.0.0.1:$PG_PORT"
+fi
+PSQL=(env PGPASSWORD=postgres psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -tAq)
+if [ "$("${PSQL[@]}" -c "select 1 from pg_database where datname='chiffon'")" != 1 ]; then
+  "${PSQL[@]}" -c "CREATE DATABASE chiffon" && log "created database chiffon"
+fi
+log "PostgreSQL ready on 127.0.0.1:$PG_PORT"
+
+# ---- RabbitMQ ----
+if ! port_open "$AMQP_PORT"; then
+  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+  log "starting RabbitMQ"
+  rabbitmq-server -detached || true
+  wait_port RabbitMQ "$AMQP_PORT" 120
+fi
+if command -v rabbitmqctl >/dev/null; then
+  for _ in $(seq 1 60); do rabbitmqctl -q await_startup >/dev/null 2>&1 && break; sleep 1; done
+  if ! rabbitmqctl -q list_vhosts 2>/dev/null | grep -qx chiffon; then
+    rabbitmqctl -q add_vhost chiffon >/dev/null && log "created vhost chiffon"
+  fi
+  rabbitmqctl -q set_permissions -p chiffon guest '.*' '.*' '.*' >/dev/null
+fi
+log "RabbitMQ ready on 127.0.0.1:$AMQP_PORT"
