@@ -210,6 +210,21 @@ impl Engine {
             }
         };
         let plan = outcome.plan;
+        if request.dry_run {
+            if let Some(step) = plan.steps.iter().find(|s| !self.inner.catalog.actions.get(&s.action).is_some_and(|a| a.check_mode)) {
+                let msg = format!("dry run impossible: action `{}` has no check mode", step.action);
+                audit.push(NewAuditEntry {
+                    request_id: Some(request.id),
+                    actor: "engine".into(),
+                    event: "plan_failed".into(),
+                    details: json!({ "code": ErrorCode::ActionNotSupported.code(), "message": msg }),
+                });
+                self.audit(audit).await;
+                let patch = RequestPatch { plan: Some(plan), error: Some(ErrorPayload::new(ErrorCode::ActionNotSupported, msg)), ..Default::default() };
+                self.set_status(request.id, RequestStatus::Planning, RequestStatus::Failed, patch).await.ok();
+                return;
+            }
+        }
         audit.push(NewAuditEntry {
             request_id: Some(request.id),
             actor: "planner".into(),
