@@ -1,3 +1,4 @@
+#![cfg(feature = "postgres")]
 //! The store conformance suite against a real PostgreSQL: each test creates its own
 //! database (`chiffon_t_<random>`) through `CHIFFON_TEST_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`) and drops it at the end, even when the

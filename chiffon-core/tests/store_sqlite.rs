@@ -1,3 +1,4 @@
+#![cfg(feature = "sqlite")]
 //! The store conformance suite against SQLite: a temporary database file per test, and
 //! again against `sqlite::memory:`; plus `store::connect` URL handling and two store
 //! instances sharing one file.

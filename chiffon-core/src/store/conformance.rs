@@ -4,7 +4,7 @@
 //! tampering cases) and expands [`store_conformance_tests!`](crate::store_conformance_tests)
 //! with it, which gives one `#[tokio::test]` per case:
 //!
-//! ```ignore
+//! ```text
 //! async fn harness() -> Option<Harness> { /* a fresh store, or None to skip */ }
 //! chiffon_core::store_conformance_tests!(harness);
 //! ```
@@ -89,6 +89,7 @@ macro_rules! store_conformance_tests {
             request_lifecycle,
             illegal_transition,
             lost_race_conflict,
+            transition_is_atomic,
             concurrent_transitions,
             not_found,
             list_filter_order,
@@ -453,6 +454,40 @@ pub async fn lost_race_conflict(h: &Harness) {
         2,
         "the loser's steps are not written"
     );
+}
+
+pub async fn transition_is_atomic(h: &Harness) {
+    let s = &*h.store;
+    let r = s.create_request(&new_request("x")).await.unwrap();
+    let queued = s
+        .transition(
+            r.id,
+            RequestStatus::Planning,
+            RequestStatus::Queued,
+            &with_plan(plan(3)),
+        )
+        .await
+        .unwrap();
+    // The status update succeeds but the steps cannot be written (the request has steps
+    // already): the whole transition is rolled back.
+    let mut other = plan(2);
+    other.summary = "another plan".into();
+    match s
+        .transition(
+            r.id,
+            RequestStatus::Queued,
+            RequestStatus::Running,
+            &with_plan(other),
+        )
+        .await
+    {
+        Err(e @ StoreError::Conflict { .. }) => {
+            assert!(e.to_string().contains("already has steps"), "{e}")
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(s.get_request(r.id).await.unwrap(), queued);
+    assert_eq!(s.steps(r.id).await.unwrap().len(), 3);
 }
 
 pub async fn concurrent_transitions(h: &Harness) {
@@ -1367,6 +1402,18 @@ pub async fn audit_detects_altered_details(h: &Harness) {
         .unwrap();
     let v = s.verify_audit().await.unwrap();
     assert_eq!(v.first_bad_seq, Some(2), "{v:?}");
+
+    // Details that are not JSON at all: still readable, and still caught.
+    h.raw
+        .execute_raw("UPDATE audit_log SET details = 'not json' WHERE seq = 1")
+        .await
+        .unwrap();
+    let rows = s.audit_log(None, 0, 10).await.unwrap();
+    assert_eq!(rows.len(), 5);
+    assert_eq!(rows[0].details, json!("not json"));
+    let v = s.verify_audit().await.unwrap();
+    assert_eq!(v.first_bad_seq, Some(1), "{v:?}");
+    assert_eq!(v.entries_checked, 0);
 }
 
 pub async fn audit_detects_deleted_rows(h: &Harness) {

@@ -293,21 +293,21 @@ fn log_from_row(row: &SqliteRow) -> Result<LogLine, StoreError> {
     })
 }
 
-/// An audit row; `Err` carries the seq and why when its details are not the JSON text the
-/// chain hashed (the row was altered).
-fn audit_from_row(row: &SqliteRow) -> Result<Result<AuditEntry, (i64, String)>, StoreError> {
+/// An audit row, and why it cannot verify when its details are not the JSON text the
+/// chain hashed (the row was altered; unparsable details are returned as a JSON string).
+fn audit_from_row(row: &SqliteRow) -> Result<(AuditEntry, Option<String>), StoreError> {
     let seq: i64 = col(row, "seq")?;
     let text: String = col(row, "details")?;
-    let details = match serde_json::from_str::<serde_json::Value>(&text) {
-        Ok(v) if serde_json::to_string(&v).ok().as_deref() == Some(text.as_str()) => v,
-        _ => {
-            return Ok(Err((
-                seq,
-                format!("entry {seq} was altered (details are not the JSON that was hashed)"),
-            )))
-        }
+    let (details, problem) = match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(v) if serde_json::to_string(&v).ok().as_deref() == Some(text.as_str()) => (v, None),
+        parsed => (
+            parsed.unwrap_or(serde_json::Value::String(text)),
+            Some(format!(
+                "entry {seq} was altered (details are not the JSON that was hashed)"
+            )),
+        ),
     };
-    Ok(Ok(AuditEntry {
+    let entry = AuditEntry {
         seq,
         at: ts_col(row, "at")?,
         request_id: col(row, "request_id")?,
@@ -316,7 +316,8 @@ fn audit_from_row(row: &SqliteRow) -> Result<Result<AuditEntry, (i64, String)>, 
         details,
         prev_hash: col(row, "prev_hash")?,
         hash: col(row, "hash")?,
-    }))
+    };
+    Ok((entry, problem))
 }
 
 fn step_conflict(task_id: Uuid, current: Option<String>) -> StoreError {
@@ -1036,9 +1037,7 @@ impl Store for SqliteStore {
             }
         }
         .map_err(db_err)?;
-        rows.iter()
-            .map(|r| audit_from_row(r)?.map_err(|(_, why)| StoreError::Corrupt(why)))
-            .collect()
+        rows.iter().map(|r| Ok(audit_from_row(r)?.0)).collect()
     }
 
     async fn verify_audit(&self) -> Result<AuditVerification, StoreError> {
@@ -1078,13 +1077,12 @@ impl Store for SqliteStore {
             let mut page = Vec::with_capacity(rows.len());
             let mut unreadable = None;
             for r in &rows {
-                match audit_from_row(r)? {
-                    Ok(e) => page.push(e),
-                    Err(bad) => {
-                        unreadable = Some(bad);
-                        break;
-                    }
+                let (entry, problem) = audit_from_row(r)?;
+                if let Some(why) = problem {
+                    unreadable = Some((entry.seq, why));
+                    break;
                 }
+                page.push(entry);
             }
             match chain::verify_entries(prev_seq, prev_hash.clone(), &page) {
                 Ok((s, h)) => {
