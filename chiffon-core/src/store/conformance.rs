@@ -108,6 +108,7 @@ macro_rules! store_conformance_tests {
             audit_concurrent_appenders,
             audit_detects_altered_details,
             audit_detects_deleted_rows,
+            commit_id_and_counts,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -1452,6 +1453,29 @@ pub async fn audit_detects_deleted_rows(h: &Harness) {
 
 /// Two store instances (two pools, as two orchestrator processes would have) on one
 /// database: claims, reservations and audit appends stay exclusive across them.
+pub async fn commit_id_and_counts(h: &Harness) {
+    let s = &*h.store;
+    let a = new_request("first");
+    let b = new_request("second");
+    s.create_request(&a).await.unwrap();
+    s.create_request(&b).await.unwrap();
+    s.transition(b.id, RequestStatus::Planning, RequestStatus::Failed, &RequestPatch::default())
+        .await
+        .unwrap();
+    let mut counts = s.request_counts().await.unwrap();
+    counts.sort_by_key(|(st, _)| st.as_str());
+    assert_eq!(counts, vec![(RequestStatus::Failed, 1), (RequestStatus::Planning, 1)]);
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    s.set_commit_id(b.id, commit).await.unwrap();
+    s.set_commit_id(b.id, commit).await.unwrap();
+    assert_eq!(s.get_request(b.id).await.unwrap().commit_id.as_deref(), Some(commit));
+    assert_conflict(s.set_commit_id(b.id, "ffffffffffffffffffffffffffffffffffffffff").await, Some(commit));
+    assert!(matches!(
+        s.set_commit_id(Uuid::new_v4(), commit).await,
+        Err(StoreError::NotFound { .. })
+    ));
+}
+
 pub async fn two_instances(a: Arc<dyn Store>, b: Arc<dyn Store>) {
     let (req, steps) = queued_with_ready_steps(&*a, 40).await;
     assert_eq!(
