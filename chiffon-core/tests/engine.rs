@@ -221,7 +221,8 @@ async fn harness(backend: &str, with_agent: bool, config: EngineConfig) -> Optio
         }
         _ => {
             let (s, db) = support::pg_store().await?;
-            (s, support::amqp_transport().await?, Box::new(db))
+            let (t, cleanup) = support::amqp_transport().await?;
+            (s, t, Box::new((cleanup, db)))
         }
     };
     let stop = CancellationToken::new();

@@ -18,7 +18,7 @@ pub fn amqp_url() -> String {
 }
 
 /// Under CI a missing service is a failure; elsewhere the test says so loudly and passes.
-pub fn unavailable(service: &str, err: impl std::fmt::Display) -> Option<()> {
+pub fn unavailable<T>(service: &str, err: impl std::fmt::Display) -> Option<T> {
     if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
         panic!("{service} unreachable under CI=true: {err}");
     }
@@ -45,7 +45,10 @@ impl Drop for PgDb {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
             rt.block_on(async {
                 let mut c = sqlx::PgConnection::connect(&admin).await.ok()?;
-                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut c).await.ok()
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                    .execute(&mut c)
+                    .await
+                    .ok()
             })
         })
         .join();
@@ -59,7 +62,10 @@ pub async fn fresh_pg() -> Option<PgDb> {
         Err(e) => return unavailable("PostgreSQL", e),
     };
     let name = random_name("chiffon_t_");
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut c).await.expect("create test database");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut c)
+        .await
+        .expect("create test database");
     let mut url = admin.clone();
     let cut = url.rfind('/').expect("database url has a path");
     url.truncate(cut + 1);
@@ -79,10 +85,33 @@ pub async fn sqlite_store() -> (Arc<dyn Store>, tempfile::TempDir) {
     (chiffon_core::store::connect(&url).await.expect("open sqlite store"), dir)
 }
 
-pub async fn amqp_transport() -> Option<Arc<dyn Transport>> {
+/// Deletes a test topology from the broker when dropped (on its own connection and
+/// runtime, so it works while the test's runtime shuts down or unwinds).
+pub struct AmqpCleanup {
+    topology: Topology,
+}
+
+impl Drop for AmqpCleanup {
+    fn drop(&mut self) {
+        let topology = self.topology.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async {
+                let t = chiffon_core::transport::amqp::AmqpTransport::connect(&amqp_url(), topology).await.ok()?;
+                let _ = t.declare_topology().await;
+                let r = t.delete_topology().await.ok();
+                t.close().await;
+                r
+            })
+        })
+        .join();
+    }
+}
+
+pub async fn amqp_transport() -> Option<(Arc<dyn Transport>, AmqpCleanup)> {
     let topology = Topology::with_prefix(&format!("{}.", random_name("t")));
-    match chiffon_core::transport::amqp::AmqpTransport::connect(&amqp_url(), topology).await {
-        Ok(t) => Some(Arc::new(t)),
+    match chiffon_core::transport::amqp::AmqpTransport::connect(&amqp_url(), topology.clone()).await {
+        Ok(t) => Some((Arc::new(t), AmqpCleanup { topology })),
         Err(e) => unavailable("RabbitMQ", e),
     }
 }
