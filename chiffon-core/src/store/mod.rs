@@ -20,6 +20,13 @@ use chiffon_protocol::{ErrorCode, Heartbeat};
 
 use crate::model::*;
 
+#[cfg(feature = "test-utils")]
+pub mod conformance;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
 /// Errors of a [`Store`]. Backend errors are boxed so sqlx types never leak.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -167,10 +174,12 @@ pub trait Store: Send + Sync + 'static {
 /// (the file and its folder are created). Migrations are applied.
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        // wired by the PostgreSQL store: PgStore::connect(url)
+        #[cfg(feature = "postgres")]
+        return Ok(Arc::new(postgres::PgStore::connect(url).await?));
     }
     if url.starts_with("sqlite:") {
-        // wired by the SQLite store: SqliteStore::connect(url)
+        #[cfg(feature = "sqlite")]
+        return Ok(Arc::new(sqlite::SqliteStore::connect(url).await?));
     }
     Err(StoreError::Unavailable(
         format!("unsupported database URL `{url}` (expected postgres://… or sqlite://PATH, with the matching feature)").into(),

@@ -1,0 +1,1463 @@
+//! The store conformance suite: one set of cases every [`Store`] implementation passes.
+//!
+//! A test file builds a [`Harness`] (a fresh, empty store plus raw SQL access for the
+//! tampering cases) and expands [`store_conformance_tests!`](crate::store_conformance_tests)
+//! with it, which gives one `#[tokio::test]` per case:
+//!
+//! ```ignore
+//! async fn harness() -> Option<Harness> { /* a fresh store, or None to skip */ }
+//! chiffon_core::store_conformance_tests!(harness);
+//! ```
+
+use async_trait::async_trait;
+use chrono::{Duration as ChronoDuration, Timelike, Utc};
+use serde_json::json;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+use chiffon_protocol::{
+    CpuMetrics, ErrorCode, ErrorPayload, GpuMetrics, Heartbeat, MemoryMetrics, Resources,
+};
+
+use super::{Store, StoreError};
+use crate::audit::chain;
+use crate::model::*;
+
+/// Raw SQL on the store's database, for cases that tamper with rows behind its back.
+#[async_trait]
+pub trait RawSql: Send + Sync {
+    /// Executes `sql`; returns the rows affected.
+    async fn execute_raw(&self, sql: &str) -> Result<u64, StoreError>;
+}
+
+#[cfg(feature = "postgres")]
+#[async_trait]
+impl RawSql for super::postgres::PgStore {
+    async fn execute_raw(&self, sql: &str) -> Result<u64, StoreError> {
+        super::postgres::PgStore::execute_raw(self, sql).await
+    }
+}
+
+#[cfg(feature = "sqlite")]
+#[async_trait]
+impl RawSql for super::sqlite::SqliteStore {
+    async fn execute_raw(&self, sql: &str) -> Result<u64, StoreError> {
+        super::sqlite::SqliteStore::execute_raw(self, sql).await
+    }
+}
+
+/// A fresh, empty store for one case, and whatever must live as long as it (a temporary
+/// folder, a guard that drops the test database).
+pub struct Harness {
+    pub store: Arc<dyn Store>,
+    pub raw: Arc<dyn RawSql>,
+    // Declared last: dropped after the store.
+    _guard: Box<dyn Send + Sync>,
+}
+
+impl std::fmt::Debug for Harness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Harness")
+            .field("backend", &self.store.backend())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Harness {
+    pub fn new<S>(store: S, guard: impl Send + Sync + 'static) -> Harness
+    where
+        S: Store + RawSql + Clone,
+    {
+        Harness {
+            store: Arc::new(store.clone()),
+            raw: Arc::new(store),
+            _guard: Box::new(guard),
+        }
+    }
+}
+
+/// Expands to one `#[tokio::test]` per conformance case, each on a fresh store from
+/// `$make`: an async fn returning `Option<Harness>` (`None`: the service is unreachable and
+/// the test is skipped; the constructor decides, and fails instead under `CI=true`).
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($make:path) => {
+        $crate::store_conformance_tests!(@cases $make;
+            health_and_migrate,
+            request_lifecycle,
+            illegal_transition,
+            lost_race_conflict,
+            concurrent_transitions,
+            not_found,
+            list_filter_order,
+            step_updates,
+            concurrent_claims,
+            claim_respects_not_before_and_lease,
+            release_step,
+            overdue_steps,
+            logs_order_and_after_id,
+            heartbeats_and_agents,
+            llm_reserve_over_budget,
+            llm_concurrent_reservations,
+            llm_settle_and_monthly_spend,
+            plan_cache,
+            audit_append_and_read,
+            audit_concurrent_appenders,
+            audit_detects_altered_details,
+            audit_detects_deleted_rows,
+        );
+    };
+    (@cases $make:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let Some(h) = $make().await else { return };
+                $crate::store::conformance::$case(&h).await;
+            }
+        )*
+    };
+}
+
+// ---- fixtures ----
+
+fn new_request(text: &str) -> NewRequest {
+    NewRequest {
+        id: Uuid::new_v4(),
+        trace_id: format!("trace-{}", Uuid::new_v4()),
+        text: text.to_string(),
+        requester: "alice".into(),
+        dry_run: false,
+    }
+}
+
+fn plan(steps: usize) -> Plan {
+    Plan {
+        summary: format!("a plan of {steps} steps"),
+        steps: (0..steps)
+            .map(|i| PlanStep {
+                action: format!("action_{i}"),
+                parameters: json!({"host": "nas", "n": i, "nested": {"b": [1, 2.5], "a": null}})
+                    .as_object()
+                    .cloned()
+                    .unwrap(),
+                agent_type: "infrastructure".into(),
+                resources: Resources {
+                    gpu: i % 2 == 1,
+                    memory_gb: 1.5,
+                },
+                reason: format!("because {i}"),
+            })
+            .collect(),
+        risks: vec!["downtime".into()],
+        estimated_cost_usd: 0.0125,
+        llm_cost_usd: 0.0025,
+        provider: "anthropic".into(),
+        model: "claude".into(),
+        cached: false,
+    }
+}
+
+fn with_plan(p: Plan) -> RequestPatch {
+    RequestPatch {
+        plan: Some(p),
+        ..Default::default()
+    }
+}
+
+fn assert_micros(at: chrono::DateTime<Utc>) {
+    assert_eq!(
+        at.nanosecond() % 1000,
+        0,
+        "{at} is not truncated to microseconds"
+    );
+}
+
+fn assert_conflict(r: Result<impl std::fmt::Debug, StoreError>, current: Option<&str>) {
+    match r {
+        Err(e @ StoreError::Conflict { .. }) => {
+            assert_eq!(e.code(), ErrorCode::Conflict);
+            if let StoreError::Conflict { current: c, .. } = &e {
+                assert_eq!(c.as_deref(), current, "{e}");
+            }
+        }
+        other => panic!("expected a conflict (current {current:?}), got {other:?}"),
+    }
+}
+
+fn assert_not_found(r: Result<impl std::fmt::Debug, StoreError>) {
+    match r {
+        Err(e @ StoreError::NotFound { .. }) => assert_eq!(e.code(), ErrorCode::NotFound),
+        other => panic!("expected not found, got {other:?}"),
+    }
+}
+
+/// A request with an `n`-step plan, queued, its steps `ready`.
+async fn queued_with_ready_steps(s: &dyn Store, n: usize) -> (Request, Vec<Step>) {
+    let req = s.create_request(&new_request("ready steps")).await.unwrap();
+    s.transition(
+        req.id,
+        RequestStatus::Planning,
+        RequestStatus::Queued,
+        &with_plan(plan(n)),
+    )
+    .await
+    .unwrap();
+    let mut steps = Vec::new();
+    for st in s.steps(req.id).await.unwrap() {
+        steps.push(
+            s.update_step(
+                st.task_id,
+                &[StepStatus::Pending],
+                StepStatus::Ready,
+                &StepPatch::default(),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    (req, steps)
+}
+
+fn heartbeat(agent: &str, cpu: f64) -> Heartbeat {
+    Heartbeat {
+        agent_id: agent.into(),
+        agent_type: "desktop".into(),
+        hostname: format!("{agent}.lan"),
+        cpu: CpuMetrics {
+            percent: cpu,
+            cores: 8,
+            load_1m: 0.5,
+        },
+        memory: MemoryMetrics {
+            used_gb: 3.5,
+            total_gb: 16.0,
+        },
+        gpus: vec![GpuMetrics {
+            index: 0,
+            name: "RTX".into(),
+            utilization_percent: 12.0,
+            memory_used_gb: 1.0,
+            memory_total_gb: 24.0,
+        }],
+        running_tasks: 1,
+        max_tasks: Some(2),
+        queue: Some(format!("agent.desktop.{agent}")),
+        actions: vec!["gpu_status".into()],
+    }
+}
+
+fn reservation(provider: &str, month: &str, amount: i64, budget: i64) -> LlmReservation {
+    LlmReservation {
+        provider: provider.into(),
+        model: "m".into(),
+        month: month.into(),
+        amount_micros: amount,
+        budget_micros: budget,
+        request_id: None,
+    }
+}
+
+fn reserved_id(r: Reservation) -> Uuid {
+    match r {
+        Reservation::Reserved { id } => id,
+        other => panic!("expected a reservation, got {other:?}"),
+    }
+}
+
+fn audit_entry(request_id: Option<Uuid>, event: &str, n: u64) -> NewAuditEntry {
+    NewAuditEntry {
+        request_id,
+        actor: "engine".into(),
+        event: event.into(),
+        details: json!({"n": n, "z": "last", "a": [1.25, "x", null], "nested": {"k": true}}),
+    }
+}
+
+// ---- cases ----
+
+pub async fn health_and_migrate(h: &Harness) {
+    let s = &*h.store;
+    assert!(matches!(s.backend(), "postgres" | "sqlite"));
+    s.health().await.unwrap();
+    // Migrations were applied on connect; applying them again changes nothing.
+    s.migrate().await.unwrap();
+    s.migrate().await.unwrap();
+    let v = s.verify_audit().await.unwrap();
+    assert!(v.ok && v.entries_checked == 0, "{v:?}");
+}
+
+pub async fn request_lifecycle(h: &Harness) {
+    let s = &*h.store;
+    let new = new_request("deploy uptime kuma on nas");
+    let created = s.create_request(&new).await.unwrap();
+    assert_eq!(created.id, new.id);
+    assert_eq!(created.status, RequestStatus::Planning);
+    assert_eq!(created.text, new.text);
+    assert_eq!(created.trace_id, new.trace_id);
+    assert_eq!(created.plan, None);
+    assert_micros(created.created_at);
+    assert_eq!(created.created_at, created.updated_at);
+    assert_eq!(s.get_request(new.id).await.unwrap(), created);
+    assert_conflict(s.create_request(&new).await, None);
+    assert!(s.steps(new.id).await.unwrap().is_empty());
+
+    let p = plan(3);
+    let awaiting = s
+        .transition(
+            new.id,
+            RequestStatus::Planning,
+            RequestStatus::AwaitingApproval,
+            &with_plan(p.clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(awaiting.status, RequestStatus::AwaitingApproval);
+    assert_eq!(awaiting.plan.as_ref(), Some(&p));
+    assert!(awaiting.updated_at >= created.updated_at);
+    assert_micros(awaiting.updated_at);
+    let steps = s.steps(new.id).await.unwrap();
+    assert_eq!(steps.len(), 3);
+    for (i, st) in steps.iter().enumerate() {
+        assert_eq!(st.seq as usize, i);
+        assert_eq!(st.request_id, new.id);
+        assert_eq!(st.status, StepStatus::Pending);
+        assert_eq!(st.action, p.steps[i].action);
+        assert_eq!(st.parameters, p.steps[i].parameters);
+        assert_eq!(st.resources, p.steps[i].resources);
+        assert_eq!(st.agent_type, "infrastructure");
+        assert_eq!(st.attempt, 0);
+        assert_eq!(st.progress, 0);
+        assert_eq!(st.agent_id, None);
+        assert_eq!(s.get_step(st.task_id).await.unwrap(), *st);
+    }
+    let ids: HashSet<Uuid> = steps.iter().map(|s| s.task_id).collect();
+    assert_eq!(ids.len(), 3, "fresh task ids");
+    assert!(!ids.contains(&new.id));
+
+    let queued = s
+        .transition(
+            new.id,
+            RequestStatus::AwaitingApproval,
+            RequestStatus::Queued,
+            &RequestPatch {
+                approver: Some("bob".into()),
+                approval_comment: Some("go".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(queued.approver.as_deref(), Some("bob"));
+    assert_eq!(queued.approval_comment.as_deref(), Some("go"));
+    assert_eq!(
+        queued.plan.as_ref(),
+        Some(&p),
+        "a patch without a plan keeps it"
+    );
+    s.transition(
+        new.id,
+        RequestStatus::Queued,
+        RequestStatus::Running,
+        &RequestPatch::default(),
+    )
+    .await
+    .unwrap();
+    let err = ErrorPayload::new(ErrorCode::Internal, "boom").with_details(json!({"step": 2}));
+    let done = s
+        .transition(
+            new.id,
+            RequestStatus::Running,
+            RequestStatus::Failed,
+            &RequestPatch {
+                error: Some(err.clone()),
+                commit_id: Some("abc123".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.status, RequestStatus::Failed);
+    assert_eq!(done.error.as_ref(), Some(&err));
+    assert_eq!(done.commit_id.as_deref(), Some("abc123"));
+    assert_eq!(done.approver.as_deref(), Some("bob"));
+    assert_eq!(done.created_at, created.created_at);
+    assert_eq!(s.get_request(new.id).await.unwrap(), done);
+    assert_eq!(
+        s.steps(new.id).await.unwrap().len(),
+        3,
+        "steps inserted once"
+    );
+}
+
+pub async fn illegal_transition(h: &Harness) {
+    let s = &*h.store;
+    let r = s.create_request(&new_request("x")).await.unwrap();
+    for (from, to) in [
+        (RequestStatus::Planning, RequestStatus::Running),
+        (RequestStatus::Planning, RequestStatus::Completed),
+        (RequestStatus::Completed, RequestStatus::Running),
+        (RequestStatus::Planning, RequestStatus::Planning),
+    ] {
+        match s.transition(r.id, from, to, &RequestPatch::default()).await {
+            Err(e @ StoreError::Conflict { .. }) => {
+                assert!(e.to_string().contains("illegal transition"), "{e}");
+                assert_eq!(e.code(), ErrorCode::Conflict);
+            }
+            other => panic!("{from} -> {to}: expected an illegal transition, got {other:?}"),
+        }
+    }
+    // Nothing changed, and no plan's steps were written by the refused transition.
+    assert!(s
+        .transition(
+            r.id,
+            RequestStatus::Planning,
+            RequestStatus::Running,
+            &with_plan(plan(2))
+        )
+        .await
+        .is_err());
+    let again = s.get_request(r.id).await.unwrap();
+    assert_eq!(again, r);
+    assert!(s.steps(r.id).await.unwrap().is_empty());
+}
+
+pub async fn lost_race_conflict(h: &Harness) {
+    let s = &*h.store;
+    let r = s.create_request(&new_request("x")).await.unwrap();
+    s.transition(
+        r.id,
+        RequestStatus::Planning,
+        RequestStatus::AwaitingApproval,
+        &with_plan(plan(2)),
+    )
+    .await
+    .unwrap();
+    // A second engine still believes the request is planning.
+    assert_conflict(
+        s.transition(
+            r.id,
+            RequestStatus::Planning,
+            RequestStatus::Queued,
+            &with_plan(plan(5)),
+        )
+        .await,
+        Some("awaiting_approval"),
+    );
+    let now = s.get_request(r.id).await.unwrap();
+    assert_eq!(now.status, RequestStatus::AwaitingApproval);
+    assert_eq!(now.plan.unwrap().steps.len(), 2);
+    assert_eq!(
+        s.steps(r.id).await.unwrap().len(),
+        2,
+        "the loser's steps are not written"
+    );
+}
+
+pub async fn concurrent_transitions(h: &Harness) {
+    let s = &h.store;
+    let r = s.create_request(&new_request("x")).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let to = if i % 2 == 0 {
+                RequestStatus::Queued
+            } else {
+                RequestStatus::Cancelled
+            };
+            let patch = if to == RequestStatus::Queued {
+                with_plan(plan(3))
+            } else {
+                RequestPatch::default()
+            };
+            s.transition(r.id, RequestStatus::Planning, to, &patch)
+                .await
+        }));
+    }
+    let mut won = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(req) => won.push(req),
+            Err(StoreError::Conflict { current, .. }) => assert!(current.is_some()),
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert_eq!(won.len(), 1, "exactly one engine wins the transition");
+    let final_req = s.get_request(r.id).await.unwrap();
+    assert_eq!(final_req.status, won[0].status);
+    let n_steps = s.steps(r.id).await.unwrap().len();
+    assert_eq!(
+        n_steps,
+        if won[0].status == RequestStatus::Queued {
+            3
+        } else {
+            0
+        }
+    );
+}
+
+pub async fn not_found(h: &Harness) {
+    let s = &*h.store;
+    let id = Uuid::new_v4();
+    assert_not_found(s.get_request(id).await);
+    assert_not_found(
+        s.transition(
+            id,
+            RequestStatus::Planning,
+            RequestStatus::Queued,
+            &RequestPatch::default(),
+        )
+        .await,
+    );
+    assert_not_found(s.steps(id).await);
+    assert_not_found(s.get_step(id).await);
+    assert_not_found(
+        s.update_step(
+            id,
+            &[StepStatus::Pending],
+            StepStatus::Ready,
+            &StepPatch::default(),
+        )
+        .await,
+    );
+    assert_not_found(s.release_step(id, "me").await);
+    assert_not_found(
+        s.settle_llm(
+            id,
+            &LlmSettlement {
+                input_tokens: 1,
+                output_tokens: 1,
+                cost_micros: 1,
+                ok: true,
+            },
+        )
+        .await,
+    );
+    // Log lines of a request that does not exist are refused, not orphaned.
+    let line = NewLogLine {
+        request_id: id,
+        task_id: None,
+        at: Utc::now(),
+        kind: "engine".into(),
+        progress: None,
+        message: "x".into(),
+    };
+    assert_not_found(s.append_logs(&[line]).await);
+    assert!(s.logs(id, None, 10).await.unwrap().is_empty());
+    assert!(s.audit_log(Some(id), 0, 10).await.unwrap().is_empty());
+    assert_eq!(s.cached_plan("missing").await.unwrap(), None);
+}
+
+pub async fn list_filter_order(h: &Harness) {
+    let s = &*h.store;
+    let mut made = Vec::new();
+    for i in 0..5 {
+        made.push(
+            s.create_request(&new_request(&format!("r{i}")))
+                .await
+                .unwrap(),
+        );
+        // Distinct creation instants, so "newest first" has one answer.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let all = s.list_requests(&RequestFilter::default()).await.unwrap();
+    let ids: Vec<Uuid> = all.iter().map(|r| r.id).collect();
+    let expect: Vec<Uuid> = made.iter().rev().map(|r| r.id).collect();
+    assert_eq!(ids, expect, "newest first");
+
+    let cut = Utc::now();
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    for r in [&made[1], &made[3]] {
+        s.transition(
+            r.id,
+            RequestStatus::Planning,
+            RequestStatus::Cancelled,
+            &RequestPatch::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let cancelled = s
+        .list_requests(&RequestFilter {
+            status: Some(RequestStatus::Cancelled),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        cancelled.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![made[3].id, made[1].id]
+    );
+    let limited = s
+        .list_requests(&RequestFilter {
+            limit: Some(2),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        limited.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![made[4].id, made[3].id]
+    );
+    let stale = s
+        .list_requests(&RequestFilter {
+            status: Some(RequestStatus::Planning),
+            updated_before: Some(cut),
+            limit: Some(100),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        stale.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![made[4].id, made[2].id, made[0].id]
+    );
+    let none = s
+        .list_requests(&RequestFilter {
+            status: Some(RequestStatus::Cancelled),
+            updated_before: Some(cut),
+            limit: None,
+        })
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+}
+
+pub async fn step_updates(h: &Harness) {
+    let s = &*h.store;
+    let r = s.create_request(&new_request("x")).await.unwrap();
+    s.transition(
+        r.id,
+        RequestStatus::Planning,
+        RequestStatus::Queued,
+        &with_plan(plan(2)),
+    )
+    .await
+    .unwrap();
+    let st = s.steps(r.id).await.unwrap().remove(0);
+    let before = Utc::now() - ChronoDuration::seconds(1);
+    let ready = s
+        .update_step(
+            st.task_id,
+            &[StepStatus::Pending],
+            StepStatus::Ready,
+            &StepPatch::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ready.status, StepStatus::Ready);
+    let ready_at = ready.ready_at.expect("a ready step has ready_at");
+    assert!(ready_at >= before);
+    assert_micros(ready_at);
+
+    // Wrong `from`: a conflict naming the status found, and nothing changes.
+    assert_conflict(
+        s.update_step(
+            st.task_id,
+            &[StepStatus::Pending, StepStatus::Running],
+            StepStatus::Dispatched,
+            &StepPatch::default(),
+        )
+        .await,
+        Some("ready"),
+    );
+    assert_conflict(
+        s.update_step(
+            st.task_id,
+            &[],
+            StepStatus::Dispatched,
+            &StepPatch::default(),
+        )
+        .await,
+        Some("ready"),
+    );
+    assert_eq!(s.get_step(st.task_id).await.unwrap(), ready);
+
+    let t0 = Utc::now();
+    let deadline = t0 + ChronoDuration::seconds(600);
+    let dispatched = s
+        .update_step(
+            st.task_id,
+            &[StepStatus::Ready],
+            StepStatus::Dispatched,
+            &StepPatch {
+                attempt: Some(1),
+                agent_id: Some("infra-1".into()),
+                queue: Some("agent.infrastructure".into()),
+                dispatched_at: Some(t0),
+                deadline_at: Some(deadline),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(dispatched.attempt, 1);
+    assert_eq!(dispatched.agent_id.as_deref(), Some("infra-1"));
+    assert_eq!(dispatched.queue.as_deref(), Some("agent.infrastructure"));
+    assert_eq!(
+        dispatched.dispatched_at.unwrap().timestamp_micros(),
+        t0.timestamp_micros()
+    );
+    assert_micros(dispatched.dispatched_at.unwrap());
+    assert_eq!(dispatched.ready_at, Some(ready_at), "kept when not patched");
+
+    let running = s
+        .update_step(
+            st.task_id,
+            &[StepStatus::Dispatched, StepStatus::Running],
+            StepStatus::Running,
+            &StepPatch {
+                progress: Some(40),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(running.progress, 40);
+    assert_eq!(running.agent_id.as_deref(), Some("infra-1"));
+
+    let err = ErrorPayload::new(ErrorCode::Internal, "partial").with_details(json!({"rc": 2}));
+    let done = s
+        .update_step(
+            st.task_id,
+            &[StepStatus::Running],
+            StepStatus::Completed,
+            &StepPatch {
+                progress: Some(100),
+                output: Some("ok: [nas]\n".into()),
+                diff: Some("--- before\n+++ after\n".into()),
+                changed: Some(true),
+                error: Some(err.clone()),
+                finished_at: Some(Utc::now()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.status, StepStatus::Completed);
+    assert_eq!(done.progress, 100);
+    assert_eq!(done.output.as_deref(), Some("ok: [nas]\n"));
+    assert_eq!(done.diff.as_deref(), Some("--- before\n+++ after\n"));
+    assert_eq!(done.changed, Some(true));
+    assert_eq!(done.error.as_ref(), Some(&err));
+    assert!(done.finished_at.is_some());
+    assert_eq!(done.attempt, 1);
+    assert_eq!(s.get_step(st.task_id).await.unwrap(), done);
+
+    // The other step was untouched.
+    let other = s.steps(r.id).await.unwrap().remove(1);
+    assert_eq!(other.status, StepStatus::Pending);
+    assert_eq!(other.ready_at, None);
+}
+
+pub async fn concurrent_claims(h: &Harness) {
+    let s = &h.store;
+    let (_, steps) = queued_with_ready_steps(&**s, 50).await;
+    let all: HashSet<Uuid> = steps.iter().map(|s| s.task_id).collect();
+    let mut claimers = Vec::new();
+    for owner in ["engine-a", "engine-b"] {
+        let s = s.clone();
+        claimers.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let batch = s
+                    .claim_ready_steps(owner, 7, Duration::from_secs(300))
+                    .await
+                    .unwrap();
+                if batch.is_empty() {
+                    break;
+                }
+                assert!(batch.len() <= 7);
+                assert!(batch.iter().all(|st| st.status == StepStatus::Ready));
+                got.extend(batch.into_iter().map(|st| st.task_id));
+                tokio::task::yield_now().await;
+            }
+            got
+        }));
+    }
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    for c in claimers {
+        let got = c.await.unwrap();
+        total += got.len();
+        seen.extend(got);
+    }
+    assert_eq!(total, 50, "every step claimed exactly once");
+    assert_eq!(seen, all);
+    assert!(s
+        .claim_ready_steps("engine-c", 10, Duration::from_secs(300))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+pub async fn claim_respects_not_before_and_lease(h: &Harness) {
+    let s = &*h.store;
+    let (r, steps) = queued_with_ready_steps(s, 4).await;
+    // Step 0 backs off for an hour; steps 1-3 are ready in ready_at order.
+    s.update_step(
+        steps[0].task_id,
+        &[StepStatus::Ready],
+        StepStatus::Ready,
+        &StepPatch {
+            not_before: Some(Utc::now() + ChronoDuration::hours(1)),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.claim_ready_steps("a", 0, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .len(),
+        0
+    );
+    let first = s
+        .claim_ready_steps("a", 2, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        first.iter().map(|st| st.seq).collect::<Vec<_>>(),
+        vec![1, 2],
+        "oldest ready_at first"
+    );
+    // A claim with no lease left is free again.
+    let expiring = s.claim_ready_steps("b", 5, Duration::ZERO).await.unwrap();
+    assert_eq!(
+        expiring.iter().map(|st| st.seq).collect::<Vec<_>>(),
+        vec![3]
+    );
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let again = s
+        .claim_ready_steps("c", 5, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(again.iter().map(|st| st.seq).collect::<Vec<_>>(), vec![3]);
+    // Pending steps are never claimed.
+    let r2 = s.create_request(&new_request("pending")).await.unwrap();
+    s.transition(
+        r2.id,
+        RequestStatus::Planning,
+        RequestStatus::Queued,
+        &with_plan(plan(3)),
+    )
+    .await
+    .unwrap();
+    assert!(s
+        .claim_ready_steps("d", 10, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(s.steps(r.id).await.unwrap().len(), 4);
+}
+
+pub async fn release_step(h: &Harness) {
+    let s = &*h.store;
+    let (_, steps) = queued_with_ready_steps(s, 2).await;
+    let claimed = s
+        .claim_ready_steps("owner", 1, Duration::from_secs(300))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let id = claimed[0].task_id;
+    assert_eq!(id, steps[0].task_id);
+    // Only the owner gives it back.
+    assert_conflict(s.release_step(id, "someone-else").await, Some("ready"));
+    s.release_step(id, "owner").await.unwrap();
+    assert_eq!(
+        s.get_step(id).await.unwrap(),
+        steps[0],
+        "released unchanged"
+    );
+    assert_conflict(s.release_step(id, "owner").await, Some("ready"));
+    let both = s
+        .claim_ready_steps("other", 5, Duration::from_secs(300))
+        .await
+        .unwrap();
+    assert_eq!(both.len(), 2);
+    // update_step drops the claim: a step sent back to ready is claimable at once.
+    s.update_step(
+        id,
+        &[StepStatus::Ready],
+        StepStatus::Dispatched,
+        &StepPatch::default(),
+    )
+    .await
+    .unwrap();
+    assert_conflict(s.release_step(id, "other").await, Some("dispatched"));
+    s.update_step(
+        id,
+        &[StepStatus::Dispatched],
+        StepStatus::Ready,
+        &StepPatch::default(),
+    )
+    .await
+    .unwrap();
+    let back = s
+        .claim_ready_steps("third", 5, Duration::from_secs(300))
+        .await
+        .unwrap();
+    assert_eq!(
+        back.iter().map(|st| st.task_id).collect::<Vec<_>>(),
+        vec![id]
+    );
+}
+
+pub async fn overdue_steps(h: &Harness) {
+    let s = &*h.store;
+    let (_, steps) = queued_with_ready_steps(s, 5).await;
+    let now = Utc::now();
+    let set = |i: usize, to: StepStatus, deadline_secs: i64| {
+        let task_id = steps[i].task_id;
+        async move {
+            s.update_step(
+                task_id,
+                &[StepStatus::Ready],
+                to,
+                &StepPatch {
+                    deadline_at: Some(now + ChronoDuration::seconds(deadline_secs)),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    set(0, StepStatus::Dispatched, -10).await;
+    set(1, StepStatus::Running, -20).await;
+    set(2, StepStatus::Running, 60).await;
+    set(3, StepStatus::Completed, -30).await;
+    // Step 4 stays ready with no deadline.
+    let overdue = s.overdue_steps(now, 10).await.unwrap();
+    assert_eq!(
+        overdue.iter().map(|st| st.seq).collect::<Vec<_>>(),
+        vec![1, 0],
+        "earliest deadline first"
+    );
+    assert_eq!(s.overdue_steps(now, 1).await.unwrap().len(), 1);
+    let later = s
+        .overdue_steps(now + ChronoDuration::seconds(120), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        later.iter().map(|st| st.seq).collect::<Vec<_>>(),
+        vec![1, 0, 2]
+    );
+}
+
+pub async fn logs_order_and_after_id(h: &Harness) {
+    let s = &*h.store;
+    let a = s.create_request(&new_request("a")).await.unwrap();
+    let b = s.create_request(&new_request("b")).await.unwrap();
+    let line = |req: Uuid, i: u32| NewLogLine {
+        request_id: req,
+        task_id: i.is_multiple_of(2).then(Uuid::new_v4),
+        at: Utc::now(),
+        kind: if i.is_multiple_of(2) {
+            "output"
+        } else {
+            "status"
+        }
+        .into(),
+        progress: (i % 2 == 1).then_some(i * 10),
+        message: format!("line {i}"),
+    };
+    s.append_logs(&[line(a.id, 0), line(b.id, 100), line(a.id, 1)])
+        .await
+        .unwrap();
+    s.append_logs(&[]).await.unwrap();
+    s.append_logs(&(2..6).map(|i| line(a.id, i)).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let all = s.logs(a.id, None, 100).await.unwrap();
+    assert_eq!(
+        all.iter()
+            .map(|l| l.line.message.as_str())
+            .collect::<Vec<_>>(),
+        (0..6).map(|i| format!("line {i}")).collect::<Vec<_>>()
+    );
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(all[1].line.progress, Some(10));
+    assert_eq!(all[1].line.kind, "status");
+    assert!(all[0].line.task_id.is_some());
+    assert_eq!(all[0].line.progress, None);
+    assert_micros(all[0].line.at);
+    let after = s.logs(a.id, Some(all[2].id), 2).await.unwrap();
+    assert_eq!(after, all[3..5].to_vec());
+    assert!(s.logs(a.id, Some(all[5].id), 10).await.unwrap().is_empty());
+    let bl = s.logs(b.id, None, 10).await.unwrap();
+    assert_eq!(bl.len(), 1);
+    assert_eq!(bl[0].line.message, "line 100");
+}
+
+pub async fn heartbeats_and_agents(h: &Harness) {
+    let s = &*h.store;
+    assert!(s.agents().await.unwrap().is_empty());
+    let t0 = Utc::now();
+    s.record_heartbeat(&heartbeat("alpha", 10.0), t0)
+        .await
+        .unwrap();
+    s.record_heartbeat(&heartbeat("beta", 20.0), t0)
+        .await
+        .unwrap();
+    let newer = heartbeat("alpha", 55.5);
+    let t1 = t0 + ChronoDuration::seconds(10);
+    s.record_heartbeat(&newer, t1).await.unwrap();
+    // A late heartbeat does not replace a newer one.
+    s.record_heartbeat(&heartbeat("alpha", 99.0), t0 + ChronoDuration::seconds(5))
+        .await
+        .unwrap();
+    let agents = s.agents().await.unwrap();
+    assert_eq!(
+        agents
+            .iter()
+            .map(|a| a.agent_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["alpha", "beta"]
+    );
+    assert_eq!(agents[0].heartbeat, newer);
+    assert_eq!(
+        agents[0].last_seen.timestamp_micros(),
+        t1.timestamp_micros()
+    );
+    assert_eq!(agents[0].hostname, "alpha.lan");
+    assert_eq!(agents[0].agent_type, "desktop");
+    assert_micros(agents[0].last_seen);
+    // Every heartbeat left a resource_metrics row.
+    let rows = h
+        .raw
+        .execute_raw("UPDATE resource_metrics SET running_tasks = running_tasks")
+        .await
+        .unwrap();
+    assert_eq!(rows, 4);
+}
+
+pub async fn llm_reserve_over_budget(h: &Harness) {
+    let s = &*h.store;
+    let month = "2026-03";
+    let first = reserved_id(
+        s.reserve_llm(&reservation("anthropic", month, 600, 1000))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        s.reserve_llm(&reservation("anthropic", month, 500, 1000))
+            .await
+            .unwrap(),
+        Reservation::OverBudget {
+            spent_micros: 0,
+            reserved_micros: 600
+        }
+    );
+    // Exactly at the budget is allowed.
+    let second = reserved_id(
+        s.reserve_llm(&reservation("anthropic", month, 400, 1000))
+            .await
+            .unwrap(),
+    );
+    assert_ne!(first, second);
+    assert!(matches!(
+        s.reserve_llm(&reservation("anthropic", month, 1, 1000))
+            .await
+            .unwrap(),
+        Reservation::OverBudget { .. }
+    ));
+    // Settling for less than reserved frees the difference.
+    s.settle_llm(
+        first,
+        &LlmSettlement {
+            input_tokens: 1000,
+            output_tokens: 200,
+            cost_micros: 100,
+            ok: true,
+        },
+    )
+    .await
+    .unwrap();
+    reserved_id(
+        s.reserve_llm(&reservation("anthropic", month, 500, 1000))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        s.reserve_llm(&reservation("anthropic", month, 1, 1000))
+            .await
+            .unwrap(),
+        Reservation::OverBudget {
+            spent_micros: 100,
+            reserved_micros: 900
+        }
+    );
+    // Another provider has its own budget.
+    reserved_id(
+        s.reserve_llm(&reservation("openai", month, 1000, 1000))
+            .await
+            .unwrap(),
+    );
+    // A zero budget (a free provider reserves zero) still takes zero-cost calls.
+    reserved_id(
+        s.reserve_llm(&reservation("ollama", month, 0, 0))
+            .await
+            .unwrap(),
+    );
+}
+
+pub async fn llm_concurrent_reservations(h: &Harness) {
+    let s = &h.store;
+    let fits = 7;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.reserve_llm(&reservation("anthropic", "2026-04", 100, 100 * fits))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut reserved = 0;
+    for t in tasks {
+        if let Reservation::Reserved { .. } = t.await.unwrap() {
+            reserved += 1;
+        }
+    }
+    assert_eq!(reserved, fits, "exactly the reservations that fit succeed");
+    let spend = s.llm_spend("2026-04").await.unwrap();
+    assert_eq!(spend.len(), 1);
+    assert_eq!(spend[0].reserved_micros, 100 * fits);
+    assert_eq!(spend[0].spent_micros, 0);
+}
+
+pub async fn llm_settle_and_monthly_spend(h: &Harness) {
+    let s = &*h.store;
+    let settle = |cost: i64, input: u64, output: u64| LlmSettlement {
+        input_tokens: input,
+        output_tokens: output,
+        cost_micros: cost,
+        ok: true,
+    };
+    let big = 1_000_000_000;
+    let req = s.create_request(&new_request("x")).await.unwrap();
+    let mut r = reservation("anthropic", "2026-05", 5000, big);
+    r.request_id = Some(req.id);
+    let a1 = reserved_id(s.reserve_llm(&r).await.unwrap());
+    let a2 = reserved_id(
+        s.reserve_llm(&reservation("anthropic", "2026-05", 5000, big))
+            .await
+            .unwrap(),
+    );
+    let a3 = reserved_id(
+        s.reserve_llm(&reservation("anthropic", "2026-05", 5000, big))
+            .await
+            .unwrap(),
+    );
+    let o1 = reserved_id(
+        s.reserve_llm(&reservation("openai", "2026-05", 2000, big))
+            .await
+            .unwrap(),
+    );
+    let june = reserved_id(
+        s.reserve_llm(&reservation("anthropic", "2026-06", 7000, big))
+            .await
+            .unwrap(),
+    );
+    s.settle_llm(a1, &settle(1234, 100, 10)).await.unwrap();
+    s.settle_llm(a2, &settle(4321, 200, 20)).await.unwrap();
+    s.settle_llm(o1, &settle(2500, 300, 30)).await.unwrap();
+    s.settle_llm(june, &settle(7000, 1, 1)).await.unwrap();
+    // Settling twice is refused and counts nothing.
+    assert_conflict(s.settle_llm(a1, &settle(1, 1, 1)).await, Some("settled"));
+    // A failed call that still cost something is settled too.
+    let mut failed = settle(11, 5, 0);
+    failed.ok = false;
+    s.settle_llm(a3, &failed).await.unwrap();
+
+    let may = s.llm_spend("2026-05").await.unwrap();
+    assert_eq!(
+        may,
+        vec![
+            ProviderSpend {
+                provider: "anthropic".into(),
+                month: "2026-05".into(),
+                spent_micros: 1234 + 4321 + 11,
+                reserved_micros: 0,
+                calls: 3,
+                input_tokens: 305,
+                output_tokens: 30,
+            },
+            ProviderSpend {
+                provider: "openai".into(),
+                month: "2026-05".into(),
+                spent_micros: 2500,
+                reserved_micros: 0,
+                calls: 1,
+                input_tokens: 300,
+                output_tokens: 30,
+            },
+        ]
+    );
+    let jun = s.llm_spend("2026-06").await.unwrap();
+    assert_eq!(jun.len(), 1);
+    assert_eq!(jun[0].spent_micros, 7000);
+    assert_eq!(jun[0].calls, 1);
+    assert!(s.llm_spend("2026-07").await.unwrap().is_empty());
+    // An open reservation shows as reserved.
+    reserved_id(
+        s.reserve_llm(&reservation("openai", "2026-05", 99, big))
+            .await
+            .unwrap(),
+    );
+    let may = s.llm_spend("2026-05").await.unwrap();
+    assert_eq!(may[1].reserved_micros, 99);
+    assert_eq!(may[1].spent_micros, 2500);
+}
+
+pub async fn plan_cache(h: &Harness) {
+    let s = &*h.store;
+    assert_eq!(s.cached_plan("k1").await.unwrap(), None);
+    let p = plan(2);
+    s.cache_plan("k1", &p).await.unwrap();
+    assert_eq!(s.cached_plan("k1").await.unwrap(), Some(p.clone()));
+    let mut p2 = plan(3);
+    p2.summary = "replaced".into();
+    s.cache_plan("k1", &p2).await.unwrap();
+    assert_eq!(s.cached_plan("k1").await.unwrap(), Some(p2));
+    assert_eq!(s.cached_plan("k2").await.unwrap(), None);
+}
+
+pub async fn audit_append_and_read(h: &Harness) {
+    let s = &*h.store;
+    let r = s.create_request(&new_request("x")).await.unwrap();
+    assert!(s.append_audit(&[]).await.unwrap().is_empty());
+    let batch = s
+        .append_audit(&[
+            audit_entry(Some(r.id), "received", 1),
+            audit_entry(None, "startup", 2),
+            audit_entry(Some(r.id), "planned", 3),
+        ])
+        .await
+        .unwrap();
+    let more = s
+        .append_audit(&[audit_entry(Some(r.id), "approved", 4)])
+        .await
+        .unwrap();
+    let last = s
+        .append_audit(&[audit_entry(None, "config", 5)])
+        .await
+        .unwrap();
+    let all: Vec<AuditEntry> = batch.into_iter().chain(more).chain(last).collect();
+    assert_eq!(
+        all.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+    assert_eq!(all[0].prev_hash, chain::GENESIS);
+    for w in all.windows(2) {
+        assert_eq!(w[1].prev_hash, w[0].hash);
+    }
+    for e in &all {
+        assert_micros(e.at);
+        let text = serde_json::to_string(&e.details).unwrap();
+        assert_eq!(
+            e.hash,
+            chain::entry_hash(
+                &e.prev_hash,
+                e.seq,
+                e.at,
+                e.request_id,
+                &e.actor,
+                &e.event,
+                &text
+            )
+        );
+    }
+    assert_eq!(s.audit_log(None, 0, 100).await.unwrap(), all);
+    assert_eq!(s.audit_log(None, 2, 2).await.unwrap(), all[2..4].to_vec());
+    let mine = s.audit_log(Some(r.id), 0, 100).await.unwrap();
+    assert_eq!(
+        mine.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![1, 3, 4]
+    );
+    assert_eq!(
+        s.audit_log(Some(r.id), 1, 1).await.unwrap(),
+        vec![all[2].clone()]
+    );
+    let v = s.verify_audit().await.unwrap();
+    assert_eq!(
+        v,
+        AuditVerification {
+            ok: true,
+            entries_checked: 5,
+            first_bad_seq: None,
+            problem: None
+        }
+    );
+}
+
+pub async fn audit_concurrent_appenders(h: &Harness) {
+    let s = &h.store;
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            for i in 0..5u64 {
+                let batch = s
+                    .append_audit(&[
+                        audit_entry(None, &format!("t{t}"), i * 2),
+                        audit_entry(None, &format!("t{t}"), i * 2 + 1),
+                    ])
+                    .await
+                    .unwrap();
+                assert_eq!(batch.len(), 2);
+                assert_eq!(batch[1].seq, batch[0].seq + 1, "a batch stays together");
+                assert_eq!(batch[1].prev_hash, batch[0].hash);
+                mine.extend(batch);
+            }
+            mine
+        }));
+    }
+    let mut seqs = Vec::new();
+    for t in tasks {
+        seqs.extend(t.await.unwrap().into_iter().map(|e| e.seq));
+    }
+    seqs.sort();
+    assert_eq!(
+        seqs,
+        (1..=80).collect::<Vec<i64>>(),
+        "a linear chain, no fork"
+    );
+    let all = s.audit_log(None, 0, 1000).await.unwrap();
+    assert_eq!(all.len(), 80);
+    let v = s.verify_audit().await.unwrap();
+    assert!(v.ok, "{v:?}");
+    assert_eq!(v.entries_checked, 80);
+}
+
+pub async fn audit_detects_altered_details(h: &Harness) {
+    let s = &*h.store;
+    for i in 0..5 {
+        s.append_audit(&[audit_entry(None, "e", i)]).await.unwrap();
+    }
+    assert!(s.verify_audit().await.unwrap().ok);
+    let n = h
+        .raw
+        .execute_raw(r#"UPDATE audit_log SET details = '{"n":999}' WHERE seq = 3"#)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let v = s.verify_audit().await.unwrap();
+    assert!(!v.ok);
+    assert_eq!(v.first_bad_seq, Some(3), "{v:?}");
+    assert_eq!(v.entries_checked, 2);
+    assert!(v.problem.as_deref().unwrap().contains("altered"), "{v:?}");
+
+    // Same JSON value, different text: also not what was hashed.
+    h.raw
+        .execute_raw(r#"UPDATE audit_log SET details = '{"n":999 }' WHERE seq = 3"#)
+        .await
+        .unwrap();
+    let v = s.verify_audit().await.unwrap();
+    assert_eq!(v.first_bad_seq, Some(3), "{v:?}");
+
+    // Another field, another row: the first bad one is reported.
+    h.raw
+        .execute_raw("UPDATE audit_log SET actor = 'mallory' WHERE seq = 2")
+        .await
+        .unwrap();
+    let v = s.verify_audit().await.unwrap();
+    assert_eq!(v.first_bad_seq, Some(2), "{v:?}");
+}
+
+pub async fn audit_detects_deleted_rows(h: &Harness) {
+    let s = &*h.store;
+    s.append_audit(
+        &(0..4)
+            .map(|i| audit_entry(None, "e", i))
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap();
+    assert!(s.verify_audit().await.unwrap().ok);
+    // Deleting the newest row leaves a valid-looking chain: only the head tells.
+    assert_eq!(
+        h.raw
+            .execute_raw("DELETE FROM audit_log WHERE seq = 4")
+            .await
+            .unwrap(),
+        1
+    );
+    let v = s.verify_audit().await.unwrap();
+    assert!(!v.ok);
+    assert_eq!(v.first_bad_seq, Some(4), "{v:?}");
+    assert_eq!(v.entries_checked, 3);
+    assert!(v.problem.as_deref().unwrap().contains("deleted"), "{v:?}");
+    // A row in the middle.
+    h.raw
+        .execute_raw("DELETE FROM audit_log WHERE seq = 2")
+        .await
+        .unwrap();
+    let v = s.verify_audit().await.unwrap();
+    assert!(!v.ok);
+    assert_eq!(v.first_bad_seq, Some(3), "{v:?}");
+    assert!(v.problem.as_deref().unwrap().contains("missing"), "{v:?}");
+}
+
+/// Two store instances (two pools, as two orchestrator processes would have) on one
+/// database: claims, reservations and audit appends stay exclusive across them.
+pub async fn two_instances(a: Arc<dyn Store>, b: Arc<dyn Store>) {
+    let (req, steps) = queued_with_ready_steps(&*a, 40).await;
+    assert_eq!(
+        b.get_request(req.id).await.unwrap().status,
+        RequestStatus::Queued
+    );
+    let mut tasks = Vec::new();
+    for (i, s) in [a.clone(), b.clone(), a.clone(), b.clone()]
+        .into_iter()
+        .enumerate()
+    {
+        tasks.push(tokio::spawn(async move {
+            let owner = format!("engine-{i}");
+            let mut claimed = Vec::new();
+            loop {
+                let batch = s
+                    .claim_ready_steps(&owner, 3, Duration::from_secs(300))
+                    .await
+                    .unwrap();
+                if batch.is_empty() {
+                    break;
+                }
+                claimed.extend(batch.into_iter().map(|st| st.task_id));
+            }
+            let mut reserved = 0;
+            for _ in 0..5 {
+                if let Reservation::Reserved { .. } = s
+                    .reserve_llm(&reservation("anthropic", "2026-08", 10, 100))
+                    .await
+                    .unwrap()
+                {
+                    reserved += 1;
+                }
+            }
+            for n in 0..5 {
+                s.append_audit(&[audit_entry(None, &owner, n)])
+                    .await
+                    .unwrap();
+            }
+            (claimed, reserved)
+        }));
+    }
+    let mut claimed = Vec::new();
+    let mut reserved = 0;
+    for t in tasks {
+        let (c, r) = t.await.unwrap();
+        claimed.extend(c);
+        reserved += r;
+    }
+    let unique: HashSet<Uuid> = claimed.iter().copied().collect();
+    assert_eq!(claimed.len(), 40, "no step claimed twice");
+    assert_eq!(unique, steps.iter().map(|s| s.task_id).collect());
+    assert_eq!(reserved, 10, "the budget fits exactly 10 reservations");
+    let v = b.verify_audit().await.unwrap();
+    assert!(v.ok && v.entries_checked == 20, "{v:?}");
+}

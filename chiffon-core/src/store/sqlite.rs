@@ -1,0 +1,1136 @@
+//! The embedded store: SQLite through sqlx, in one file (`sqlite://PATH`) or in memory
+//! (`sqlite::memory:`, for tests).
+//!
+//! Timestamps are stored as fixed-format RFC 3339 text ([`chain::canonical_time`]: UTC,
+//! six fraction digits, `Z`), so comparing the text compares the instants and the audit
+//! log hashes exactly what it stores. Every write that reads before it writes runs in a
+//! `BEGIN IMMEDIATE` transaction: SQLite then takes the write lock up front (waiting up to
+//! the busy timeout) instead of failing when a read transaction tries to upgrade.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::types::Json;
+use sqlx::{QueryBuilder, Row, Sqlite};
+use std::str::FromStr;
+use std::time::Duration;
+use uuid::Uuid;
+
+use chiffon_protocol::{ErrorPayload, Heartbeat, Resources};
+
+use super::{Store, StoreError};
+use crate::audit::chain;
+use crate::model::*;
+
+/// The SQLite schema (`migrations/sqlite`), embedded.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations/sqlite");
+
+/// How long a writer waits for another connection's write lock before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections of a file database; SQLite has one writer at a time anyway.
+const MAX_CONNECTIONS: u32 = 8;
+/// Rows per multi-row INSERT (SQLite allows 32766 bound parameters per statement).
+const INSERT_CHUNK: usize = 500;
+/// Audit rows read per round trip while verifying.
+const VERIFY_PAGE: i64 = 1000;
+/// `list_requests` without a limit.
+const DEFAULT_LIST_LIMIT: u32 = 100;
+
+macro_rules! req_cols {
+    () => {
+        "id, trace_id, text, requester, dry_run, status, plan, approver, approval_comment, \
+         error, commit_id, created_at, updated_at"
+    };
+}
+
+macro_rules! step_cols {
+    () => {
+        "task_id, request_id, seq, action, parameters, agent_type, resources, status, attempt, \
+         agent_id, queue, progress, output, diff, changed, error, ready_at, dispatched_at, \
+         deadline_at, finished_at, not_before"
+    };
+}
+
+macro_rules! audit_cols {
+    () => {
+        "seq, at, request_id, actor, event, details, prev_hash, hash"
+    };
+}
+
+/// The SQLite implementation of [`Store`]. Cheap to clone (a pool handle).
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens `sqlite://PATH` (creating the file and its folder) or `sqlite::memory:`, and
+    /// applies the migrations.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let opts = SqliteConnectOptions::from_str(url)
+            .map_err(|e| {
+                StoreError::Unavailable(format!("invalid SQLite URL `{url}`: {e}").into())
+            })?
+            .create_if_missing(true)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        let pool = if in_memory {
+            // Each connection to `:memory:` would be a database of its own (sqlx names it
+            // with shared cache, but shared-cache locking ignores the busy timeout): one
+            // connection, never closed while the pool lives, keeps it one database.
+            SqlitePoolOptions::new()
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .connect_with(opts)
+                .await
+        } else {
+            if let Some(dir) = opts.get_filename().parent() {
+                if !dir.as_os_str().is_empty() {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        StoreError::Unavailable(
+                            format!("cannot create the folder {}: {e}", dir.display()).into(),
+                        )
+                    })?;
+                }
+            }
+            SqlitePoolOptions::new()
+                .max_connections(MAX_CONNECTIONS)
+                .connect_with(
+                    opts.journal_mode(SqliteJournalMode::Wal)
+                        .synchronous(SqliteSynchronous::Normal),
+                )
+                .await
+        }
+        .map_err(|e| StoreError::Unavailable(Box::new(e)))?;
+        let store = SqliteStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Closes the pool, waiting for connections in use to come back.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Runs raw SQL (tests use it to tamper with rows); returns the rows affected.
+    #[cfg(feature = "test-utils")]
+    pub async fn execute_raw(&self, sql: &str) -> Result<u64, StoreError> {
+        let r = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(r.rows_affected())
+    }
+
+    async fn step_status(&self, task_id: Uuid) -> Result<Option<String>, StoreError> {
+        sqlx::query_scalar("SELECT status FROM plan_steps WHERE task_id = ?1")
+            .bind(task_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)
+    }
+}
+
+// ---- conversions ----
+
+fn db_err(e: sqlx::Error) -> StoreError {
+    use sqlx::error::ErrorKind;
+    match e {
+        sqlx::Error::Database(d) => {
+            // SQLITE_BUSY (5) and SQLITE_LOCKED (6), extended codes included: another
+            // writer held the lock past the busy timeout.
+            let code = d.code().and_then(|c| c.parse::<i32>().ok()).unwrap_or(0);
+            if matches!(code & 0xff, 5 | 6) {
+                return StoreError::Unavailable(Box::new(sqlx::Error::Database(d)));
+            }
+            match d.kind() {
+                ErrorKind::UniqueViolation => StoreError::Conflict {
+                    message: format!("duplicate key: {}", d.message()),
+                    current: None,
+                },
+                ErrorKind::ForeignKeyViolation => {
+                    StoreError::not_found("the referenced request (foreign key)")
+                }
+                _ => StoreError::Backend(Box::new(sqlx::Error::Database(d))),
+            }
+        }
+        e @ (sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed) => StoreError::Unavailable(Box::new(e)),
+        e => StoreError::Backend(Box::new(e)),
+    }
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+fn col<'r, T>(row: &'r SqliteRow, name: &str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
+{
+    row.try_get(name).map_err(|e| corrupt(name, e))
+}
+
+/// The stored form of an instant (microseconds; sorts like the instant).
+fn ts(at: DateTime<Utc>) -> String {
+    chain::canonical_time(at)
+}
+
+fn parse_ts(name: &str, s: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| corrupt(name, e))
+}
+
+fn ts_col(row: &SqliteRow, name: &str) -> Result<DateTime<Utc>, StoreError> {
+    parse_ts(name, &col::<String>(row, name)?)
+}
+
+fn opt_ts_col(row: &SqliteRow, name: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    col::<Option<String>>(row, name)?
+        .map(|s| parse_ts(name, &s))
+        .transpose()
+}
+
+/// Now, at the precision the store keeps.
+fn now() -> DateTime<Utc> {
+    trunc(Utc::now())
+}
+
+fn trunc(at: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap_or(at)
+}
+
+fn u32_col(row: &SqliteRow, name: &str) -> Result<u32, StoreError> {
+    u32::try_from(col::<i64>(row, name)?).map_err(|e| corrupt(name, e))
+}
+
+fn u64_col(row: &SqliteRow, name: &str) -> Result<u64, StoreError> {
+    u64::try_from(col::<i64>(row, name)?).map_err(|e| corrupt(name, e))
+}
+
+fn sat_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn request_from_row(row: &SqliteRow) -> Result<Request, StoreError> {
+    let status: String = col(row, "status")?;
+    Ok(Request {
+        id: col(row, "id")?,
+        trace_id: col(row, "trace_id")?,
+        text: col(row, "text")?,
+        requester: col(row, "requester")?,
+        dry_run: col(row, "dry_run")?,
+        status: RequestStatus::parse(&status)
+            .ok_or_else(|| corrupt("tasks.status", format!("unknown status `{status}`")))?,
+        plan: col::<Option<Json<Plan>>>(row, "plan")?.map(|j| j.0),
+        approver: col(row, "approver")?,
+        approval_comment: col(row, "approval_comment")?,
+        error: col::<Option<Json<ErrorPayload>>>(row, "error")?.map(|j| j.0),
+        commit_id: col(row, "commit_id")?,
+        created_at: ts_col(row, "created_at")?,
+        updated_at: ts_col(row, "updated_at")?,
+    })
+}
+
+fn step_from_row(row: &SqliteRow) -> Result<Step, StoreError> {
+    let status: String = col(row, "status")?;
+    Ok(Step {
+        request_id: col(row, "request_id")?,
+        seq: u32_col(row, "seq")?,
+        task_id: col(row, "task_id")?,
+        action: col(row, "action")?,
+        parameters: col::<Json<serde_json::Map<String, serde_json::Value>>>(row, "parameters")?.0,
+        agent_type: col(row, "agent_type")?,
+        resources: col::<Json<Resources>>(row, "resources")?.0,
+        status: StepStatus::parse(&status)
+            .ok_or_else(|| corrupt("plan_steps.status", format!("unknown status `{status}`")))?,
+        attempt: u32_col(row, "attempt")?,
+        agent_id: col(row, "agent_id")?,
+        queue: col(row, "queue")?,
+        progress: u32_col(row, "progress")?,
+        output: col(row, "output")?,
+        diff: col(row, "diff")?,
+        changed: col(row, "changed")?,
+        error: col::<Option<Json<ErrorPayload>>>(row, "error")?.map(|j| j.0),
+        ready_at: opt_ts_col(row, "ready_at")?,
+        dispatched_at: opt_ts_col(row, "dispatched_at")?,
+        deadline_at: opt_ts_col(row, "deadline_at")?,
+        finished_at: opt_ts_col(row, "finished_at")?,
+        not_before: opt_ts_col(row, "not_before")?,
+    })
+}
+
+fn log_from_row(row: &SqliteRow) -> Result<LogLine, StoreError> {
+    Ok(LogLine {
+        id: col(row, "id")?,
+        line: NewLogLine {
+            request_id: col(row, "request_id")?,
+            task_id: col(row, "task_id")?,
+            at: ts_col(row, "at")?,
+            kind: col(row, "kind")?,
+            progress: col::<Option<i64>>(row, "progress")?
+                .map(u32::try_from)
+                .transpose()
+                .map_err(|e| corrupt("progress", e))?,
+            message: col(row, "message")?,
+        },
+    })
+}
+
+/// An audit row; `Err` carries the seq and why when its details are not the JSON text the
+/// chain hashed (the row was altered).
+fn audit_from_row(row: &SqliteRow) -> Result<Result<AuditEntry, (i64, String)>, StoreError> {
+    let seq: i64 = col(row, "seq")?;
+    let text: String = col(row, "details")?;
+    let details = match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(v) if serde_json::to_string(&v).ok().as_deref() == Some(text.as_str()) => v,
+        _ => {
+            return Ok(Err((
+                seq,
+                format!("entry {seq} was altered (details are not the JSON that was hashed)"),
+            )))
+        }
+    };
+    Ok(Ok(AuditEntry {
+        seq,
+        at: ts_col(row, "at")?,
+        request_id: col(row, "request_id")?,
+        actor: col(row, "actor")?,
+        event: col(row, "event")?,
+        details,
+        prev_hash: col(row, "prev_hash")?,
+        hash: col(row, "hash")?,
+    }))
+}
+
+fn step_conflict(task_id: Uuid, current: Option<String>) -> StoreError {
+    match current {
+        None => StoreError::not_found(format!("step {task_id}")),
+        Some(s) => StoreError::Conflict {
+            message: format!("step {task_id} is {s}"),
+            current: Some(s),
+        },
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Migration(Box::new(e)))
+    }
+
+    async fn health(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(|e| match db_err(e) {
+                StoreError::Backend(e) => StoreError::Unavailable(e),
+                e => e,
+            })?;
+        Ok(())
+    }
+
+    // ---- requests ----
+
+    async fn create_request(&self, req: &NewRequest) -> Result<Request, StoreError> {
+        let now = ts(now());
+        let row = sqlx::query(concat!(
+            "INSERT INTO tasks (id, trace_id, text, requester, dry_run, status, created_at, \
+             updated_at) VALUES (?1, ?2, ?3, ?4, ?5, 'planning', ?6, ?6) RETURNING ",
+            req_cols!()
+        ))
+        .bind(req.id)
+        .bind(&req.trace_id)
+        .bind(&req.text)
+        .bind(&req.requester)
+        .bind(req.dry_run)
+        .bind(&now)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| match db_err(e) {
+            StoreError::Conflict { current, .. } => StoreError::Conflict {
+                message: format!("request {} already exists", req.id),
+                current,
+            },
+            e => e,
+        })?;
+        request_from_row(&row)
+    }
+
+    async fn get_request(&self, id: Uuid) -> Result<Request, StoreError> {
+        let row = sqlx::query(concat!("SELECT ", req_cols!(), " FROM tasks WHERE id = ?1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| StoreError::not_found(format!("request {id}")))?;
+        request_from_row(&row)
+    }
+
+    async fn list_requests(&self, filter: &RequestFilter) -> Result<Vec<Request>, StoreError> {
+        let mut q =
+            QueryBuilder::<Sqlite>::new(concat!("SELECT ", req_cols!(), " FROM tasks WHERE 1 = 1"));
+        if let Some(s) = filter.status {
+            q.push(" AND status = ").push_bind(s.as_str());
+        }
+        if let Some(before) = filter.updated_before {
+            q.push(" AND updated_at < ").push_bind(ts(trunc(before)));
+        }
+        q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+            .push_bind(i64::from(filter.limit.unwrap_or(DEFAULT_LIST_LIMIT)));
+        let rows = q.build().fetch_all(&self.pool).await.map_err(db_err)?;
+        rows.iter().map(request_from_row).collect()
+    }
+
+    async fn transition(
+        &self,
+        id: Uuid,
+        from: RequestStatus,
+        to: RequestStatus,
+        patch: &RequestPatch,
+    ) -> Result<Request, StoreError> {
+        if !from.can_transition_to(to) {
+            return Err(StoreError::Conflict {
+                message: format!("illegal transition from {from} to {to}"),
+                current: None,
+            });
+        }
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_err)?;
+        let row = sqlx::query(concat!(
+            "UPDATE tasks SET status = ?1, updated_at = ?2, plan = COALESCE(?3, plan), \
+             approver = COALESCE(?4, approver), \
+             approval_comment = COALESCE(?5, approval_comment), \
+             error = COALESCE(?6, error), commit_id = COALESCE(?7, commit_id) \
+             WHERE id = ?8 AND status = ?9 RETURNING ",
+            req_cols!()
+        ))
+        .bind(to.as_str())
+        .bind(ts(now()))
+        .bind(patch.plan.as_ref().map(Json))
+        .bind(&patch.approver)
+        .bind(&patch.approval_comment)
+        .bind(patch.error.as_ref().map(Json))
+        .bind(&patch.commit_id)
+        .bind(id)
+        .bind(from.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let Some(row) = row else {
+            let current: Option<String> =
+                sqlx::query_scalar("SELECT status FROM tasks WHERE id = ?1")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+            return Err(match current {
+                None => StoreError::not_found(format!("request {id}")),
+                Some(s) => StoreError::Conflict {
+                    message: format!("request {id} is {s}, not {from}"),
+                    current: Some(s),
+                },
+            });
+        };
+        if let Some(plan) = &patch.plan {
+            for (n, chunk) in plan.steps.chunks(INSERT_CHUNK).enumerate() {
+                let mut q = QueryBuilder::<Sqlite>::new(
+                    "INSERT INTO plan_steps (task_id, request_id, seq, action, parameters, \
+                     agent_type, resources, status) ",
+                );
+                q.push_values(chunk.iter().enumerate(), |mut b, (i, s)| {
+                    b.push_bind(Uuid::now_v7())
+                        .push_bind(id)
+                        .push_bind((n * INSERT_CHUNK + i) as i64)
+                        .push_bind(&s.action)
+                        .push_bind(Json(&s.parameters))
+                        .push_bind(&s.agent_type)
+                        .push_bind(Json(&s.resources))
+                        .push_bind(StepStatus::Pending.as_str());
+                });
+                q.build()
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| match db_err(e) {
+                        StoreError::Conflict { current, .. } => StoreError::Conflict {
+                            message: format!("request {id} already has steps"),
+                            current,
+                        },
+                        e => e,
+                    })?;
+            }
+        }
+        let req = request_from_row(&row)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(req)
+    }
+
+    // ---- steps ----
+
+    async fn steps(&self, request_id: Uuid) -> Result<Vec<Step>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            step_cols!(),
+            " FROM plan_steps WHERE request_id = ?1 ORDER BY seq"
+        ))
+        .bind(request_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        if rows.is_empty() {
+            // Tell "no plan yet" from "no such request".
+            self.get_request(request_id).await?;
+        }
+        rows.iter().map(step_from_row).collect()
+    }
+
+    async fn get_step(&self, task_id: Uuid) -> Result<Step, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            step_cols!(),
+            " FROM plan_steps WHERE task_id = ?1"
+        ))
+        .bind(task_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?
+        .ok_or_else(|| StoreError::not_found(format!("step {task_id}")))?;
+        step_from_row(&row)
+    }
+
+    async fn update_step(
+        &self,
+        task_id: Uuid,
+        from: &[StepStatus],
+        to: StepStatus,
+        patch: &StepPatch,
+    ) -> Result<Step, StoreError> {
+        let from_json = serde_json::to_string(&from.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+            .map_err(|e| StoreError::Backend(Box::new(e)))?;
+        // A step that becomes ready joins the dispatch queue now unless told otherwise.
+        let ready_at = patch
+            .ready_at
+            .or_else(|| (to == StepStatus::Ready).then(Utc::now));
+        let row = sqlx::query(concat!(
+            "UPDATE plan_steps SET status = ?1, attempt = COALESCE(?2, attempt), \
+             agent_id = COALESCE(?3, agent_id), queue = COALESCE(?4, queue), \
+             progress = COALESCE(?5, progress), output = COALESCE(?6, output), \
+             diff = COALESCE(?7, diff), changed = COALESCE(?8, changed), \
+             error = COALESCE(?9, error), ready_at = COALESCE(?10, ready_at), \
+             dispatched_at = COALESCE(?11, dispatched_at), \
+             deadline_at = COALESCE(?12, deadline_at), \
+             finished_at = COALESCE(?13, finished_at), \
+             not_before = COALESCE(?14, not_before), claimed_by = NULL, claim_until = NULL \
+             WHERE task_id = ?15 AND status IN (SELECT value FROM json_each(?16)) RETURNING ",
+            step_cols!()
+        ))
+        .bind(to.as_str())
+        .bind(patch.attempt.map(i64::from))
+        .bind(&patch.agent_id)
+        .bind(&patch.queue)
+        .bind(patch.progress.map(i64::from))
+        .bind(&patch.output)
+        .bind(&patch.diff)
+        .bind(patch.changed)
+        .bind(patch.error.as_ref().map(Json))
+        .bind(ready_at.map(|t| ts(trunc(t))))
+        .bind(patch.dispatched_at.map(|t| ts(trunc(t))))
+        .bind(patch.deadline_at.map(|t| ts(trunc(t))))
+        .bind(patch.finished_at.map(|t| ts(trunc(t))))
+        .bind(patch.not_before.map(|t| ts(trunc(t))))
+        .bind(task_id)
+        .bind(from_json)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        match row {
+            Some(row) => step_from_row(&row),
+            None => Err(step_conflict(task_id, self.step_status(task_id).await?)),
+        }
+    }
+
+    async fn claim_ready_steps(
+        &self,
+        owner: &str,
+        limit: u32,
+        lease: Duration,
+    ) -> Result<Vec<Step>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let now = now();
+        let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_err)?;
+        let rows = sqlx::query(concat!(
+            "UPDATE plan_steps SET claimed_by = ?1, claim_until = ?2 WHERE task_id IN (\
+             SELECT task_id FROM plan_steps WHERE status = 'ready' \
+             AND (not_before IS NULL OR not_before <= ?3) \
+             AND (claim_until IS NULL OR claim_until < ?3) \
+             ORDER BY ready_at, seq LIMIT ?4) RETURNING ",
+            step_cols!()
+        ))
+        .bind(owner)
+        .bind(ts(until))
+        .bind(ts(now))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        let mut steps = rows
+            .iter()
+            .map(step_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        steps.sort_by_key(|s| (s.ready_at, s.seq));
+        Ok(steps)
+    }
+
+    async fn release_step(&self, task_id: Uuid, owner: &str) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE plan_steps SET claimed_by = NULL, claim_until = NULL \
+             WHERE task_id = ?1 AND claimed_by = ?2",
+        )
+        .bind(task_id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        if done.rows_affected() == 1 {
+            return Ok(());
+        }
+        match self.step_status(task_id).await? {
+            None => Err(StoreError::not_found(format!("step {task_id}"))),
+            Some(s) => Err(StoreError::Conflict {
+                message: format!("step {task_id} is not claimed by {owner}"),
+                current: Some(s),
+            }),
+        }
+    }
+
+    async fn overdue_steps(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Step>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            step_cols!(),
+            " FROM plan_steps WHERE status IN ('dispatched', 'running') AND deadline_at < ?1 \
+             ORDER BY deadline_at LIMIT ?2"
+        ))
+        .bind(ts(trunc(now)))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(step_from_row).collect()
+    }
+
+    // ---- execution logs ----
+
+    async fn append_logs(&self, lines: &[NewLogLine]) -> Result<(), StoreError> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_err)?;
+        for chunk in lines.chunks(INSERT_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO execution_logs (request_id, task_id, at, kind, progress, message) ",
+            );
+            q.push_values(chunk, |mut b, l| {
+                b.push_bind(l.request_id)
+                    .push_bind(l.task_id)
+                    .push_bind(ts(trunc(l.at)))
+                    .push_bind(&l.kind)
+                    .push_bind(l.progress.map(i64::from))
+                    .push_bind(&l.message);
+            });
+            q.build().execute(&mut *tx).await.map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn logs(
+        &self,
+        request_id: Uuid,
+        after_id: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<LogLine>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, request_id, task_id, at, kind, progress, message FROM execution_logs \
+             WHERE request_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+        )
+        .bind(request_id)
+        .bind(after_id.unwrap_or(0))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(log_from_row).collect()
+    }
+
+    // ---- agents and resource metrics ----
+
+    async fn record_heartbeat(&self, hb: &Heartbeat, at: DateTime<Utc>) -> Result<(), StoreError> {
+        let at = ts(trunc(at));
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_err)?;
+        // A heartbeat that arrives late never replaces a newer one.
+        sqlx::query(
+            "INSERT INTO agents (agent_id, agent_type, hostname, first_seen, last_seen, heartbeat) \
+             VALUES (?1, ?2, ?3, ?4, ?4, ?5) ON CONFLICT (agent_id) DO UPDATE SET \
+             agent_type = excluded.agent_type, hostname = excluded.hostname, \
+             last_seen = excluded.last_seen, heartbeat = excluded.heartbeat \
+             WHERE excluded.last_seen >= agents.last_seen",
+        )
+        .bind(&hb.agent_id)
+        .bind(&hb.agent_type)
+        .bind(&hb.hostname)
+        .bind(&at)
+        .bind(Json(hb))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        sqlx::query(
+            "INSERT INTO resource_metrics (agent_id, at, cpu_percent, cpu_cores, load_1m, \
+             memory_used_gb, memory_total_gb, gpus, running_tasks) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .bind(&hb.agent_id)
+        .bind(&at)
+        .bind(hb.cpu.percent)
+        .bind(i64::from(hb.cpu.cores))
+        .bind(hb.cpu.load_1m)
+        .bind(hb.memory.used_gb)
+        .bind(hb.memory.total_gb)
+        .bind(Json(&hb.gpus))
+        .bind(i64::from(hb.running_tasks))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT agent_id, agent_type, hostname, last_seen, heartbeat FROM agents \
+             ORDER BY agent_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(AgentRecord {
+                    agent_id: col(r, "agent_id")?,
+                    agent_type: col(r, "agent_type")?,
+                    hostname: col(r, "hostname")?,
+                    last_seen: ts_col(r, "last_seen")?,
+                    heartbeat: col::<Json<Heartbeat>>(r, "heartbeat")?.0,
+                })
+            })
+            .collect()
+    }
+
+    // ---- LLM usage and budgets ----
+
+    async fn reserve_llm(&self, r: &LlmReservation) -> Result<Reservation, StoreError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_err)?;
+        sqlx::query(
+            "INSERT INTO llm_budget (provider, month) VALUES (?1, ?2) \
+             ON CONFLICT (provider, month) DO NOTHING",
+        )
+        .bind(&r.provider)
+        .bind(&r.month)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let reserved = sqlx::query(
+            "UPDATE llm_budget SET reserved_micros = reserved_micros + ?3 \
+             WHERE provider = ?1 AND month = ?2 \
+             AND spent_micros + reserved_micros + ?3 <= ?4",
+        )
+        .bind(&r.provider)
+        .bind(&r.month)
+        .bind(r.amount_micros)
+        .bind(r.budget_micros)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if reserved.rows_affected() == 0 {
+            let row = sqlx::query(
+                "SELECT spent_micros, reserved_micros FROM llm_budget \
+                 WHERE provider = ?1 AND month = ?2",
+            )
+            .bind(&r.provider)
+            .bind(&r.month)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            return Ok(Reservation::OverBudget {
+                spent_micros: col(&row, "spent_micros")?,
+                reserved_micros: col(&row, "reserved_micros")?,
+            });
+        }
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO llm_usage (id, provider, model, month, request_id, status, \
+             reserved_micros, reserved_at) VALUES (?1, ?2, ?3, ?4, ?5, 'reserved', ?6, ?7)",
+        )
+        .bind(id)
+        .bind(&r.provider)
+        .bind(&r.model)
+        .bind(&r.month)
+        .bind(r.request_id)
+        .bind(r.amount_micros)
+        .bind(ts(now()))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(Reservation::Reserved { id })
+    }
+
+    async fn settle_llm(&self, reservation: Uuid, s: &LlmSettlement) -> Result<(), StoreError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_err)?;
+        let row = sqlx::query(
+            "UPDATE llm_usage SET status = 'settled', cost_micros = ?2, input_tokens = ?3, \
+             output_tokens = ?4, ok = ?5, settled_at = ?6 \
+             WHERE id = ?1 AND status = 'reserved' \
+             RETURNING provider, month, reserved_micros",
+        )
+        .bind(reservation)
+        .bind(s.cost_micros)
+        .bind(sat_i64(s.input_tokens))
+        .bind(sat_i64(s.output_tokens))
+        .bind(s.ok)
+        .bind(ts(now()))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let Some(row) = row else {
+            let status: Option<String> =
+                sqlx::query_scalar("SELECT status FROM llm_usage WHERE id = ?1")
+                    .bind(reservation)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+            return Err(match status {
+                None => StoreError::not_found(format!("llm reservation {reservation}")),
+                Some(st) => StoreError::Conflict {
+                    message: format!("llm reservation {reservation} is already settled"),
+                    current: Some(st),
+                },
+            });
+        };
+        let provider: String = col(&row, "provider")?;
+        let month: String = col(&row, "month")?;
+        let reserved: i64 = col(&row, "reserved_micros")?;
+        sqlx::query(
+            "UPDATE llm_budget SET reserved_micros = reserved_micros - ?3, \
+             spent_micros = spent_micros + ?4, calls = calls + 1, \
+             input_tokens = input_tokens + ?5, output_tokens = output_tokens + ?6 \
+             WHERE provider = ?1 AND month = ?2",
+        )
+        .bind(&provider)
+        .bind(&month)
+        .bind(reserved)
+        .bind(s.cost_micros)
+        .bind(sat_i64(s.input_tokens))
+        .bind(sat_i64(s.output_tokens))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn llm_spend(&self, month: &str) -> Result<Vec<ProviderSpend>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT provider, month, spent_micros, reserved_micros, calls, input_tokens, \
+             output_tokens FROM llm_budget WHERE month = ?1 ORDER BY provider",
+        )
+        .bind(month)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(ProviderSpend {
+                    provider: col(r, "provider")?,
+                    month: col(r, "month")?,
+                    spent_micros: col(r, "spent_micros")?,
+                    reserved_micros: col(r, "reserved_micros")?,
+                    calls: u64_col(r, "calls")?,
+                    input_tokens: u64_col(r, "input_tokens")?,
+                    output_tokens: u64_col(r, "output_tokens")?,
+                })
+            })
+            .collect()
+    }
+
+    // ---- plan cache ----
+
+    async fn cached_plan(&self, key: &str) -> Result<Option<Plan>, StoreError> {
+        let plan: Option<Json<Plan>> =
+            sqlx::query_scalar("SELECT plan FROM plan_cache WHERE key = ?1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_err)?;
+        Ok(plan.map(|j| j.0))
+    }
+
+    async fn cache_plan(&self, key: &str, plan: &Plan) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO plan_cache (key, plan, created_at, updated_at) VALUES (?1, ?2, ?3, ?3) \
+             ON CONFLICT (key) DO UPDATE SET plan = excluded.plan, updated_at = excluded.updated_at",
+        )
+        .bind(key)
+        .bind(Json(plan))
+        .bind(ts(now()))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    // ---- audit log ----
+
+    async fn append_audit(&self, entries: &[NewAuditEntry]) -> Result<Vec<AuditEntry>, StoreError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let texts = entries
+            .iter()
+            .map(|e| serde_json::to_string(&e.details))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::Backend(Box::new(e)))?;
+        // The write lock, taken at BEGIN, is what keeps concurrent appenders (other
+        // connections or processes) from forking the chain.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_err)?;
+        let head = sqlx::query("SELECT last_seq, last_hash FROM audit_head WHERE id = 1")
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| StoreError::Corrupt("the audit head row is missing".into()))?;
+        let mut seq: i64 = col(&head, "last_seq")?;
+        let mut prev: String = col(&head, "last_hash")?;
+        let at = now();
+        let mut out = Vec::with_capacity(entries.len());
+        for (e, text) in entries.iter().zip(&texts) {
+            seq += 1;
+            let hash = chain::entry_hash(&prev, seq, at, e.request_id, &e.actor, &e.event, text);
+            out.push(AuditEntry {
+                seq,
+                at,
+                request_id: e.request_id,
+                actor: e.actor.clone(),
+                event: e.event.clone(),
+                details: e.details.clone(),
+                prev_hash: std::mem::replace(&mut prev, hash.clone()),
+                hash,
+            });
+        }
+        for (chunk, texts) in out.chunks(INSERT_CHUNK).zip(texts.chunks(INSERT_CHUNK)) {
+            let mut q = QueryBuilder::<Sqlite>::new(concat!(
+                "INSERT INTO audit_log (",
+                audit_cols!(),
+                ") "
+            ));
+            q.push_values(chunk.iter().zip(texts), |mut b, (e, text)| {
+                b.push_bind(e.seq)
+                    .push_bind(ts(e.at))
+                    .push_bind(e.request_id)
+                    .push_bind(&e.actor)
+                    .push_bind(&e.event)
+                    .push_bind(text)
+                    .push_bind(&e.prev_hash)
+                    .push_bind(&e.hash);
+            });
+            q.build().execute(&mut *tx).await.map_err(db_err)?;
+        }
+        sqlx::query("UPDATE audit_head SET last_seq = ?1, last_hash = ?2 WHERE id = 1")
+            .bind(seq)
+            .bind(&prev)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(out)
+    }
+
+    async fn audit_log(
+        &self,
+        request_id: Option<Uuid>,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let rows = match request_id {
+            Some(id) => {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    audit_cols!(),
+                    " FROM audit_log WHERE request_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+                ))
+                .bind(id)
+                .bind(after_seq)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+            }
+            None => {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    audit_cols!(),
+                    " FROM audit_log WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+                ))
+                .bind(after_seq)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+            }
+        }
+        .map_err(db_err)?;
+        rows.iter()
+            .map(|r| audit_from_row(r)?.map_err(|(_, why)| StoreError::Corrupt(why)))
+            .collect()
+    }
+
+    async fn verify_audit(&self) -> Result<AuditVerification, StoreError> {
+        // One read transaction: a snapshot in which the head and the rows agree, whatever
+        // appenders do meanwhile.
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let head = sqlx::query("SELECT last_seq, last_hash FROM audit_head WHERE id = 1")
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| StoreError::Corrupt("the audit head row is missing".into()))?;
+        let head_seq: i64 = col(&head, "last_seq")?;
+        let head_hash: String = col(&head, "last_hash")?;
+        let mut prev_seq = 0i64;
+        let mut prev_hash = chain::GENESIS.to_string();
+        let mut checked = 0u64;
+        let bad = |checked: u64, seq: i64, why: String| AuditVerification {
+            ok: false,
+            entries_checked: checked,
+            first_bad_seq: Some(seq),
+            problem: Some(why),
+        };
+        loop {
+            let rows = sqlx::query(concat!(
+                "SELECT ",
+                audit_cols!(),
+                " FROM audit_log WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+            ))
+            .bind(prev_seq)
+            .bind(VERIFY_PAGE)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            if rows.is_empty() {
+                break;
+            }
+            let mut page = Vec::with_capacity(rows.len());
+            let mut unreadable = None;
+            for r in &rows {
+                match audit_from_row(r)? {
+                    Ok(e) => page.push(e),
+                    Err(bad) => {
+                        unreadable = Some(bad);
+                        break;
+                    }
+                }
+            }
+            match chain::verify_entries(prev_seq, prev_hash.clone(), &page) {
+                Ok((s, h)) => {
+                    checked += page.len() as u64;
+                    prev_seq = s;
+                    prev_hash = h;
+                }
+                Err((seq, why)) => {
+                    let before = page.iter().take_while(|e| e.seq < seq).count() as u64;
+                    return Ok(bad(checked + before, seq, why));
+                }
+            }
+            if let Some((seq, why)) = unreadable {
+                return Ok(bad(checked, seq, why));
+            }
+        }
+        tx.commit().await.map_err(db_err)?;
+        if prev_seq < head_seq {
+            return Ok(bad(
+                checked,
+                prev_seq + 1,
+                format!(
+                    "entries {}..={head_seq} were deleted (the chain's head is at {head_seq})",
+                    prev_seq + 1
+                ),
+            ));
+        }
+        if prev_seq > head_seq {
+            return Ok(bad(
+                checked,
+                head_seq + 1,
+                format!("entries after {head_seq} were added past the chain's head"),
+            ));
+        }
+        if prev_hash != head_hash {
+            return Ok(bad(
+                checked,
+                head_seq,
+                format!("entry {head_seq} does not match the chain's head"),
+            ));
+        }
+        Ok(AuditVerification {
+            ok: true,
+            entries_checked: checked,
+            first_bad_seq: None,
+            problem: None,
+        })
+    }
+}
