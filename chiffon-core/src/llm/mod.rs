@@ -156,7 +156,10 @@ pub enum LlmError {
     #[error("invalid response: {message}")]
     InvalidResponse { message: String, raw: String },
     /// The call's worst-case cost would pass the provider's monthly budget.
-    #[error("provider {provider}: monthly budget ${budget_usd:.2} would be exceeded (spent ${spent_usd:.4}, reserved ${reserved_usd:.4}, this call up to ${needed_usd:.4})")]
+    #[error(
+        "provider {provider}: monthly budget {} would be exceeded (spent {}, reserved {}, this call up to {})",
+        usd(.budget_usd), usd(.spent_usd), usd(.reserved_usd), usd(.needed_usd)
+    )]
     BudgetExhausted {
         provider: String,
         budget_usd: f64,
@@ -272,6 +275,19 @@ impl<P: LlmProvider + ?Sized> LlmProvider for std::sync::Arc<P> {
 /// The current month in UTC, `YYYY-MM`, as budgets are kept.
 pub fn current_month() -> String {
     chrono::Utc::now().format("%Y-%m").to_string()
+}
+
+/// Dollars for people: at least cents, and the micro-dollars when they matter
+/// (`$100.00`, `$0.00275`).
+pub fn usd(amount: &f64) -> String {
+    let s = format!("{amount:.6}");
+    let s = s.trim_end_matches('0');
+    let decimals = s.split_once('.').map_or(0, |(_, d)| d.len());
+    if decimals < 2 {
+        format!("${amount:.2}")
+    } else {
+        format!("${s}")
+    }
 }
 
 /// Truncates a body kept in an error so a huge answer never floods logs or the audit.

@@ -64,5 +64,9 @@ mod tests {
         // 600 bytes -> 200 + 16 tokens in, 1000 out.
         assert_eq!(p.worst_case_micros(&req), 216 * 3 + 1000 * 15);
         assert!(p.worst_case_micros(&req) >= p.cost_micros(150, 1000));
+        assert_eq!(crate::llm::usd(&100.0), "$100.00");
+        assert_eq!(crate::llm::usd(&0.5), "$0.50");
+        assert_eq!(crate::llm::usd(&0.00275), "$0.00275");
+        assert_eq!(crate::llm::usd(&0.0), "$0.00");
     }
 }
