@@ -279,6 +279,11 @@ async fn invalid_plans_count_as_failures_and_fall_back() {
         out.usage.llm_cost_usd
     );
     assert!((out.plan.llm_cost_usd - billed).abs() < 1e-9);
+    assert_eq!(
+        (out.usage.input_tokens, out.usage.output_tokens),
+        (3000, 300)
+    );
+    assert_eq!(out.events[0].input_tokens, 1000);
 
     // An offline plan is not cached: the LLMs get their chance again.
     planner

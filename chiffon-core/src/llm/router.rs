@@ -32,8 +32,10 @@ pub struct FallbackEvent {
     pub code: ErrorCode,
     /// Why, in words (names the budget and the spend for a budget skip).
     pub reason: String,
-    /// What the failed attempt cost (an invalid plan is billed), USD.
+    /// What the failed attempt cost (an invalid plan is billed), USD, and its tokens.
     pub cost_usd: f64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
 }
 
 /// A completion the caller accepted, with who made it.
@@ -55,12 +57,14 @@ pub async fn attempt<T, F>(
 where
     F: FnMut(&Completion) -> Result<T, LlmError> + Send,
 {
-    let event = |e: &LlmError, cost_micros: i64| FallbackEvent {
+    let event = |e: &LlmError, billed: Option<&Completion>| FallbackEvent {
         provider: provider.name().to_string(),
         model: provider.model().to_string(),
         code: e.code(),
         reason: e.to_string(),
-        cost_usd: micros_to_usd(cost_micros),
+        cost_usd: micros_to_usd(billed.map_or(0, |c| c.cost_micros)),
+        input_tokens: billed.map_or(0, |c| c.input_tokens),
+        output_tokens: billed.map_or(0, |c| c.output_tokens),
     };
     match provider.complete(req.clone()).await {
         Ok(completion) => match accept(&completion) {
@@ -72,10 +76,10 @@ where
             }),
             Err(e) => {
                 provider.record_rejection(&e);
-                Err((event(&e, completion.cost_micros), e))
+                Err((event(&e, Some(&completion)), e))
             }
         },
-        Err(e) => Err((event(&e, 0), e)),
+        Err(e) => Err((event(&e, None), e)),
     }
 }
 

@@ -200,6 +200,8 @@ impl Planner {
                         }
                         Err((event, _)) => {
                             spent_micros += crate::model::usd_to_micros(event.cost_usd);
+                            tokens.0 += event.input_tokens;
+                            tokens.1 += event.output_tokens;
                             tracing::info!(provider = %event.provider, code = %event.code, reason = %event.reason, "planning fell back");
                             events.push(event);
                         }
@@ -234,6 +236,8 @@ impl Planner {
                             code: e.code(),
                             reason: e.message,
                             cost_usd: 0.0,
+                            input_tokens: 0,
+                            output_tokens: 0,
                         }),
                     }
                 }

@@ -136,13 +136,16 @@ struct Facts {
 }
 
 fn is_version(s: &str) -> bool {
-    let s = s.strip_prefix(['v', 'V']).unwrap_or(s);
-    let core = s.split(['-', '+']).next().unwrap_or("");
+    let bare = s.strip_prefix(['v', 'V']).unwrap_or(s);
+    let core = bare.split(['-', '+']).next().unwrap_or("");
     let parts: Vec<&str> = core.split('.').collect();
-    parts.len() >= 2
+    let numeric = parts.len() >= 2
         && parts
             .iter()
-            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
+            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()));
+    // An IPv4 address is a host, not a version.
+    let ipv4 = bare == s && parts.len() == 4 && core == s;
+    numeric && !ipv4
 }
 
 fn quoted_strings(text: &str) -> Vec<String> {
@@ -228,7 +231,13 @@ fn mentioned_hosts(toks: &[Token], words: &[String], inventory: &[String]) -> Ve
     };
     for h in inventory {
         let hl = h.to_lowercase();
-        let first = hl.split('.').next().unwrap_or(&hl).to_string();
+        // A numeric first label (an IP address) would match any number in the text.
+        let first = hl
+            .split('.')
+            .next()
+            .filter(|f| !f.chars().all(|c| c.is_ascii_digit()))
+            .unwrap_or(&hl)
+            .to_string();
         let a = alpha(h);
         let a_unique = !a.is_empty() && inventory.iter().filter(|o| alpha(o) == a).count() == 1;
         let pos = toks.iter().position(|t| {
@@ -868,6 +877,20 @@ mod tests {
         assert!(is_version("1.2.3-rc1"));
         assert!(!is_version("1"));
         assert!(!is_version("a.b"));
+        assert!(!is_version("10.0.0.5"));
+        assert!(is_version("v1.2.3.4"));
+        let toks = tokens("run 10 iterations on 10.0.0.5");
+        let w = words("run 10 iterations on 10.0.0.5");
+        assert_eq!(
+            mentioned_hosts(&toks, &w, &["10.0.0.5".into(), "nas.lan".into()]),
+            vec!["10.0.0.5"]
+        );
+        assert!(mentioned_hosts(
+            &tokens("run 10 times"),
+            &words("run 10 times"),
+            &["10.0.0.5".into()]
+        )
+        .is_empty());
         assert_eq!(
             quoted_strings(r#"write "hello world" and don't 'x y' k="v""#),
             vec!["hello world", "x y"]
