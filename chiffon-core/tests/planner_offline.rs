@@ -85,6 +85,16 @@ fn picks_actions_and_reads_parameters() {
             json!({"host": "nas.lan", "package": "curl"}),
         ),
         ("ping the agents", "noop", json!({})),
+        (
+            "install a unit called myapp that runs /usr/bin/myapp",
+            "install_unit",
+            json!({"unit_name": "myapp", "exec_start": "/usr/bin/myapp"}),
+        ),
+        (
+            "probe: deploy kuma on 10.0.0.5? no, on nas.lan",
+            "deploy_kuma",
+            json!({"host": "nas.lan", "version": "latest", "port": 3001}),
+        ),
     ];
     for (text, action, params) in cases {
         let (a, p) = one(text);

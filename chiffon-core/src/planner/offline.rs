@@ -241,7 +241,11 @@ fn mentioned_hosts(toks: &[Token], words: &[String], inventory: &[String]) -> Ve
         let a = alpha(h);
         let a_unique = !a.is_empty() && inventory.iter().filter(|o| alpha(o) == a).count() == 1;
         let pos = toks.iter().position(|t| {
-            t.lower == hl || t.lower == first || (a_unique && a.len() >= 2 && t.lower == a)
+            t.lower == hl
+                || t.lower == first
+                || (a_unique && a.len() >= 2 && t.lower == a)
+                // `nas.lan` in the text names the inventory's `nas`.
+                || (!hl.contains('.') && t.lower.split('.').next() == Some(hl.as_str()))
         });
         if let Some(p) = pos {
             found.push((p, h.clone()));
@@ -565,7 +569,11 @@ fn find_value(
                 return Some(v);
             }
         }
-        if is_path_param(name) {
+        if is_path_param(name)
+            || p.pattern
+                .as_deref()
+                .is_some_and(|pat| pat.starts_with("^/"))
+        {
             let prefer: &[&str] = if is_source_param(name) {
                 &["from"]
             } else if is_dest_param(name) {
@@ -891,6 +899,11 @@ mod tests {
             &["10.0.0.5".into()]
         )
         .is_empty());
+        let t = "probe nas.lan";
+        assert_eq!(
+            mentioned_hosts(&tokens(t), &words(t), &["nas".into()]),
+            vec!["nas"]
+        );
         assert_eq!(
             quoted_strings(r#"write "hello world" and don't 'x y' k="v""#),
             vec!["hello world", "x y"]
