@@ -12,6 +12,10 @@
 //! - [`store`]: the `Store` trait; PostgreSQL and SQLite implementations.
 //! - [`transport`]: the `Transport` trait; RabbitMQ and in-process implementations.
 //! - [`audit`]: the audit log's hash chain and the git trail.
+//! - [`engine`]: the request lifecycle: approval gate, dispatch, results, retries, timeouts.
+//! - [`scheduler`]: resource-aware choice of an agent for a step.
+//! - [`llm`]: LLM providers with budgets, retries, circuit breakers and fallback.
+//! - [`planner`]: request text to a validated plan (LLM or offline), with a plan cache.
 //!
 //! Architecture invariant: this crate never reads environment variables or argv; the
 //! binaries build its configuration types and hand them in.
@@ -19,7 +23,9 @@
 pub mod audit;
 pub mod catalog;
 pub mod engine;
+pub mod llm;
 pub mod model;
+pub mod planner;
 pub mod scheduler;
 pub mod store;
 pub mod transport;

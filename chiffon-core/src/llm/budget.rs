@@ -1,0 +1,166 @@
+//! [`Budget`]: a provider's monthly budget, kept in the [`Store`] so it holds across
+//! restarts and across orchestrator instances.
+//!
+//! Before a call, its worst-case cost (estimated prompt tokens plus `max_tokens` at the
+//! provider's prices) is reserved atomically for the current UTC month; after it, the
+//! reservation is settled to the real cost (0 when the call failed: failed calls are not
+//! billed). Concurrent callers, even on several instances, can therefore never spend more
+//! than the budget together.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use super::{current_month, Completion, CompletionRequest, LlmError, LlmProvider, Pricing};
+use crate::model::{micros_to_usd, usd_to_micros, LlmReservation, LlmSettlement, Reservation};
+use crate::store::Store;
+
+/// Wraps a provider with a monthly budget.
+pub struct Budget<P> {
+    inner: P,
+    store: Arc<dyn Store>,
+    budget_micros: i64,
+}
+
+impl<P> std::fmt::Debug for Budget<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Budget")
+            .field("budget_micros", &self.budget_micros)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P: LlmProvider> Budget<P> {
+    /// `monthly_budget_usd: None` records spend without a limit.
+    pub fn new(inner: P, store: Arc<dyn Store>, monthly_budget_usd: Option<f64>) -> Self {
+        let budget_micros = match monthly_budget_usd {
+            Some(usd) if usd.is_finite() => usd_to_micros(usd.max(0.0)),
+            _ => i64::MAX,
+        };
+        Budget {
+            inner,
+            store,
+            budget_micros,
+        }
+    }
+
+    pub fn inner(&self) -> &P {
+        &self.inner
+    }
+
+    /// The budget in micro-dollars (`i64::MAX`: unlimited).
+    pub fn budget_micros(&self) -> i64 {
+        self.budget_micros
+    }
+}
+
+/// Settles a reservation that was not settled normally (the call's future was dropped,
+/// for instance when a request is cancelled mid-call), so it does not hold budget forever.
+struct Pending {
+    store: Arc<dyn Store>,
+    id: Option<Uuid>,
+}
+
+impl Pending {
+    async fn settle(mut self, s: LlmSettlement) {
+        if let Some(id) = self.id.take() {
+            if let Err(e) = self.store.settle_llm(id, &s).await {
+                // The reservation stays open and keeps counting its worst case: safe side.
+                tracing::warn!(reservation = %id, error = %e, "cannot settle llm reservation");
+            }
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let Some(id) = self.id.take() else { return };
+        let store = self.store.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let s = LlmSettlement {
+                    input_tokens: 0,
+                    output_tokens: 0,
+                    cost_micros: 0,
+                    ok: false,
+                };
+                if let Err(e) = store.settle_llm(id, &s).await {
+                    tracing::warn!(reservation = %id, error = %e, "cannot settle dropped llm reservation");
+                }
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl<P: LlmProvider> LlmProvider for Budget<P> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn model(&self) -> &str {
+        self.inner.model()
+    }
+
+    fn pricing(&self) -> Pricing {
+        self.inner.pricing()
+    }
+
+    async fn complete(&self, req: CompletionRequest) -> Result<Completion, LlmError> {
+        let amount = self.inner.pricing().worst_case_micros(&req);
+        let reservation = LlmReservation {
+            provider: self.inner.name().to_string(),
+            model: self.inner.model().to_string(),
+            month: current_month(),
+            amount_micros: amount,
+            budget_micros: self.budget_micros,
+            request_id: req.request_id,
+        };
+        let id = match self
+            .store
+            .reserve_llm(&reservation)
+            .await
+            .map_err(LlmError::Store)?
+        {
+            Reservation::Reserved { id } => id,
+            Reservation::OverBudget {
+                spent_micros,
+                reserved_micros,
+            } => {
+                return Err(LlmError::BudgetExhausted {
+                    provider: self.inner.name().to_string(),
+                    budget_usd: micros_to_usd(self.budget_micros),
+                    spent_usd: micros_to_usd(spent_micros),
+                    reserved_usd: micros_to_usd(reserved_micros),
+                    needed_usd: micros_to_usd(amount),
+                })
+            }
+        };
+        let pending = Pending {
+            store: self.store.clone(),
+            id: Some(id),
+        };
+        let result = self.inner.complete(req).await;
+        let settlement = match &result {
+            Ok(c) => LlmSettlement {
+                input_tokens: c.input_tokens,
+                output_tokens: c.output_tokens,
+                cost_micros: c.cost_micros,
+                ok: true,
+            },
+            Err(_) => LlmSettlement {
+                input_tokens: 0,
+                output_tokens: 0,
+                cost_micros: 0,
+                ok: false,
+            },
+        };
+        pending.settle(settlement).await;
+        result
+    }
+
+    fn record_rejection(&self, error: &LlmError) {
+        self.inner.record_rejection(error)
+    }
+}

@@ -1,0 +1,192 @@
+//! OpenAI-compatible chat completions: `POST {base}/chat/completions` with
+//! `Authorization: Bearer KEY`; the answer's `choices[0].message.content` and
+//! `usage.prompt_tokens`/`usage.completion_tokens`; errors
+//! `{"error":{"message":…,"type":…,"code":…}}`. Also serves a LiteLLM proxy, vLLM or a
+//! llama.cpp server (which may need no key).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{build_client, join_url, parse_body, secs, send, ApiKey, RAW_LIMIT};
+use crate::llm::{truncate, Completion, CompletionRequest, LlmError, LlmProvider, Pricing};
+
+/// The OpenAI-compatible provider's configuration (the `[llm.openai]` table).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpenAiConfig {
+    /// Includes the version path: `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Empty: no `Authorization` header (local servers).
+    pub api_key: ApiKey,
+    pub model: String,
+    pub input_usd_per_mtok: f64,
+    pub output_usd_per_mtok: f64,
+    pub monthly_budget_usd: Option<f64>,
+    pub timeout_secs: u64,
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for OpenAiConfig {
+    fn default() -> Self {
+        OpenAiConfig {
+            base_url: "https://api.openai.com/v1".into(),
+            api_key: ApiKey::default(),
+            model: "gpt-4o".into(),
+            input_usd_per_mtok: 2.5,
+            output_usd_per_mtok: 10.0,
+            monthly_budget_usd: Some(50.0),
+            timeout_secs: 60,
+            connect_timeout_secs: 10,
+        }
+    }
+}
+
+impl OpenAiConfig {
+    pub fn pricing(&self) -> Pricing {
+        Pricing::new(self.input_usd_per_mtok, self.output_usd_per_mtok)
+    }
+}
+
+/// A chat-completions endpoint.
+#[derive(Debug, Clone)]
+pub struct OpenAiProvider {
+    client: reqwest::Client,
+    url: String,
+    api_key: ApiKey,
+    model: String,
+    pricing: Pricing,
+}
+
+impl OpenAiProvider {
+    pub const NAME: &'static str = "openai";
+
+    pub fn new(config: &OpenAiConfig) -> Result<Self, LlmError> {
+        if config.base_url.trim().is_empty() {
+            return Err(LlmError::Config("openai: base_url is empty".into()));
+        }
+        Ok(OpenAiProvider {
+            client: build_client(
+                secs(&config.connect_timeout_secs),
+                secs(&config.timeout_secs),
+            )?,
+            url: join_url(&config.base_url, "/chat/completions"),
+            api_key: config.api_key.clone(),
+            model: config.model.clone(),
+            pricing: config.pricing(),
+        })
+    }
+
+    /// For tests: a shorter request timeout than whole seconds allow.
+    pub fn with_timeout(mut self, connect: Duration, request: Duration) -> Result<Self, LlmError> {
+        self.client = build_client(connect, request)?;
+        Ok(self)
+    }
+}
+
+#[derive(Deserialize)]
+struct ChatResponse {
+    #[serde(default)]
+    model: Option<String>,
+    choices: Vec<Choice>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    message: ChoiceMessage,
+}
+
+#[derive(Deserialize)]
+struct ChoiceMessage {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Usage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+}
+
+fn error_message(body: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    let e = v.get("error")?;
+    let msg = e
+        .get("message")
+        .and_then(|t| t.as_str())
+        .or_else(|| e.as_str())?;
+    match e.get("type").and_then(|t| t.as_str()) {
+        Some(kind) => Some(format!("{kind}: {msg}")),
+        None => Some(msg.to_string()),
+    }
+}
+
+#[async_trait]
+impl LlmProvider for OpenAiProvider {
+    fn name(&self) -> &str {
+        Self::NAME
+    }
+
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn pricing(&self) -> Pricing {
+        self.pricing
+    }
+
+    async fn complete(&self, req: CompletionRequest) -> Result<Completion, LlmError> {
+        let mut messages = Vec::with_capacity(req.messages.len() + 1);
+        if !req.system.is_empty() {
+            messages.push(json!({"role": "system", "content": req.system}));
+        }
+        messages.extend(
+            req.messages
+                .iter()
+                .map(|m| json!({"role": m.role.as_str(), "content": m.content})),
+        );
+        let body = json!({
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": req.max_tokens,
+            "temperature": req.temperature,
+        });
+        let mut rb = self.client.post(&self.url).json(&body);
+        if !self.api_key.is_empty() {
+            rb = rb.bearer_auth(self.api_key.expose());
+        }
+        let raw = send(rb, error_message).await?;
+        let resp: ChatResponse = parse_body(&raw)?;
+        let invalid = |m: &str| LlmError::InvalidResponse {
+            message: m.to_string(),
+            raw: truncate(&raw, RAW_LIMIT),
+        };
+        let text = resp
+            .choices
+            .into_iter()
+            .next()
+            .ok_or_else(|| invalid("no choices in the answer"))?
+            .message
+            .content
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| invalid("no message content in the answer"))?;
+        let usage = resp
+            .usage
+            .ok_or_else(|| invalid("no usage in the answer"))?;
+        Ok(Completion {
+            text,
+            input_tokens: usage.prompt_tokens,
+            output_tokens: usage.completion_tokens,
+            model: resp.model.unwrap_or_else(|| self.model.clone()),
+            cost_micros: self
+                .pricing
+                .cost_micros(usage.prompt_tokens, usage.completion_tokens),
+        })
+    }
+}

@@ -1,0 +1,408 @@
+//! Provider order and fallback.
+//!
+//! [`Fallback`] tries providers in order until one answers something the caller accepts;
+//! each provider skipped or failed becomes a [`FallbackEvent`] (provider, code, reason) that
+//! the engine writes to the audit log. [`Router`] is the configured order
+//! (`CHIFFON_LLM_ORDER` semantics: `anthropic,openai,ollama` then `offline`), each provider
+//! wrapped as `CircuitBreaker<Budget<Retry<Provider>>>`, with the offline planner as a link
+//! of its own.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chiffon_protocol::ErrorCode;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    AnthropicConfig, AnthropicProvider, Budget, CircuitBreaker, CircuitConfig, Completion,
+    CompletionRequest, LlmError, LlmProvider, OllamaConfig, OllamaProvider, OpenAiConfig,
+    OpenAiProvider, Pricing, Retry, RetryConfig,
+};
+use crate::model::micros_to_usd;
+use crate::store::Store;
+
+/// The name of the offline planner in the order.
+pub const OFFLINE: &str = "offline";
+
+/// A provider was skipped or failed and the next one was tried.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FallbackEvent {
+    pub provider: String,
+    pub model: String,
+    pub code: ErrorCode,
+    /// Why, in words (names the budget and the spend for a budget skip).
+    pub reason: String,
+    /// What the failed attempt cost (an invalid plan is billed), USD, and its tokens.
+    pub cost_usd: f64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// A completion the caller accepted, with who made it.
+#[derive(Debug, Clone)]
+pub struct Accepted<T> {
+    pub value: T,
+    pub completion: Completion,
+    pub provider: String,
+    pub model: String,
+}
+
+/// Calls one provider and lets `accept` judge the completion. A rejected completion is
+/// reported to the provider ([`LlmProvider::record_rejection`]) and counts as its failure.
+pub async fn attempt<T, F>(
+    provider: &dyn LlmProvider,
+    req: &CompletionRequest,
+    accept: &mut F,
+) -> Result<Accepted<T>, (FallbackEvent, LlmError)>
+where
+    F: FnMut(&Completion) -> Result<T, LlmError> + Send,
+{
+    let event = |e: &LlmError, billed: Option<&Completion>| FallbackEvent {
+        provider: provider.name().to_string(),
+        model: provider.model().to_string(),
+        code: e.code(),
+        reason: e.to_string(),
+        cost_usd: micros_to_usd(billed.map_or(0, |c| c.cost_micros)),
+        input_tokens: billed.map_or(0, |c| c.input_tokens),
+        output_tokens: billed.map_or(0, |c| c.output_tokens),
+    };
+    match provider.complete(req.clone()).await {
+        Ok(completion) => match accept(&completion) {
+            Ok(value) => Ok(Accepted {
+                value,
+                provider: provider.name().to_string(),
+                model: completion.model.clone(),
+                completion,
+            }),
+            Err(e) => {
+                provider.record_rejection(&e);
+                Err((event(&e, Some(&completion)), e))
+            }
+        },
+        Err(e) => Err((event(&e, None), e)),
+    }
+}
+
+/// Tries providers in order. Also an [`LlmProvider`] itself (accepting any completion).
+#[derive(Clone, Default)]
+pub struct Fallback {
+    providers: Vec<Arc<dyn LlmProvider>>,
+}
+
+impl std::fmt::Debug for Fallback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<_> = self.providers.iter().map(|p| p.name()).collect();
+        f.debug_struct("Fallback")
+            .field("providers", &names)
+            .finish()
+    }
+}
+
+impl Fallback {
+    pub fn new(providers: Vec<Arc<dyn LlmProvider>>) -> Self {
+        Fallback { providers }
+    }
+
+    pub fn providers(&self) -> &[Arc<dyn LlmProvider>] {
+        &self.providers
+    }
+
+    /// The first completion `accept` takes; every failure before it is pushed to `events`.
+    /// When all fail: the last error.
+    pub async fn complete_with<T, F>(
+        &self,
+        req: &CompletionRequest,
+        mut accept: F,
+        events: &mut Vec<FallbackEvent>,
+    ) -> Result<Accepted<T>, LlmError>
+    where
+        F: FnMut(&Completion) -> Result<T, LlmError> + Send,
+    {
+        let mut last = LlmError::Config("no llm provider configured".into());
+        for p in &self.providers {
+            match attempt(p.as_ref(), req, &mut accept).await {
+                Ok(a) => return Ok(a),
+                Err((event, e)) => {
+                    tracing::info!(provider = %event.provider, code = %event.code, reason = %event.reason, "llm fallback");
+                    events.push(event);
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+}
+
+#[async_trait]
+impl LlmProvider for Fallback {
+    fn name(&self) -> &str {
+        "fallback"
+    }
+
+    fn model(&self) -> &str {
+        self.providers.first().map(|p| p.model()).unwrap_or("")
+    }
+
+    /// The dearest prices of all, so a reservation against it is a worst case.
+    fn pricing(&self) -> Pricing {
+        self.providers
+            .iter()
+            .map(|p| p.pricing())
+            .fold(Pricing::FREE, |a, b| Pricing {
+                input_usd_per_mtok: a.input_usd_per_mtok.max(b.input_usd_per_mtok),
+                output_usd_per_mtok: a.output_usd_per_mtok.max(b.output_usd_per_mtok),
+            })
+    }
+
+    async fn complete(&self, req: CompletionRequest) -> Result<Completion, LlmError> {
+        let mut events = Vec::new();
+        self.complete_with(&req, |_| Ok(()), &mut events)
+            .await
+            .map(|a| a.completion)
+    }
+}
+
+/// The `[llm]` configuration: order and providers. A provider is enabled when its table
+/// is present (the binaries fill it from `ANTHROPIC_API_KEY`, `OPENAI_*`, `OLLAMA_HOST`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LlmConfig {
+    /// Provider names in the order tried: `anthropic` (alias `claude`), `openai`, `ollama`,
+    /// `offline`. See [`parse_order`].
+    pub order: Vec<String>,
+    /// Append the offline planner when `order` does not name it.
+    pub offline: bool,
+    pub anthropic: Option<AnthropicConfig>,
+    pub openai: Option<OpenAiConfig>,
+    pub ollama: Option<OllamaConfig>,
+    pub retry: RetryConfig,
+    pub circuit: CircuitConfig,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        LlmConfig {
+            order: default_order(),
+            offline: true,
+            anthropic: None,
+            openai: None,
+            ollama: None,
+            retry: RetryConfig::default(),
+            circuit: CircuitConfig::default(),
+        }
+    }
+}
+
+/// `anthropic, openai, ollama, offline`.
+pub fn default_order() -> Vec<String> {
+    ["anthropic", "openai", "ollama", OFFLINE]
+        .map(String::from)
+        .to_vec()
+}
+
+/// Parses a `CHIFFON_LLM_ORDER` value (comma-separated, case-insensitive; `claude` is
+/// `anthropic`). Unknown or repeated names are a [`LlmError::Config`].
+pub fn parse_order(s: &str) -> Result<Vec<String>, LlmError> {
+    let mut out: Vec<String> = Vec::new();
+    for raw in s.split(',') {
+        let name = raw.trim().to_ascii_lowercase();
+        if name.is_empty() {
+            continue;
+        }
+        let name = match name.as_str() {
+            "claude" | "anthropic" => "anthropic",
+            "openai" => "openai",
+            "ollama" => "ollama",
+            OFFLINE => OFFLINE,
+            other => {
+                return Err(LlmError::Config(format!(
+                    "unknown llm provider `{other}` in the order (expected anthropic, openai, ollama, offline)"
+                )))
+            }
+        };
+        if out.iter().any(|n| n == name) {
+            return Err(LlmError::Config(format!(
+                "llm provider `{name}` named twice in the order"
+            )));
+        }
+        out.push(name.to_string());
+    }
+    Ok(out)
+}
+
+/// One link of the planning chain.
+#[derive(Clone)]
+pub enum Link {
+    Llm(Arc<dyn LlmProvider>),
+    /// The deterministic, local planner ([`crate::planner::offline`]).
+    Offline,
+}
+
+impl Link {
+    pub fn name(&self) -> &str {
+        match self {
+            Link::Llm(p) => p.name(),
+            Link::Offline => OFFLINE,
+        }
+    }
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Link::Llm(p) => write!(f, "Llm({}/{})", p.name(), p.model()),
+            Link::Offline => f.write_str("Offline"),
+        }
+    }
+}
+
+/// A provider with its budget, for [`Router::layered`].
+#[derive(Debug, Clone)]
+pub struct ProviderEntry<P> {
+    pub provider: P,
+    pub monthly_budget_usd: Option<f64>,
+}
+
+/// The planning chain in the configured order.
+#[derive(Debug, Clone, Default)]
+pub struct Router {
+    links: Vec<Link>,
+}
+
+impl Router {
+    /// A chain as given (custom providers, tests).
+    pub fn new(links: Vec<Link>) -> Self {
+        Router { links }
+    }
+
+    /// Builds the configured chain: each enabled provider named in the order, wrapped as
+    /// `CircuitBreaker<Budget<Retry<_>>>` over `store`; names whose provider is not
+    /// configured are left out (see [`Router::names`]).
+    pub fn from_config(config: &LlmConfig, store: Arc<dyn Store>) -> Result<Router, LlmError> {
+        let order = parse_order(&config.order.join(","))?;
+        let mut links = Vec::new();
+        for name in &order {
+            let link = match name.as_str() {
+                "anthropic" => match &config.anthropic {
+                    Some(c) => Some(Self::layered(
+                        ProviderEntry {
+                            provider: AnthropicProvider::new(c)?,
+                            monthly_budget_usd: c.monthly_budget_usd,
+                        },
+                        store.clone(),
+                        config,
+                    )),
+                    None => None,
+                },
+                "openai" => match &config.openai {
+                    Some(c) => Some(Self::layered(
+                        ProviderEntry {
+                            provider: OpenAiProvider::new(c)?,
+                            monthly_budget_usd: c.monthly_budget_usd,
+                        },
+                        store.clone(),
+                        config,
+                    )),
+                    None => None,
+                },
+                "ollama" => match &config.ollama {
+                    Some(c) => Some(Self::layered(
+                        ProviderEntry {
+                            provider: OllamaProvider::new(c)?,
+                            monthly_budget_usd: c.monthly_budget_usd,
+                        },
+                        store.clone(),
+                        config,
+                    )),
+                    None => None,
+                },
+                _ => Some(Link::Offline),
+            };
+            links.extend(link);
+        }
+        if config.offline && !order.iter().any(|n| n == OFFLINE) {
+            links.push(Link::Offline);
+        }
+        Ok(Router { links })
+    }
+
+    /// Wraps a provider the way [`Router::from_config`] does:
+    /// `CircuitBreaker<Budget<Retry<P>>>`. The breaker is outermost so an open circuit
+    /// costs no reservation; retries happen inside one reservation (failed calls are not
+    /// billed).
+    pub fn layered<P: LlmProvider>(
+        entry: ProviderEntry<P>,
+        store: Arc<dyn Store>,
+        config: &LlmConfig,
+    ) -> Link {
+        let retry = Retry::new(entry.provider, config.retry.clone());
+        let budget = Budget::new(retry, store, entry.monthly_budget_usd);
+        Link::Llm(Arc::new(CircuitBreaker::new(
+            budget,
+            config.circuit.clone(),
+        )))
+    }
+
+    pub fn links(&self) -> &[Link] {
+        &self.links
+    }
+
+    /// The links' names in order, e.g. `["anthropic", "ollama", "offline"]`.
+    pub fn names(&self) -> Vec<String> {
+        self.links.iter().map(|l| l.name().to_string()).collect()
+    }
+
+    /// The LLM links alone, as a [`Fallback`].
+    pub fn fallback(&self) -> Fallback {
+        Fallback::new(
+            self.links
+                .iter()
+                .filter_map(|l| match l {
+                    Link::Llm(p) => Some(p.clone()),
+                    Link::Offline => None,
+                })
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orders() {
+        assert_eq!(
+            parse_order("Claude, openai,,ollama").unwrap(),
+            vec!["anthropic", "openai", "ollama"]
+        );
+        assert_eq!(parse_order("offline").unwrap(), vec!["offline"]);
+        assert_eq!(
+            parse_order("gpt").unwrap_err().code(),
+            ErrorCode::InvalidConfig
+        );
+        assert!(parse_order("ollama,ollama").is_err());
+        assert_eq!(LlmConfig::default().order, default_order());
+    }
+
+    #[test]
+    fn config_from_toml() {
+        let c: LlmConfig = toml::from_str(
+            r#"
+            order = ["ollama", "anthropic"]
+            [anthropic]
+            api_key = "k"
+            monthly_budget_usd = 20.0
+            [ollama]
+            host = "127.0.0.1:11434"
+            "#,
+        )
+        .unwrap();
+        let a = c.anthropic.as_ref().unwrap();
+        assert_eq!(a.monthly_budget_usd, Some(20.0));
+        assert_eq!(a.input_usd_per_mtok, 3.0);
+        assert_eq!(c.ollama.as_ref().unwrap().monthly_budget_usd, None);
+        assert!(c.openai.is_none());
+        assert!(toml::from_str::<LlmConfig>("bogus = 1").is_err());
+    }
+}

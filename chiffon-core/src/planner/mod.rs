@@ -1,0 +1,296 @@
+//! The planner: a request in plain words becomes a validated [`Plan`].
+//!
+//! It walks the [`Router`]'s links in order. An LLM link gets the prompt of [`prompt`]
+//! (role, rules, the whole catalog, the inventory) and its answer is parsed strictly and
+//! validated against the catalog ([`parse`]); an unknown action, a parameter that fails its
+//! schema or a malformed answer counts as that provider's failure and the next link is
+//! tried. The [`offline`] link plans with no LLM at all. Every skip comes back as a
+//! [`FallbackEvent`] for the audit log, on success and on failure.
+//!
+//! Plans made by an LLM are cached ([`cache`]): the same normalised request against the
+//! same catalog (and dry-run flag) reuses the plan at no LLM cost (`cached = true`).
+//! Offline plans are not cached, so an LLM gets its chance again once one is back.
+
+pub mod cache;
+pub mod offline;
+pub mod parse;
+pub mod prompt;
+
+use std::sync::Arc;
+
+use chiffon_protocol::ErrorCode;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::catalog::Catalog;
+use crate::llm::router::{attempt, FallbackEvent, Link, Router};
+use crate::model::{micros_to_usd, Plan};
+use crate::store::Store;
+
+pub use offline::{OfflineError, OfflinePlanner};
+
+/// The `[planner]` configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlannerConfig {
+    /// Reuse plans for the same normalised request and catalog.
+    pub cache: bool,
+    /// The LLM's answer budget; also what the worst-case reservation counts.
+    pub max_tokens: u32,
+    pub temperature: f32,
+    /// How strongly the offline planner must match an action.
+    pub offline_min_score: f64,
+}
+
+impl Default for PlannerConfig {
+    fn default() -> Self {
+        PlannerConfig {
+            cache: true,
+            max_tokens: 2048,
+            temperature: 0.0,
+            offline_min_score: OfflinePlanner::default().min_score,
+        }
+    }
+}
+
+/// Per-call options.
+#[derive(Debug, Clone, Default)]
+pub struct PlanOptions {
+    pub dry_run: bool,
+    /// Recorded with the LLM spend.
+    pub request_id: Option<Uuid>,
+}
+
+/// What planning used, for the audit's `planned` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanUsage {
+    /// The link that made the plan (`anthropic`, `openai`, `ollama`, `offline`), or the
+    /// one that made the cached plan.
+    pub provider: String,
+    pub model: String,
+    /// Tokens of every LLM call this planning made (rejected answers included).
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// What this planning cost (rejected answers included), USD; 0 for a cache hit.
+    pub llm_cost_usd: f64,
+    pub cached: bool,
+}
+
+/// A plan and how it was made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanOutcome {
+    pub plan: Plan,
+    /// Every provider skipped or failed before the one that planned, in order.
+    pub events: Vec<FallbackEvent>,
+    pub usage: PlanUsage,
+}
+
+/// No link could plan the request.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct PlanError {
+    /// [`ErrorCode::NoPlan`] when every link failed.
+    pub code: ErrorCode,
+    pub message: String,
+    /// Every provider skipped or failed, in order (the offline planner's failure included).
+    pub events: Vec<FallbackEvent>,
+}
+
+/// Plans requests. Cheap to clone.
+#[derive(Clone)]
+pub struct Planner {
+    router: Router,
+    store: Arc<dyn Store>,
+    config: PlannerConfig,
+}
+
+impl std::fmt::Debug for Planner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Planner")
+            .field("router", &self.router)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Planner {
+    /// `store` keeps the plan cache (the router's budgets have their own handle).
+    pub fn new(router: Router, store: Arc<dyn Store>, config: PlannerConfig) -> Self {
+        Planner {
+            router,
+            store,
+            config,
+        }
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    pub fn config(&self) -> &PlannerConfig {
+        &self.config
+    }
+
+    /// Plans `text` against `catalog`.
+    pub async fn plan(
+        &self,
+        catalog: &Catalog,
+        text: &str,
+        options: &PlanOptions,
+    ) -> Result<PlanOutcome, PlanError> {
+        if text.trim().is_empty() {
+            return Err(PlanError {
+                code: ErrorCode::NoPlan,
+                message: "the request text is empty".into(),
+                events: Vec::new(),
+            });
+        }
+        let key = cache::cache_key(text, &catalog.fingerprint, options.dry_run);
+        if self.config.cache {
+            if let Some(hit) = self.cached(&key, catalog).await {
+                return Ok(hit);
+            }
+        }
+        let mut req = prompt::planning_request(
+            catalog,
+            text,
+            options.dry_run,
+            self.config.max_tokens,
+            self.config.temperature,
+        );
+        req.request_id = options.request_id;
+        let mut events: Vec<FallbackEvent> = Vec::new();
+        let mut spent_micros = 0i64;
+        let mut tokens = (0u64, 0u64);
+        for link in self.router.links() {
+            match link {
+                Link::Llm(provider) => {
+                    let mut accept =
+                        |c: &crate::llm::Completion| parse::parse_plan(&c.text, catalog);
+                    match attempt(provider.as_ref(), &req, &mut accept).await {
+                        Ok(a) => {
+                            spent_micros += a.completion.cost_micros;
+                            tokens.0 += a.completion.input_tokens;
+                            tokens.1 += a.completion.output_tokens;
+                            let llm_cost = micros_to_usd(spent_micros);
+                            let mut plan = a.value;
+                            plan.provider = a.provider.clone();
+                            plan.model = a.model.clone();
+                            plan.llm_cost_usd = llm_cost;
+                            plan.estimated_cost_usd =
+                                llm_cost + parse::actions_cost_usd(&plan, catalog);
+                            if self.config.cache {
+                                if let Err(e) = self.store.cache_plan(&key, &plan).await {
+                                    tracing::warn!(error = %e, "cannot cache plan");
+                                }
+                            }
+                            let usage = PlanUsage {
+                                provider: a.provider,
+                                model: a.model,
+                                input_tokens: tokens.0,
+                                output_tokens: tokens.1,
+                                llm_cost_usd: llm_cost,
+                                cached: false,
+                            };
+                            return Ok(PlanOutcome {
+                                plan,
+                                events,
+                                usage,
+                            });
+                        }
+                        Err((event, _)) => {
+                            spent_micros += crate::model::usd_to_micros(event.cost_usd);
+                            tokens.0 += event.input_tokens;
+                            tokens.1 += event.output_tokens;
+                            tracing::info!(provider = %event.provider, code = %event.code, reason = %event.reason, "planning fell back");
+                            events.push(event);
+                        }
+                    }
+                }
+                Link::Offline => {
+                    let planner = OfflinePlanner {
+                        min_score: self.config.offline_min_score,
+                    };
+                    match planner.plan(catalog, text) {
+                        Ok(mut plan) => {
+                            let llm_cost = micros_to_usd(spent_micros);
+                            plan.llm_cost_usd = llm_cost;
+                            plan.estimated_cost_usd += llm_cost;
+                            let usage = PlanUsage {
+                                provider: plan.provider.clone(),
+                                model: plan.model.clone(),
+                                input_tokens: tokens.0,
+                                output_tokens: tokens.1,
+                                llm_cost_usd: llm_cost,
+                                cached: false,
+                            };
+                            return Ok(PlanOutcome {
+                                plan,
+                                events,
+                                usage,
+                            });
+                        }
+                        Err(e) => events.push(FallbackEvent {
+                            provider: offline::PROVIDER.into(),
+                            model: offline::MODEL.into(),
+                            code: e.code(),
+                            reason: e.message,
+                            cost_usd: 0.0,
+                            input_tokens: 0,
+                            output_tokens: 0,
+                        }),
+                    }
+                }
+            }
+        }
+        let message = if events.is_empty() {
+            "no planner is configured (the provider order is empty)".to_string()
+        } else {
+            let reasons: Vec<String> = events
+                .iter()
+                .map(|e| format!("{}: {}", e.provider, e.reason))
+                .collect();
+            format!("no provider could plan the request: {}", reasons.join("; "))
+        };
+        Err(PlanError {
+            code: ErrorCode::NoPlan,
+            message,
+            events,
+        })
+    }
+
+    async fn cached(&self, key: &str, catalog: &Catalog) -> Option<PlanOutcome> {
+        let plan = match self.store.cached_plan(key).await {
+            Ok(p) => p?,
+            Err(e) => {
+                tracing::warn!(error = %e, "plan cache unavailable");
+                return None;
+            }
+        };
+        // The key covers the catalog's fingerprint; checking again costs little and keeps
+        // a hand-edited cache row from ever reaching an agent.
+        let mut plan = match parse::revalidate(&plan, catalog) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cached plan no longer valid");
+                return None;
+            }
+        };
+        plan.cached = true;
+        plan.llm_cost_usd = 0.0;
+        plan.estimated_cost_usd = parse::actions_cost_usd(&plan, catalog);
+        let usage = PlanUsage {
+            provider: plan.provider.clone(),
+            model: plan.model.clone(),
+            input_tokens: 0,
+            output_tokens: 0,
+            llm_cost_usd: 0.0,
+            cached: true,
+        };
+        Some(PlanOutcome {
+            plan,
+            events: Vec::new(),
+            usage,
+        })
+    }
+}

@@ -1,0 +1,384 @@
+//! The three providers against local servers speaking their wire formats, and the
+//! retry, circuit-breaker and fallback wrappers (no store needed).
+
+mod llm_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chiffon_core::llm::*;
+use chiffon_protocol::ErrorCode;
+use llm_support::*;
+
+fn anthropic(url: &str) -> AnthropicProvider {
+    AnthropicProvider::new(&AnthropicConfig {
+        base_url: url.into(),
+        api_key: KEY.into(),
+        model: "claude-test".into(),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn openai(url: &str) -> OpenAiProvider {
+    OpenAiProvider::new(&OpenAiConfig {
+        base_url: url.into(),
+        api_key: KEY.into(),
+        model: "gpt-test".into(),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn ollama(url: &str) -> OllamaProvider {
+    OllamaProvider::new(&OllamaConfig {
+        host: url.into(),
+        model: "llama-test".into(),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn quick_retry(attempts: u32) -> RetryConfig {
+    RetryConfig {
+        max_attempts: attempts,
+        initial_backoff_ms: 10,
+        max_backoff_ms: 50,
+        max_retry_after_ms: 5_000,
+    }
+}
+
+fn request() -> CompletionRequest {
+    let mut r = CompletionRequest::new("you are a test", "say hi");
+    r.max_tokens = 100;
+    r
+}
+
+#[tokio::test]
+async fn anthropic_success_speaks_messages_api() {
+    let s = MockLlm::start(
+        Wire::Anthropic,
+        vec![Reply::text(Wire::Anthropic, "hi", 1000, 200)],
+    )
+    .await;
+    let p = anthropic(&s.base_url());
+    let c = p.complete(request()).await.unwrap();
+    assert_eq!(c.text, "hi");
+    assert_eq!((c.input_tokens, c.output_tokens), (1000, 200));
+    assert_eq!(c.model, "claude-test");
+    // $3 / $15 per million tokens by default.
+    assert_eq!(c.cost_micros, 3000 + 3000);
+    let body = &s.bodies()[0];
+    assert_eq!(body["system"], "you are a test");
+    assert_eq!(body["max_tokens"], 100);
+    assert_eq!(body["messages"][0]["role"], "user");
+    assert_eq!(body["messages"][0]["content"], "say hi");
+}
+
+#[tokio::test]
+async fn openai_success_speaks_chat_completions() {
+    let s = MockLlm::start(
+        Wire::OpenAi,
+        vec![Reply::text(Wire::OpenAi, "hello", 400, 100)],
+    )
+    .await;
+    let c = openai(&s.base_url()).complete(request()).await.unwrap();
+    assert_eq!(c.text, "hello");
+    assert_eq!((c.input_tokens, c.output_tokens), (400, 100));
+    assert_eq!(c.cost_micros, 1000 + 1000);
+    let body = &s.bodies()[0];
+    assert_eq!(body["messages"][0]["role"], "system");
+    assert_eq!(body["messages"][1]["content"], "say hi");
+}
+
+#[tokio::test]
+async fn ollama_success_speaks_api_chat() {
+    let s = MockLlm::start(Wire::Ollama, vec![Reply::text(Wire::Ollama, "hey", 30, 7)]).await;
+    // OLLAMA_HOST without a scheme.
+    let c = ollama(&s.addr.to_string())
+        .complete(request())
+        .await
+        .unwrap();
+    assert_eq!(c.text, "hey");
+    assert_eq!((c.input_tokens, c.output_tokens), (30, 7));
+    assert_eq!(c.cost_micros, 0);
+    assert_eq!(s.bodies()[0]["options"]["num_predict"], 100);
+}
+
+#[tokio::test]
+async fn errors_are_classified() {
+    // Wrong key: the server answers 401 in Anthropic's error format.
+    let s = MockLlm::start(
+        Wire::Anthropic,
+        vec![Reply::text(Wire::Anthropic, "x", 1, 1)],
+    )
+    .await;
+    let p = AnthropicProvider::new(&AnthropicConfig {
+        base_url: s.base_url(),
+        api_key: "wrong".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let e = p.complete(request()).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::LlmAuth, "{e}");
+    assert!(!e.is_transient());
+    assert!(e.to_string().contains("authentication_error"), "{e}");
+
+    let s = MockLlm::start(
+        Wire::Anthropic,
+        vec![Reply::error(
+            Wire::Anthropic,
+            529,
+            "overloaded_error",
+            "Overloaded",
+        )],
+    )
+    .await;
+    let e = anthropic(&s.base_url())
+        .complete(request())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, LlmError::Http { status: 529, .. }), "{e}");
+    assert!(e.is_transient());
+    assert_eq!(e.code(), ErrorCode::LlmUnavailable);
+    assert!(
+        e.to_string().contains("overloaded_error: Overloaded"),
+        "{e}"
+    );
+
+    let s = MockLlm::start(
+        Wire::Ollama,
+        vec![Reply::error(
+            Wire::Ollama,
+            404,
+            "",
+            "model 'nope' not found",
+        )],
+    )
+    .await;
+    let e = ollama(&s.base_url()).complete(request()).await.unwrap_err();
+    assert!(matches!(e, LlmError::Http { status: 404, .. }), "{e}");
+    assert!(!e.is_transient());
+    assert!(e.to_string().contains("model 'nope' not found"));
+
+    let s = MockLlm::start(
+        Wire::OpenAi,
+        vec![Reply {
+            status: 200,
+            headers: vec![],
+            body: "<html>proxy error</html>".into(),
+            delay: None,
+        }],
+    )
+    .await;
+    let e = openai(&s.base_url()).complete(request()).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::LlmInvalidResponse);
+    assert!(matches!(&e, LlmError::InvalidResponse { raw, .. } if raw.contains("proxy error")));
+
+    let e = openai(&dead_url().await)
+        .complete(request())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, LlmError::Connect(_)), "{e}");
+    assert!(e.is_transient());
+
+    let s = MockLlm::start(
+        Wire::OpenAi,
+        vec![Reply::text(Wire::OpenAi, "late", 1, 1).delayed(Duration::from_secs(3))],
+    )
+    .await;
+    let p = openai(&s.base_url())
+        .with_timeout(Duration::from_secs(1), Duration::from_millis(200))
+        .unwrap();
+    let e = p.complete(request()).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::LlmTimeout, "{e}");
+    assert!(e.is_transient());
+}
+
+#[tokio::test]
+async fn rate_limited_then_success_honours_retry_after() {
+    let s = MockLlm::start(
+        Wire::Anthropic,
+        vec![
+            Reply::error(Wire::Anthropic, 429, "rate_limit_error", "slow down")
+                .header("retry-after", "1"),
+            Reply::text(Wire::Anthropic, "ok", 10, 5),
+        ],
+    )
+    .await;
+    let p = Retry::new(anthropic(&s.base_url()), quick_retry(3));
+    let started = std::time::Instant::now();
+    let c = p.complete(request()).await.unwrap();
+    assert_eq!(c.text, "ok");
+    assert_eq!(s.hits(), 2);
+    // It waited for retry-after (1 s), not for its own 10 ms backoff.
+    assert!(started.elapsed() >= Duration::from_millis(900));
+
+    // A retry-after longer than the configured maximum is not waited for.
+    let s = MockLlm::start(
+        Wire::Anthropic,
+        vec![
+            Reply::error(Wire::Anthropic, 429, "rate_limit_error", "slow down")
+                .header("retry-after", "3600"),
+        ],
+    )
+    .await;
+    let e = Retry::new(anthropic(&s.base_url()), quick_retry(3))
+        .complete(request())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::LlmRateLimited);
+    assert_eq!(e.retry_after(), Some(Duration::from_secs(3600)));
+    assert_eq!(s.hits(), 1);
+}
+
+#[tokio::test]
+async fn retries_are_bounded_and_skip_permanent_errors() {
+    let s = MockLlm::start(
+        Wire::OpenAi,
+        vec![Reply::error(
+            Wire::OpenAi,
+            503,
+            "server_error",
+            "unavailable",
+        )],
+    )
+    .await;
+    let e = Retry::new(openai(&s.base_url()), quick_retry(3))
+        .complete(request())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::LlmUnavailable);
+    assert_eq!(s.hits(), 3);
+
+    let s = MockLlm::start(
+        Wire::OpenAi,
+        vec![Reply::error(
+            Wire::OpenAi,
+            400,
+            "invalid_request_error",
+            "bad model",
+        )],
+    )
+    .await;
+    Retry::new(openai(&s.base_url()), quick_retry(3))
+        .complete(request())
+        .await
+        .unwrap_err();
+    assert_eq!(s.hits(), 1, "a permanent error is not retried");
+}
+
+#[tokio::test]
+async fn server_error_falls_back_to_the_next_provider() {
+    let bad = MockLlm::start(
+        Wire::OpenAi,
+        vec![Reply::error(Wire::OpenAi, 500, "server_error", "boom")],
+    )
+    .await;
+    let good = MockLlm::start(
+        Wire::Ollama,
+        vec![Reply::text(Wire::Ollama, "from ollama", 5, 5)],
+    )
+    .await;
+    let f = Fallback::new(vec![
+        Arc::new(Retry::new(openai(&bad.base_url()), quick_retry(2))),
+        Arc::new(ollama(&good.base_url())),
+    ]);
+    let mut events = Vec::new();
+    let a = f
+        .complete_with(&request(), |c| Ok(c.text.clone()), &mut events)
+        .await
+        .unwrap();
+    assert_eq!(a.value, "from ollama");
+    assert_eq!(a.provider, "ollama");
+    assert_eq!(bad.hits(), 2);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].provider, "openai");
+    assert_eq!(events[0].code, ErrorCode::LlmUnavailable);
+    assert!(events[0].reason.contains("500"), "{}", events[0].reason);
+
+    // As a plain provider too.
+    assert_eq!(f.complete(request()).await.unwrap().text, "from ollama");
+
+    // All down: the last error, and one event per provider.
+    let f = Fallback::new(vec![
+        Arc::new(openai(&bad.base_url())),
+        Arc::new(ollama(&dead_url().await)),
+    ]);
+    let mut events = Vec::new();
+    let e = f
+        .complete_with(&request(), |c| Ok(c.text.clone()), &mut events)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, LlmError::Connect(_)));
+    assert_eq!(events.len(), 2);
+}
+
+#[tokio::test]
+async fn rejected_answers_fall_back_and_count_as_failures() {
+    let first = MockLlm::start(
+        Wire::Anthropic,
+        vec![Reply::text(Wire::Anthropic, "not json", 5, 5)],
+    )
+    .await;
+    let second = MockLlm::start(Wire::OpenAi, vec![Reply::text(Wire::OpenAi, "{}", 5, 5)]).await;
+    let breaker = Arc::new(CircuitBreaker::new(
+        anthropic(&first.base_url()),
+        CircuitConfig {
+            failure_threshold: 1,
+            cooldown_ms: 60_000,
+        },
+    ));
+    let f = Fallback::new(vec![breaker.clone(), Arc::new(openai(&second.base_url()))]);
+    let accept = |c: &Completion| {
+        serde_json::from_str::<serde_json::Value>(&c.text).map_err(|e| LlmError::InvalidPlan {
+            code: ErrorCode::LlmInvalidResponse,
+            message: e.to_string(),
+        })
+    };
+    let mut events = Vec::new();
+    let a = f
+        .complete_with(&request(), accept, &mut events)
+        .await
+        .unwrap();
+    assert_eq!(a.provider, "openai");
+    assert_eq!(events[0].code, ErrorCode::LlmInvalidResponse);
+    // The rejected answer was billed: the event says what it cost.
+    assert!(events[0].cost_usd > 0.0);
+    assert!(breaker.is_open(), "a rejected answer counts as a failure");
+}
+
+#[tokio::test]
+async fn circuit_opens_after_consecutive_failures_and_recovers() {
+    let s = MockLlm::start(
+        Wire::OpenAi,
+        vec![
+            Reply::error(Wire::OpenAi, 500, "server_error", "boom"),
+            Reply::error(Wire::OpenAi, 500, "server_error", "boom"),
+            Reply::error(Wire::OpenAi, 500, "server_error", "boom"),
+            Reply::text(Wire::OpenAi, "back", 1, 1),
+        ],
+    )
+    .await;
+    let cb = CircuitBreaker::new(
+        openai(&s.base_url()),
+        CircuitConfig {
+            failure_threshold: 3,
+            cooldown_ms: 300,
+        },
+    );
+    for _ in 0..3 {
+        let e = cb.complete(request()).await.unwrap_err();
+        assert_eq!(e.code(), ErrorCode::LlmUnavailable);
+    }
+    assert!(cb.is_open());
+    let e = cb.complete(request()).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::CircuitOpen, "{e}");
+    assert!(e.code().is_transient());
+    assert_eq!(s.hits(), 3, "an open circuit does not call the provider");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    // Half-open: one trial call goes through and closes the circuit.
+    assert_eq!(cb.complete(request()).await.unwrap().text, "back");
+    assert!(!cb.is_open());
+    assert_eq!(s.hits(), 4);
+}
