@@ -2,3 +2,4 @@
 //! one git commit per finished request.
 
 pub mod chain;
+pub mod git;
