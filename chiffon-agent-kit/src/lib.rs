@@ -1,1 +1,68 @@
-//! placeholder
+//! # chiffon-agent-kit
+//!
+//! Everything an agent needs to serve Chiffon's bus, and the two agents Chiffon ships:
+//!
+//! - [`Agent`]: the one trait to implement for a new agent type: its type name, the
+//!   actions it accepts, and an async handler that receives a `work_request` and a
+//!   [`TaskContext`] (progress, output lines, cancellation, deadline).
+//! - [`Runner`]: hosts any agent on a [`Transport`](chiffon_core::transport::Transport)
+//!   (RabbitMQ or in-process): consumes `agent.{type}` (or `agent.desktop.{hostname}`), runs
+//!   tasks concurrently up to a limit, publishes `work_status` and `work_result`, acks after
+//!   the result is confirmed, answers `cancel`, enforces deadlines, sends heartbeats and shuts
+//!   down without losing work.
+//! - [`InfraAgent`] (`chiffon-infra-agent`): runs catalog playbooks with `ansible-playbook`.
+//! - [`DesktopAgent`] (`chiffon-desktop-agent`): host and GPU metrics, local playbooks.
+//!
+//! A complete agent (the template is `examples/custom_agent.rs`):
+//!
+//! ```
+//! use chiffon_agent_kit::{Agent, AgentError, TaskContext, TaskOutcome};
+//! use chiffon_protocol::WorkRequest;
+//!
+//! struct Echo;
+//!
+//! impl Agent for Echo {
+//!     fn agent_type(&self) -> &str { "echo" }
+//!     fn actions(&self) -> Vec<String> { vec!["echo".into()] }
+//!     async fn handle(&self, work: WorkRequest, ctx: TaskContext) -> Result<TaskOutcome, AgentError> {
+//!         let text = work.parameters.get("text").and_then(|v| v.as_str())
+//!             .ok_or_else(|| AgentError::InvalidParameters("`text` is required".into()))?;
+//!         ctx.output_line(text);
+//!         ctx.progress(100, "echoed");
+//!         Ok(TaskOutcome::output(text))
+//!     }
+//! }
+//!
+//! # async fn serve(transport: std::sync::Arc<dyn chiffon_core::transport::Transport>) {
+//! use chiffon_agent_kit::{Runner, RunnerConfig};
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! Runner::new(transport, Echo, RunnerConfig::default()).run(shutdown).await.unwrap();
+//! # }
+//! # let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+//! # rt.block_on(async {
+//! let ctx = TaskContext::detached(uuid::Uuid::new_v4(), false, std::time::Instant::now());
+//! let work: WorkRequest = serde_json::from_value(serde_json::json!({
+//!     "agent_type": "echo", "task_id": uuid::Uuid::new_v4(), "action": "echo",
+//!     "parameters": {"text": "hello"}
+//! })).unwrap();
+//! let out = Echo.handle(work, ctx.clone()).await.unwrap();
+//! assert_eq!(out.output, "hello");
+//! assert_eq!(ctx.snapshot().progress, 100);
+//! # });
+//! ```
+
+pub mod agent;
+pub mod ansible;
+pub mod desktop;
+pub mod infra;
+pub mod metrics;
+pub mod runner;
+mod sys;
+
+pub use agent::{Agent, AgentError, ChildUsage, ContextSnapshot, TaskContext, TaskOutcome};
+pub use ansible::{find_ansible_playbook, AnsibleConfig, AnsibleExecutor};
+pub use desktop::{DesktopAgent, DESKTOP_AGENT_TYPE, METRICS_SNAPSHOT};
+pub use infra::{InfraAgent, InfraConfig, INFRA_AGENT_TYPE};
+pub use metrics::{HostMetrics, MetricsCollector};
+pub use runner::{Runner, RunnerConfig, RunnerError};
+pub use sys::process_group_alive;
