@@ -9,6 +9,12 @@
 //!
 //! Both pass one conformance suite ([`conformance`], behind `test-utils`).
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
+#[cfg(feature = "test-utils")]
+pub mod conformance;
+pub mod memory;
+
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 
