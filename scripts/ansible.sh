@@ -17,6 +17,16 @@ if [ -x "$bin" ] && "$bin" --version >/dev/null 2>&1; then
     exit 0
 fi
 
+# Concurrent callers (parallel tests) wait for one install instead of racing.
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"${TMPDIR:-/tmp}/chiffon-ansible-install.lock"
+    flock 9
+    if [ -x "$bin" ] && "$bin" --version >/dev/null 2>&1; then
+        echo "$bin"
+        exit 0
+    fi
+fi
+
 python="${PYTHON:-python3}"
 if ! command -v "$python" >/dev/null 2>&1; then
     echo "error: $python not found; install Python 3.10+ or set PYTHON" >&2

@@ -53,6 +53,7 @@
 
 pub mod agent;
 pub mod ansible;
+pub mod cli;
 pub mod desktop;
 pub mod infra;
 pub mod metrics;
