@@ -26,7 +26,8 @@ pub trait Agent: Send + Sync + 'static {
     fn agent_type(&self) -> &str;
 
     /// The actions this agent accepts. Anything else is answered with
-    /// `action_not_supported` (5404) without calling [`Agent::handle`].
+    /// `action_not_supported` (5404) without calling [`Agent::handle`]. The runner reads it
+    /// once, when it starts.
     fn actions(&self) -> Vec<String>;
 
     /// The queue this agent consumes: `agent.{type}` by default; a per-host agent returns

@@ -135,6 +135,9 @@ struct Shared<A> {
     agent_id: String,
     queue: String,
     results_queue: String,
+    /// [`Agent::actions`], read once at start.
+    actions: Vec<String>,
+    action_set: HashSet<String>,
     running: Mutex<HashMap<Uuid, Running>>,
     done: Mutex<ResultCache>,
     cancelled: Mutex<(HashSet<Uuid>, VecDeque<Uuid>)>,
@@ -187,6 +190,8 @@ impl<A: Agent> Runner<A> {
             .await?;
         let shared = Arc::new(Shared {
             results_queue: transport.topology().results_queue.clone(),
+            actions: self.agent.actions(),
+            action_set: self.agent.actions().into_iter().collect(),
             transport,
             agent: self.agent,
             config: self.config,
@@ -302,7 +307,6 @@ async fn heartbeat_loop<A: Agent>(shared: Arc<Shared<A>>, stop: CancellationToke
     let collector = Arc::new(Mutex::new(MetricsCollector::new(shared.config.gpu_metrics)));
     let mut tick = tokio::time::interval(shared.config.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let actions = shared.agent.actions();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -323,7 +327,7 @@ async fn heartbeat_loop<A: Agent>(shared: Arc<Shared<A>>, stop: CancellationToke
             running_tasks: running,
             max_tasks: u32::try_from(shared.config.max_concurrent).ok(),
             queue: Some(shared.queue.clone()),
-            actions: actions.clone(),
+            actions: shared.actions.clone(),
         };
         let env = Envelope::new(
             format!("heartbeat-{}", shared.agent_id),
@@ -402,7 +406,7 @@ async fn handle_delivery<A: Agent>(
         return;
     }
     let started = Instant::now();
-    let immediate = if !shared.agent.actions().iter().any(|a| *a == work.action) {
+    let immediate = if !shared.action_set.contains(&work.action) {
         Some((
             TaskState::Failed,
             AgentError::ActionNotSupported(work.action.clone()).to_payload(),
