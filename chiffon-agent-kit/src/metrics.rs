@@ -149,5 +149,15 @@ mod tests {
         if !c.has_nvml() {
             assert!(m.gpus.is_empty());
         }
+        // On a machine known to have an NVIDIA GPU (set by whoever runs the test there).
+        if std::env::var("CHIFFON_EXPECT_GPU").is_ok_and(|v| v == "1") {
+            assert!(c.has_nvml(), "NVML did not load");
+            assert!(!m.gpus.is_empty(), "no GPU reported");
+            for g in &m.gpus {
+                assert!(g.memory_total_gb > 1.0 && !g.name.is_empty(), "{g:?}");
+                assert!((0.0..=100.0).contains(&g.utilization_percent), "{g:?}");
+            }
+            println!("gpus: {:?}", m.gpus);
+        }
     }
 }
