@@ -304,3 +304,40 @@ pub struct ContextSnapshot {
     pub tail: Vec<String>,
     pub usage: ChildUsage,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_never_goes_back_and_output_is_bounded() {
+        let ctx = TaskContext::detached(Uuid::new_v4(), false, Instant::now());
+        ctx.progress(40, "a");
+        ctx.progress(10, "b");
+        ctx.progress(500, "c");
+        assert_eq!(ctx.snapshot().progress, 100);
+        for i in 0..(MAX_PENDING_LINES + 10) {
+            ctx.output_line(format!("line {i}"));
+        }
+        ctx.output_line("x".repeat(MAX_LINE_BYTES * 2));
+        let s = ctx.lock();
+        assert_eq!(s.pending.len(), MAX_PENDING_LINES);
+        assert_eq!(s.dropped, 11);
+        assert_eq!(s.tail.len(), TAIL_LINES);
+        assert!(s.tail.back().unwrap().len() <= MAX_LINE_BYTES + '…'.len_utf8());
+    }
+
+    #[test]
+    fn errors_map_to_codes() {
+        assert_eq!(AgentError::Cancelled.code(), ErrorCode::TaskCancelled);
+        assert_eq!(
+            AgentError::ActionNotSupported("x".into()).code(),
+            ErrorCode::ActionNotSupported
+        );
+        let e = AgentError::AnsibleMissing {
+            searched: "$PATH".into(),
+        };
+        assert_eq!(e.to_payload().code, ErrorCode::AnsibleMissing);
+        assert!(e.to_string().contains("pip install ansible-core"));
+    }
+}

@@ -397,3 +397,46 @@ impl Drop for GroupGuard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn events_drive_progress_changed_and_diff() {
+        let ctx = TaskContext::detached(uuid::Uuid::new_v4(), true, Instant::now());
+        let mut st = RunState::default();
+        let lines = [
+            r#"CHIFFON_EVENT {"event": "play_start", "name": "p", "tasks": 2}"#,
+            r#"CHIFFON_EVENT {"event": "task_start", "name": "one"}"#,
+            "changed: [localhost]",
+            r#"CHIFFON_EVENT {"event": "task_result", "status": "changed", "host": "localhost", "task": "one", "msg": ""}"#,
+            r#"CHIFFON_EVENT {"event": "diff", "host": "localhost", "task": "one", "diff": "--- before\n+++ after\n"}"#,
+            r#"CHIFFON_EVENT {"event": "task_start", "name": "two"}"#,
+            r#"CHIFFON_EVENT {"event": "task_result", "status": "failed", "host": "localhost", "task": "two", "msg": "boom"}"#,
+            r#"CHIFFON_EVENT {"event": "stats", "hosts": {"localhost": {"changed": 1, "failures": 1, "unreachable": 0}}}"#,
+        ];
+        let mut seen = Vec::new();
+        for l in lines {
+            handle_line(l, &mut st, &ctx);
+            seen.push(ctx.snapshot().progress);
+        }
+        assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+        assert_eq!(st.done, 2);
+        assert_eq!(progress(&st), 99);
+        assert_eq!((st.changed, st.failures), (1, 1));
+        assert!(st.diffs.contains("+++ after"));
+        assert_eq!(st.failed_msgs, vec!["two on localhost: boom"]);
+        // Only the human line is output; events are not.
+        assert_eq!(ctx.snapshot().tail, vec!["changed: [localhost]"]);
+    }
+
+    #[test]
+    fn explicit_missing_binary_is_not_used() {
+        let r = find_ansible_playbook(Some(Path::new("/nonexistent/ansible-playbook")));
+        if let Ok(p) = r {
+            assert_ne!(p, Path::new("/nonexistent/ansible-playbook"));
+        }
+    }
+}

@@ -13,11 +13,15 @@
 //! - [`InfraAgent`] (`chiffon-infra-agent`): runs catalog playbooks with `ansible-playbook`.
 //! - [`DesktopAgent`] (`chiffon-desktop-agent`): host and GPU metrics, local playbooks.
 //!
-//! A complete agent (the template is `examples/custom_agent.rs`):
+//! A complete agent, served on the in-process bus (the template with more detail is
+//! `chiffon-agent-kit/examples/custom_agent.rs`):
 //!
 //! ```
-//! use chiffon_agent_kit::{Agent, AgentError, TaskContext, TaskOutcome};
-//! use chiffon_protocol::WorkRequest;
+//! use std::sync::Arc;
+//! use chiffon_agent_kit::{Agent, AgentError, Runner, RunnerConfig, TaskContext, TaskOutcome};
+//! use chiffon_core::transport::{memory::MemoryTransport, ConsumeOptions, Topology, Transport};
+//! use chiffon_protocol::{Envelope, Message, TaskState, WorkRequest};
+//! use futures::StreamExt;
 //!
 //! struct Echo;
 //!
@@ -33,21 +37,32 @@
 //!     }
 //! }
 //!
-//! # async fn serve(transport: std::sync::Arc<dyn chiffon_core::transport::Transport>) {
-//! use chiffon_agent_kit::{Runner, RunnerConfig};
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let bus: Arc<dyn Transport> = Arc::new(MemoryTransport::new(Topology::contract()));
 //! let shutdown = tokio_util::sync::CancellationToken::new();
-//! Runner::new(transport, Echo, RunnerConfig::default()).run(shutdown).await.unwrap();
-//! # }
-//! # let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-//! # rt.block_on(async {
-//! let ctx = TaskContext::detached(uuid::Uuid::new_v4(), false, std::time::Instant::now());
+//! let runner = Runner::new(bus.clone(), Echo, RunnerConfig::default());
+//! let serving = tokio::spawn(runner.run(shutdown.clone()));
+//!
+//! // What the orchestrator does: publish a work_request, read orchestrator.results.
+//! bus.declare_topology().await.unwrap();
+//! let mut results = bus.consume("orchestrator.results", ConsumeOptions::default()).await.unwrap();
 //! let work: WorkRequest = serde_json::from_value(serde_json::json!({
 //!     "agent_type": "echo", "task_id": uuid::Uuid::new_v4(), "action": "echo",
 //!     "parameters": {"text": "hello"}
 //! })).unwrap();
-//! let out = Echo.handle(work, ctx.clone()).await.unwrap();
-//! assert_eq!(out.output, "hello");
-//! assert_eq!(ctx.snapshot().progress, 100);
+//! bus.declare_queue("agent.echo").await.unwrap();
+//! bus.publish("agent.echo", &Envelope::new("trace-1", None, Message::WorkRequest(work))).await.unwrap();
+//! loop {
+//!     let d = results.next().await.unwrap().unwrap();
+//!     d.ack().await.unwrap();
+//!     if let Message::WorkResult(r) = d.parse().unwrap().body {
+//!         assert_eq!(r.status, TaskState::Completed);
+//!         assert_eq!(r.output, "hello");
+//!         break;
+//!     }
+//! }
+//! shutdown.cancel();
+//! serving.await.unwrap().unwrap();
 //! # });
 //! ```
 

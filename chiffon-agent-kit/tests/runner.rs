@@ -330,3 +330,54 @@ async fn sigkilled_agent_binary_task_is_redelivered_and_completed_once() {
     h.await.unwrap();
     bus.cleanup().await;
 }
+
+/// The real binary on SIGTERM: stops taking work, finishes what it runs, exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_agent_binary_finish_its_task() {
+    let Some(bus) = bus(Kind::Amqp).await else {
+        return;
+    };
+    let mut results = bus.collect_results().await;
+    let queue = bus.transport.topology().agent_queue("infrastructure");
+    bus.transport.declare_queue(&queue).await.unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_chiffon-infra-agent"))
+        .args([
+            "--amqp-url",
+            &common::amqp_url(),
+            "--queue-prefix",
+            &bus.prefix,
+        ])
+        .args(["--agent-id", "polite", "--shutdown-grace", "30"])
+        .arg("--playbooks")
+        .arg(common::playbooks())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let w = work(
+        "infrastructure",
+        "noop",
+        json!({"sleep_ms": 1500, "message": "finished"}),
+    );
+    bus.send(&queue, &w).await;
+    results
+        .wait_for("accepted by the child", 60, |e| {
+            matches!(&e.body, Message::WorkStatus(s) if s.task_id == w.task_id && s.agent_id.as_deref() == Some("polite"))
+        })
+        .await;
+    let pid = child.id().unwrap().to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let r = results.result_of(w.task_id, 60).await;
+    assert_eq!(r.status, TaskState::Completed, "{r:?}");
+    assert_eq!(r.agent_id.as_deref(), Some("polite"));
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(bus.transport.queue_depth(&queue).await.unwrap(), 0);
+    bus.cleanup().await;
+}
