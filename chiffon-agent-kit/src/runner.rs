@@ -10,6 +10,17 @@
 //!   entries, evicted oldest first; after a restart or eviction, at-least-once applies).
 //! - An unparsable or invalid message is answered with an `error` message on the results
 //!   queue and dead-lettered; the runner keeps serving.
+//!
+//! `work_result.resource_usage`: `wall_seconds` is measured by the runner around the
+//! handler; `cpu_hours` and `memory_peak_gb` are what the handler reported through
+//! [`TaskContext::record_child_usage`] for the child processes it ran (the Ansible executor
+//! reaps its child with `wait4`: CPU of ansible and every worker it waited for, and the peak
+//! RSS of the largest of those processes). A handler that runs no child reports 0 for both:
+//! the agent's own threads are shared by concurrent tasks and are not attributed to any.
+//!
+//! Shutdown: the runner stops pulling deliveries at once; running tasks get
+//! [`RunnerConfig::shutdown_grace`] to finish and report; the rest are cancelled (their
+//! children killed) and their requests requeued without a result, for another agent.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
