@@ -32,7 +32,7 @@ use chiffon_protocol::{
     Envelope, ErrorCode, ErrorPayload, Heartbeat, Message, ResourceUsage, TaskState, WorkResult,
     WorkStatus,
 };
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -495,7 +495,10 @@ async fn handle_delivery<A: Agent>(
     let mut deadline_hit = false;
     let mut abandoned = false;
     let outcome = {
-        let handler = shared.agent.handle(work.clone(), ctx.clone());
+        // A panicking handler fails its task (executor_crashed) instead of leaving the
+        // request unsettled until the runner restarts.
+        let handler = std::panic::AssertUnwindSafe(shared.agent.handle(work.clone(), ctx.clone()))
+            .catch_unwind();
         tokio::pin!(handler);
         let grace = shared.config.cancel_grace;
         let hard_stop = async {
@@ -505,7 +508,15 @@ async fn handle_delivery<A: Agent>(
         tokio::pin!(hard_stop);
         loop {
             tokio::select! {
-                r = &mut handler => break r,
+                r = &mut handler => break r.unwrap_or_else(|panic| {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    tracing::error!(task_id = %work.task_id, "handler panicked: {what}");
+                    Err(AgentError::Crashed(std::io::Error::other(format!("handler panicked: {what}")).into()))
+                }),
                 _ = tokio::time::sleep_until(deadline.into()), if !deadline_hit => {
                     deadline_hit = true;
                     tracing::warn!(task_id = %work.task_id, "deadline reached: stopping the task");

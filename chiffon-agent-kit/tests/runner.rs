@@ -381,3 +381,45 @@ async fn sigterm_lets_the_agent_binary_finish_its_task() {
     assert_eq!(bus.transport.queue_depth(&queue).await.unwrap(), 0);
     bus.cleanup().await;
 }
+
+struct Panicky;
+
+impl Agent for Panicky {
+    fn agent_type(&self) -> &str {
+        "panicky"
+    }
+    fn actions(&self) -> Vec<String> {
+        vec!["explode".into(), "fine".into()]
+    }
+    async fn handle(&self, w: WorkRequest, _ctx: TaskContext) -> Result<TaskOutcome, AgentError> {
+        if w.action == "explode" {
+            panic!("kaboom");
+        }
+        Ok(TaskOutcome::output("fine"))
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_handler_fails_its_task_and_the_runner_keeps_serving() {
+    let Some(bus) = bus(Kind::Memory).await else {
+        return;
+    };
+    let mut results = bus.collect_results().await;
+    let (stop, h) = spawn(&bus, Panicky, config("p1"));
+    let queue = bus.transport.topology().agent_queue("panicky");
+    let w = work("panicky", "explode", json!({}));
+    bus.send(&queue, &w).await;
+    let r = results.result_of(w.task_id, 30).await;
+    assert_eq!(r.status, TaskState::Failed);
+    let e = r.error.unwrap();
+    assert_eq!(e.code, ErrorCode::ExecutorCrashed);
+    assert!(e.message.contains("kaboom"), "{}", e.message);
+    let w = work("panicky", "fine", json!({}));
+    bus.send(&queue, &w).await;
+    assert_eq!(
+        results.result_of(w.task_id, 30).await.status,
+        TaskState::Completed
+    );
+    stop.cancel();
+    h.await.unwrap();
+}
