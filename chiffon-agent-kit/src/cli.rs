@@ -42,6 +42,9 @@ pub struct AgentArgs {
     /// Seconds running tasks may take to finish on SIGTERM before they are requeued.
     #[arg(long, default_value_t = 30)]
     pub shutdown_grace: u64,
+    /// Seconds to keep trying to reach RabbitMQ at start (it may start after the agent).
+    #[arg(long, default_value_t = 30)]
+    pub connect_wait_seconds: u64,
     /// The `ansible-playbook` to run (else ./.venv/bin, then $PATH).
     #[arg(long, env = "CHIFFON_ANSIBLE_PLAYBOOK")]
     pub ansible_playbook: Option<PathBuf>,
@@ -77,9 +80,29 @@ impl AgentArgs {
     pub async fn transport(&self) -> Result<Arc<dyn Transport>, TransportError> {
         let topology = Topology::with_prefix(&self.queue_prefix);
         match &self.amqp_url {
-            Some(url) => Ok(Arc::new(
-                chiffon_core::transport::amqp::AmqpTransport::connect(url, topology).await?,
-            )),
+            Some(url) => {
+                let until =
+                    tokio::time::Instant::now() + Duration::from_secs(self.connect_wait_seconds);
+                let mut delay = Duration::from_millis(200);
+                loop {
+                    match chiffon_core::transport::amqp::AmqpTransport::connect(
+                        url,
+                        topology.clone(),
+                    )
+                    .await
+                    {
+                        Ok(t) => return Ok(Arc::new(t)),
+                        Err(e)
+                            if e.is_transient() && tokio::time::Instant::now() + delay < until =>
+                        {
+                            tracing::warn!(error = %e, "bus not reachable yet; retrying");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(5));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
             None => {
                 tracing::warn!(
                     "CHIFFON_AMQP_URL unset: serving an in-process bus nobody else can reach"
@@ -123,4 +146,21 @@ pub fn shutdown_on_signals() -> CancellationToken {
         t.cancel();
     });
     token
+}
+
+/// One line for an error and its causes, skipping a cause whose text the line already
+/// holds (our error types print their source in their own message too).
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }

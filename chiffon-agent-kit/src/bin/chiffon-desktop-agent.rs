@@ -18,9 +18,22 @@ struct Cli {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     init_tracing();
     let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "chiffon-desktop-agent: {}",
+                chiffon_agent_kit::cli::error_line(&e)
+            );
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let local = match InfraAgent::new(InfraConfig {
         playbooks: cli.agent.playbooks.clone(),
         ansible: cli.agent.ansible_config(),
