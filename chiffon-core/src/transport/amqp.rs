@@ -12,9 +12,17 @@
 //! - `chiffon.control`: fanout, durable. Each [`Transport::subscribe_control`] gets its own
 //!   exclusive, auto-deleted, server-named queue bound to it.
 //!
-//! Messages are persistent (`delivery_mode` 2), `application/json`, carry a `message_id`,
-//! and every publish waits for the broker's confirm; a nack is
-//! [`TransportError::NotConfirmed`]. Consumers settle explicitly, with a prefetch limit.
+//! [`Transport::declare_queue`] also declares the work exchange and `chiffon.dead`, and
+//! [`Transport::subscribe_control`] the control exchange, so neither depends on
+//! [`Transport::declare_topology`] having run; [`Transport::broadcast`] does (RabbitMQ
+//! refuses a publish to a missing exchange: a [`TransportError::Backend`] error).
+//!
+//! Messages are persistent (`delivery_mode` 2), `application/json`, carry a `message_id`
+//! (the envelope's, or a fresh uuid for raw bytes) and `type` (the message type), and every
+//! publish waits for the broker's confirm; a nack is [`TransportError::NotConfirmed`].
+//! Consumers settle explicitly, with a prefetch limit (0 is read as 1: RabbitMQ would read
+//! it as unlimited). Settling twice is an error; settling after the consumer's channel
+//! closed is [`TransportError::Unavailable`], and the broker redelivers that message.
 //!
 //! Resources: one connection per transport (clones share it), one confirm-mode channel for
 //! all publishes (lapin pipelines concurrent publishes on it; each caller waits for its own

@@ -10,7 +10,8 @@
 //!   `ack` removes, `nack(requeue)` puts the message back at the head with
 //!   `redelivered = true`, `nack` without requeue moves it to the dead-letter queue;
 //! - dropping a [`Consumer`] returns its unsettled deliveries to the head of the queue, in
-//!   their order, marked `redelivered`;
+//!   their order, marked `redelivered`; settling one of them afterwards, or settling any
+//!   delivery twice, is an error;
 //! - control broadcasts reach every subscriber (a tokio broadcast channel).
 //!
 //! Memory is bounded: a queue holds at most [`DEFAULT_QUEUE_CAPACITY`] ready messages
