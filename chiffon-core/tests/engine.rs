@@ -883,3 +883,37 @@ async fn audit_verify_detects_missing_commit(backend: &str) {
     assert!(!report.ok);
     assert_eq!(report.missing_commits, vec![id]);
 }
+
+/// The deployment database `chiffon` (made by `scripts/services.sh`) gets the contract's
+/// tables: migrations are idempotent and leave what `psql` should show.
+#[tokio::test]
+async fn contract_tables_in_the_chiffon_database() {
+    let admin = support::pg_admin_url();
+    let cut = admin.rfind('/').unwrap();
+    let url = format!("{}/chiffon", &admin[..cut]);
+    let store = match chiffon_core::store::connect(&url).await {
+        Ok(s) => s,
+        Err(e) => {
+            return support::unavailable::<()>("PostgreSQL database chiffon", e).unwrap_or(())
+        }
+    };
+    store.migrate().await.unwrap();
+    use sqlx::Connection;
+    let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+    let tables: Vec<String> =
+        sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE schemaname = 'public'")
+            .fetch_all(&mut c)
+            .await
+            .unwrap();
+    for t in [
+        "tasks",
+        "execution_logs",
+        "resource_metrics",
+        "audit_log",
+        "plan_steps",
+        "agents",
+        "llm_usage",
+    ] {
+        assert!(tables.iter().any(|x| x == t), "{t} missing: {tables:?}");
+    }
+}
