@@ -117,8 +117,15 @@ impl Drop for AmqpCleanup {
                     chiffon_core::transport::amqp::AmqpTransport::connect(&amqp_url(), topology)
                         .await
                         .ok()?;
-                let _ = t.declare_topology().await;
-                let r = t.delete_topology().await.ok();
+                // The test's engine and agents stop when their token is cancelled, just
+                // before this runs; give their consumers time to go, or a consumer cancelled
+                // by the deletion would re-declare its queue on reconnect.
+                let mut r = None;
+                for _ in 0..2 {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    let _ = t.declare_topology().await;
+                    r = t.delete_topology().await.ok();
+                }
                 t.close().await;
                 r
             })
