@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
-use crate::{exit_for, outcome_line, print_json, render};
+use crate::{exit_for, outcome_line, print_json, print_json_line, render};
 
 pub fn overrides(
     database_url: Option<String>,
@@ -47,7 +47,8 @@ pub async fn up(config: Option<&Path>, o: ConfigOverrides, json: bool) -> anyhow
     let url = format!("http://{addr}");
     let health = app.engine().health().await;
     if json {
-        print_json(&json!({
+        // One line, so a supervising script can read it before the process ends.
+        print_json_line(&json!({
             "url": url,
             "store": health.store_backend,
             "bus": health.bus_backend,

@@ -463,7 +463,7 @@ async fn follow(client: &Client, id: Uuid, json: bool, final_json: bool) -> anyh
     Ok(code)
 }
 
-fn print_json_line(v: &Value) -> anyhow::Result<()> {
+pub fn print_json_line(v: &Value) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, v)?;
     writeln!(out)?;

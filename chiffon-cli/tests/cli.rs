@@ -390,3 +390,58 @@ async fn migrate_creates_the_database() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("mysql"), "{}", stderr(&o));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_serves_the_api_and_stops_on_sigterm() {
+    use std::io::BufRead;
+    let dir = local_dir();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chiffon"))
+        .args(["--json", "up", "--bind", "127.0.0.1:0", "--playbooks"])
+        .arg(fixture_catalog())
+        .arg("--database-url")
+        .arg(format!("sqlite://{}", dir.path().join("up.db").display()))
+        .env_remove("CHIFFON_AMQP_URL")
+        .env_remove("CHIFFON_CONFIG")
+        .env("RUST_LOG", "error")
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let first = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    let v: Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first}"));
+    assert_eq!(v["bus"], "memory");
+    assert_eq!(v["store"], "sqlite");
+    assert_eq!(v["agents"].as_array().unwrap().len(), 2);
+    let url = v["url"].as_str().unwrap().to_string();
+
+    let o = chiffon(args(&url, &["--json", "request", "x"]), None).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let health: Value = reqwest::get(format!("{url}/health"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+
+    let pid = child.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "graceful exit after SIGTERM: {status:?}");
+    assert!(dir.path().join("up.db").exists());
+    assert!(dir.path().join(".chiffon/audit").exists());
+}
