@@ -21,7 +21,13 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 fn catalog() -> Arc<Catalog> {
-    Arc::new(Catalog::load(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/engine_catalog")).unwrap())
+    Arc::new(
+        Catalog::load(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/engine_catalog"
+        ))
+        .unwrap(),
+    )
 }
 
 /// Plans "a, b" as the steps `a` then `b`, validated against the catalog like the real
@@ -62,7 +68,10 @@ impl PlanProvider for ListPlanner {
                 model: "list".into(),
                 cached: false,
             },
-            events: vec![PlanEvent { event: "fallback".into(), details: json!({"from": "nowhere"}) }],
+            events: vec![PlanEvent {
+                event: "fallback".into(),
+                details: json!({"from": "nowhere"}),
+            }],
             input_tokens: 10,
             output_tokens: 5,
         })
@@ -79,7 +88,11 @@ struct MockAgent {
 
 impl MockAgent {
     fn spawn(transport: Arc<dyn Transport>, stop: CancellationToken) -> MockAgent {
-        let agent = MockAgent { transport, started: Arc::new(AtomicU32::new(0)), flaky_seen: Default::default() };
+        let agent = MockAgent {
+            transport,
+            started: Arc::new(AtomicU32::new(0)),
+            flaky_seen: Default::default(),
+        };
         let a = agent.clone();
         tokio::spawn(async move { a.run(stop).await });
         agent
@@ -90,7 +103,11 @@ impl MockAgent {
         let queue = t.agent_queue("infrastructure");
         self.transport.declare_topology().await.unwrap();
         self.transport.declare_queue(&queue).await.unwrap();
-        let mut consumer = self.transport.consume(&queue, ConsumeOptions { prefetch: 16 }).await.unwrap();
+        let mut consumer = self
+            .transport
+            .consume(&queue, ConsumeOptions { prefetch: 16 })
+            .await
+            .unwrap();
         let control = self.transport.subscribe_control().await.unwrap();
         let control = Arc::new(tokio::sync::Mutex::new(control));
         loop {
@@ -99,18 +116,26 @@ impl MockAgent {
                 d = consumer.next() => match d { Some(Ok(d)) => d, _ => return },
             };
             let env = d.parse().unwrap();
-            let Message::WorkRequest(w) = env.body.clone() else { panic!("not a work request") };
+            let Message::WorkRequest(w) = env.body.clone() else {
+                panic!("not a work request")
+            };
             self.started.fetch_add(1, Ordering::SeqCst);
             let me = self.clone();
             let control = control.clone();
             tokio::spawn(async move {
                 me.status(&env, &w, 10, "started").await;
                 let (status, error) = match w.action.as_str() {
-                    "broken" => (TaskState::Failed, Some(ErrorPayload::new(ErrorCode::ActionFailed, "it broke"))),
+                    "broken" => (
+                        TaskState::Failed,
+                        Some(ErrorPayload::new(ErrorCode::ActionFailed, "it broke")),
+                    ),
                     "flaky" => {
                         let first = me.flaky_seen.lock().unwrap().insert(w.task_id);
                         if first {
-                            (TaskState::Failed, Some(ErrorPayload::new(ErrorCode::ExecutorCrashed, "flaked")))
+                            (
+                                TaskState::Failed,
+                                Some(ErrorPayload::new(ErrorCode::ExecutorCrashed, "flaked")),
+                            )
                         } else {
                             (TaskState::Completed, None)
                         }
@@ -129,7 +154,10 @@ impl MockAgent {
                                 }
                             }
                         }
-                        (TaskState::Cancelled, Some(ErrorPayload::new(ErrorCode::TaskCancelled, "cancelled")))
+                        (
+                            TaskState::Cancelled,
+                            Some(ErrorPayload::new(ErrorCode::TaskCancelled, "cancelled")),
+                        )
                     }
                     _ => (TaskState::Completed, None),
                 };
@@ -168,7 +196,10 @@ impl MockAgent {
             agent_id: Some("mock-1".into()),
         };
         let results = self.transport.topology().results_queue.clone();
-        self.transport.publish(&results, &env.reply(Message::WorkStatus(s))).await.unwrap();
+        self.transport
+            .publish(&results, &env.reply(Message::WorkStatus(s)))
+            .await
+            .unwrap();
     }
 }
 
@@ -197,12 +228,20 @@ fn test_config(f: impl FnOnce(&mut EngineConfig)) -> EngineConfig {
     c
 }
 
-async fn start_engine(store: Arc<dyn Store>, transport: Arc<dyn Transport>, git: &std::path::Path, config: EngineConfig, stop: &CancellationToken) -> Engine {
+async fn start_engine(
+    store: Arc<dyn Store>,
+    transport: Arc<dyn Transport>,
+    git: &std::path::Path,
+    config: EngineConfig,
+    stop: &CancellationToken,
+) -> Engine {
     let cat = catalog();
     let engine = Engine::new(EngineParts {
         store,
         transport,
-        planner: Arc::new(ListPlanner { catalog: cat.clone() }),
+        planner: Arc::new(ListPlanner {
+            catalog: cat.clone(),
+        }),
         catalog: cat,
         git: Some(Arc::new(GitTrail::open_or_init(git).unwrap())),
         config,
@@ -214,7 +253,11 @@ async fn start_engine(store: Arc<dyn Store>, transport: Arc<dyn Transport>, git:
 }
 
 async fn harness(backend: &str, with_agent: bool, config: EngineConfig) -> Option<Harness> {
-    let (store, transport, guard): (Arc<dyn Store>, Arc<dyn Transport>, Box<dyn std::any::Any + Send>) = match backend {
+    let (store, transport, guard): (
+        Arc<dyn Store>,
+        Arc<dyn Transport>,
+        Box<dyn std::any::Any + Send>,
+    ) = match backend {
         "sqlite" => {
             let (s, dir) = support::sqlite_store().await;
             (s, support::memory_transport(), Box::new(dir))
@@ -227,16 +270,36 @@ async fn harness(backend: &str, with_agent: bool, config: EngineConfig) -> Optio
     };
     let stop = CancellationToken::new();
     let git_dir = tempfile::tempdir().unwrap();
-    let engine = start_engine(store.clone(), transport.clone(), git_dir.path(), config, &stop).await;
+    let engine = start_engine(
+        store.clone(),
+        transport.clone(),
+        git_dir.path(),
+        config,
+        &stop,
+    )
+    .await;
     let agent = with_agent.then(|| MockAgent::spawn(transport.clone(), stop.clone()));
-    Some(Harness { engine, store, transport, agent, stop, git_dir, _guard: guard })
+    Some(Harness {
+        engine,
+        store,
+        transport,
+        agent,
+        stop,
+        git_dir,
+        _guard: guard,
+    })
 }
 
 impl Harness {
     async fn submit(&self, text: &str, requester: &str, dry_run: bool) -> Uuid {
         let r = self
             .engine
-            .submit(SubmitRequest { text: text.into(), requester: Some(requester.into()), dry_run, ..Default::default() })
+            .submit(SubmitRequest {
+                text: text.into(),
+                requester: Some(requester.into()),
+                dry_run,
+                ..Default::default()
+            })
             .await
             .unwrap();
         assert_eq!(r.status, RequestStatus::Planning);
@@ -244,27 +307,51 @@ impl Harness {
     }
 
     async fn wait(&self, id: Uuid, status: RequestStatus) -> Request {
-        let r = tokio::time::timeout(Duration::from_secs(20), self.engine.wait_until(id, &[status]))
-            .await
-            .unwrap_or_else(|_| panic!("request {id} never reached {status}"))
-            .unwrap();
-        assert_eq!(r.status, status, "request ended {:?}: {:?}", r.status, r.error);
+        let r = tokio::time::timeout(
+            Duration::from_secs(20),
+            self.engine.wait_until(id, &[status]),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("request {id} never reached {status}"))
+        .unwrap();
+        assert_eq!(
+            r.status, status,
+            "request ended {:?}: {:?}",
+            r.status, r.error
+        );
         r
     }
 
     async fn events(&self, id: Uuid) -> Vec<String> {
-        self.engine.audit_log(Some(id), 0, 1000).await.unwrap().into_iter().map(|e| e.event).collect()
+        self.engine
+            .audit_log(Some(id), 0, 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.event)
+            .collect()
     }
 
     fn git_log(&self) -> String {
         let out = std::process::Command::new("git")
-            .args(["--git-dir", &self.git_dir.path().display().to_string(), "log", "--all", "--format=%an|%s"])
+            .args([
+                "--git-dir",
+                &self.git_dir.path().display().to_string(),
+                "log",
+                "--all",
+                "--format=%an|%s",
+            ])
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         if text.is_empty() {
             // A non-bare repository keeps its objects under .git.
-            let out = std::process::Command::new("git").arg("-C").arg(self.git_dir.path()).args(["log", "--all", "--format=%an|%s"]).output().unwrap();
+            let out = std::process::Command::new("git")
+                .arg("-C")
+                .arg(self.git_dir.path())
+                .args(["log", "--all", "--format=%an|%s"])
+                .output()
+                .unwrap();
             return String::from_utf8_lossy(&out.stdout).to_string();
         }
         text
@@ -303,46 +390,89 @@ both_backends!(
 );
 
 async fn approve_runs_to_completion_with_audit_and_commit(backend: &str) {
-    let Some(h) = harness(backend, true, test_config(|_| {})).await else { return };
+    let Some(h) = harness(backend, true, test_config(|_| {})).await else {
+        return;
+    };
     let id = h.submit("ok_action, ok_action", "alice", false).await;
     let mut events = h.engine.subscribe(id);
     let r = h.wait(id, RequestStatus::AwaitingApproval).await;
     let plan = r.plan.unwrap();
     assert_eq!(plan.steps.len(), 2);
     assert_eq!(plan.steps[0].parameters["note"], "hello");
-    assert!(h.agent.as_ref().unwrap().started.load(Ordering::SeqCst) == 0, "nothing runs before approval");
-    h.engine.approve(id, "bob", Some("looks fine".into())).await.unwrap();
+    assert!(
+        h.agent.as_ref().unwrap().started.load(Ordering::SeqCst) == 0,
+        "nothing runs before approval"
+    );
+    h.engine
+        .approve(id, "bob", Some("looks fine".into()))
+        .await
+        .unwrap();
     let r = h.wait(id, RequestStatus::Completed).await;
     assert_eq!(r.approver.as_deref(), Some("bob"));
     assert_eq!(r.approval_comment.as_deref(), Some("looks fine"));
     let view = h.engine.get(id).await.unwrap();
-    assert!(view.steps.iter().all(|s| s.status == StepStatus::Completed && s.attempt == 1), "{:?}", view.steps);
+    assert!(
+        view.steps
+            .iter()
+            .all(|s| s.status == StepStatus::Completed && s.attempt == 1),
+        "{:?}",
+        view.steps
+    );
     assert_eq!(view.steps[1].output.as_deref(), Some("ran ok_action"));
     // Live events: progress and output as they happened, then the final status.
     let mut kinds = Vec::new();
     while let Ok(ev) = events.try_recv() {
         kinds.push(ev.name());
     }
-    assert!(kinds.contains(&"progress") && kinds.contains(&"output"), "{kinds:?}");
+    assert!(
+        kinds.contains(&"progress") && kinds.contains(&"output"),
+        "{kinds:?}"
+    );
     let logs = h.engine.logs(id, None, 100).await.unwrap();
-    assert!(logs.iter().any(|l| l.line.kind == "output" && l.line.message.contains("working ok_action")));
+    assert!(logs
+        .iter()
+        .any(|l| l.line.kind == "output" && l.line.message.contains("working ok_action")));
     let audit = h.events(id).await;
-    for e in ["received", "fallback", "planned", "approved", "dispatched", "step_result", "completed", "committed"] {
+    for e in [
+        "received",
+        "fallback",
+        "planned",
+        "approved",
+        "dispatched",
+        "step_result",
+        "completed",
+        "committed",
+    ] {
         assert!(audit.iter().any(|a| a == e), "audit lacks {e}: {audit:?}");
     }
-    let commit = h.engine.get(id).await.unwrap().request.commit_id.expect("commit id stored");
+    let commit = h
+        .engine
+        .get(id)
+        .await
+        .unwrap()
+        .request
+        .commit_id
+        .expect("commit id stored");
     assert_eq!(commit.len(), 40);
     let log = h.git_log();
-    assert!(log.contains(&format!("bob|infra({id}): run ok_action, ok_action")), "{log}");
+    assert!(
+        log.contains(&format!("bob|infra({id}): run ok_action, ok_action")),
+        "{log}"
+    );
     let report = h.engine.verify_audit().await.unwrap();
     assert!(report.ok, "{report:?}");
 }
 
 async fn reject_is_recorded(backend: &str) {
-    let Some(h) = harness(backend, true, test_config(|_| {})).await else { return };
+    let Some(h) = harness(backend, true, test_config(|_| {})).await else {
+        return;
+    };
     let id = h.submit("ok_action", "alice", false).await;
     h.wait(id, RequestStatus::AwaitingApproval).await;
-    h.engine.reject(id, "bob", Some("not today".into())).await.unwrap();
+    h.engine
+        .reject(id, "bob", Some("not today".into()))
+        .await
+        .unwrap();
     let r = h.wait(id, RequestStatus::Rejected).await;
     assert_eq!(r.approver.as_deref(), Some("bob"));
     assert!(h.events(id).await.contains(&"rejected".to_string()));
@@ -354,7 +484,9 @@ async fn reject_is_recorded(backend: &str) {
 
 async fn cost_limit_rejects_before_asking(backend: &str) {
     let config = test_config(|c| c.approval.cost_limit_usd = Some(1.0));
-    let Some(h) = harness(backend, true, config).await else { return };
+    let Some(h) = harness(backend, true, config).await else {
+        return;
+    };
     let id = h.submit("costly", "alice", false).await;
     let r = h.wait(id, RequestStatus::Rejected).await;
     assert_eq!(r.error.unwrap().code, ErrorCode::CostLimitExceeded);
@@ -365,24 +497,37 @@ async fn cost_limit_rejects_before_asking(backend: &str) {
 
 async fn four_eyes_refuses_self_approval(backend: &str) {
     let config = test_config(|c| c.approval.four_eyes = true);
-    let Some(h) = harness(backend, true, config).await else { return };
+    let Some(h) = harness(backend, true, config).await else {
+        return;
+    };
     let id = h.submit("ok_action", "alice", false).await;
     h.wait(id, RequestStatus::AwaitingApproval).await;
     let err = h.engine.approve(id, "alice", None).await.unwrap_err();
     assert_eq!(err.code(), ErrorCode::FourEyesViolation);
-    assert_eq!(h.engine.get(id).await.unwrap().request.status, RequestStatus::AwaitingApproval);
+    assert_eq!(
+        h.engine.get(id).await.unwrap().request.status,
+        RequestStatus::AwaitingApproval
+    );
     h.engine.approve(id, "bob", None).await.unwrap();
     h.wait(id, RequestStatus::Completed).await;
 }
 
 async fn auto_approval_skips_the_gate_and_says_why(backend: &str) {
     let config = test_config(|c| c.approval.auto_approve_max_cost_usd = Some(0.5));
-    let Some(h) = harness(backend, true, config).await else { return };
+    let Some(h) = harness(backend, true, config).await else {
+        return;
+    };
     let id = h.submit("auto_ok", "alice", false).await;
     let r = h.wait(id, RequestStatus::Completed).await;
-    assert_eq!(r.approver.as_deref(), Some("policy:auto_approve_under_0.5_usd"));
+    assert_eq!(
+        r.approver.as_deref(),
+        Some("policy:auto_approve_under_0.5_usd")
+    );
     let audit = h.engine.audit_log(Some(id), 0, 100).await.unwrap();
-    let auto = audit.iter().find(|e| e.event == "auto_approved").expect("auto_approved audited");
+    let auto = audit
+        .iter()
+        .find(|e| e.event == "auto_approved")
+        .expect("auto_approved audited");
     assert_eq!(auto.details["rule"], "auto_approve_under_0.5_usd");
     // An action not marked auto_approve still waits for a person.
     let other = h.submit("ok_action", "alice", false).await;
@@ -390,18 +535,26 @@ async fn auto_approval_skips_the_gate_and_says_why(backend: &str) {
 }
 
 async fn dry_run_runs_in_check_mode(backend: &str) {
-    let Some(h) = harness(backend, true, test_config(|_| {})).await else { return };
+    let Some(h) = harness(backend, true, test_config(|_| {})).await else {
+        return;
+    };
     let id = h.submit("ok_action", "alice", true).await;
     let r = h.wait(id, RequestStatus::Completed).await;
     assert!(r.dry_run);
     assert_eq!(r.approver.as_deref(), Some("policy:dry_run"));
     let view = h.engine.get(id).await.unwrap();
-    assert_eq!(view.steps[0].diff.as_deref(), Some("--- before\n+++ after\n"), "the agent got dry_run = true");
+    assert_eq!(
+        view.steps[0].diff.as_deref(),
+        Some("--- before\n+++ after\n"),
+        "the agent got dry_run = true"
+    );
 }
 
 async fn cancel_while_queued_and_awaiting(backend: &str) {
     // No agent and a big memory need: the request stays queued.
-    let Some(h) = harness(backend, false, test_config(|_| {})).await else { return };
+    let Some(h) = harness(backend, false, test_config(|_| {})).await else {
+        return;
+    };
     let waiting = h.submit("ok_action", "alice", false).await;
     h.wait(waiting, RequestStatus::AwaitingApproval).await;
     h.engine.cancel(waiting, "alice").await.unwrap();
@@ -410,10 +563,16 @@ async fn cancel_while_queued_and_awaiting(backend: &str) {
     h.wait(queued, RequestStatus::AwaitingApproval).await;
     h.engine.approve(queued, "bob", None).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(h.engine.get(queued).await.unwrap().request.status, RequestStatus::Queued);
+    assert_eq!(
+        h.engine.get(queued).await.unwrap().request.status,
+        RequestStatus::Queued
+    );
     h.engine.cancel(queued, "bob").await.unwrap();
     let r = h.wait(queued, RequestStatus::Cancelled).await;
-    assert!(r.commit_id.is_some(), "an approved request that ended is committed");
+    assert!(
+        r.commit_id.is_some(),
+        "an approved request that ended is committed"
+    );
     let view = h.engine.get(queued).await.unwrap();
     assert!(view.steps.iter().all(|s| s.status == StepStatus::Cancelled));
     let err = h.engine.cancel(queued, "bob").await.unwrap_err();
@@ -421,7 +580,9 @@ async fn cancel_while_queued_and_awaiting(backend: &str) {
 }
 
 async fn cancel_while_running_stops_the_agent(backend: &str) {
-    let Some(h) = harness(backend, true, test_config(|_| {})).await else { return };
+    let Some(h) = harness(backend, true, test_config(|_| {})).await else {
+        return;
+    };
     let id = h.submit("slow, ok_action", "alice", false).await;
     h.wait(id, RequestStatus::AwaitingApproval).await;
     h.engine.approve(id, "bob", None).await.unwrap();
@@ -438,14 +599,20 @@ async fn cancel_while_running_stops_the_agent(backend: &str) {
     let view = h.engine.get(id).await.unwrap();
     assert_eq!(view.steps[0].status, StepStatus::Cancelled);
     assert_eq!(view.steps[1].status, StepStatus::Cancelled);
-    assert_eq!(h.agent.as_ref().unwrap().started.load(Ordering::SeqCst), 1, "the second step never ran");
+    assert_eq!(
+        h.agent.as_ref().unwrap().started.load(Ordering::SeqCst),
+        1,
+        "the second step never ran"
+    );
     assert!(r.commit_id.is_some());
     let audit = h.events(id).await;
     assert!(audit.contains(&"cancel_requested".to_string()), "{audit:?}");
 }
 
 async fn transient_failure_is_retried(backend: &str) {
-    let Some(h) = harness(backend, true, test_config(|_| {})).await else { return };
+    let Some(h) = harness(backend, true, test_config(|_| {})).await else {
+        return;
+    };
     let id = h.submit("flaky", "alice", false).await;
     h.wait(id, RequestStatus::AwaitingApproval).await;
     h.engine.approve(id, "bob", None).await.unwrap();
@@ -457,7 +624,9 @@ async fn transient_failure_is_retried(backend: &str) {
 }
 
 async fn permanent_failure_fails_the_request(backend: &str) {
-    let Some(h) = harness(backend, true, test_config(|_| {})).await else { return };
+    let Some(h) = harness(backend, true, test_config(|_| {})).await else {
+        return;
+    };
     let id = h.submit("broken, ok_action", "alice", false).await;
     h.wait(id, RequestStatus::AwaitingApproval).await;
     h.engine.approve(id, "bob", None).await.unwrap();
@@ -465,14 +634,19 @@ async fn permanent_failure_fails_the_request(backend: &str) {
     assert_eq!(r.error.unwrap().code, ErrorCode::ActionFailed);
     let view = h.engine.get(id).await.unwrap();
     assert_eq!(view.steps[0].status, StepStatus::Failed);
-    assert_eq!(view.steps[0].attempt, 1, "permanent failures are not retried");
+    assert_eq!(
+        view.steps[0].attempt, 1,
+        "permanent failures are not retried"
+    );
     assert_eq!(view.steps[1].status, StepStatus::Skipped);
     assert!(r.commit_id.is_some());
 }
 
 async fn agent_timeout_retries_then_fails(backend: &str) {
     let config = test_config(|c| c.dispatch.max_attempts = 2);
-    let Some(h) = harness(backend, true, config).await else { return };
+    let Some(h) = harness(backend, true, config).await else {
+        return;
+    };
     let id = h.submit("hang", "alice", false).await;
     h.wait(id, RequestStatus::AwaitingApproval).await;
     h.engine.approve(id, "bob", None).await.unwrap();
@@ -480,25 +654,42 @@ async fn agent_timeout_retries_then_fails(backend: &str) {
     assert_eq!(r.error.unwrap().code, ErrorCode::AgentTimeout);
     assert_eq!(h.engine.get(id).await.unwrap().steps[0].attempt, 2);
     let audit = h.events(id).await;
-    assert!(audit.contains(&"timeout_retry".to_string()) && audit.contains(&"timeout".to_string()), "{audit:?}");
+    assert!(
+        audit.contains(&"timeout_retry".to_string()) && audit.contains(&"timeout".to_string()),
+        "{audit:?}"
+    );
 }
 
 async fn duplicate_results_apply_once(backend: &str) {
-    let Some(h) = harness(backend, true, test_config(|_| {})).await else { return };
+    let Some(h) = harness(backend, true, test_config(|_| {})).await else {
+        return;
+    };
     let id = h.submit("dup, ok_action", "alice", false).await;
     h.wait(id, RequestStatus::AwaitingApproval).await;
     h.engine.approve(id, "bob", None).await.unwrap();
     h.wait(id, RequestStatus::Completed).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let audit = h.events(id).await;
-    assert_eq!(audit.iter().filter(|e| *e == "step_result").count(), 2, "{audit:?}");
-    assert_eq!(audit.iter().filter(|e| *e == "dispatched").count(), 2, "{audit:?}");
+    assert_eq!(
+        audit.iter().filter(|e| *e == "step_result").count(),
+        2,
+        "{audit:?}"
+    );
+    assert_eq!(
+        audit.iter().filter(|e| *e == "dispatched").count(),
+        2,
+        "{audit:?}"
+    );
     assert!(h.engine.metrics().duplicate_results_total >= 1);
 }
 
 async fn unknown_action_is_never_executed(backend: &str) {
-    let Some(h) = harness(backend, true, test_config(|_| {})).await else { return };
-    let id = h.submit("ok_action, rm_rf_everything", "alice", false).await;
+    let Some(h) = harness(backend, true, test_config(|_| {})).await else {
+        return;
+    };
+    let id = h
+        .submit("ok_action, rm_rf_everything", "alice", false)
+        .await;
     let r = h.wait(id, RequestStatus::Failed).await;
     assert_eq!(r.error.unwrap().code, ErrorCode::PlanUnknownAction);
     assert!(r.plan.is_none());
@@ -511,8 +702,15 @@ fn heartbeat(free_gb: f64, queue: &str) -> Heartbeat {
         agent_id: "infra-1".into(),
         agent_type: "infrastructure".into(),
         hostname: "host-1".into(),
-        cpu: CpuMetrics { percent: 10.0, cores: 2, load_1m: 0.1 },
-        memory: MemoryMetrics { used_gb: 16.0 - free_gb, total_gb: 16.0 },
+        cpu: CpuMetrics {
+            percent: 10.0,
+            cores: 2,
+            load_1m: 0.1,
+        },
+        memory: MemoryMetrics {
+            used_gb: 16.0 - free_gb,
+            total_gb: 16.0,
+        },
         gpus: vec![],
         running_tasks: 0,
         max_tasks: Some(4),
@@ -522,11 +720,14 @@ fn heartbeat(free_gb: f64, queue: &str) -> Heartbeat {
 }
 
 async fn waits_for_capacity_then_dispatches(backend: &str) {
-    let Some(h) = harness(backend, true, test_config(|_| {})).await else { return };
+    let Some(h) = harness(backend, true, test_config(|_| {})).await else {
+        return;
+    };
     let t = h.transport.topology().clone();
     let queue = t.agent_queue("infrastructure");
     let results = t.results_queue.clone();
     let hb = |free| Envelope::new("hb", None, Message::Heartbeat(heartbeat(free, &queue)));
+    h.transport.declare_topology().await.unwrap();
     h.transport.publish(&results, &hb(2.0)).await.unwrap();
     let first = h.submit("big_job", "alice", false).await;
     let second = h.submit("big_job", "alice", false).await;
@@ -535,12 +736,19 @@ async fn waits_for_capacity_then_dispatches(backend: &str) {
         h.engine.approve(id, "bob", None).await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(h.engine.get(first).await.unwrap().request.status, RequestStatus::Queued, "2 GiB free is not enough");
+    assert_eq!(
+        h.engine.get(first).await.unwrap().request.status,
+        RequestStatus::Queued,
+        "2 GiB free is not enough"
+    );
     assert_eq!(h.agent.as_ref().unwrap().started.load(Ordering::SeqCst), 0);
     // Room for one: the older request goes first.
     h.transport.publish(&results, &hb(10.0)).await.unwrap();
     h.wait(first, RequestStatus::Completed).await;
-    assert_eq!(h.engine.get(second).await.unwrap().request.status, RequestStatus::Queued);
+    assert_eq!(
+        h.engine.get(second).await.unwrap().request.status,
+        RequestStatus::Queued
+    );
     h.transport.publish(&results, &hb(10.0)).await.unwrap();
     h.wait(second, RequestStatus::Completed).await;
     let agents = h.engine.agents().await.unwrap();
@@ -549,13 +757,28 @@ async fn waits_for_capacity_then_dispatches(backend: &str) {
 }
 
 async fn bus_intake_plans_like_http(backend: &str) {
-    let Some(h) = harness(backend, true, test_config(|_| {})).await else { return };
+    let Some(h) = harness(backend, true, test_config(|_| {})).await else {
+        return;
+    };
     let t = h.transport.topology().clone();
-    let msg = Envelope::new("chat-1", None, Message::UserRequest(UserRequest { text: "ok_action".into(), requester: Some("carol".into()), dry_run: false }));
+    // A frontend declares the topology before publishing (the engine may not have yet).
+    h.transport.declare_topology().await.unwrap();
+    let msg = Envelope::new(
+        "chat-1",
+        None,
+        Message::UserRequest(UserRequest {
+            text: "ok_action".into(),
+            requester: Some("carol".into()),
+            dry_run: false,
+        }),
+    );
     h.transport.publish(&t.requests_queue, &msg).await.unwrap();
     // Redelivery or a second publish of the same message maps to the same request.
     h.transport.publish(&t.requests_queue, &msg).await.unwrap();
-    h.transport.publish_bytes(&t.requests_queue, b"not json".to_vec()).await.unwrap();
+    h.transport
+        .publish_bytes(&t.requests_queue, b"not json".to_vec())
+        .await
+        .unwrap();
     let id = msg.message_id;
     let r = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
@@ -573,20 +796,40 @@ async fn bus_intake_plans_like_http(backend: &str) {
     assert_eq!(r.trace_id, "chat-1");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let all = h.engine.list(&RequestFilter::default()).await.unwrap();
-    assert_eq!(all.len(), 1, "the duplicate message did not make a second request");
+    assert_eq!(
+        all.len(),
+        1,
+        "the duplicate message did not make a second request"
+    );
     let dead = h.transport.queue_depth(&t.dead_letter_queue).await.unwrap();
     assert_eq!(dead, 1, "garbage was dead-lettered");
 }
 
 async fn two_engines_share_one_store_and_bus(backend: &str) {
-    let Some(h) = harness(backend, true, test_config(|_| {})).await else { return };
+    let Some(h) = harness(backend, true, test_config(|_| {})).await else {
+        return;
+    };
     let git2 = tempfile::tempdir().unwrap();
-    let second = start_engine(h.store.clone(), h.transport.clone(), h.git_dir.path(), test_config(|c| c.instance_id = "engine-two".into()), &h.stop).await;
+    let second = start_engine(
+        h.store.clone(),
+        h.transport.clone(),
+        h.git_dir.path(),
+        test_config(|c| c.instance_id = "engine-two".into()),
+        &h.stop,
+    )
+    .await;
     drop(git2);
     let mut ids = Vec::new();
     for i in 0..20 {
         let e = if i % 2 == 0 { &h.engine } else { &second };
-        let r = e.submit(SubmitRequest { text: "ok_action, ok_action".into(), requester: Some("alice".into()), ..Default::default() }).await.unwrap();
+        let r = e
+            .submit(SubmitRequest {
+                text: "ok_action, ok_action".into(),
+                requester: Some("alice".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
         ids.push(r.id);
     }
     for (i, id) in ids.iter().enumerate() {
@@ -597,18 +840,28 @@ async fn two_engines_share_one_store_and_bus(backend: &str) {
     for id in &ids {
         h.wait(*id, RequestStatus::Completed).await;
     }
-    assert_eq!(h.agent.as_ref().unwrap().started.load(Ordering::SeqCst), 40, "every step ran exactly once");
+    assert_eq!(
+        h.agent.as_ref().unwrap().started.load(Ordering::SeqCst),
+        40,
+        "every step ran exactly once"
+    );
     for id in &ids {
         let audit = h.events(*id).await;
         assert_eq!(audit.iter().filter(|e| *e == "dispatched").count(), 2);
-        assert_eq!(audit.iter().filter(|e| *e == "committed").count(), 1, "{audit:?}");
+        assert_eq!(
+            audit.iter().filter(|e| *e == "committed").count(),
+            1,
+            "{audit:?}"
+        );
     }
     let report = h.engine.verify_audit().await.unwrap();
     assert!(report.ok, "{report:?}");
 }
 
 async fn audit_verify_detects_missing_commit(backend: &str) {
-    let Some(h) = harness(backend, true, test_config(|_| {})).await else { return };
+    let Some(h) = harness(backend, true, test_config(|_| {})).await else {
+        return;
+    };
     let id = h.submit("ok_action", "alice", false).await;
     h.wait(id, RequestStatus::AwaitingApproval).await;
     h.engine.approve(id, "bob", None).await.unwrap();
@@ -617,7 +870,14 @@ async fn audit_verify_detects_missing_commit(backend: &str) {
     // A second engine with an empty git repository sees the commit missing.
     let other_git = tempfile::tempdir().unwrap();
     let stop = CancellationToken::new();
-    let other = start_engine(h.store.clone(), h.transport.clone(), other_git.path(), test_config(|_| {}), &stop).await;
+    let other = start_engine(
+        h.store.clone(),
+        h.transport.clone(),
+        other_git.path(),
+        test_config(|_| {}),
+        &stop,
+    )
+    .await;
     let report = other.verify_audit().await.unwrap();
     stop.cancel();
     assert!(!report.ok);

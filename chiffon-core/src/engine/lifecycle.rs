@@ -211,8 +211,18 @@ impl Engine {
         };
         let plan = outcome.plan;
         if request.dry_run {
-            if let Some(step) = plan.steps.iter().find(|s| !self.inner.catalog.actions.get(&s.action).is_some_and(|a| a.check_mode)) {
-                let msg = format!("dry run impossible: action `{}` has no check mode", step.action);
+            if let Some(step) = plan.steps.iter().find(|s| {
+                !self
+                    .inner
+                    .catalog
+                    .actions
+                    .get(&s.action)
+                    .is_some_and(|a| a.check_mode)
+            }) {
+                let msg = format!(
+                    "dry run impossible: action `{}` has no check mode",
+                    step.action
+                );
                 audit.push(NewAuditEntry {
                     request_id: Some(request.id),
                     actor: "engine".into(),
@@ -220,8 +230,19 @@ impl Engine {
                     details: json!({ "code": ErrorCode::ActionNotSupported.code(), "message": msg }),
                 });
                 self.audit(audit).await;
-                let patch = RequestPatch { plan: Some(plan), error: Some(ErrorPayload::new(ErrorCode::ActionNotSupported, msg)), ..Default::default() };
-                self.set_status(request.id, RequestStatus::Planning, RequestStatus::Failed, patch).await.ok();
+                let patch = RequestPatch {
+                    plan: Some(plan),
+                    error: Some(ErrorPayload::new(ErrorCode::ActionNotSupported, msg)),
+                    ..Default::default()
+                };
+                self.set_status(
+                    request.id,
+                    RequestStatus::Planning,
+                    RequestStatus::Failed,
+                    patch,
+                )
+                .await
+                .ok();
                 return;
             }
         }
@@ -450,34 +471,23 @@ impl Engine {
                 }
             }
             if active.is_empty() {
-                let patch = RequestPatch {
-                    error: Some(ErrorPayload::new(
-                        ErrorCode::RequestCancelled,
-                        format!("cancelled by {by}"),
-                    )),
-                    ..Default::default()
-                };
-                match self
-                    .inner
-                    .store
-                    .transition(id, request.status, RequestStatus::Cancelled, &patch)
-                    .await
-                {
-                    Ok(updated) => {
-                        self.audit(vec![NewAuditEntry {
-                            request_id: Some(id),
-                            actor: by.to_string(),
-                            event: "cancelled".into(),
-                            details: json!({ "from": request.status }),
-                        }])
-                        .await;
-                        self.after_terminal(&updated).await;
-                        return Ok(self.get_request(id).await?);
-                    }
-                    // The status moved under us (planning finished, a step was dispatched): look again.
-                    Err(StoreError::Conflict { .. }) => continue,
-                    Err(e) => return Err(e.into()),
+                let error =
+                    ErrorPayload::new(ErrorCode::RequestCancelled, format!("cancelled by {by}"));
+                self.audit(vec![NewAuditEntry {
+                    request_id: Some(id),
+                    actor: by.to_string(),
+                    event: "cancel_requested".into(),
+                    details: json!({ "from": request.status }),
+                }])
+                .await;
+                self.finish(id, request.status, RequestStatus::Cancelled, Some(error))
+                    .await?;
+                let now = self.get_request(id).await?;
+                if now.status == RequestStatus::Cancelled {
+                    return Ok(now);
                 }
+                // The status moved under us (planning finished, a step was dispatched): look again.
+                continue;
             }
             let deadline = now
                 + chrono::Duration::from_std(self.inner.config.dispatch.cancel_timeout)
@@ -827,7 +837,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Ends a request: the terminal transition, the audit entry, then the git commit.
+    /// Ends a request: the git commit of an approved request first (so a terminal approved
+    /// request always carries its commit), then the terminal transition with the commit id,
+    /// then the audit entries.
     pub(super) async fn finish(
         &self,
         id: Uuid,
@@ -835,16 +847,22 @@ impl Engine {
         to: RequestStatus,
         error: Option<ErrorPayload>,
     ) -> Result<(), EngineError> {
+        let request = self.get_request(id).await?;
+        if request.status != from {
+            return Ok(());
+        }
+        let commit = self.commit_record(&request, to, error.as_ref()).await;
         let patch = RequestPatch {
             error: error.clone(),
+            commit_id: commit.as_ref().and_then(|c| c.as_ref().ok().cloned()),
             ..Default::default()
         };
-        let updated = match self.set_status(id, from, to, patch).await {
-            Ok(u) => u,
+        match self.set_status(id, from, to, patch).await {
+            Ok(_) => {}
             Err(EngineError::Store(StoreError::Conflict { .. })) => return Ok(()),
             Err(e) => return Err(e),
-        };
-        self.audit(vec![NewAuditEntry {
+        }
+        let mut audit = vec![NewAuditEntry {
             request_id: Some(id),
             actor: "engine".into(),
             event: to.as_str().into(),
@@ -852,27 +870,46 @@ impl Engine {
                 Some(e) => json!({ "code": e.code.code(), "message": e.message }),
                 None => json!({}),
             },
-        }])
-        .await;
-        self.after_terminal(&updated).await;
+        }];
+        match commit {
+            Some(Ok(c)) => audit.push(NewAuditEntry {
+                request_id: Some(id),
+                actor: "engine".into(),
+                event: "committed".into(),
+                details: json!({ "commit": c }),
+            }),
+            Some(Err(message)) => audit.push(NewAuditEntry {
+                request_id: Some(id),
+                actor: "engine".into(),
+                event: "commit_failed".into(),
+                details: json!({ "code": ErrorCode::GitCommitFailed.code(), "message": message }),
+            }),
+            None => {}
+        }
+        self.audit(audit).await;
         Ok(())
     }
 
-    /// The git commit of an approved request that ended; its id is stored on the request.
-    pub(super) async fn after_terminal(&self, request: &Request) {
+    /// Writes the git audit record of an approved request ending in `to`. `None` when the
+    /// request was never approved (or git is off); `Some(Err)` when the commit failed (it
+    /// is audited, and `chiffon audit verify` reports the missing commit).
+    async fn commit_record(
+        &self,
+        request: &Request,
+        to: RequestStatus,
+        error: Option<&ErrorPayload>,
+    ) -> Option<Result<String, String>> {
         let (Some(git), Some(approver)) = (&self.inner.git, &request.approver) else {
-            return;
+            return None;
         };
-        if request.commit_id.is_some() {
-            return;
-        }
         let steps = self.inner.store.steps(request.id).await.unwrap_or_default();
         let summary = request
             .plan
             .as_ref()
             .map(|p| p.summary.clone())
             .unwrap_or_else(|| request.text.clone());
-        let duration = (request.updated_at - request.created_at).num_milliseconds() as f64 / 1000.0;
+        let finished = Utc::now();
+        let duration = (finished - request.created_at).num_milliseconds() as f64 / 1000.0;
         let document = json!({
             "id": request.id,
             "text": request.text,
@@ -880,8 +917,8 @@ impl Engine {
             "approver": approver,
             "approval_comment": request.approval_comment,
             "dry_run": request.dry_run,
-            "outcome": request.status,
-            "error": request.error,
+            "outcome": to,
+            "error": error,
             "plan": request.plan,
             "cost_usd": request.plan.as_ref().map(|p| p.estimated_cost_usd),
             "steps": steps.iter().map(|s| json!({
@@ -890,7 +927,7 @@ impl Engine {
                 "error": s.error, "output_tail": s.output,
             })).collect::<Vec<_>>(),
             "created_at": request.created_at,
-            "finished_at": request.updated_at,
+            "finished_at": finished,
             "duration_seconds": duration,
             "trace_id": request.trace_id,
         });
@@ -912,33 +949,13 @@ impl Engine {
             document,
         };
         let git = git.clone();
-        let result = tokio::task::spawn_blocking(move || git.commit_request(&record)).await;
-        match result {
-            Ok(Ok(commit)) => {
-                if let Err(e) = self.inner.store.set_commit_id(request.id, &commit).await {
-                    tracing::warn!(request = %request.id, error = %e, "could not store the audit commit id");
-                }
-                self.audit(vec![NewAuditEntry {
-                    request_id: Some(request.id),
-                    actor: "engine".into(),
-                    event: "committed".into(),
-                    details: json!({ "commit": commit }),
-                }])
-                .await;
-            }
+        match tokio::task::spawn_blocking(move || git.commit_request(&record)).await {
+            Ok(Ok(commit)) => Some(Ok(commit)),
             Ok(Err(e)) => {
                 tracing::error!(request = %request.id, error = %e, "audit commit failed; `chiffon audit verify` will report it");
-                self.audit(vec![NewAuditEntry {
-                    request_id: Some(request.id),
-                    actor: "engine".into(),
-                    event: "commit_failed".into(),
-                    details: json!({ "code": ErrorCode::GitCommitFailed.code(), "message": e.to_string() }),
-                }])
-                .await;
+                Some(Err(e.to_string()))
             }
-            Err(e) => {
-                tracing::error!(request = %request.id, error = %e, "audit commit task panicked")
-            }
+            Err(e) => Some(Err(format!("audit commit task failed: {e}"))),
         }
     }
 

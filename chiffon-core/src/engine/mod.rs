@@ -15,9 +15,12 @@
 
 mod events;
 mod lifecycle;
+mod planning;
 mod runtime;
 
 pub use events::{EngineEvent, EventHub};
+pub use lifecycle::{AuditReport, MAX_TEXT_LEN};
+pub use planning::CatalogPlanner;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -14,7 +14,8 @@ pub fn pg_admin_url() -> String {
 }
 
 pub fn amqp_url() -> String {
-    std::env::var("CHIFFON_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("CHIFFON_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 /// Under CI a missing service is a failure; elsewhere the test says so loudly and passes.
@@ -42,13 +43,18 @@ impl Drop for PgDb {
         let name = self.name.clone();
         // Dropping needs async; a short-lived runtime on a plain thread keeps Drop sync.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
             rt.block_on(async {
                 let mut c = sqlx::PgConnection::connect(&admin).await.ok()?;
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-                    .execute(&mut c)
-                    .await
-                    .ok()
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut c)
+                .await
+                .ok()
             })
         })
         .join();
@@ -75,14 +81,21 @@ pub async fn fresh_pg() -> Option<PgDb> {
 
 pub async fn pg_store() -> Option<(Arc<dyn Store>, PgDb)> {
     let db = fresh_pg().await?;
-    let store = chiffon_core::store::connect(&db.url).await.expect("connect to the test database");
+    let store = chiffon_core::store::connect(&db.url)
+        .await
+        .expect("connect to the test database");
     Some((store, db))
 }
 
 pub async fn sqlite_store() -> (Arc<dyn Store>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("chiffon.db").display());
-    (chiffon_core::store::connect(&url).await.expect("open sqlite store"), dir)
+    (
+        chiffon_core::store::connect(&url)
+            .await
+            .expect("open sqlite store"),
+        dir,
+    )
 }
 
 /// Deletes a test topology from the broker when dropped (on its own connection and
@@ -95,9 +108,15 @@ impl Drop for AmqpCleanup {
     fn drop(&mut self) {
         let topology = self.topology.clone();
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
             rt.block_on(async {
-                let t = chiffon_core::transport::amqp::AmqpTransport::connect(&amqp_url(), topology).await.ok()?;
+                let t =
+                    chiffon_core::transport::amqp::AmqpTransport::connect(&amqp_url(), topology)
+                        .await
+                        .ok()?;
                 let _ = t.declare_topology().await;
                 let r = t.delete_topology().await.ok();
                 t.close().await;
@@ -110,7 +129,8 @@ impl Drop for AmqpCleanup {
 
 pub async fn amqp_transport() -> Option<(Arc<dyn Transport>, AmqpCleanup)> {
     let topology = Topology::with_prefix(&format!("{}.", random_name("t")));
-    match chiffon_core::transport::amqp::AmqpTransport::connect(&amqp_url(), topology.clone()).await {
+    match chiffon_core::transport::amqp::AmqpTransport::connect(&amqp_url(), topology.clone()).await
+    {
         Ok(t) => Some((Arc::new(t), AmqpCleanup { topology })),
         Err(e) => unavailable("RabbitMQ", e),
     }
@@ -118,5 +138,7 @@ pub async fn amqp_transport() -> Option<(Arc<dyn Transport>, AmqpCleanup)> {
 
 pub fn memory_transport() -> Arc<dyn Transport> {
     let topology = Topology::with_prefix(&format!("{}.", random_name("m")));
-    Arc::new(chiffon_core::transport::memory::MemoryTransport::new(topology))
+    Arc::new(chiffon_core::transport::memory::MemoryTransport::new(
+        topology,
+    ))
 }
