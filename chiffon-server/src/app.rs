@@ -17,12 +17,8 @@ use chiffon_agent_kit::{
 };
 use chiffon_core::audit::git::GitTrail;
 use chiffon_core::catalog::{Catalog, CatalogError};
-use chiffon_core::engine::{
-    Engine, EngineParts, PlanEvent, PlanFailure, PlanInput, PlanOutcome as EnginePlanOutcome,
-    PlanProvider,
-};
-use chiffon_core::llm::router::FallbackEvent;
-use chiffon_core::planner::{PlanOptions, Planner};
+use chiffon_core::engine::{CatalogPlanner, Engine, EngineParts, PlanProvider};
+use chiffon_core::planner::Planner;
 use chiffon_core::store::{Store, StoreError};
 use chiffon_core::transport::amqp::AmqpTransport;
 use chiffon_core::transport::memory::MemoryTransport;
@@ -367,51 +363,7 @@ pub fn build_planner(
         .map_err(|e| StartError::Planner(e.to_string()))?;
     tracing::info!(providers = ?router.names(), "planning chain");
     let planner = Planner::new(router, store, config.planner.clone());
-    Ok(Arc::new(CatalogPlanner { planner, catalog }))
-}
-
-/// Adapts the core's [`Planner`] (which plans against a catalog it is handed) to the
-/// engine's [`PlanProvider`] boundary. Pure type mapping: fallbacks become `fallback`
-/// audit events, usage becomes the outcome's token counts.
-struct CatalogPlanner {
-    planner: Planner,
-    catalog: Arc<Catalog>,
-}
-
-#[async_trait::async_trait]
-impl PlanProvider for CatalogPlanner {
-    async fn plan(&self, input: &PlanInput) -> Result<EnginePlanOutcome, PlanFailure> {
-        let options = PlanOptions {
-            dry_run: input.dry_run,
-            request_id: Some(input.request_id),
-        };
-        let events = |events: Vec<FallbackEvent>| -> Vec<PlanEvent> {
-            events
-                .into_iter()
-                .map(|e| PlanEvent {
-                    event: "fallback".into(),
-                    details: serde_json::to_value(&e).unwrap_or_default(),
-                })
-                .collect()
-        };
-        match self
-            .planner
-            .plan(&self.catalog, &input.text, &options)
-            .await
-        {
-            Ok(o) => Ok(EnginePlanOutcome {
-                plan: o.plan,
-                events: events(o.events),
-                input_tokens: o.usage.input_tokens,
-                output_tokens: o.usage.output_tokens,
-            }),
-            Err(e) => Err(PlanFailure {
-                code: e.code,
-                message: e.message,
-                events: events(e.events),
-            }),
-        }
-    }
+    Ok(Arc::new(CatalogPlanner::new(planner, catalog)))
 }
 
 #[cfg(test)]
