@@ -196,7 +196,19 @@ fn finish(r: &RequestDto, json: bool) -> anyhow::Result<i32> {
     if json {
         print_json(r)?;
     } else {
-        outcome_line(r, &mut std::io::stdout().lock())?;
+        let mut out = std::io::stdout().lock();
+        if r.dry_run {
+            // What a real run would change: the point of a dry run.
+            for s in r.steps.iter().flatten() {
+                if let Some(d) = s.diff.as_deref().filter(|d| !d.trim().is_empty()) {
+                    writeln!(out, "step {} {} would change:", s.seq + 1, s.action)?;
+                    for line in d.lines() {
+                        writeln!(out, "  {line}")?;
+                    }
+                }
+            }
+        }
+        outcome_line(r, &mut out)?;
     }
     let code = exit_for(r.status);
     if code != 0 {
