@@ -320,6 +320,25 @@ async fn run_yes_executes_with_the_offline_planner_and_audit_verifies() {
         stderr(&o)
     );
 
+    // A dry run needs no approval, so no --yes either.
+    let o = chiffon(
+        vec![
+            "--config".into(),
+            config.clone(),
+            "--json".into(),
+            "run".into(),
+            "noop ping".into(),
+            "--dry-run".into(),
+        ],
+        Some(dir.path()),
+    )
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v = json(&o);
+    assert_eq!(v["dry_run"], true);
+    assert_eq!(v["status"], "completed");
+    assert_eq!(v["approver"], "policy:dry_run");
+
     let o = chiffon(
         vec![
             "--config".into(),
