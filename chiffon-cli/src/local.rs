@@ -162,21 +162,42 @@ async fn run_in(
         .map(|p| p.steps.iter().map(|s| s.action.clone()).collect())
         .unwrap_or_default();
     let mut progress = render::Progress::new(steps, json);
+    // ctrl-c or SIGTERM cancels the request (stopping a running playbook) and waits for it.
+    let interrupt = chiffon_server::shutdown_signal();
+    tokio::pin!(interrupt);
+    let mut interrupted = false;
     loop {
-        let r = engine.get(id).await?;
-        if r.request.status.is_terminal() {
-            break;
-        }
-        match tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
-            Ok(Ok(ev)) => {
-                let last = ev.is_final();
-                progress.event(&EventDto::from(ev));
-                if last {
-                    break;
+        tokio::select! {
+            _ = &mut interrupt, if !interrupted => {
+                interrupted = true;
+                eprintln!("interrupted: cancelling {id}");
+                if let Err(e) = engine.cancel(id, &user).await {
+                    tracing::debug!(error = %e, "cancel after interrupt");
                 }
             }
-            Ok(Err(RecvError::Closed)) => rx = engine.subscribe(id),
-            Ok(Err(RecvError::Lagged(_))) | Err(_) => {}
+            next = tokio::time::timeout(Duration::from_millis(500), rx.recv()) => match next {
+                Ok(Ok(ev)) => {
+                    let last = ev.is_final();
+                    progress.event(&EventDto::from(ev));
+                    if last {
+                        break;
+                    }
+                }
+                Ok(Err(e)) => {
+                    if matches!(e, RecvError::Closed) {
+                        rx = engine.subscribe(id);
+                    }
+                    if engine.get(id).await?.request.status.is_terminal() {
+                        break;
+                    }
+                }
+                // Quiet for a while: make sure the end was not missed.
+                Err(_) => {
+                    if engine.get(id).await?.request.status.is_terminal() {
+                        break;
+                    }
+                }
+            },
         }
     }
     progress.finish();
