@@ -272,11 +272,14 @@ impl App {
 
     /// The HTTP API over this app's engine.
     pub fn router(&self) -> Router {
-        router(AppState::new(
-            self.engine.clone(),
-            Auth::new(self.config.tokens.clone()),
-            self.config.server.clone(),
-        ))
+        router(
+            AppState::new(
+                self.engine.clone(),
+                Auth::new(self.config.tokens.clone()),
+                self.config.server.clone(),
+            )
+            .with_shutdown(self.shutdown.clone()),
+        )
     }
 
     /// Binds the configured address, refusing a non-loopback one when no tokens are

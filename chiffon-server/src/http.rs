@@ -8,6 +8,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 use chiffon_core::engine::Engine;
+use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -22,6 +23,8 @@ pub struct AppState {
     pub engine: Engine,
     pub auth: Arc<Auth>,
     pub server: ServerConfig,
+    /// Ends long-lived responses (SSE) so a graceful shutdown does not wait for them.
+    pub shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for AppState {
@@ -39,7 +42,14 @@ impl AppState {
             engine,
             auth: Arc::new(auth),
             server,
+            shutdown: CancellationToken::new(),
         }
+    }
+
+    /// Event streams end when `token` is cancelled.
+    pub fn with_shutdown(mut self, token: CancellationToken) -> Self {
+        self.shutdown = token;
+        self
     }
 }
 

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use chiffon_core::engine::{EngineEvent, SubmitRequest};
 use chiffon_core::model::{RequestFilter, RequestStatus};
 use chiffon_protocol::ErrorCode;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
@@ -300,6 +300,7 @@ pub async fn events(
             }
         },
     );
+    let stream = stream.take_until(state.shutdown.clone().cancelled_owned());
     Ok(Sse::new(stream).keep_alive(
         KeepAlive::new().interval(Duration::from_secs(state.server.sse_keepalive_secs.max(1))),
     ))

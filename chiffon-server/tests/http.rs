@@ -624,3 +624,33 @@ async fn openapi_lists_every_route() {
     );
     t.app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_event_streams_end_on_shutdown() {
+    let t = setup(false).await;
+    let id = t.submit(None, "x").await;
+    t.wait(id, RequestStatus::AwaitingApproval).await;
+    let resp = t
+        .router
+        .clone()
+        .oneshot(
+            Request::builder()
+                .uri(format!("/request/{id}/events"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut stream = resp.into_body().into_data_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("awaiting_approval"));
+    let reader = tokio::spawn(async move { while stream.next().await.is_some() {} });
+    // The request is still awaiting approval: only the shutdown can end this stream.
+    tokio::time::timeout(Duration::from_secs(30), t.app.shutdown())
+        .await
+        .expect("shutdown does not wait for open streams");
+    tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .expect("the stream ended")
+        .unwrap();
+}
