@@ -654,3 +654,26 @@ async fn open_event_streams_end_on_shutdown() {
         .expect("the stream ended")
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_tokens_only_loopback_is_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = chiffon_server::testing::temp_config(dir.path(), vec![]);
+    config.bind = "0.0.0.0:0".into();
+    let app = chiffon_server::testing::start_app_with(config).await;
+    let err = app.bind().await.unwrap_err();
+    assert_eq!(err.code().code(), 5601, "{err}");
+    assert!(err.to_string().contains("without API tokens"), "{err}");
+    app.shutdown().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = chiffon_server::testing::temp_config(dir.path(), tokens());
+    config.bind = "0.0.0.0:0".into();
+    let app = chiffon_server::testing::start_app_with(config).await;
+    let listener = app
+        .bind()
+        .await
+        .expect("with tokens any address may be bound");
+    assert!(app.serve(listener).is_ok());
+    app.shutdown().await;
+}
