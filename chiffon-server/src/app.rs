@@ -90,8 +90,8 @@ pub struct AppOptions {
     pub transport: Option<Arc<dyn Transport>>,
     /// Use this catalog instead of loading the configured folder.
     pub catalog: Option<Arc<Catalog>>,
-    /// Start the engine's background work (intake, dispatch, sweeps). Default `true`;
-    /// `false` for commands that only read (`audit`).
+    /// Do not start the engine's background work (intake, dispatch, sweeps): for commands
+    /// that only read (`audit`).
     pub no_engine: bool,
     /// Never start in-process agents, whatever the configuration says.
     pub no_agents: bool,
