@@ -464,3 +464,46 @@ async fn up_serves_the_api_and_stops_on_sigterm() {
     assert!(dir.path().join("up.db").exists());
     assert!(dir.path().join(".chiffon/audit").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_sent_and_refusals_are_one_line() {
+    use chiffon_server::config::{Role, TokenConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = vec![TokenConfig {
+        name: Some("vera".into()),
+        token: "viewer-token-0123456789".into(),
+        role: Role::Viewer,
+    }];
+    let app = start_app(dir.path(), tokens).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", app.serve(listener).unwrap());
+
+    let o = chiffon(args(&url, &["list"]), None).await;
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("5503"), "{err}");
+
+    let o = chiffon(
+        args(
+            &url,
+            &["--token", "viewer-token-0123456789", "--json", "list"],
+        ),
+        None,
+    )
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(json(&o)["requests"].is_array());
+
+    let o = chiffon(
+        args(
+            &url,
+            &["--token", "viewer-token-0123456789", "request", "x"],
+        ),
+        None,
+    )
+    .await;
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("5504"), "{}", stderr(&o));
+    app.shutdown().await;
+}

@@ -340,7 +340,8 @@ pub async fn costs(
 ) -> Result<Json<CostsDto>, AppError> {
     who.require(Role::Viewer, "read costs")?;
     let lines = state.engine.costs().await?;
-    let total = lines.iter().map(|l| l.spent_usd).sum();
+    // A float `sum()` of nothing is -0.0, which prints as "$-0.0000".
+    let total = lines.iter().fold(0.0, |acc, l| acc + l.spent_usd);
     Ok(Json(CostsDto {
         month: chrono::Utc::now().format("%Y-%m").to_string(),
         providers: lines.into_iter().map(Into::into).collect(),
