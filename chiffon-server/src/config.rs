@@ -268,6 +268,10 @@ impl Config {
         if let Some(v) = nonempty(&env, "CHIFFON_AUDIT_REPO") {
             self.audit_repo = PathBuf::from(v);
         }
+        // The agent binaries read the same variable; in-process agents follow it too.
+        if let Some(v) = nonempty(&env, "CHIFFON_ANSIBLE_PLAYBOOK") {
+            self.agents.ansible_playbook = Some(PathBuf::from(v));
+        }
         // A provider is enabled by its key (or, for the OpenAI wire format and Ollama, its
         // address); the file may still set its model, prices and budget.
         let key = nonempty(&env, "ANTHROPIC_API_KEY");
@@ -499,6 +503,10 @@ role = "approver"
             ("OPENAI_BASE_URL", "http://127.0.0.1:4000/v1"),
             ("OLLAMA_HOST", "127.0.0.1:11434"),
             ("CHIFFON_LLM_ORDER", "ollama, claude"),
+            (
+                "CHIFFON_ANSIBLE_PLAYBOOK",
+                "/opt/ansible/bin/ansible-playbook",
+            ),
         ]);
         let flags = ConfigOverrides {
             bind: Some("127.0.0.1:0".into()),
@@ -516,6 +524,10 @@ role = "approver"
             "http://127.0.0.1:11434"
         );
         assert_eq!(c.llm.order, vec!["ollama", "anthropic"]);
+        assert_eq!(
+            c.agents.ansible_playbook,
+            Some(PathBuf::from("/opt/ansible/bin/ansible-playbook"))
+        );
         assert_eq!(c.engine.approval.cost_limit_usd, Some(2.0));
         assert_eq!(c.engine.budgets.get("openai"), Some(&7.5));
         assert_eq!(c.tokens[0].identity(), "alice");
