@@ -108,6 +108,7 @@ error_codes! {
     // 57xx: audit trail
     GitCommitFailed = 5701, "git_commit_failed", true, 500, "The audit commit could not be written to the git repository.";
     AuditMissingCommit = 5702, "audit_missing_commit", false, 500, "A terminal approved request has no audit commit.";
+    AuditRecordInvalid = 5703, "audit_record_invalid", false, 500, "An audit record cannot be written as a git commit (for example an empty approver name).";
 }
 
 impl std::fmt::Display for ErrorCode {

@@ -24,9 +24,30 @@
 //! assert_eq!(parsed.version, 1);
 //! ```
 //!
-//! Parsing is strict about what matters (version, type, required fields, ranges: each
-//! failure is a [`ProtocolError`] with its code) and lenient about the rest: unknown fields
-//! are ignored, so newer senders can add fields without breaking older receivers.
+//! ## Parsing
+//!
+//! [`Envelope::parse`] is strict about what matters and lenient about the rest. Each failure
+//! is a [`ProtocolError`] with its code:
+//!
+//! | input | code |
+//! | --- | --- |
+//! | not JSON, or not a JSON object | 5001 `malformed_message` |
+//! | `version` an integer other than 1 | 5002 `unsupported_version` |
+//! | `message_type` a string that is not a known type | 5003 `unknown_message_type` |
+//! | a field missing or mistyped, a bad uuid or timestamp, an empty `text`/`action` | 5004 `invalid_field` |
+//! | `progress` outside 0..=100, `attempt` 0, negative `memory_gb` | 5005 `value_out_of_range` |
+//!
+//! Unknown fields, in the envelope and in payloads, are ignored and dropped, so newer
+//! senders can add fields without breaking older receivers; an unknown `message_type` is
+//! still rejected, since a receiver cannot act on a message it does not understand.
+//! Floats survive the wire exactly (serde_json's `float_roundtrip`).
+//!
+//! ## Error codes
+//!
+//! Every error anywhere in Chiffon (bus, store, planner, agents, HTTP API, audit) carries a
+//! code from one table, documented on [`ErrorCode`] with its name, meaning, HTTP status and
+//! whether it is transient, so retry logic asks [`ErrorCode::is_transient`] instead of
+//! matching strings.
 
 mod error;
 mod message;

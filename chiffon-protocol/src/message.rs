@@ -296,6 +296,33 @@ pub struct Cancel {
     pub reason: Option<String>,
 }
 
+/// A `work_status` progress that is a number outside 0..=100 (negative, or too large for the
+/// field's integer type) is out of range (5005), not mistyped: serde alone would report
+/// -5 or 1e12 as a type error (5004). A fractional value inside the range stays 5004.
+fn check_progress(obj: &Map<String, Value>) -> Result<(), ProtocolError> {
+    if obj.get("message_type").and_then(Value::as_str) != Some("work_status") {
+        return Ok(());
+    }
+    let Some(Value::Number(n)) = obj.get("payload").and_then(|p| p.get("progress")) else {
+        return Ok(());
+    };
+    let in_range = match (n.as_u64(), n.as_i64(), n.as_f64()) {
+        (Some(u), _, _) => u <= 100,
+        (None, Some(_), _) => false,
+        (None, None, Some(f)) => (0.0..=100.0).contains(&f),
+        (None, None, None) => true,
+    };
+    if in_range {
+        Ok(())
+    } else {
+        Err(ProtocolError::new(
+            ErrorCode::ValueOutOfRange,
+            format!("progress {n} is outside 0..=100"),
+        )
+        .with_details(serde_json::json!({ "field": "payload.progress", "value": n })))
+    }
+}
+
 fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -359,26 +386,26 @@ impl Envelope {
         })?;
         match obj.get("version") {
             None => return Err(ProtocolError::field("version", "missing field `version`")),
-            Some(v) => match v.as_u64() {
-                Some(1) => {}
-                Some(n) => {
-                    return Err(ProtocolError::new(
-                        ErrorCode::UnsupportedVersion,
-                        format!(
+            // Any integer is a version, even a nonsensical one (0, -1, 2): that is "not a
+            // version this build speaks" (5002); a string or a fraction is mistyped (5004).
+            Some(Value::Number(n)) if n.as_u64() == Some(u64::from(PROTOCOL_VERSION)) => {}
+            Some(Value::Number(n)) if n.is_u64() || n.is_i64() => {
+                return Err(ProtocolError::new(
+                    ErrorCode::UnsupportedVersion,
+                    format!(
                         "unsupported protocol version {n}, this build speaks {PROTOCOL_VERSION}"
                     ),
-                    )
-                    .with_details(
-                        serde_json::json!({ "version": n, "supported": [PROTOCOL_VERSION] }),
-                    ))
-                }
-                None => {
-                    return Err(ProtocolError::field(
-                        "version",
-                        "`version` must be an integer",
-                    ))
-                }
-            },
+                )
+                .with_details(
+                    serde_json::json!({ "version": n, "supported": [PROTOCOL_VERSION] }),
+                ))
+            }
+            Some(_) => {
+                return Err(ProtocolError::field(
+                    "version",
+                    "`version` must be an integer",
+                ))
+            }
         }
         match obj.get("message_type") {
             None => {
@@ -402,6 +429,7 @@ impl Envelope {
                 ))
             }
         }
+        check_progress(obj)?;
         let envelope: Envelope = serde_json::from_value(value).map_err(|e| {
             ProtocolError::new(ErrorCode::InvalidField, format!("invalid message: {e}"))
         })?;
@@ -430,7 +458,10 @@ impl Envelope {
             Message::WorkRequest(w) if w.action.is_empty() || w.agent_type.is_empty() => Err(
                 ProtocolError::field("payload.action", "action and agent_type must not be empty"),
             ),
-            Message::WorkRequest(w) if !(w.resources_required.memory_gb >= 0.0) => {
+            Message::WorkRequest(w)
+                if w.resources_required.memory_gb.is_nan()
+                    || w.resources_required.memory_gb < 0.0 =>
+            {
                 Err(ProtocolError::new(
                     ErrorCode::ValueOutOfRange,
                     "resources_required.memory_gb must be 0 or more",

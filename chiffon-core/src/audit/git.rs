@@ -1,17 +1,604 @@
-// TEMP stub for compiling the engine; replaced by the real module.
+//! The git audit trail: one commit per finished request in a git repository, so the record of
+//! what was done, by whose approval, can be read, diffed, signed and mirrored with ordinary
+//! git tools, independently of the database.
+//!
+//! Each request becomes the file `requests/ab/ID.json` (pretty JSON of the caller's
+//! document: text, plan, approver, steps, outcome, cost, duration…), sharded by the first two
+//! hex characters of the id so that neither a commit's cost nor a folder's size grows with
+//! the history (the contract's `requests/ID.json`, with the shard folder between: a flat
+//! folder of every request ever made would make each commit rewrite an ever-growing tree).
+//! The commit's first line is `infra(ID): SUMMARY`, its author the approver,
+//! its committer `chiffon`.
+//!
+//! # Layout: a bare repository, commits written directly
+//!
+//! The repository is **bare** (created with `HEAD` → `refs/heads/main`). Commits are built
+//! from blobs and trees written straight into the object database with
+//! [`git2::TreeBuilder`]: no index, no working tree. An index would make each commit cost
+//! grow with the number of files, and a working tree would only go stale, since nothing here
+//! checks files out; `git clone`, `git log`, `git show` work on a bare repository as usual.
+//! An existing non-bare repository is accepted too: commits go to the branch its `HEAD`
+//! names, and its working tree is left alone.
+//!
+//! # Several writers
+//!
+//! Threads of one process and several processes (orchestrator instances sharing the
+//! repository on one file system) may commit at the same time. A commit is prepared on the
+//! branch tip it read, then the branch is moved with a compare-and-swap
+//! ([`git2::Repository::reference_matching`], under git's own `.lock` file): if another
+//! writer moved it first, the tree is rebuilt on the new tip and the swap retried, with a
+//! short jittered backoff. No commit is lost and history stays linear.
+//!
+//! # Blocking
+//!
+//! libgit2 does blocking file I/O (about a millisecond per commit). From async code use the
+//! `*_async` methods, which run on tokio's blocking pool, or call the blocking methods
+//! inside [`tokio::task::spawn_blocking`]. [`GitTrail`] is `Send + Sync`: share it in an
+//! `Arc`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chiffon_protocol::ErrorCode;
+use git2::{ErrorCode as GitCode, ObjectType, Oid, Repository, RepositoryInitOptions, Signature};
+use rand::Rng;
+use uuid::Uuid;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The branch a new repository's `HEAD` points to.
+pub const DEFAULT_BRANCH: &str = "refs/heads/main";
+/// Name of the committer of every audit commit (the author is the approver).
+pub const COMMITTER_NAME: &str = "chiffon";
+/// Email of the committer of every audit commit.
+pub const COMMITTER_EMAIL: &str = "chiffon@localhost";
+/// The folder of the request records in the repository.
+pub const REQUESTS_DIR: &str = "requests";
+
+/// How often a commit is rebuilt after losing the race for the branch before giving up.
+const MAX_ATTEMPTS: u32 = 100;
+/// Longest summary kept on the first line of a commit message, in characters.
+const MAX_SUBJECT_CHARS: usize = 120;
+
+/// Errors of the git audit trail.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditError {
+    /// The repository could not be opened or created.
+    #[error("cannot open or create the audit repository at {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: BoxError,
+    },
+    /// A git operation failed (I/O, a stale lock file, a damaged object).
+    #[error("audit git operation failed ({context}): {source}")]
+    Git {
+        context: &'static str,
+        #[source]
+        source: BoxError,
+    },
+    /// Other writers kept moving or locking the branch (or a stale `.lock` file was left by
+    /// a crashed writer); the commit was not written.
+    #[error("the audit branch stayed busy for {attempts} attempts (last: {last_error}); commit not written")]
+    Contention { attempts: u32, last_error: String },
+    /// The record cannot be written as a commit (for example an empty author name).
+    #[error("invalid audit record for request {id}: {reason}")]
+    InvalidRecord { id: Uuid, reason: String },
+    /// The request already has an audit commit, with a different document.
+    #[error("request {id} already has audit commit {commit} with a different record")]
+    RecordDiffers { id: Uuid, commit: String },
+    /// The repository does not have the layout the trail writes (for example `HEAD`
+    /// detached, or `requests` a file).
+    #[error("the audit repository is not usable: {0}")]
+    Layout(String),
+    /// The blocking task running a git operation panicked or was cancelled.
+    #[error("audit git task did not finish: {0}")]
+    Task(String),
+}
+
+impl AuditError {
+    /// The protocol error code to report.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            AuditError::Open { .. }
+            | AuditError::Git { .. }
+            | AuditError::Contention { .. }
+            | AuditError::Layout(_)
+            | AuditError::Task(_) => ErrorCode::GitCommitFailed,
+            AuditError::InvalidRecord { .. } => ErrorCode::AuditRecordInvalid,
+            AuditError::RecordDiffers { .. } => ErrorCode::Conflict,
+        }
+    }
+
+    /// Whether trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            AuditError::Git { .. } | AuditError::Contention { .. } | AuditError::Task(_)
+        )
+    }
+
+    fn git(context: &'static str) -> impl FnOnce(git2::Error) -> AuditError {
+        move |e| AuditError::Git {
+            context,
+            source: Box::new(e),
+        }
+    }
+}
+
+/// What to commit for one finished request.
+#[derive(Debug, Clone, PartialEq)]
 pub struct RequestRecord {
-    pub id: uuid::Uuid,
+    /// The request id: names the file and the commit.
+    pub id: Uuid,
+    /// One line for the commit subject (only the first line is used there; the whole text
+    /// goes into the body when it is longer).
     pub summary: String,
+    /// The approver: the commit's author.
     pub author_name: String,
     pub author_email: String,
+    /// Written as pretty JSON to `requests/ab/ID.json`: text, plan, approver, steps,
+    /// outcome, cost, duration…
     pub document: serde_json::Value,
 }
-pub struct GitTrail;
+
+/// One finished request per commit in a git repository; see the [module docs](self).
+pub struct GitTrail {
+    path: PathBuf,
+    // `Repository` is `Send` but not `Sync`; operations are about a millisecond, so one
+    // handle behind a mutex is enough. Other processes and other `GitTrail`s on the same
+    // path are coordinated by the compare-and-swap, not by this lock.
+    repo: Mutex<Repository>,
+}
+
+impl std::fmt::Debug for GitTrail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitTrail")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// The repository path of a request's record: `requests/ab/ID.json`.
+pub fn record_path(id: Uuid) -> String {
+    let id = id.hyphenated().to_string();
+    format!("{REQUESTS_DIR}/{}/{id}.json", &id[..2])
+}
+
+/// The first line of a request's audit commit: `infra(ID): SUMMARY`.
+pub fn subject_line(id: Uuid, summary: &str) -> String {
+    let first = summary
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("(no summary)");
+    let first = first.split_whitespace().collect::<Vec<_>>().join(" ");
+    let first = if first.chars().count() > MAX_SUBJECT_CHARS {
+        let cut: String = first.chars().take(MAX_SUBJECT_CHARS - 1).collect();
+        format!("{}…", cut.trim_end())
+    } else {
+        first
+    };
+    format!("infra({}): {first}", id.hyphenated())
+}
+
 impl GitTrail {
-    pub fn commit_request(&self, _r: &RequestRecord) -> Result<String, std::io::Error> {
-        Err(std::io::Error::other("stub"))
+    /// Opens the repository at `path`, or creates a bare one there (with missing parent
+    /// folders) when `path` does not exist or is an empty folder. A folder with other
+    /// content is refused rather than turned into a repository. Several processes may call
+    /// this at once on a missing path: the repository appears atomically, and all of them
+    /// open the same one.
+    pub fn open_or_init(path: impl AsRef<Path>) -> Result<GitTrail, AuditError> {
+        let path = path.as_ref().to_path_buf();
+        let open_err = |e: BoxError| AuditError::Open {
+            path: path.clone(),
+            source: e,
+        };
+        let repo = match Repository::open(&path) {
+            Ok(repo) => repo,
+            Err(e) if e.code() == GitCode::NotFound => {
+                let is_empty_or_missing = match std::fs::read_dir(&path) {
+                    Ok(mut entries) => entries.next().is_none(),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+                    Err(e) => return Err(open_err(Box::new(e))),
+                };
+                if is_empty_or_missing {
+                    init_atomically(&path).map_err(open_err)?
+                } else {
+                    // Another process may have just renamed its new repository into place
+                    // (atomically, so a second look sees all of it or nothing).
+                    Repository::open(&path).map_err(|_| {
+                        open_err(
+                            "the folder exists, is not empty and is not a git repository".into(),
+                        )
+                    })?
+                }
+            }
+            Err(e) => return Err(open_err(Box::new(e))),
+        };
+        Ok(GitTrail {
+            path,
+            repo: Mutex::new(repo),
+        })
     }
-    pub fn find_commit_for(&self, _id: uuid::Uuid) -> Result<Option<String>, std::io::Error> {
-        Ok(None)
+
+    /// Where the repository is.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
+
+    fn repo(&self) -> MutexGuard<'_, Repository> {
+        // A panic while holding the lock leaves nothing half-done in the repository (objects
+        // are content-addressed, the branch moves atomically), so a poisoned lock is usable.
+        self.repo.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Commits the record of a finished request and returns the commit id (40 hex digits).
+    ///
+    /// Idempotent: if the branch tip already has `requests/ab/ID.json` with the same
+    /// content, no commit is added and the commit that wrote it is returned. If it has a
+    /// different content, [`AuditError::RecordDiffers`] names that commit: a request's
+    /// record is written once.
+    ///
+    /// Blocking; see the [module docs](self).
+    pub fn commit_request(&self, record: &RequestRecord) -> Result<String, AuditError> {
+        let author = signature(record)?;
+        let content = record_bytes(record)?;
+        let path = record_path(record.id);
+        let message = commit_message(record, &path);
+        let repo = self.repo();
+        let blob = repo
+            .blob(&content)
+            .map_err(AuditError::git("write record blob"))?;
+        let branch = head_branch(&repo)?;
+        let mut rng = rand::rng();
+        let mut last_error = String::new();
+        for attempt in 1..=MAX_ATTEMPTS {
+            let tip = branch_tip(&repo, &branch)?;
+            let parent = tip
+                .map(|id| repo.find_commit(id))
+                .transpose()
+                .map_err(AuditError::git("read branch tip"))?;
+            let parent_tree = parent
+                .as_ref()
+                .map(|c| c.tree())
+                .transpose()
+                .map_err(AuditError::git("read tip tree"))?;
+            if let Some(existing) = parent_tree
+                .as_ref()
+                .map(|t| entry_id(t, &path))
+                .transpose()?
+                .flatten()
+            {
+                // The tree came from the tip, so the tip holds the record.
+                let commit = tip
+                    .map(|tip| introducing_commit(&repo, tip, &path))
+                    .transpose()?
+                    .flatten()
+                    .ok_or_else(|| AuditError::Layout(format!("{path} has no commit")))?;
+                return if existing == blob {
+                    Ok(commit.to_string())
+                } else {
+                    Err(AuditError::RecordDiffers {
+                        id: record.id,
+                        commit: commit.to_string(),
+                    })
+                };
+            }
+            let tree_id = insert_record(&repo, parent_tree.as_ref(), record.id, blob)?;
+            let tree = repo
+                .find_tree(tree_id)
+                .map_err(AuditError::git("read new tree"))?;
+            let committer = Signature::now(COMMITTER_NAME, COMMITTER_EMAIL)
+                .map_err(AuditError::git("committer signature"))?;
+            let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
+            // Written without moving any ref: the branch moves below, only if nobody else
+            // moved it since we read `tip`.
+            let commit = repo
+                .commit(None, &author, &committer, &message, &tree, &parents)
+                .map_err(AuditError::git("write commit"))?;
+            let log = message.lines().next().unwrap_or_default();
+            match repo.reference_matching(&branch, commit, true, tip.unwrap_or(Oid::ZERO_SHA1), log)
+            {
+                Ok(_) => return Ok(commit.to_string()),
+                Err(e) if is_race(&e) => {
+                    last_error = e.message().to_string();
+                    // Lost the race: the unreferenced commit object is garbage for `git gc`.
+                    let cap = 1u64 << attempt.min(6);
+                    std::thread::sleep(Duration::from_millis(rng.random_range(0..=cap)));
+                }
+                Err(e) => return Err(AuditError::git("move branch")(e)),
+            }
+        }
+        Err(AuditError::Contention {
+            attempts: MAX_ATTEMPTS,
+            last_error,
+        })
+    }
+
+    /// The commit that wrote the record of request `id`, if the branch has it.
+    ///
+    /// Walks back from the tip, so the cost grows with the number of commits made since
+    /// (small for the recent requests this is asked about; the store keeps each request's
+    /// commit id for the rest).
+    pub fn find_commit_for(&self, id: Uuid) -> Result<Option<String>, AuditError> {
+        let repo = self.repo();
+        let branch = head_branch(&repo)?;
+        let Some(tip) = branch_tip(&repo, &branch)? else {
+            return Ok(None);
+        };
+        Ok(introducing_commit(&repo, tip, &record_path(id))?.map(|c| c.to_string()))
+    }
+
+    /// Of `ids`, the requests whose record is missing at the branch tip (for
+    /// `chiffon audit verify`). Costs one tree lookup per id.
+    pub fn verify(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, AuditError> {
+        let repo = self.repo();
+        let branch = head_branch(&repo)?;
+        let Some(tip) = branch_tip(&repo, &branch)? else {
+            return Ok(ids.to_vec());
+        };
+        let tree = repo
+            .find_commit(tip)
+            .and_then(|c| c.tree())
+            .map_err(AuditError::git("read tip tree"))?;
+        let mut missing = Vec::new();
+        for &id in ids {
+            if entry_id(&tree, &record_path(id))?.is_none() {
+                missing.push(id);
+            }
+        }
+        Ok(missing)
+    }
+
+    /// The newest `limit` commits of the branch, newest first: (commit id, first line).
+    pub fn log(&self, limit: usize) -> Result<Vec<(String, String)>, AuditError> {
+        let repo = self.repo();
+        let branch = head_branch(&repo)?;
+        let mut out = Vec::new();
+        let mut next = branch_tip(&repo, &branch)?;
+        while let Some(id) = next {
+            if out.len() >= limit {
+                break;
+            }
+            let commit = repo
+                .find_commit(id)
+                .map_err(AuditError::git("read commit"))?;
+            let subject = String::from_utf8_lossy(commit.message_bytes())
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            out.push((id.to_string(), subject));
+            next = commit.parent_ids().next();
+        }
+        Ok(out)
+    }
+
+    /// [`GitTrail::commit_request`] on tokio's blocking pool.
+    pub async fn commit_request_async(
+        self: &Arc<Self>,
+        record: RequestRecord,
+    ) -> Result<String, AuditError> {
+        let trail = Arc::clone(self);
+        blocking(move || trail.commit_request(&record)).await
+    }
+
+    /// [`GitTrail::find_commit_for`] on tokio's blocking pool.
+    pub async fn find_commit_for_async(
+        self: &Arc<Self>,
+        id: Uuid,
+    ) -> Result<Option<String>, AuditError> {
+        let trail = Arc::clone(self);
+        blocking(move || trail.find_commit_for(id)).await
+    }
+
+    /// [`GitTrail::verify`] on tokio's blocking pool.
+    pub async fn verify_async(self: &Arc<Self>, ids: Vec<Uuid>) -> Result<Vec<Uuid>, AuditError> {
+        let trail = Arc::clone(self);
+        blocking(move || trail.verify(&ids)).await
+    }
+
+    /// [`GitTrail::log`] on tokio's blocking pool.
+    pub async fn log_async(
+        self: &Arc<Self>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, AuditError> {
+        let trail = Arc::clone(self);
+        blocking(move || trail.log(limit)).await
+    }
+}
+
+/// Creates a bare repository at `path` so that nobody ever sees it half made: it is
+/// initialised in a sibling folder and renamed into place. When several processes start at
+/// once, one rename wins and the others open what it made.
+fn init_atomically(path: &Path) -> Result<Repository, BoxError> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(parent)?;
+    let name = path
+        .file_name()
+        .ok_or("the path has no final folder name")?
+        .to_string_lossy();
+    let tmp = parent.join(format!(".{name}.init-{}", Uuid::new_v4().simple()));
+    let mut opts = RepositoryInitOptions::new();
+    opts.bare(true)
+        .mkpath(true)
+        .no_reinit(true)
+        .initial_head(DEFAULT_BRANCH);
+    drop(Repository::init_opts(&tmp, &opts)?);
+    // Renaming onto an empty folder replaces it; onto a repository another process just
+    // made, it fails, and that repository is the one to use.
+    if std::fs::rename(&tmp, path).is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    match Repository::open(path) {
+        Ok(repo) => Ok(repo),
+        // The rename failed and the folder is still empty (a mount point, say): fall back
+        // to initialising in place.
+        Err(e) if e.code() == GitCode::NotFound && is_empty_dir(path) => {
+            Ok(Repository::init_opts(path, &opts)?)
+        }
+        Err(e) => Err(Box::new(e)),
+    }
+}
+
+fn is_empty_dir(path: &Path) -> bool {
+    std::fs::read_dir(path).is_ok_and(|mut entries| entries.next().is_none())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AuditError> + Send + 'static,
+) -> Result<T, AuditError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AuditError::Task(e.to_string()))?
+}
+
+/// Another writer holds the branch's lock or moved it since we read it.
+fn is_race(e: &git2::Error) -> bool {
+    matches!(
+        e.code(),
+        GitCode::Modified | GitCode::Locked | GitCode::Exists
+    )
+}
+
+fn record_bytes(record: &RequestRecord) -> Result<Vec<u8>, AuditError> {
+    let mut bytes =
+        serde_json::to_vec_pretty(&record.document).map_err(|e| AuditError::InvalidRecord {
+            id: record.id,
+            reason: e.to_string(),
+        })?;
+    bytes.push(b'\n');
+    Ok(bytes)
+}
+
+fn signature(record: &RequestRecord) -> Result<Signature<'static>, AuditError> {
+    let invalid = |reason: String| AuditError::InvalidRecord {
+        id: record.id,
+        reason,
+    };
+    let name = record.author_name.trim();
+    let email = record.author_email.trim();
+    if name.is_empty() {
+        return Err(invalid("the author (approver) name is empty".into()));
+    }
+    for (what, value) in [("name", name), ("email", email)] {
+        if value.contains(['<', '>', '\n', '\r', '\0']) {
+            return Err(invalid(format!(
+                "the author {what} {value:?} contains `<`, `>` or a line break"
+            )));
+        }
+    }
+    Signature::now(name, email).map_err(|e| invalid(e.message().to_string()))
+}
+
+fn commit_message(record: &RequestRecord, path: &str) -> String {
+    let mut message = subject_line(record.id, &record.summary);
+    message.push_str("\n\n");
+    let summary = record.summary.trim();
+    if summary.lines().count() > 1 || summary.chars().count() > MAX_SUBJECT_CHARS {
+        message.push_str(summary);
+        message.push_str("\n\n");
+    }
+    message.push_str(&format!(
+        "Record: {path}\nChiffon-Request: {}\nApproved-by: {} <{}>\n",
+        record.id.hyphenated(),
+        record.author_name.trim(),
+        record.author_email.trim(),
+    ));
+    message
+}
+
+/// The symbolic target of `HEAD` (the branch commits go to), even when it is unborn.
+fn head_branch(repo: &Repository) -> Result<String, AuditError> {
+    let head = repo
+        .find_reference("HEAD")
+        .map_err(AuditError::git("read HEAD"))?;
+    head.symbolic_target()
+        .map_err(AuditError::git("read HEAD"))?
+        .map(str::to_string)
+        .ok_or_else(|| {
+            AuditError::Layout("HEAD is detached; it must name a branch to commit to".into())
+        })
+}
+
+fn branch_tip(repo: &Repository, branch: &str) -> Result<Option<Oid>, AuditError> {
+    match repo.refname_to_id(branch) {
+        Ok(id) => Ok(Some(id)),
+        Err(e) if e.code() == GitCode::NotFound => Ok(None),
+        Err(e) => Err(AuditError::git("read branch")(e)),
+    }
+}
+
+/// The blob id at `path` in `tree`, if there is one.
+fn entry_id(tree: &git2::Tree<'_>, path: &str) -> Result<Option<Oid>, AuditError> {
+    match tree.get_path(Path::new(path)) {
+        Ok(entry) if entry.kind() == Some(ObjectType::Blob) => Ok(Some(entry.id())),
+        Ok(_) => Err(AuditError::Layout(format!("{path} is not a file"))),
+        Err(e) if e.code() == GitCode::NotFound => Ok(None),
+        Err(e) => Err(AuditError::git("read tree")(e)),
+    }
+}
+
+/// A copy of `root` with `requests/ab/ID.json` set to `blob`; only the two folders on the
+/// path are rewritten, the other shards are shared with the parent.
+fn insert_record(
+    repo: &Repository,
+    root: Option<&git2::Tree<'_>>,
+    id: Uuid,
+    blob: Oid,
+) -> Result<Oid, AuditError> {
+    let id_text = id.hyphenated().to_string();
+    let shard = &id_text[..2];
+    let subtree = |parent: Option<&git2::Tree<'_>>, name: &str| -> Result<_, AuditError> {
+        let Some(entry) = parent.and_then(|t| t.get_name(name)) else {
+            return Ok(None);
+        };
+        if entry.kind() != Some(ObjectType::Tree) {
+            return Err(AuditError::Layout(format!("`{name}` is not a folder")));
+        }
+        repo.find_tree(entry.id())
+            .map(Some)
+            .map_err(AuditError::git("read tree"))
+    };
+    let requests = subtree(root, REQUESTS_DIR)?;
+    let shard_tree = subtree(requests.as_ref(), shard)?;
+    let write = |base: Option<&git2::Tree<'_>>, name: &str, id: Oid, mode: i32| {
+        let mut builder = repo
+            .treebuilder(base)
+            .map_err(AuditError::git("tree builder"))?;
+        builder
+            .insert(name, id, mode)
+            .map_err(AuditError::git("tree insert"))?;
+        builder.write().map_err(AuditError::git("write tree"))
+    };
+    const FILE: i32 = 0o100644;
+    const DIR: i32 = 0o040000;
+    let shard_id = write(shard_tree.as_ref(), &format!("{id_text}.json"), blob, FILE)?;
+    let requests_id = write(requests.as_ref(), shard, shard_id, DIR)?;
+    write(root, REQUESTS_DIR, requests_id, DIR)
+}
+
+/// The commit on the first-parent chain from `tip` that added `path`: the oldest commit in
+/// the unbroken run (from the tip back) whose tree has it.
+fn introducing_commit(repo: &Repository, tip: Oid, path: &str) -> Result<Option<Oid>, AuditError> {
+    let mut found = None;
+    let mut next = Some(tip);
+    while let Some(id) = next {
+        let commit = repo
+            .find_commit(id)
+            .map_err(AuditError::git("read commit"))?;
+        let tree = commit.tree().map_err(AuditError::git("read tree"))?;
+        if entry_id(&tree, path)?.is_none() {
+            break;
+        }
+        found = Some(id);
+        next = commit.parent_ids().next();
+    }
+    Ok(found)
 }

@@ -527,7 +527,7 @@ impl Engine {
                 details: json!({ "tasks": active.iter().map(|s| s.task_id).collect::<Vec<_>>() }),
             }])
             .await;
-            return Ok(self.get_request(id).await?);
+            return self.get_request(id).await;
         }
         Err(EngineError::Store(StoreError::Conflict {
             message: "the request kept changing while being cancelled".into(),
@@ -730,9 +730,10 @@ impl Engine {
             if r.status.is_terminal() || statuses.contains(&r.status) {
                 return Ok(r);
             }
-            match tokio::time::timeout(std::time::Duration::from_millis(500), rx.recv()).await {
-                Ok(Err(broadcast::error::RecvError::Closed)) => rx = self.subscribe(id),
-                _ => {}
+            if let Ok(Err(broadcast::error::RecvError::Closed)) =
+                tokio::time::timeout(std::time::Duration::from_millis(500), rx.recv()).await
+            {
+                rx = self.subscribe(id);
             }
         }
     }

@@ -1459,17 +1459,32 @@ pub async fn commit_id_and_counts(h: &Harness) {
     let b = new_request("second");
     s.create_request(&a).await.unwrap();
     s.create_request(&b).await.unwrap();
-    s.transition(b.id, RequestStatus::Planning, RequestStatus::Failed, &RequestPatch::default())
-        .await
-        .unwrap();
+    s.transition(
+        b.id,
+        RequestStatus::Planning,
+        RequestStatus::Failed,
+        &RequestPatch::default(),
+    )
+    .await
+    .unwrap();
     let mut counts = s.request_counts().await.unwrap();
     counts.sort_by_key(|(st, _)| st.as_str());
-    assert_eq!(counts, vec![(RequestStatus::Failed, 1), (RequestStatus::Planning, 1)]);
+    assert_eq!(
+        counts,
+        vec![(RequestStatus::Failed, 1), (RequestStatus::Planning, 1)]
+    );
     let commit = "0123456789abcdef0123456789abcdef01234567";
     s.set_commit_id(b.id, commit).await.unwrap();
     s.set_commit_id(b.id, commit).await.unwrap();
-    assert_eq!(s.get_request(b.id).await.unwrap().commit_id.as_deref(), Some(commit));
-    assert_conflict(s.set_commit_id(b.id, "ffffffffffffffffffffffffffffffffffffffff").await, Some(commit));
+    assert_eq!(
+        s.get_request(b.id).await.unwrap().commit_id.as_deref(),
+        Some(commit)
+    );
+    assert_conflict(
+        s.set_commit_id(b.id, "ffffffffffffffffffffffffffffffffffffffff")
+            .await,
+        Some(commit),
+    );
     assert!(matches!(
         s.set_commit_id(Uuid::new_v4(), commit).await,
         Err(StoreError::NotFound { .. })

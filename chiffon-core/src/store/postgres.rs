@@ -447,19 +447,21 @@ impl Store for PgStore {
     }
 
     async fn set_commit_id(&self, id: Uuid, commit_id: &str) -> Result<(), StoreError> {
-        let done = sqlx::query("UPDATE tasks SET commit_id = $1 WHERE id = $2 AND commit_id IS NULL")
-            .bind(commit_id)
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
-        if done.rows_affected() == 0 {
-            // Either unknown, or already set (idempotent when it is the same commit).
-            let current: Option<Option<String>> = sqlx::query_scalar("SELECT commit_id FROM tasks WHERE id = $1")
+        let done =
+            sqlx::query("UPDATE tasks SET commit_id = $1 WHERE id = $2 AND commit_id IS NULL")
+                .bind(commit_id)
                 .bind(id)
-                .fetch_optional(&self.pool)
+                .execute(&self.pool)
                 .await
                 .map_err(db_err)?;
+        if done.rows_affected() == 0 {
+            // Either unknown, or already set (idempotent when it is the same commit).
+            let current: Option<Option<String>> =
+                sqlx::query_scalar("SELECT commit_id FROM tasks WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db_err)?;
             match current {
                 None => return Err(StoreError::not_found(format!("request {id}"))),
                 Some(Some(c)) if c != commit_id => {
@@ -475,10 +477,11 @@ impl Store for PgStore {
     }
 
     async fn request_counts(&self) -> Result<Vec<(RequestStatus, u64)>, StoreError> {
-        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT status, COUNT(*) FROM tasks GROUP BY status")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_err)?;
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, COUNT(*) FROM tasks GROUP BY status")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
         rows.into_iter()
             .map(|(s, n)| {
                 RequestStatus::parse(&s)

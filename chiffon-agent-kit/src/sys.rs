@@ -1,0 +1,85 @@
+//! The few system calls the executor needs that std does not offer: signalling a whole
+//! process group and reaping a child with its resource usage (`wait4`).
+#![allow(unsafe_code)]
+
+use crate::agent::ChildUsage;
+
+/// How a reaped child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ExitKind {
+    Code(i32),
+    Signal(i32),
+}
+
+/// Sends `signal` to every process of the group `pgid`. Errors (group already gone) are
+/// ignored: the caller only needs the group to be gone afterwards.
+pub(crate) fn kill_group(pgid: u32, signal: i32) {
+    let Ok(pgid) = libc::pid_t::try_from(pgid) else {
+        return;
+    };
+    if pgid <= 1 {
+        return;
+    }
+    // SAFETY: killpg takes plain integers and has no memory-safety preconditions.
+    unsafe {
+        libc::killpg(pgid, signal);
+    }
+}
+
+/// Blocks until child `pid` exits and reaps it, returning its exit and resource usage.
+///
+/// `ru_utime + ru_stime` covers the child and every descendant it waited for (ansible's
+/// workers); `ru_maxrss` is the peak resident set of the largest single process among them,
+/// not the sum of concurrent ones (a lower bound of the tree's peak, which is what Linux
+/// records).
+pub(crate) fn wait_child(pid: u32) -> std::io::Result<(ExitKind, ChildUsage)> {
+    let pid = libc::pid_t::try_from(pid).map_err(std::io::Error::other)?;
+    let mut status: libc::c_int = 0;
+    // SAFETY: rusage is plain old data; zeroed is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: the pointers are to live locals of the right types.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        if r == pid {
+            break;
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+    let exit = if libc::WIFEXITED(status) {
+        ExitKind::Code(libc::WEXITSTATUS(status))
+    } else {
+        ExitKind::Signal(libc::WTERMSIG(status))
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok((
+        exit,
+        ChildUsage {
+            cpu_seconds: secs(usage.ru_utime) + secs(usage.ru_stime),
+            // Linux reports ru_maxrss in KiB.
+            peak_rss_bytes: u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024,
+        },
+    ))
+}
+
+/// Whether any process is still in group `pgid` (scans /proc; Linux only).
+pub fn process_group_alive(pgid: u32) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .any(|stat| {
+            // Fields after the `(comm)`: state ppid pgrp …
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+                return false;
+            };
+            let mut f = rest.split_whitespace();
+            let state = f.next();
+            let pgrp = f.nth(1).and_then(|p| p.parse::<u32>().ok());
+            pgrp == Some(pgid) && state != Some("Z")
+        })
+}

@@ -1,0 +1,425 @@
+//! The runner on both buses: garbage is dead-lettered while it keeps serving, heartbeats
+//! carry real figures, unknown actions and deadlines fail with their codes, a finished task
+//! redelivered is answered from the result cache, and a runner that stops or is killed
+//! mid-task leaves its request to a second runner, which completes it once.
+
+mod common;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chiffon_agent_kit::{
+    Agent, AgentError, InfraAgent, InfraConfig, Runner, RunnerConfig, TaskContext, TaskOutcome,
+};
+use chiffon_core::transport::ConsumeOptions;
+use chiffon_protocol::{Envelope, ErrorCode, Message, TaskState, WorkRequest};
+use common::{bus, work, Bus, Kind};
+use futures::StreamExt;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+fn infra() -> InfraAgent {
+    InfraAgent::new(InfraConfig {
+        playbooks: common::playbooks(),
+        ..InfraConfig::default()
+    })
+    .unwrap()
+}
+
+fn config(id: &str) -> RunnerConfig {
+    RunnerConfig {
+        agent_id: Some(id.into()),
+        heartbeat_interval: Duration::from_millis(300),
+        ..RunnerConfig::default()
+    }
+}
+
+fn spawn<A: Agent>(
+    bus: &Bus,
+    agent: A,
+    cfg: RunnerConfig,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let runner = Runner::new(bus.transport.clone(), agent, cfg);
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    (
+        stop,
+        tokio::spawn(async move { runner.run(s).await.unwrap() }),
+    )
+}
+
+async fn garbage_is_dead_lettered(kind: Kind) {
+    let Some(bus) = bus(kind).await else { return };
+    let mut results = bus.collect_results().await;
+    let (stop, h) = spawn(&bus, infra(), config("g1"));
+    let queue = bus.transport.topology().agent_queue("infrastructure");
+    bus.transport.declare_queue(&queue).await.unwrap();
+    bus.transport
+        .publish_bytes(&queue, b"{not json".to_vec())
+        .await
+        .unwrap();
+    let e = results
+        .wait_for("error reply", 30, |e| matches!(&e.body, Message::Error(_)))
+        .await;
+    let Message::Error(err) = e.body else {
+        unreachable!()
+    };
+    assert_eq!(err.code, ErrorCode::MalformedMessage);
+    // A valid envelope of the wrong type, and one with a bad version.
+    let wrong = Envelope::new(
+        "trace-x",
+        None,
+        Message::Cancel(chiffon_protocol::Cancel {
+            task_id: uuid::Uuid::new_v4(),
+            reason: None,
+        }),
+    );
+    bus.transport.publish(&queue, &wrong).await.unwrap();
+    let e = results
+        .wait_for("error for wrong type", 30, |e| e.trace_id == "trace-x")
+        .await;
+    assert!(
+        matches!(&e.body, Message::Error(p) if p.code == ErrorCode::InvalidField),
+        "{e:?}"
+    );
+
+    // Both are in the dead-letter queue, never lost.
+    let dlq = bus.transport.topology().dead_letter_queue.clone();
+    let mut dead = bus
+        .transport
+        .consume(&dlq, ConsumeOptions { prefetch: 10 })
+        .await
+        .unwrap();
+    let mut bodies = Vec::new();
+    for _ in 0..2 {
+        let d = tokio::time::timeout(Duration::from_secs(10), dead.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        bodies.push(d.body.clone());
+        d.ack().await.unwrap();
+    }
+    assert!(bodies.contains(&b"{not json".to_vec()));
+
+    // And the runner keeps serving.
+    let w = work("infrastructure", "noop", json!({"message": "still here"}));
+    bus.send(&queue, &w).await;
+    let r = results.result_of(w.task_id, 30).await;
+    assert_eq!(r.status, TaskState::Completed);
+    assert_eq!(r.output, "still here");
+    stop.cancel();
+    h.await.unwrap();
+    drop(dead);
+    bus.cleanup().await;
+}
+
+#[tokio::test]
+async fn garbage_memory() {
+    garbage_is_dead_lettered(Kind::Memory).await;
+}
+
+#[tokio::test]
+async fn garbage_amqp() {
+    garbage_is_dead_lettered(Kind::Amqp).await;
+}
+
+async fn heartbeats_unknown_actions_deadlines(kind: Kind) {
+    let Some(bus) = bus(kind).await else { return };
+    let mut results = bus.collect_results().await;
+    let (stop, h) = spawn(&bus, infra(), config("hb1"));
+    let hb = results
+        .wait_for(
+            "heartbeat",
+            30,
+            |e| matches!(&e.body, Message::Heartbeat(h) if h.agent_id == "hb1" && h.cpu.cores > 0),
+        )
+        .await;
+    let Message::Heartbeat(hb) = hb.body else {
+        unreachable!()
+    };
+    assert!(
+        hb.memory.total_gb > 0.0 && hb.memory.used_gb > 0.0,
+        "{hb:?}"
+    );
+    assert!(hb.memory.used_gb <= hb.memory.total_gb);
+    assert!((0.0..=100.0).contains(&hb.cpu.percent));
+    assert_eq!(hb.agent_type, "infrastructure");
+    assert!(hb.actions.contains(&"noop".to_string()));
+    assert_eq!(
+        hb.queue.as_deref(),
+        Some(
+            bus.transport
+                .topology()
+                .agent_queue("infrastructure")
+                .as_str()
+        )
+    );
+
+    let queue = bus.transport.topology().agent_queue("infrastructure");
+    let w = work("infrastructure", "reboot_the_world", json!({}));
+    bus.send(&queue, &w).await;
+    let r = results.result_of(w.task_id, 30).await;
+    assert_eq!(r.status, TaskState::Failed);
+    assert_eq!(r.error.unwrap().code, ErrorCode::ActionNotSupported);
+
+    let mut w = work("infrastructure", "noop", json!({"sleep_ms": 60000}));
+    w.timeout_seconds = Some(1);
+    bus.send(&queue, &w).await;
+    let r = results.result_of(w.task_id, 30).await;
+    assert_eq!(r.status, TaskState::Failed);
+    assert_eq!(r.error.unwrap().code, ErrorCode::TaskDeadline);
+    assert!(r.duration_seconds < 30.0);
+    stop.cancel();
+    h.await.unwrap();
+    bus.cleanup().await;
+}
+
+#[tokio::test]
+async fn heartbeats_and_failures_memory() {
+    heartbeats_unknown_actions_deadlines(Kind::Memory).await;
+}
+
+#[tokio::test]
+async fn heartbeats_and_failures_amqp() {
+    heartbeats_unknown_actions_deadlines(Kind::Amqp).await;
+}
+
+/// Counts how often it really runs.
+struct Counting(Arc<AtomicU32>);
+
+impl Agent for Counting {
+    fn agent_type(&self) -> &str {
+        "counting"
+    }
+    fn actions(&self) -> Vec<String> {
+        vec!["count".into()]
+    }
+    async fn handle(&self, _w: WorkRequest, ctx: TaskContext) -> Result<TaskOutcome, AgentError> {
+        let n = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+        ctx.output_line(format!("run {n}"));
+        Ok(TaskOutcome::output(format!("run {n}")))
+    }
+}
+
+#[tokio::test]
+async fn redelivered_finished_task_is_answered_from_the_cache() {
+    let Some(bus) = bus(Kind::Memory).await else {
+        return;
+    };
+    let mut results = bus.collect_results().await;
+    let runs = Arc::new(AtomicU32::new(0));
+    let (stop, h) = spawn(&bus, Counting(runs.clone()), config("c1"));
+    let queue = bus.transport.topology().agent_queue("counting");
+    let w = work("counting", "count", json!({}));
+    bus.send(&queue, &w).await;
+    let first = results
+        .wait_for(
+            "result",
+            30,
+            |e| matches!(&e.body, Message::WorkResult(r) if r.task_id == w.task_id),
+        )
+        .await;
+    bus.send(&queue, &w).await;
+    results.drain_for(1000).await;
+    let copies: Vec<&Envelope> = results
+        .seen
+        .iter()
+        .filter(|e| matches!(&e.body, Message::WorkResult(r) if r.task_id == w.task_id))
+        .collect();
+    assert_eq!(copies.len(), 2, "the redelivery is answered");
+    assert_eq!(
+        copies[1].message_id, first.message_id,
+        "with the stored result"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "and not run again");
+    // A new attempt is new work.
+    let mut w2 = w.clone();
+    w2.attempt = 2;
+    bus.send(&queue, &w2).await;
+    results.drain_for(1000).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    stop.cancel();
+    h.await.unwrap();
+}
+
+async fn stopped_runner_requeues(kind: Kind) {
+    let Some(bus) = bus(kind).await else { return };
+    let mut results = bus.collect_results().await;
+    let cfg = RunnerConfig {
+        shutdown_grace: Duration::ZERO,
+        ..config("first")
+    };
+    let (stop, h) = spawn(&bus, infra(), cfg);
+    let queue = bus.transport.topology().agent_queue("infrastructure");
+    let w = work(
+        "infrastructure",
+        "noop",
+        json!({"sleep_ms": 2000, "message": "done"}),
+    );
+    bus.send(&queue, &w).await;
+    results
+        .wait_for("accepted by first", 30, |e| matches!(&e.body, Message::WorkStatus(s) if s.task_id == w.task_id && s.agent_id.as_deref() == Some("first")))
+        .await;
+    stop.cancel();
+    h.await.unwrap();
+    let (stop2, h2) = spawn(&bus, infra(), config("second"));
+    let r = results.result_of(w.task_id, 30).await;
+    assert_eq!(r.status, TaskState::Completed);
+    assert_eq!(r.agent_id.as_deref(), Some("second"));
+    results.drain_for(1500).await;
+    assert_eq!(results.results_of(w.task_id).len(), 1, "completed once");
+    stop2.cancel();
+    h2.await.unwrap();
+    bus.cleanup().await;
+}
+
+#[tokio::test]
+async fn shutdown_requeues_memory() {
+    stopped_runner_requeues(Kind::Memory).await;
+}
+
+#[tokio::test]
+async fn shutdown_requeues_amqp() {
+    stopped_runner_requeues(Kind::Amqp).await;
+}
+
+/// The real binary, killed with SIGKILL mid-task: RabbitMQ redelivers its request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_agent_binary_task_is_redelivered_and_completed_once() {
+    let Some(bus) = bus(Kind::Amqp).await else {
+        return;
+    };
+    let mut results = bus.collect_results().await;
+    let queue = bus.transport.topology().agent_queue("infrastructure");
+    bus.transport.declare_queue(&queue).await.unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_chiffon-infra-agent"))
+        .args([
+            "--amqp-url",
+            &common::amqp_url(),
+            "--queue-prefix",
+            &bus.prefix,
+            "--agent-id",
+            "doomed",
+        ])
+        .arg("--playbooks")
+        .arg(common::playbooks())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let w = work(
+        "infrastructure",
+        "noop",
+        json!({"sleep_ms": 3000, "message": "survived"}),
+    );
+    bus.send(&queue, &w).await;
+    results
+        .wait_for("accepted by the child", 60, |e| matches!(&e.body, Message::WorkStatus(s) if s.task_id == w.task_id && s.agent_id.as_deref() == Some("doomed")))
+        .await;
+    child.start_kill().unwrap(); // SIGKILL
+    child.wait().await.unwrap();
+    let (stop, h) = spawn(&bus, infra(), config("rescuer"));
+    let r = results.result_of(w.task_id, 60).await;
+    assert_eq!(r.status, TaskState::Completed, "{r:?}");
+    assert_eq!(r.agent_id.as_deref(), Some("rescuer"));
+    assert_eq!(r.output, "survived");
+    results.drain_for(1500).await;
+    assert_eq!(results.results_of(w.task_id).len(), 1, "completed once");
+    stop.cancel();
+    h.await.unwrap();
+    bus.cleanup().await;
+}
+
+/// The real binary on SIGTERM: stops taking work, finishes what it runs, exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_agent_binary_finish_its_task() {
+    let Some(bus) = bus(Kind::Amqp).await else {
+        return;
+    };
+    let mut results = bus.collect_results().await;
+    let queue = bus.transport.topology().agent_queue("infrastructure");
+    bus.transport.declare_queue(&queue).await.unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_chiffon-infra-agent"))
+        .args([
+            "--amqp-url",
+            &common::amqp_url(),
+            "--queue-prefix",
+            &bus.prefix,
+        ])
+        .args(["--agent-id", "polite", "--shutdown-grace", "30"])
+        .arg("--playbooks")
+        .arg(common::playbooks())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let w = work(
+        "infrastructure",
+        "noop",
+        json!({"sleep_ms": 1500, "message": "finished"}),
+    );
+    bus.send(&queue, &w).await;
+    results
+        .wait_for("accepted by the child", 60, |e| {
+            matches!(&e.body, Message::WorkStatus(s) if s.task_id == w.task_id && s.agent_id.as_deref() == Some("polite"))
+        })
+        .await;
+    let pid = child.id().unwrap().to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let r = results.result_of(w.task_id, 60).await;
+    assert_eq!(r.status, TaskState::Completed, "{r:?}");
+    assert_eq!(r.agent_id.as_deref(), Some("polite"));
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(bus.transport.queue_depth(&queue).await.unwrap(), 0);
+    bus.cleanup().await;
+}
+
+struct Panicky;
+
+impl Agent for Panicky {
+    fn agent_type(&self) -> &str {
+        "panicky"
+    }
+    fn actions(&self) -> Vec<String> {
+        vec!["explode".into(), "fine".into()]
+    }
+    async fn handle(&self, w: WorkRequest, _ctx: TaskContext) -> Result<TaskOutcome, AgentError> {
+        if w.action == "explode" {
+            panic!("kaboom");
+        }
+        Ok(TaskOutcome::output("fine"))
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_handler_fails_its_task_and_the_runner_keeps_serving() {
+    let Some(bus) = bus(Kind::Memory).await else {
+        return;
+    };
+    let mut results = bus.collect_results().await;
+    let (stop, h) = spawn(&bus, Panicky, config("p1"));
+    let queue = bus.transport.topology().agent_queue("panicky");
+    let w = work("panicky", "explode", json!({}));
+    bus.send(&queue, &w).await;
+    let r = results.result_of(w.task_id, 30).await;
+    assert_eq!(r.status, TaskState::Failed);
+    let e = r.error.unwrap();
+    assert_eq!(e.code, ErrorCode::ExecutorCrashed);
+    assert!(e.message.contains("kaboom"), "{}", e.message);
+    let w = work("panicky", "fine", json!({}));
+    bus.send(&queue, &w).await;
+    assert_eq!(
+        results.result_of(w.task_id, 30).await.status,
+        TaskState::Completed
+    );
+    stop.cancel();
+    h.await.unwrap();
+}

@@ -1,0 +1,669 @@
+//! The git audit trail against real repositories in temporary folders, checked with the
+//! `git` command line as well as through the API: one commit per request with the contract's
+//! message and author, idempotent recommits, and no commit lost when threads, several
+//! `GitTrail`s and several processes write to one repository at once.
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Barrier};
+
+use chiffon_core::audit::git::{record_path, AuditError, GitTrail, RequestRecord};
+use chiffon_protocol::ErrorCode;
+use serde_json::json;
+use uuid::Uuid;
+
+fn git(repo: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(args)
+        .output()
+        .expect("the git command line is installed");
+    assert!(
+        out.status.success(),
+        "git {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn record(id: Uuid, summary: &str) -> RequestRecord {
+    RequestRecord {
+        id,
+        summary: summary.into(),
+        author_name: "Alice Approver".into(),
+        author_email: "alice@example.org".into(),
+        document: json!({
+            "id": id,
+            "text": format!("{summary} please"),
+            "status": "completed",
+            "approver": "alice",
+            "plan": { "summary": summary, "steps": [{ "action": "deploy_kuma", "parameters": { "host": "nas" } }] },
+            "cost_usd": 0.0123,
+            "duration_seconds": 42.5,
+        }),
+    }
+}
+
+fn commit_count(repo: &Path) -> usize {
+    git(repo, &["rev-list", "--count", "HEAD"])
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn files(repo: &Path) -> BTreeSet<String> {
+    git(repo, &["ls-tree", "-r", "--name-only", "HEAD"])
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// `git fsck` exits 0 and reports nothing broken. Dangling commits (a writer that lost the
+/// race for the branch leaves its commit unreferenced) are not damage.
+fn assert_fsck_clean(repo: &Path) {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(["fsck", "--strict", "--no-dangling"])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "git fsck failed:\n{text}");
+    for bad in ["error", "broken", "missing", "bad", "warning"] {
+        assert!(!text.contains(bad), "git fsck reports {bad}:\n{text}");
+    }
+}
+
+fn new_trail() -> (tempfile::TempDir, GitTrail) {
+    let dir = tempfile::tempdir().unwrap();
+    let trail = GitTrail::open_or_init(dir.path().join("audit")).unwrap();
+    (dir, trail)
+}
+
+#[test]
+fn a_commit_has_the_record_the_message_and_the_approver() {
+    let (_dir, trail) = new_trail();
+    let repo = trail.path().to_path_buf();
+    let id = Uuid::new_v4();
+    let rec = record(id, "Deploy Uptime Kuma to the NAS");
+    let commit = trail.commit_request(&rec).unwrap();
+    assert_eq!(commit.len(), 40);
+    assert!(commit.chars().all(|c| c.is_ascii_hexdigit()));
+
+    assert_eq!(
+        git(&repo, &["rev-parse", "--is-bare-repository"]).trim(),
+        "true"
+    );
+    assert_eq!(
+        git(&repo, &["symbolic-ref", "HEAD"]).trim(),
+        "refs/heads/main"
+    );
+    assert_eq!(git(&repo, &["rev-parse", "HEAD"]).trim(), commit);
+    assert_eq!(
+        git(&repo, &["log", "--format=%s"]).trim(),
+        format!("infra({id}): Deploy Uptime Kuma to the NAS")
+    );
+    assert_eq!(
+        git(&repo, &["log", "-1", "--format=%an <%ae>|%cn"]).trim(),
+        "Alice Approver <alice@example.org>|chiffon"
+    );
+    let body = git(&repo, &["log", "-1", "--format=%b"]);
+    assert!(body.contains(&format!("Chiffon-Request: {id}")), "{body}");
+    assert!(
+        body.contains("Approved-by: Alice Approver <alice@example.org>"),
+        "{body}"
+    );
+
+    let path = record_path(id);
+    let id_text = id.to_string();
+    assert_eq!(path, format!("requests/{}/{id_text}.json", &id_text[..2]));
+    assert_eq!(files(&repo), BTreeSet::from([path.clone()]));
+    let stored = git(&repo, &["show", &format!("HEAD:{path}")]);
+    assert!(
+        stored.contains("\n  \""),
+        "the record is pretty-printed: {stored}"
+    );
+    assert!(stored.ends_with("}\n"));
+    let parsed: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    assert_eq!(parsed, rec.document);
+
+    assert_eq!(trail.find_commit_for(id).unwrap(), Some(commit.clone()));
+    assert_eq!(
+        trail.log(10).unwrap(),
+        vec![(
+            commit,
+            format!("infra({id}): Deploy Uptime Kuma to the NAS")
+        )]
+    );
+    assert_fsck_clean(&repo);
+}
+
+#[test]
+fn the_summary_is_trimmed_to_one_line_and_kept_whole_in_the_body() {
+    let (_dir, trail) = new_trail();
+    let id = Uuid::new_v4();
+    let summary = "\n   Restart   nginx on web1\nbecause the config changed\n";
+    trail.commit_request(&record(id, summary)).unwrap();
+    let repo = trail.path();
+    assert_eq!(
+        git(repo, &["log", "-1", "--format=%s"]).trim(),
+        format!("infra({id}): Restart nginx on web1")
+    );
+    assert!(git(repo, &["log", "-1", "--format=%b"]).contains("because the config changed"));
+
+    let long = "word ".repeat(60);
+    let id2 = Uuid::new_v4();
+    trail.commit_request(&record(id2, &long)).unwrap();
+    let subject = git(repo, &["log", "-1", "--format=%s"]);
+    let summary_part = subject
+        .trim()
+        .strip_prefix(&format!("infra({id2}): "))
+        .unwrap();
+    assert!(summary_part.chars().count() <= 120, "{subject}");
+    assert!(summary_part.ends_with('…'));
+
+    let id3 = Uuid::new_v4();
+    trail.commit_request(&record(id3, "   ")).unwrap();
+    assert_eq!(
+        git(repo, &["log", "-1", "--format=%s"]).trim(),
+        format!("infra({id3}): (no summary)")
+    );
+}
+
+#[test]
+fn recommitting_the_same_request_returns_the_existing_commit() {
+    let (_dir, trail) = new_trail();
+    let repo = trail.path().to_path_buf();
+    let first = record(Uuid::new_v4(), "first");
+    let c1 = trail.commit_request(&first).unwrap();
+    assert_eq!(trail.commit_request(&first).unwrap(), c1);
+    assert_eq!(commit_count(&repo), 1);
+
+    let c2 = trail
+        .commit_request(&record(Uuid::new_v4(), "second"))
+        .unwrap();
+    assert_ne!(c1, c2);
+    // The first request's commit is found below the tip, not the tip itself.
+    assert_eq!(trail.commit_request(&first).unwrap(), c1);
+    assert_eq!(commit_count(&repo), 2);
+    assert_eq!(trail.find_commit_for(first.id).unwrap(), Some(c1.clone()));
+
+    // A different record under the same id is refused, naming the existing commit.
+    let mut changed = first.clone();
+    changed.document["status"] = json!("failed");
+    match trail.commit_request(&changed) {
+        Err(e @ AuditError::RecordDiffers { .. }) => {
+            assert_eq!(e.code(), ErrorCode::Conflict);
+            assert!(!e.is_transient());
+            match e {
+                AuditError::RecordDiffers { id, commit } => {
+                    assert_eq!(id, first.id);
+                    assert_eq!(commit, c1);
+                }
+                _ => unreachable!(),
+            }
+        }
+        other => panic!("expected RecordDiffers, got {other:?}"),
+    }
+    assert_eq!(commit_count(&repo), 2);
+    assert_fsck_clean(&repo);
+}
+
+#[test]
+fn invalid_authors_are_refused_and_nothing_is_written() {
+    let (_dir, trail) = new_trail();
+    for (name, email) in [
+        ("", "a@b"),
+        ("   ", "a@b"),
+        ("Eve <root>", "a@b"),
+        ("Eve", "a@b>\nSigned-off-by: x"),
+    ] {
+        let mut rec = record(Uuid::new_v4(), "x");
+        rec.author_name = name.into();
+        rec.author_email = email.into();
+        let err = trail.commit_request(&rec).unwrap_err();
+        assert!(matches!(err, AuditError::InvalidRecord { .. }), "{err:?}");
+        assert_eq!(err.code(), ErrorCode::AuditRecordInvalid);
+        assert_eq!(err.code().code(), 5703);
+    }
+    assert!(trail.log(10).unwrap().is_empty());
+    assert!(trail.find_commit_for(Uuid::new_v4()).unwrap().is_none());
+}
+
+#[test]
+fn verify_finds_missing_requests() {
+    let (_dir, trail) = new_trail();
+    let ids: Vec<Uuid> = (0..6).map(|_| Uuid::new_v4()).collect();
+    // An empty repository has none of them.
+    assert_eq!(trail.verify(&ids).unwrap(), ids);
+    for (i, id) in ids.iter().enumerate() {
+        if i % 2 == 0 {
+            trail
+                .commit_request(&record(*id, &format!("request {i}")))
+                .unwrap();
+        }
+    }
+    assert_eq!(trail.verify(&ids).unwrap(), vec![ids[1], ids[3], ids[5]]);
+    assert_eq!(trail.verify(&[ids[0], ids[2]]).unwrap(), Vec::<Uuid>::new());
+    assert_eq!(trail.verify(&[]).unwrap(), Vec::<Uuid>::new());
+    assert_eq!(trail.find_commit_for(ids[1]).unwrap(), None);
+    assert!(trail.find_commit_for(ids[4]).unwrap().is_some());
+}
+
+#[test]
+fn log_is_newest_first_and_limited() {
+    let (_dir, trail) = new_trail();
+    let mut made = Vec::new();
+    for i in 0..5 {
+        let id = Uuid::new_v4();
+        made.push((
+            trail
+                .commit_request(&record(id, &format!("step {i}")))
+                .unwrap(),
+            id,
+        ));
+    }
+    let log = trail.log(3).unwrap();
+    assert_eq!(log.len(), 3);
+    for (entry, (commit, id)) in log.iter().zip(made.iter().rev()) {
+        assert_eq!(&entry.0, commit);
+        assert!(entry.1.starts_with(&format!("infra({id}): step ")));
+    }
+    assert_eq!(trail.log(100).unwrap().len(), 5);
+    assert!(trail.log(0).unwrap().is_empty());
+    // The CLI agrees, commit by commit.
+    let cli: Vec<String> = git(trail.path(), &["log", "--format=%H %s"])
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let api: Vec<String> = trail
+        .log(100)
+        .unwrap()
+        .into_iter()
+        .map(|(c, s)| format!("{c} {s}"))
+        .collect();
+    assert_eq!(cli, api);
+}
+
+/// Checks a repository that `writers × per_writer` distinct requests were committed to.
+fn assert_all_present(repo: &Path, trail: &GitTrail, ids: &[Uuid], commits: &HashSet<String>) {
+    assert_eq!(commit_count(repo), ids.len(), "commits were lost");
+    let history: HashSet<String> = git(repo, &["rev-list", "HEAD"])
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        &history, commits,
+        "history differs from the commits returned"
+    );
+    let expected: BTreeSet<String> = ids.iter().map(|id| record_path(*id)).collect();
+    assert_eq!(files(repo), expected);
+    assert!(trail.verify(ids).unwrap().is_empty());
+    // History is linear: every commit has at most one parent.
+    assert_eq!(git(repo, &["rev-list", "--merges", "HEAD"]).trim(), "");
+    let subjects = git(repo, &["log", "--format=%s"]);
+    for id in ids {
+        assert!(
+            subjects.contains(&format!("infra({id}): ")),
+            "no commit for {id}"
+        );
+    }
+    assert_fsck_clean(repo);
+}
+
+#[test]
+fn four_threads_with_their_own_handles_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit");
+    let barrier = Arc::new(Barrier::new(4));
+    let handles: Vec<_> = (0..4)
+        .map(|t| {
+            let path = path.clone();
+            let barrier = Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                // Each thread opens its own `GitTrail`: they coordinate only through the
+                // branch's compare-and-swap, as separate processes would.
+                // Opened concurrently on a path that does not exist yet: the repository
+                // must appear once, whole. Unwrapped after the barrier so that a failure
+                // cannot leave the other threads waiting forever.
+                let trail = GitTrail::open_or_init(&path);
+                barrier.wait();
+                let trail = trail.unwrap();
+                (0..25)
+                    .map(|i| {
+                        let id = Uuid::new_v4();
+                        let commit = trail
+                            .commit_request(&record(id, &format!("thread {t} request {i}")))
+                            .unwrap();
+                        (id, commit)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let results: Vec<(Uuid, String)> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    let ids: Vec<Uuid> = results.iter().map(|(id, _)| *id).collect();
+    let commits: HashSet<String> = results.iter().map(|(_, c)| c.clone()).collect();
+    assert_eq!(commits.len(), 100);
+    let trail = GitTrail::open_or_init(&path).unwrap();
+    assert_all_present(&path, &trail, &ids, &commits);
+    for (id, commit) in &results {
+        assert_eq!(trail.find_commit_for(*id).unwrap().as_ref(), Some(commit));
+    }
+}
+
+#[test]
+fn four_threads_sharing_one_handle_lose_nothing() {
+    let (_dir, trail) = new_trail();
+    let trail = Arc::new(trail);
+    let handles: Vec<_> = (0..4)
+        .map(|t| {
+            let trail = Arc::clone(&trail);
+            std::thread::spawn(move || {
+                (0..25)
+                    .map(|i| {
+                        let id = Uuid::new_v4();
+                        (
+                            id,
+                            trail
+                                .commit_request(&record(id, &format!("{t}/{i}")))
+                                .unwrap(),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let results: Vec<(Uuid, String)> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    let ids: Vec<Uuid> = results.iter().map(|(id, _)| *id).collect();
+    let commits: HashSet<String> = results.into_iter().map(|(_, c)| c).collect();
+    assert_all_present(trail.path(), &trail, &ids, &commits);
+}
+
+#[test]
+fn two_trails_on_one_path_interleave_and_race() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit");
+    let a = Arc::new(GitTrail::open_or_init(&path).unwrap());
+    let b = Arc::new(GitTrail::open_or_init(&path).unwrap());
+    let mut ids = Vec::new();
+    let mut commits = HashSet::new();
+    // Alternating: each sees the other's commits as its parent.
+    for i in 0..6 {
+        let trail = if i % 2 == 0 { &a } else { &b };
+        let id = Uuid::new_v4();
+        commits.insert(
+            trail
+                .commit_request(&record(id, &format!("alternating {i}")))
+                .unwrap(),
+        );
+        ids.push(id);
+    }
+    // The same request from both instances at once: one commit, both get its id.
+    let shared = record(Uuid::new_v4(), "submitted by both instances");
+    let barrier = Arc::new(Barrier::new(2));
+    let racers: Vec<_> = [Arc::clone(&a), Arc::clone(&b)]
+        .into_iter()
+        .map(|trail| {
+            let shared = shared.clone();
+            let barrier = Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                barrier.wait();
+                trail.commit_request(&shared).unwrap()
+            })
+        })
+        .collect();
+    let got: Vec<String> = racers.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(got[0], got[1], "one request, one commit");
+    commits.insert(got[0].clone());
+    ids.push(shared.id);
+    // And many distinct ones at once.
+    let writers: Vec<_> = [a.clone(), b.clone()]
+        .into_iter()
+        .enumerate()
+        .map(|(w, trail)| {
+            std::thread::spawn(move || {
+                (0..20)
+                    .map(|i| {
+                        let id = Uuid::new_v4();
+                        (
+                            id,
+                            trail
+                                .commit_request(&record(id, &format!("{w}:{i}")))
+                                .unwrap(),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for (id, commit) in writers.into_iter().flat_map(|h| h.join().unwrap()) {
+        ids.push(id);
+        commits.insert(commit);
+    }
+    assert_all_present(&path, &a, &ids, &commits);
+    assert_eq!(a.log(1000).unwrap(), b.log(1000).unwrap());
+}
+
+const CHILD_REPO: &str = "CHIFFON_AUDIT_GIT_CHILD_REPO";
+const CHILD_COUNT: usize = 15;
+
+/// Run by `several_processes_lose_nothing` in child processes; does nothing on its own.
+#[test]
+#[ignore = "helper: run in child processes by several_processes_lose_nothing"]
+fn helper_child_process_writer() {
+    let Ok(path) = std::env::var(CHILD_REPO) else {
+        return;
+    };
+    let trail = GitTrail::open_or_init(&path).unwrap();
+    for i in 0..CHILD_COUNT {
+        let id = Uuid::new_v4();
+        let commit = trail
+            .commit_request(&record(
+                id,
+                &format!("process {} request {i}", std::process::id()),
+            ))
+            .unwrap();
+        println!("COMMITTED {id} {commit}");
+    }
+}
+
+#[test]
+fn several_processes_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit");
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..3)
+        .map(|_| {
+            Command::new(&exe)
+                .args([
+                    "helper_child_process_writer",
+                    "--exact",
+                    "--ignored",
+                    "--nocapture",
+                ])
+                .args(["--test-threads", "1"])
+                .env(CHILD_REPO, &path)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut ids = Vec::new();
+    let mut commits = HashSet::new();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "child failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<&str> = stdout
+            .lines()
+            .filter_map(|l| l.split_once("COMMITTED ").map(|(_, rest)| rest))
+            .collect();
+        assert_eq!(lines.len(), CHILD_COUNT, "child output:\n{stdout}");
+        for line in lines {
+            let (id, commit) = line.split_once(' ').unwrap();
+            ids.push(id.parse().unwrap());
+            commits.insert(commit.to_string());
+        }
+    }
+    let trail = GitTrail::open_or_init(&path).unwrap();
+    assert_all_present(&path, &trail, &ids, &commits);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn async_wrappers_run_on_the_blocking_pool() {
+    let (_dir, trail) = new_trail();
+    let trail = Arc::new(trail);
+    let records: Vec<RequestRecord> = (0..20)
+        .map(|i| record(Uuid::new_v4(), &format!("async {i}")))
+        .collect();
+    let tasks: Vec<_> = records
+        .iter()
+        .cloned()
+        .map(|r| {
+            let trail = Arc::clone(&trail);
+            tokio::spawn(async move { trail.commit_request_async(r).await })
+        })
+        .collect();
+    let mut commits = HashSet::new();
+    for t in tasks {
+        commits.insert(t.await.unwrap().unwrap());
+    }
+    let ids: Vec<Uuid> = records.iter().map(|r| r.id).collect();
+    assert_eq!(commits.len(), 20);
+    assert!(trail.verify_async(ids.clone()).await.unwrap().is_empty());
+    assert_eq!(trail.log_async(100).await.unwrap().len(), 20);
+    let found = trail.find_commit_for_async(ids[0]).await.unwrap().unwrap();
+    assert!(commits.contains(&found));
+    assert_all_present(trail.path(), &trail, &ids, &commits);
+}
+
+#[test]
+fn an_existing_repository_is_reused_on_its_own_branch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("existing");
+    std::fs::create_dir(&path).unwrap();
+    git(&path, &["-c", "init.defaultBranch=trunk", "init", "-q"]);
+    std::fs::write(path.join("README"), "audit trail\n").unwrap();
+    git(&path, &["add", "README"]);
+    git(
+        &path,
+        &[
+            "-c",
+            "user.name=Setup",
+            "-c",
+            "user.email=setup@example.org",
+            "commit",
+            "-q",
+            "-m",
+            "initial",
+        ],
+    );
+    let trail = GitTrail::open_or_init(&path).unwrap();
+    let id = Uuid::new_v4();
+    let commit = trail
+        .commit_request(&record(id, "on top of a human commit"))
+        .unwrap();
+    assert_eq!(
+        git(&path, &["rev-parse", "refs/heads/trunk"]).trim(),
+        commit
+    );
+    assert_eq!(commit_count(&path), 2);
+    // The earlier content is kept alongside the record.
+    assert_eq!(
+        files(&path),
+        BTreeSet::from(["README".to_string(), record_path(id)])
+    );
+    // Reopening with a second instance sees the same history.
+    let again = GitTrail::open_or_init(&path).unwrap();
+    assert_eq!(again.find_commit_for(id).unwrap(), Some(commit));
+    assert_fsck_clean(&path);
+}
+
+#[test]
+fn a_folder_with_other_content_is_not_turned_into_a_repository() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "not a repo").unwrap();
+    let err = GitTrail::open_or_init(dir.path()).unwrap_err();
+    assert!(matches!(err, AuditError::Open { .. }), "{err:?}");
+    assert_eq!(err.code(), ErrorCode::GitCommitFailed);
+    assert!(!dir.path().join("HEAD").exists());
+
+    // An empty folder, or a missing one with missing parents, is created.
+    let empty = tempfile::tempdir().unwrap();
+    GitTrail::open_or_init(empty.path()).unwrap();
+    assert!(empty.path().join("HEAD").exists());
+    let nested = dir.path().join("a/b/c");
+    GitTrail::open_or_init(&nested).unwrap();
+    assert_eq!(
+        git(&nested, &["rev-parse", "--is-bare-repository"]).trim(),
+        "true"
+    );
+}
+
+#[test]
+fn records_share_shard_folders_without_overwriting_each_other() {
+    let (_dir, trail) = new_trail();
+    // Ids with the same first two hex digits land in one shard folder.
+    let same_shard: Vec<Uuid> = (0..4u128)
+        .map(|i| Uuid::from_u128((0xab_u128 << 120) | i))
+        .collect();
+    for id in &same_shard {
+        trail.commit_request(&record(*id, "shard")).unwrap();
+    }
+    let listed = git(
+        trail.path(),
+        &["ls-tree", "--name-only", "HEAD", "requests/"],
+    );
+    assert_eq!(listed.trim(), "requests/ab");
+    assert_eq!(files(trail.path()).len(), 4);
+    assert!(trail.verify(&same_shard).unwrap().is_empty());
+}
+
+#[test]
+fn a_stale_lock_gives_a_clear_error_not_a_hang() {
+    let (_dir, trail) = new_trail();
+    trail
+        .commit_request(&record(Uuid::new_v4(), "before the crash"))
+        .unwrap();
+    // What a writer that died while moving the branch leaves behind.
+    let lock = trail.path().join("refs/heads/main.lock");
+    std::fs::write(&lock, "").unwrap();
+    let err = trail
+        .commit_request(&record(Uuid::new_v4(), "blocked"))
+        .unwrap_err();
+    match &err {
+        AuditError::Contention { last_error, .. } => {
+            assert!(last_error.contains("main.lock"), "{last_error}")
+        }
+        other => panic!("expected Contention, got {other:?}"),
+    }
+    assert_eq!(err.code(), ErrorCode::GitCommitFailed);
+    assert!(err.is_transient());
+    assert!(err.to_string().contains("main.lock"), "{err}");
+    assert_eq!(commit_count(trail.path()), 1);
+    // Once the lock is gone, commits go through again.
+    std::fs::remove_file(&lock).unwrap();
+    trail
+        .commit_request(&record(Uuid::new_v4(), "after"))
+        .unwrap();
+    assert_eq!(commit_count(trail.path()), 2);
+    assert_fsck_clean(trail.path());
+}
