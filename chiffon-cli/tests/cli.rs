@@ -507,3 +507,76 @@ async fn tokens_are_sent_and_refusals_are_one_line() {
     assert!(stderr(&o).contains("5504"), "{}", stderr(&o));
     app.shutdown().await;
 }
+
+/// `ansible-playbook`: `CHIFFON_ANSIBLE_PLAYBOOK`, the repository's `.venv` (made by
+/// `scripts/ansible.sh`), or `PATH`.
+fn ansible_playbook() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("CHIFFON_ANSIBLE_PLAYBOOK") {
+        return Some(p.into());
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/ansible-playbook");
+    if venv.is_file() {
+        return Some(venv);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("ansible-playbook"))
+            .find(|p| p.is_file())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_yes_executes_a_real_playbook_on_localhost() {
+    let Some(ansible) = ansible_playbook() else {
+        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+            panic!("ansible-playbook not found under CI=true: run scripts/ansible.sh");
+        }
+        eprintln!("SKIPPED: ansible-playbook not found (run scripts/ansible.sh)");
+        return;
+    };
+    let dir = local_dir();
+    let playbooks = Path::new(env!("CARGO_MANIFEST_DIR")).join("../playbooks");
+    let target = dir.path().join("made-by-chiffon");
+    let o = tokio::task::spawn_blocking({
+        let dir = dir.path().to_path_buf();
+        let target = target.clone();
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_chiffon"))
+                .arg("run")
+                .arg(format!("create directory {}", target.display()))
+                .arg("--yes")
+                .arg("--playbooks")
+                .arg(&playbooks)
+                .arg("--database-url")
+                .arg(format!("sqlite://{}", dir.join("chiffon.db").display()))
+                .env("CHIFFON_ANSIBLE_PLAYBOOK", &ansible)
+                .env("CHIFFON_LLM_ORDER", "offline")
+                .env_remove("CHIFFON_AMQP_URL")
+                .env_remove("CHIFFON_CONFIG")
+                .env("RUST_LOG", "error")
+                .current_dir(&dir)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        o.status.success(),
+        "stdout {} stderr {}",
+        stdout(&o),
+        stderr(&o)
+    );
+    assert!(target.is_dir(), "the playbook created {}", target.display());
+    let out = stdout(&o);
+    assert!(
+        out.contains("completed") && out.contains("audit commit"),
+        "{out}"
+    );
+    assert!(
+        stderr(&o).contains("ensure_directory"),
+        "the plan was shown: {}",
+        stderr(&o)
+    );
+}
