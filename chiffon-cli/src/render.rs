@@ -1,0 +1,302 @@
+//! Human-readable output, and live progress (a bar on a terminal, plain lines otherwise).
+
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+use chiffon_server::dto::{
+    AgentsDto, CostsDto, EventDto, LogsDto, PlanDto, RequestDto, RequestListDto, StatusDto,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub fn status_str(s: StatusDto) -> &'static str {
+    match s {
+        StatusDto::Planning => "planning",
+        StatusDto::AwaitingApproval => "awaiting_approval",
+        StatusDto::Queued => "queued",
+        StatusDto::Running => "running",
+        StatusDto::Completed => "completed",
+        StatusDto::Failed => "failed",
+        StatusDto::Cancelled => "cancelled",
+        StatusDto::Rejected => "rejected",
+    }
+}
+
+pub fn is_terminal(s: StatusDto) -> bool {
+    matches!(
+        s,
+        StatusDto::Completed | StatusDto::Failed | StatusDto::Cancelled | StatusDto::Rejected
+    )
+}
+
+pub fn plan(p: &PlanDto, out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(out, "plan: {}", p.summary)?;
+    writeln!(
+        out,
+        "  planned by {} / {}{}; estimated cost ${:.4} (LLM ${:.4})",
+        p.provider,
+        p.model,
+        if p.cached { " (cached)" } else { "" },
+        p.estimated_cost_usd,
+        p.llm_cost_usd
+    )?;
+    for (i, s) in p.steps.iter().enumerate() {
+        let params = serde_json::to_string(&s.parameters).unwrap_or_default();
+        writeln!(
+            out,
+            "  {}. {} {} on {}{}",
+            i + 1,
+            s.action,
+            params,
+            s.agent_type,
+            if s.reason.is_empty() {
+                String::new()
+            } else {
+                format!("  ({})", s.reason)
+            }
+        )?;
+    }
+    for r in &p.risks {
+        writeln!(out, "  risk: {r}")?;
+    }
+    Ok(())
+}
+
+pub fn request(r: &RequestDto, out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(out, "request {}  [{}]", r.id, status_str(r.status))?;
+    writeln!(out, "  text: {}", r.text)?;
+    writeln!(
+        out,
+        "  requester: {}{}",
+        r.requester,
+        if r.dry_run { "  (dry run)" } else { "" }
+    )?;
+    if let Some(a) = &r.approver {
+        writeln!(
+            out,
+            "  approver: {a}{}",
+            r.approval_comment
+                .as_ref()
+                .map(|c| format!(" ({c})"))
+                .unwrap_or_default()
+        )?;
+    }
+    writeln!(
+        out,
+        "  created {}  updated {}",
+        r.created_at.to_rfc3339(),
+        r.updated_at.to_rfc3339()
+    )?;
+    if let Some(p) = &r.plan {
+        plan(p, out)?;
+    }
+    if let Some(steps) = &r.steps {
+        for s in steps {
+            writeln!(
+                out,
+                "  step {} {}: {} ({}%){}",
+                s.seq + 1,
+                s.action,
+                s.status,
+                s.progress,
+                s.changed
+                    .map(|c| if c { ", changed" } else { ", unchanged" })
+                    .unwrap_or("")
+            )?;
+            if let Some(e) = &s.error {
+                writeln!(out, "    error {} {}: {}", e.code, e.name, e.message)?;
+            }
+            if let Some(d) = s.diff.as_deref().filter(|d| !d.trim().is_empty()) {
+                writeln!(out, "    diff:")?;
+                for line in d.lines() {
+                    writeln!(out, "      {line}")?;
+                }
+            }
+            if let Some(o) = s.output.as_deref().filter(|o| !o.trim().is_empty()) {
+                if let Some(last) = o.lines().rev().find(|l| !l.trim().is_empty()) {
+                    writeln!(out, "    last output: {last}")?;
+                }
+            }
+        }
+    }
+    if let Some(e) = &r.error {
+        writeln!(out, "  error {} {}: {}", e.code, e.name, e.message)?;
+    }
+    if let Some(c) = &r.commit_id {
+        writeln!(out, "  audit commit: {c}")?;
+    }
+    Ok(())
+}
+
+pub fn list(l: &RequestListDto, out: &mut impl Write) -> std::io::Result<()> {
+    if l.requests.is_empty() {
+        return writeln!(out, "no requests");
+    }
+    for r in &l.requests {
+        let text: String = r.text.chars().take(60).collect();
+        writeln!(
+            out,
+            "{}  {:<17}  {}  {}",
+            r.id,
+            status_str(r.status),
+            r.updated_at.format("%Y-%m-%d %H:%M:%S"),
+            text
+        )?;
+    }
+    Ok(())
+}
+
+pub fn logs(l: &LogsDto, out: &mut impl Write) -> std::io::Result<()> {
+    for line in &l.lines {
+        writeln!(
+            out,
+            "{} {:<6} {}",
+            line.at.format("%H:%M:%S%.3f"),
+            line.kind,
+            line.message
+        )?;
+    }
+    Ok(())
+}
+
+pub fn agents(a: &AgentsDto, out: &mut impl Write) -> std::io::Result<()> {
+    if a.agents.is_empty() {
+        return writeln!(out, "no agents seen yet");
+    }
+    for ag in &a.agents {
+        writeln!(
+            out,
+            "{}  {}  on {}  last seen {}  running {}{}",
+            ag.agent_id,
+            ag.agent_type,
+            ag.hostname,
+            ag.last_seen.to_rfc3339(),
+            ag.running_tasks,
+            ag.max_tasks.map(|m| format!("/{m}")).unwrap_or_default()
+        )?;
+    }
+    Ok(())
+}
+
+pub fn costs(c: &CostsDto, out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(out, "LLM spend {}: ${:.4}", c.month, c.total_spent_usd)?;
+    for p in &c.providers {
+        let budget = match p.budget_usd {
+            Some(b) => format!("of ${b:.2} (${:.4} left)", p.remaining_usd.unwrap_or(0.0)),
+            None => "no budget".into(),
+        };
+        writeln!(
+            out,
+            "  {:<10} ${:.4} {budget}; {} calls, {} in / {} out tokens",
+            p.provider, p.spent_usd, p.calls, p.input_tokens, p.output_tokens
+        )?;
+    }
+    Ok(())
+}
+
+/// Shows live events: an indicatif bar (step and last output line) on a terminal, one plain
+/// line per event otherwise. Everything goes to stderr when stdout is reserved for JSON.
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    steps: Vec<String>,
+    to_stderr: bool,
+    quiet: bool,
+}
+
+impl Progress {
+    /// `steps`: the plan's actions, to name steps. `json`: stdout carries JSON only.
+    pub fn new(steps: Vec<String>, json: bool) -> Progress {
+        let tty = if json {
+            std::io::stderr().is_terminal()
+        } else {
+            std::io::stdout().is_terminal()
+        };
+        let bar = tty.then(|| {
+            let bar = ProgressBar::new(100);
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {pos:>3}% {wide_msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar
+        });
+        Progress {
+            bar,
+            steps,
+            to_stderr: json,
+            quiet: json && !std::io::stderr().is_terminal(),
+        }
+    }
+
+    pub fn set_steps(&mut self, steps: Vec<String>) {
+        self.steps = steps;
+    }
+
+    fn step_name(&self, seq: u32) -> String {
+        let total = self.steps.len();
+        match self.steps.get(seq as usize) {
+            Some(a) => format!("step {}/{total} {a}", seq + 1),
+            None => format!("step {}", seq + 1),
+        }
+    }
+
+    fn line(&self, text: String) {
+        if self.quiet {
+            return;
+        }
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None if self.to_stderr => eprintln!("{text}"),
+            None => println!("{text}"),
+        }
+    }
+
+    pub fn event(&mut self, ev: &EventDto) {
+        match ev {
+            EventDto::Status { status, .. } => {
+                if let Some(bar) = &self.bar {
+                    bar.set_prefix(status_str(*status));
+                }
+                self.line(format!("status: {}", status_str(*status)));
+            }
+            EventDto::Step { seq, status, .. } => {
+                let name = self.step_name(*seq);
+                if let Some(bar) = &self.bar {
+                    bar.set_prefix(name.clone());
+                    if status == "dispatched" || status == "running" {
+                        bar.set_position(0);
+                    }
+                    if status == "completed" {
+                        bar.set_position(100);
+                    }
+                }
+                self.line(format!("{name}: {status}"));
+            }
+            EventDto::Progress {
+                seq,
+                progress,
+                message,
+                ..
+            } => match &self.bar {
+                Some(bar) => {
+                    bar.set_prefix(self.step_name(*seq));
+                    bar.set_position(u64::from((*progress).min(100)));
+                    if !message.is_empty() {
+                        bar.set_message(message.clone());
+                    }
+                }
+                None => self.line(format!("{} {progress}%: {message}", self.step_name(*seq))),
+            },
+            EventDto::Output { seq, line, .. } => match &self.bar {
+                Some(bar) => bar.set_message(line.clone()),
+                None => self.line(format!("{} | {line}", self.step_name(*seq))),
+            },
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,597 @@
+//! The one place Chiffon's binaries read configuration.
+//!
+//! Precedence, lowest first: built-in defaults, the TOML file (`--config PATH` or
+//! `CHIFFON_CONFIG`), environment variables (CONTRACT.md's table), command-line flags
+//! ([`ConfigOverrides`]). The result is a [`Config`] that [`crate::app`] turns into a running
+//! system; nothing below this module reads the environment.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use chiffon_core::engine::EngineConfig;
+use chiffon_core::llm::providers::ApiKey;
+use chiffon_core::llm::router::parse_order;
+use chiffon_core::llm::{AnthropicConfig, LlmConfig, OllamaConfig, OpenAiConfig};
+use chiffon_core::planner::PlannerConfig;
+use chiffon_protocol::ErrorCode;
+use serde::{Deserialize, Serialize};
+
+/// Where the CLI finds the server when neither `--server` nor `CHIFFON_URL` says.
+pub const DEFAULT_SERVER_URL: &str = "http://127.0.0.1:8080";
+/// `CHIFFON_DATABASE_URL`'s default: the embedded store.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://.chiffon/chiffon.db";
+pub const DEFAULT_BIND: &str = "127.0.0.1:8080";
+
+/// Configuration could not be read or is invalid (code 5601).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid configuration file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl ConfigError {
+    pub fn code(&self) -> ErrorCode {
+        ErrorCode::InvalidConfig
+    }
+}
+
+/// A token's role. Each role may do what the ones before it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Reads.
+    Viewer,
+    /// + submits requests and cancels its own.
+    Requester,
+    /// + approves and rejects.
+    Approver,
+    /// Everything, including cancelling anyone's request.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Requester => "requester",
+            Role::Approver => "approver",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One `[[tokens]]` entry.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds it: recorded as requester, approver and actor. Defaults to the role.
+    #[serde(default)]
+    pub name: Option<String>,
+    pub token: String,
+    pub role: Role,
+}
+
+impl TokenConfig {
+    /// The identity recorded for this token's actions.
+    pub fn identity(&self) -> String {
+        match &self.name {
+            Some(n) if !n.trim().is_empty() => n.trim().to_string(),
+            _ => self.role.as_str().to_string(),
+        }
+    }
+}
+
+// Tokens never reach logs, not even through `{:?}`.
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("name", &self.name)
+            .field("token", &"***")
+            .field("role", &self.role)
+            .finish()
+    }
+}
+
+/// `[server]`: the HTTP API's limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Largest accepted request body; larger ones get 413 (5502).
+    pub body_limit_bytes: usize,
+    /// SSE keep-alive comment interval, seconds.
+    pub sse_keepalive_secs: u64,
+    /// Largest page `GET /requests` and `GET /request/{id}/logs` return.
+    pub max_page: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            body_limit_bytes: 64 * 1024,
+            sse_keepalive_secs: 15,
+            max_page: 1000,
+        }
+    }
+}
+
+/// `[agents]`: the built-in agents started in-process when no AMQP URL is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentsConfig {
+    /// Start the infrastructure and desktop agents in-process on the in-process bus.
+    pub in_process: bool,
+    /// `ansible-playbook` to use; unset: found on `PATH` (or `.venv/bin`).
+    pub ansible_playbook: Option<PathBuf>,
+    /// Tasks each in-process agent runs at once.
+    pub max_concurrent: usize,
+}
+
+impl Default for AgentsConfig {
+    fn default() -> Self {
+        AgentsConfig {
+            in_process: true,
+            ansible_playbook: None,
+            max_concurrent: 4,
+        }
+    }
+}
+
+/// Everything the server, `chiffon up` and `chiffon run` are configured with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `postgres://…` or `sqlite://PATH` (`CHIFFON_DATABASE_URL`).
+    pub database_url: String,
+    /// RabbitMQ; unset: the in-process bus with in-process agents (`CHIFFON_AMQP_URL`).
+    pub amqp_url: Option<String>,
+    /// Listen address (`CHIFFON_BIND`).
+    pub bind: String,
+    /// The action catalog (`CHIFFON_PLAYBOOKS`).
+    pub playbooks: PathBuf,
+    /// The git audit trail (`CHIFFON_AUDIT_REPO`), created if missing.
+    pub audit_repo: PathBuf,
+    pub server: ServerConfig,
+    pub agents: AgentsConfig,
+    /// Providers, order, prices and budgets.
+    pub llm: LlmConfig,
+    /// Plan cache and LLM answer limits.
+    pub planner: PlannerConfig,
+    /// Approval policy, cost limit, dispatch.
+    pub engine: EngineConfig,
+    /// API tokens; none: the server binds loopback only and runs without auth.
+    pub tokens: Vec<TokenConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database_url: DEFAULT_DATABASE_URL.into(),
+            amqp_url: None,
+            bind: DEFAULT_BIND.into(),
+            playbooks: PathBuf::from("playbooks"),
+            audit_repo: PathBuf::from(".chiffon/audit"),
+            server: ServerConfig::default(),
+            agents: AgentsConfig::default(),
+            llm: LlmConfig::default(),
+            planner: PlannerConfig::default(),
+            engine: EngineConfig::default(),
+            tokens: Vec::new(),
+        }
+    }
+}
+
+/// Command-line flags that win over the file and the environment.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigOverrides {
+    pub database_url: Option<String>,
+    pub amqp_url: Option<String>,
+    pub bind: Option<String>,
+    pub playbooks: Option<PathBuf>,
+    pub audit_repo: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads the file (`path`, else `CHIFFON_CONFIG`, else none), then the process
+    /// environment, then `overrides`, and validates the result.
+    pub fn load(path: Option<&Path>, overrides: &ConfigOverrides) -> Result<Config, ConfigError> {
+        Config::load_with(path, overrides, |k| std::env::var(k).ok())
+    }
+
+    /// [`Config::load`] with the environment given as a function (tests).
+    pub fn load_with(
+        path: Option<&Path>,
+        overrides: &ConfigOverrides,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let path: Option<PathBuf> = path
+            .map(Path::to_path_buf)
+            .or_else(|| nonempty(&env, "CHIFFON_CONFIG").map(PathBuf::from));
+        let mut config = match &path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                Config::from_toml(&text).map_err(|e| match e {
+                    ConfigError::Parse { message, .. } => ConfigError::Parse {
+                        path: p.display().to_string(),
+                        message,
+                    },
+                    other => other,
+                })?
+            }
+            None => Config::default(),
+        };
+        config.apply_env(env)?;
+        config.apply_overrides(overrides);
+        config.finish()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML document (no environment, no validation).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<toml>".into(),
+            message: e.to_string().trim().to_string(),
+        })
+    }
+
+    /// Applies CONTRACT.md's environment variables over the file's values.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = nonempty(&env, "CHIFFON_DATABASE_URL") {
+            self.database_url = v;
+        }
+        if let Some(v) = nonempty(&env, "CHIFFON_AMQP_URL") {
+            self.amqp_url = Some(v);
+        }
+        if let Some(v) = nonempty(&env, "CHIFFON_BIND") {
+            self.bind = v;
+        }
+        if let Some(v) = nonempty(&env, "CHIFFON_PLAYBOOKS") {
+            self.playbooks = PathBuf::from(v);
+        }
+        if let Some(v) = nonempty(&env, "CHIFFON_AUDIT_REPO") {
+            self.audit_repo = PathBuf::from(v);
+        }
+        // The agent binaries read the same variable; in-process agents follow it too.
+        if let Some(v) = nonempty(&env, "CHIFFON_ANSIBLE_PLAYBOOK") {
+            self.agents.ansible_playbook = Some(PathBuf::from(v));
+        }
+        // A provider is enabled by its key (or, for the OpenAI wire format and Ollama, its
+        // address); the file may still set its model, prices and budget.
+        let key = nonempty(&env, "ANTHROPIC_API_KEY");
+        let base = nonempty(&env, "ANTHROPIC_BASE_URL");
+        if key.is_some() || (base.is_some() && self.llm.anthropic.is_some()) {
+            let c = self
+                .llm
+                .anthropic
+                .get_or_insert_with(AnthropicConfig::default);
+            if let Some(k) = key {
+                c.api_key = ApiKey::new(k);
+            }
+            if let Some(b) = base {
+                c.base_url = b;
+            }
+        }
+        let key = nonempty(&env, "OPENAI_API_KEY");
+        let base = nonempty(&env, "OPENAI_BASE_URL");
+        if key.is_some() || base.is_some() {
+            let c = self.llm.openai.get_or_insert_with(OpenAiConfig::default);
+            if let Some(k) = key {
+                c.api_key = ApiKey::new(k);
+            }
+            if let Some(b) = base {
+                c.base_url = b;
+            }
+        }
+        if let Some(host) = nonempty(&env, "OLLAMA_HOST") {
+            let c = self.llm.ollama.get_or_insert_with(OllamaConfig::default);
+            c.host = if host.contains("://") {
+                host
+            } else {
+                format!("http://{host}")
+            };
+        }
+        if let Some(order) = nonempty(&env, "CHIFFON_LLM_ORDER") {
+            self.llm.order = parse_order(&order)
+                .map_err(|e| ConfigError::Invalid(format!("CHIFFON_LLM_ORDER: {e}")))?;
+        }
+        Ok(())
+    }
+
+    pub fn apply_overrides(&mut self, o: &ConfigOverrides) {
+        if let Some(v) = &o.database_url {
+            self.database_url = v.clone();
+        }
+        if let Some(v) = &o.amqp_url {
+            self.amqp_url = Some(v.clone());
+        }
+        if let Some(v) = &o.bind {
+            self.bind = v.clone();
+        }
+        if let Some(v) = &o.playbooks {
+            self.playbooks = v.clone();
+        }
+        if let Some(v) = &o.audit_repo {
+            self.audit_repo = v.clone();
+        }
+    }
+
+    /// Validates, and fills what follows from the rest (the engine's budget table from the
+    /// providers' budgets, for `costs`).
+    pub fn finish(&mut self) -> Result<(), ConfigError> {
+        self.bind_addr()?;
+        if !(self.database_url.starts_with("postgres://")
+            || self.database_url.starts_with("postgresql://")
+            || self.database_url.starts_with("sqlite:"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "database url `{}` is neither postgres://… nor sqlite://PATH",
+                redact_url(&self.database_url)
+            )));
+        }
+        if let Some(a) = &self.amqp_url {
+            if !(a.starts_with("amqp://") || a.starts_with("amqps://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "amqp url `{}` does not start with amqp:// or amqps://",
+                    redact_url(a)
+                )));
+            }
+        }
+        parse_order(&self.llm.order.join(","))
+            .map_err(|e| ConfigError::Invalid(format!("llm.order: {e}")))?;
+        let mut seen = std::collections::HashSet::new();
+        for (i, t) in self.tokens.iter().enumerate() {
+            // Short tokens are guessable; the check also catches a forgotten placeholder.
+            if t.token.trim().len() < 16 {
+                return Err(ConfigError::Invalid(format!(
+                    "tokens[{i}] ({}): a token needs at least 16 characters",
+                    t.identity()
+                )));
+            }
+            if !seen.insert(t.token.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "tokens[{i}] ({}): the same token is listed twice",
+                    t.identity()
+                )));
+            }
+        }
+        if let Some(limit) = self.engine.approval.cost_limit_usd {
+            if !(limit.is_finite() && limit >= 0.0) {
+                return Err(ConfigError::Invalid(
+                    "engine.approval.cost_limit_usd must be a non-negative number".into(),
+                ));
+            }
+        }
+        if self.server.body_limit_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "server.body_limit_bytes must be at least 1024".into(),
+            ));
+        }
+        let budgets = [
+            (
+                "anthropic",
+                self.llm
+                    .anthropic
+                    .as_ref()
+                    .and_then(|c| c.monthly_budget_usd),
+            ),
+            (
+                "openai",
+                self.llm.openai.as_ref().and_then(|c| c.monthly_budget_usd),
+            ),
+            (
+                "ollama",
+                self.llm.ollama.as_ref().and_then(|c| c.monthly_budget_usd),
+            ),
+        ];
+        for (name, budget) in budgets {
+            if let Some(b) = budget {
+                self.engine.budgets.entry(name.to_string()).or_insert(b);
+            }
+        }
+        Ok(())
+    }
+
+    /// The listen address.
+    pub fn bind_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.bind.parse().map_err(|e| {
+            ConfigError::Invalid(format!(
+                "bind address `{}` is not HOST:PORT ({e})",
+                self.bind
+            ))
+        })
+    }
+
+    /// Whether API tokens are configured (otherwise: loopback only, no auth).
+    pub fn auth_enabled(&self) -> bool {
+        !self.tokens.is_empty()
+    }
+}
+
+fn nonempty(env: &impl Fn(&str) -> Option<String>, key: &str) -> Option<String> {
+    env(key)
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// A URL with its password replaced, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}://{}:***@{}", &url[..scheme_end], user, &rest[at + 1..])
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::load_with(None, &ConfigOverrides::default(), env(&[])).unwrap();
+        assert_eq!(c.database_url, "sqlite://.chiffon/chiffon.db");
+        assert_eq!(c.bind, "127.0.0.1:8080");
+        assert_eq!(c.playbooks, PathBuf::from("playbooks"));
+        assert_eq!(c.audit_repo, PathBuf::from(".chiffon/audit"));
+        assert!(c.amqp_url.is_none());
+        assert!(c.llm.anthropic.is_none() && c.llm.openai.is_none() && c.llm.ollama.is_none());
+        assert!(!c.auth_enabled());
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chiffon.toml");
+        std::fs::write(
+            &path,
+            r#"
+database_url = "sqlite://file.db"
+bind = "127.0.0.1:9000"
+playbooks = "from-file"
+
+[llm.openai]
+model = "gpt-test"
+monthly_budget_usd = 7.5
+
+[engine.approval]
+cost_limit_usd = 2.0
+
+[[tokens]]
+name = "alice"
+token = "alice-token-0123456789"
+role = "approver"
+"#,
+        )
+        .unwrap();
+        let e = env(&[
+            ("CHIFFON_DATABASE_URL", "postgres://u:secret@db/chiffon"),
+            ("OPENAI_BASE_URL", "http://127.0.0.1:4000/v1"),
+            ("OLLAMA_HOST", "127.0.0.1:11434"),
+            ("CHIFFON_LLM_ORDER", "ollama, claude"),
+            (
+                "CHIFFON_ANSIBLE_PLAYBOOK",
+                "/opt/ansible/bin/ansible-playbook",
+            ),
+        ]);
+        let flags = ConfigOverrides {
+            bind: Some("127.0.0.1:0".into()),
+            ..Default::default()
+        };
+        let c = Config::load_with(Some(&path), &flags, e).unwrap();
+        assert_eq!(c.database_url, "postgres://u:secret@db/chiffon");
+        assert_eq!(c.bind, "127.0.0.1:0");
+        assert_eq!(c.playbooks, PathBuf::from("from-file"));
+        let openai = c.llm.openai.as_ref().unwrap();
+        assert_eq!(openai.model, "gpt-test");
+        assert_eq!(openai.base_url, "http://127.0.0.1:4000/v1");
+        assert_eq!(
+            c.llm.ollama.as_ref().unwrap().host,
+            "http://127.0.0.1:11434"
+        );
+        assert_eq!(c.llm.order, vec!["ollama", "anthropic"]);
+        assert_eq!(
+            c.agents.ansible_playbook,
+            Some(PathBuf::from("/opt/ansible/bin/ansible-playbook"))
+        );
+        assert_eq!(c.engine.approval.cost_limit_usd, Some(2.0));
+        assert_eq!(c.engine.budgets.get("openai"), Some(&7.5));
+        assert_eq!(c.tokens[0].identity(), "alice");
+        assert_eq!(c.tokens[0].role, Role::Approver);
+        assert!(!format!("{c:?}").contains("alice-token-0123456789"));
+    }
+
+    #[test]
+    fn config_file_named_by_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "bind = \"127.0.0.1:7777\"\n").unwrap();
+        let p = path.display().to_string();
+        let c = Config::load_with(
+            None,
+            &ConfigOverrides::default(),
+            env(&[("CHIFFON_CONFIG", &p)]),
+        )
+        .unwrap();
+        assert_eq!(c.bind, "127.0.0.1:7777");
+    }
+
+    #[test]
+    fn bad_config_is_a_5601_error() {
+        let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
+            ("unknown_key = 1\n", vec![]),
+            ("bind = \"not an address\"\n", vec![]),
+            ("[[tokens]]\ntoken = \"short\"\nrole = \"viewer\"\n", vec![]),
+            (
+                "[[tokens]]\ntoken = \"long-enough-token-1234\"\nrole = \"boss\"\n",
+                vec![],
+            ),
+            ("", vec![("CHIFFON_LLM_ORDER", "gemini")]),
+            ("", vec![("CHIFFON_DATABASE_URL", "mysql://x")]),
+            ("", vec![("CHIFFON_AMQP_URL", "http://rabbit")]),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        for (i, (text, vars)) in cases.into_iter().enumerate() {
+            let path = dir.path().join(format!("{i}.toml"));
+            std::fs::write(&path, text).unwrap();
+            let err = Config::load_with(Some(&path), &ConfigOverrides::default(), env(&vars))
+                .expect_err(text);
+            assert_eq!(err.code().code(), 5601, "{err}");
+            assert!(!err.to_string().is_empty());
+        }
+        let missing = dir.path().join("missing.toml");
+        let err =
+            Config::load_with(Some(&missing), &ConfigOverrides::default(), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("missing.toml"), "{err}");
+    }
+
+    #[test]
+    fn the_example_file_parses() {
+        let text = include_str!("../../chiffon.example.toml");
+        let mut c = Config::from_toml(text).unwrap();
+        c.finish().unwrap();
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:secret@db:5432/x"),
+            "postgres://u:***@db:5432/x"
+        );
+        assert_eq!(redact_url("sqlite://a.db"), "sqlite://a.db");
+    }
+}

@@ -1,0 +1,554 @@
+//! The HTTP API's bodies. Handlers serialize exactly these types and the OpenAPI document is
+//! derived from them, so the two cannot drift. They mirror chiffon-core's model (which stays
+//! free of utoipa) and are built from it with `From`.
+
+use chiffon_core::engine::{CostLine, EngineEvent, Health, RequestView};
+use chiffon_core::model::{AgentRecord, LogLine, Plan, PlanStep, Request, RequestStatus, Step};
+use chiffon_protocol::ErrorPayload;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+/// `POST /request`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitBody {
+    /// What to do, in plain words.
+    pub text: String,
+    /// Who asks; only an admin token (or a server without tokens) may name someone else
+    /// than itself.
+    #[serde(default)]
+    pub requester: Option<String>,
+    /// Plan and run in check mode: report what would change, change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// `202` answer of `POST /request`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SubmitResponse {
+    pub request_id: Uuid,
+    pub status: StatusDto,
+    pub trace_id: String,
+    pub requester: String,
+    pub dry_run: bool,
+    pub created_at: DateTime<Utc>,
+    /// `GET` this for the request.
+    pub url: String,
+    /// `GET` this for its live events (SSE).
+    pub events_url: String,
+}
+
+/// `POST /approve`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApproveBody {
+    pub request_id: Uuid,
+    /// `true` approves, `false` rejects.
+    pub approved: bool,
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
+/// A request's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StatusDto {
+    Planning,
+    AwaitingApproval,
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+    Rejected,
+}
+
+impl From<RequestStatus> for StatusDto {
+    fn from(s: RequestStatus) -> Self {
+        match s {
+            RequestStatus::Planning => StatusDto::Planning,
+            RequestStatus::AwaitingApproval => StatusDto::AwaitingApproval,
+            RequestStatus::Queued => StatusDto::Queued,
+            RequestStatus::Running => StatusDto::Running,
+            RequestStatus::Completed => StatusDto::Completed,
+            RequestStatus::Failed => StatusDto::Failed,
+            RequestStatus::Cancelled => StatusDto::Cancelled,
+            RequestStatus::Rejected => StatusDto::Rejected,
+        }
+    }
+}
+
+/// An error recorded on a request or step.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDto {
+    pub code: u16,
+    /// The code's snake_case name.
+    pub name: String,
+    pub message: String,
+    #[schema(value_type = Object)]
+    pub details: Value,
+}
+
+impl From<ErrorPayload> for ErrorDto {
+    fn from(e: ErrorPayload) -> Self {
+        ErrorDto {
+            code: e.code.code(),
+            name: e.code.name().to_string(),
+            message: e.message,
+            details: e.details,
+        }
+    }
+}
+
+/// Resources a step needs.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ResourcesDto {
+    pub gpu: bool,
+    pub memory_gb: f64,
+}
+
+/// One step of a plan, as planned.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PlanStepDto {
+    pub action: String,
+    #[schema(value_type = Object)]
+    pub parameters: Map<String, Value>,
+    pub agent_type: String,
+    pub resources: ResourcesDto,
+    pub reason: String,
+}
+
+impl From<PlanStep> for PlanStepDto {
+    fn from(s: PlanStep) -> Self {
+        PlanStepDto {
+            action: s.action,
+            parameters: s.parameters,
+            agent_type: s.agent_type,
+            resources: ResourcesDto {
+                gpu: s.resources.gpu,
+                memory_gb: s.resources.memory_gb,
+            },
+            reason: s.reason,
+        }
+    }
+}
+
+/// A validated plan and how it was made.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PlanDto {
+    pub summary: String,
+    pub steps: Vec<PlanStepDto>,
+    pub risks: Vec<String>,
+    /// LLM spend of planning plus the actions' declared costs (USD).
+    pub estimated_cost_usd: f64,
+    pub llm_cost_usd: f64,
+    /// The provider and model that planned it (`offline` for the local planner).
+    pub provider: String,
+    pub model: String,
+    pub cached: bool,
+}
+
+impl From<Plan> for PlanDto {
+    fn from(p: Plan) -> Self {
+        PlanDto {
+            summary: p.summary,
+            steps: p.steps.into_iter().map(Into::into).collect(),
+            risks: p.risks,
+            estimated_cost_usd: p.estimated_cost_usd,
+            llm_cost_usd: p.llm_cost_usd,
+            provider: p.provider,
+            model: p.model,
+            cached: p.cached,
+        }
+    }
+}
+
+/// A step as it runs.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StepDto {
+    pub seq: u32,
+    /// The id agents see.
+    pub task_id: Uuid,
+    pub action: String,
+    #[schema(value_type = Object)]
+    pub parameters: Map<String, Value>,
+    pub agent_type: String,
+    /// `pending`, `ready`, `dispatched`, `running`, `completed`, `failed`, `cancelled`, `skipped`.
+    pub status: String,
+    pub attempt: u32,
+    pub agent_id: Option<String>,
+    pub progress: u32,
+    /// The tail of its output.
+    pub output: Option<String>,
+    /// What a check-mode run would change.
+    pub diff: Option<String>,
+    pub changed: Option<bool>,
+    pub error: Option<ErrorDto>,
+    pub dispatched_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl From<Step> for StepDto {
+    fn from(s: Step) -> Self {
+        StepDto {
+            seq: s.seq,
+            task_id: s.task_id,
+            action: s.action,
+            parameters: s.parameters,
+            agent_type: s.agent_type,
+            status: s.status.as_str().to_string(),
+            attempt: s.attempt,
+            agent_id: s.agent_id,
+            progress: s.progress,
+            output: s.output,
+            diff: s.diff,
+            changed: s.changed,
+            error: s.error.map(Into::into),
+            dispatched_at: s.dispatched_at,
+            finished_at: s.finished_at,
+        }
+    }
+}
+
+/// A request: what `GET /request/{id}` answers (with its steps) and `GET /requests` lists
+/// (without).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RequestDto {
+    pub id: Uuid,
+    pub trace_id: String,
+    pub text: String,
+    pub requester: String,
+    pub dry_run: bool,
+    pub status: StatusDto,
+    pub plan: Option<PlanDto>,
+    pub approver: Option<String>,
+    pub approval_comment: Option<String>,
+    pub error: Option<ErrorDto>,
+    /// The git commit of its audit record.
+    pub commit_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<Vec<StepDto>>,
+}
+
+impl From<Request> for RequestDto {
+    fn from(r: Request) -> Self {
+        RequestDto {
+            id: r.id,
+            trace_id: r.trace_id,
+            text: r.text,
+            requester: r.requester,
+            dry_run: r.dry_run,
+            status: r.status.into(),
+            plan: r.plan.map(Into::into),
+            approver: r.approver,
+            approval_comment: r.approval_comment,
+            error: r.error.map(Into::into),
+            commit_id: r.commit_id,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            steps: None,
+        }
+    }
+}
+
+impl From<RequestView> for RequestDto {
+    fn from(v: RequestView) -> Self {
+        let mut dto = RequestDto::from(v.request);
+        dto.steps = Some(v.steps.into_iter().map(Into::into).collect());
+        dto
+    }
+}
+
+/// `GET /requests` parameters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only requests in this status.
+    pub status: Option<String>,
+    /// At most this many (default 50).
+    pub limit: Option<u32>,
+    /// Only requests last updated before this instant (paging).
+    pub before: Option<DateTime<Utc>>,
+}
+
+/// `GET /requests`: newest first.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RequestListDto {
+    pub requests: Vec<RequestDto>,
+}
+
+/// `GET /request/{id}/logs` parameters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LogsQuery {
+    /// Only lines after this line id.
+    pub after: Option<i64>,
+    /// At most this many (default 1000).
+    pub limit: Option<u32>,
+}
+
+/// One line of the execution log.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LogLineDto {
+    pub id: i64,
+    pub task_id: Option<Uuid>,
+    pub at: DateTime<Utc>,
+    /// `status`, `output`, `result`, `error` or `engine`.
+    pub kind: String,
+    pub progress: Option<u32>,
+    pub message: String,
+}
+
+impl From<LogLine> for LogLineDto {
+    fn from(l: LogLine) -> Self {
+        LogLineDto {
+            id: l.id,
+            task_id: l.line.task_id,
+            at: l.line.at,
+            kind: l.line.kind,
+            progress: l.line.progress,
+            message: l.line.message,
+        }
+    }
+}
+
+/// `GET /request/{id}/logs`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LogsDto {
+    pub request_id: Uuid,
+    pub lines: Vec<LogLineDto>,
+}
+
+/// An agent as last seen.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AgentDto {
+    pub agent_id: String,
+    pub agent_type: String,
+    pub hostname: String,
+    pub last_seen: DateTime<Utc>,
+    pub running_tasks: u32,
+    pub max_tasks: Option<u32>,
+    pub queue: Option<String>,
+    pub actions: Vec<String>,
+    /// The last heartbeat's CPU figures.
+    #[schema(value_type = Object)]
+    pub cpu: Value,
+    #[schema(value_type = Object)]
+    pub memory: Value,
+    #[schema(value_type = Vec<Object>)]
+    pub gpus: Vec<Value>,
+}
+
+impl From<AgentRecord> for AgentDto {
+    fn from(a: AgentRecord) -> Self {
+        let hb = a.heartbeat;
+        AgentDto {
+            agent_id: a.agent_id,
+            agent_type: a.agent_type,
+            hostname: a.hostname,
+            last_seen: a.last_seen,
+            running_tasks: hb.running_tasks,
+            max_tasks: hb.max_tasks,
+            queue: hb.queue,
+            actions: hb.actions,
+            cpu: serde_json::to_value(&hb.cpu).unwrap_or(Value::Null),
+            memory: serde_json::to_value(&hb.memory).unwrap_or(Value::Null),
+            gpus: hb
+                .gpus
+                .iter()
+                .map(|g| serde_json::to_value(g).unwrap_or(Value::Null))
+                .collect(),
+        }
+    }
+}
+
+/// `GET /agents`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AgentsDto {
+    pub agents: Vec<AgentDto>,
+}
+
+/// One provider's spend this month.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CostLineDto {
+    pub provider: String,
+    /// `YYYY-MM`, UTC.
+    pub month: String,
+    pub spent_usd: f64,
+    /// Reserved for calls in flight.
+    pub reserved_usd: f64,
+    /// `null`: no budget (free or unlimited).
+    pub budget_usd: Option<f64>,
+    pub remaining_usd: Option<f64>,
+    pub calls: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+impl From<CostLine> for CostLineDto {
+    fn from(c: CostLine) -> Self {
+        CostLineDto {
+            remaining_usd: c
+                .budget_usd
+                .map(|b| (b - c.spent_usd - c.reserved_usd).max(0.0)),
+            provider: c.provider,
+            month: c.month,
+            spent_usd: c.spent_usd,
+            reserved_usd: c.reserved_usd,
+            budget_usd: c.budget_usd,
+            calls: c.calls,
+            input_tokens: c.input_tokens,
+            output_tokens: c.output_tokens,
+        }
+    }
+}
+
+/// `GET /costs`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CostsDto {
+    pub month: String,
+    pub providers: Vec<CostLineDto>,
+    pub total_spent_usd: f64,
+}
+
+/// `GET /health`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HealthDto {
+    /// `ok` or `degraded`.
+    pub status: String,
+    /// `ok` or the error.
+    pub store: String,
+    pub bus: String,
+    pub store_backend: String,
+    pub bus_backend: String,
+    pub instance_id: String,
+    pub version: String,
+    /// Whether API tokens are required.
+    pub auth: bool,
+}
+
+impl HealthDto {
+    pub fn new(h: Health, auth: bool) -> Self {
+        HealthDto {
+            status: h.status,
+            store: h.store,
+            bus: h.bus,
+            store_backend: h.store_backend,
+            bus_backend: h.bus_backend,
+            instance_id: h.instance_id,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            auth,
+        }
+    }
+}
+
+/// One Server-Sent Event's `data` (the event's name is the `type`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventDto {
+    /// The request's status changed (the first event gives the status at subscription).
+    Status {
+        request_id: Uuid,
+        status: StatusDto,
+        at: DateTime<Utc>,
+    },
+    /// A step reported progress (0-100).
+    Progress {
+        request_id: Uuid,
+        task_id: Uuid,
+        seq: u32,
+        progress: u32,
+        message: String,
+        at: DateTime<Utc>,
+    },
+    /// A step printed a line.
+    Output {
+        request_id: Uuid,
+        task_id: Uuid,
+        seq: u32,
+        line: String,
+        at: DateTime<Utc>,
+    },
+    /// A step changed status.
+    Step {
+        request_id: Uuid,
+        task_id: Uuid,
+        seq: u32,
+        status: String,
+        at: DateTime<Utc>,
+    },
+}
+
+impl EventDto {
+    /// The SSE event name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventDto::Status { .. } => "status",
+            EventDto::Progress { .. } => "progress",
+            EventDto::Output { .. } => "output",
+            EventDto::Step { .. } => "step",
+        }
+    }
+}
+
+impl From<EngineEvent> for EventDto {
+    fn from(e: EngineEvent) -> Self {
+        match e {
+            EngineEvent::Status {
+                request_id,
+                status,
+                at,
+            } => EventDto::Status {
+                request_id,
+                status: status.into(),
+                at,
+            },
+            EngineEvent::Progress {
+                request_id,
+                task_id,
+                seq,
+                progress,
+                message,
+                at,
+            } => EventDto::Progress {
+                request_id,
+                task_id,
+                seq,
+                progress,
+                message,
+                at,
+            },
+            EngineEvent::Output {
+                request_id,
+                task_id,
+                seq,
+                line,
+                at,
+            } => EventDto::Output {
+                request_id,
+                task_id,
+                seq,
+                line,
+                at,
+            },
+            EngineEvent::Step {
+                request_id,
+                task_id,
+                seq,
+                status,
+                at,
+            } => EventDto::Step {
+                request_id,
+                task_id,
+                seq,
+                status: status.as_str().to_string(),
+                at,
+            },
+        }
+    }
+}

@@ -1,0 +1,394 @@
+//! The handlers: parse, authorise, call the engine, render. No lifecycle decisions here.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Extension, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use chiffon_core::engine::{EngineEvent, SubmitRequest};
+use chiffon_core::model::{RequestFilter, RequestStatus};
+use chiffon_protocol::ErrorCode;
+use futures::{Stream, StreamExt};
+use serde_json::json;
+use tokio::sync::broadcast::error::RecvError;
+use uuid::Uuid;
+
+use crate::auth::{Identity, TraceId};
+use crate::config::Role;
+use crate::dto::*;
+use crate::error::{AppError, ErrorResponse, Json, Path, Query};
+use crate::http::AppState;
+
+const DEFAULT_LIST_LIMIT: u32 = 50;
+const DEFAULT_LOG_LIMIT: u32 = 1000;
+
+/// Submit a request in plain words; it is planned in the background.
+#[utoipa::path(
+    post, path = "/request", tag = "requests",
+    request_body = SubmitBody,
+    responses(
+        (status = 202, description = "Accepted; planning", body = SubmitResponse),
+        (status = 400, description = "Malformed body", body = ErrorResponse),
+        (status = 401, description = "No valid token", body = ErrorResponse),
+        (status = 403, description = "Role may not submit", body = ErrorResponse),
+        (status = 413, description = "Body too large", body = ErrorResponse),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn submit(
+    State(state): State<AppState>,
+    Extension(who): Extension<Identity>,
+    Extension(trace): Extension<TraceId>,
+    Json(body): Json<SubmitBody>,
+) -> Result<(StatusCode, Json<SubmitResponse>), AppError> {
+    who.require(Role::Requester, "submit requests")?;
+    // Only an admin (or the unauthenticated loopback user) may submit on someone's behalf.
+    let requester = match body.requester {
+        Some(r) if who.role >= Role::Admin && !r.trim().is_empty() => r,
+        _ => who.name.clone(),
+    };
+    let request = state
+        .engine
+        .submit(SubmitRequest {
+            text: body.text,
+            requester: Some(requester),
+            dry_run: body.dry_run,
+            trace_id: Some(trace.0),
+            request_id: None,
+        })
+        .await?;
+    tracing::info!(request = %request.id, requester = %request.requester, "request submitted");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(SubmitResponse {
+            request_id: request.id,
+            status: request.status.into(),
+            trace_id: request.trace_id,
+            requester: request.requester,
+            dry_run: request.dry_run,
+            created_at: request.created_at,
+            url: format!("/request/{}", request.id),
+            events_url: format!("/request/{}/events", request.id),
+        }),
+    ))
+}
+
+/// A request with its plan, steps, outcome and audit commit.
+#[utoipa::path(
+    get, path = "/request/{id}", tag = "requests",
+    params(("id" = Uuid, Path, description = "Request id")),
+    responses(
+        (status = 200, body = RequestDto),
+        (status = 400, description = "Not a uuid", body = ErrorResponse),
+        (status = 404, description = "Unknown request", body = ErrorResponse),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get_request(
+    State(state): State<AppState>,
+    Extension(who): Extension<Identity>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<RequestDto>, AppError> {
+    who.require(Role::Viewer, "read requests")?;
+    Ok(Json(state.engine.get(id).await?.into()))
+}
+
+/// Approve (`approved: true`) or reject (`approved: false`) a request awaiting approval.
+#[utoipa::path(
+    post, path = "/approve", tag = "requests",
+    request_body = ApproveBody,
+    responses(
+        (status = 200, description = "The request after the decision", body = RequestDto),
+        (status = 403, description = "Role may not approve, or the four-eyes rule", body = ErrorResponse),
+        (status = 404, body = ErrorResponse),
+        (status = 409, description = "Not awaiting approval", body = ErrorResponse),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn approve(
+    State(state): State<AppState>,
+    Extension(who): Extension<Identity>,
+    Json(body): Json<ApproveBody>,
+) -> Result<Json<RequestDto>, AppError> {
+    who.require(Role::Approver, "approve or reject requests")?;
+    let request = if body.approved {
+        state
+            .engine
+            .approve(body.request_id, &who.name, body.comment)
+            .await?
+    } else {
+        state
+            .engine
+            .reject(body.request_id, &who.name, body.comment)
+            .await?
+    };
+    tracing::info!(request = %request.id, approver = %who.name, approved = body.approved, "approval decision");
+    Ok(Json(request.into()))
+}
+
+/// Cancel a request that is planning, awaiting approval, queued or running.
+#[utoipa::path(
+    post, path = "/cancel/{id}", tag = "requests",
+    params(("id" = Uuid, Path, description = "Request id")),
+    responses(
+        (status = 200, description = "Cancelled, or cancel sent to the running step", body = RequestDto),
+        (status = 403, body = ErrorResponse),
+        (status = 404, body = ErrorResponse),
+        (status = 409, description = "Already ended", body = ErrorResponse),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn cancel(
+    State(state): State<AppState>,
+    Extension(who): Extension<Identity>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<RequestDto>, AppError> {
+    who.require(Role::Requester, "cancel requests")?;
+    if who.role < Role::Admin {
+        let view = state.engine.get(id).await?;
+        if view.request.requester != who.name {
+            return Err(AppError::new(
+                ErrorCode::Forbidden,
+                format!("{} may only cancel its own requests", who.name),
+            )
+            .with_details(json!({ "request_id": id, "requester": view.request.requester })));
+        }
+    }
+    let request = state.engine.cancel(id, &who.name).await?;
+    Ok(Json(request.into()))
+}
+
+/// Liveness and the store's and the bus's state. Needs no token.
+#[utoipa::path(
+    get, path = "/health", tag = "system",
+    responses((status = 200, body = HealthDto))
+)]
+pub async fn health(State(state): State<AppState>) -> Json<HealthDto> {
+    Json(HealthDto::new(
+        state.engine.health().await,
+        state.auth.enabled(),
+    ))
+}
+
+/// Requests, newest first.
+#[utoipa::path(
+    get, path = "/requests", tag = "requests",
+    params(ListQuery),
+    responses(
+        (status = 200, body = RequestListDto),
+        (status = 400, description = "Unknown status", body = ErrorResponse),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(who): Extension<Identity>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<RequestListDto>, AppError> {
+    who.require(Role::Viewer, "read requests")?;
+    let status = match q.status.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(RequestStatus::parse(s).ok_or_else(|| {
+            AppError::bad_request(format!("unknown status `{s}`")).with_details(json!({
+                "allowed": RequestStatus::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>()
+            }))
+        })?),
+    };
+    let limit = q
+        .limit
+        .unwrap_or(DEFAULT_LIST_LIMIT)
+        .clamp(1, state.server.max_page);
+    let requests = state
+        .engine
+        .list(&RequestFilter {
+            status,
+            updated_before: q.before,
+            limit: Some(limit),
+        })
+        .await?;
+    Ok(Json(RequestListDto {
+        requests: requests.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// The request's execution log.
+#[utoipa::path(
+    get, path = "/request/{id}/logs", tag = "requests",
+    params(("id" = Uuid, Path, description = "Request id"), LogsQuery),
+    responses((status = 200, body = LogsDto), (status = 404, body = ErrorResponse)),
+    security(("bearer" = []))
+)]
+pub async fn logs(
+    State(state): State<AppState>,
+    Extension(who): Extension<Identity>,
+    Path(id): Path<Uuid>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Json<LogsDto>, AppError> {
+    who.require(Role::Viewer, "read logs")?;
+    let limit = q
+        .limit
+        .unwrap_or(DEFAULT_LOG_LIMIT)
+        .clamp(1, state.server.max_page);
+    let lines = state.engine.logs(id, q.after, limit).await?;
+    Ok(Json(LogsDto {
+        request_id: id,
+        lines: lines.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// Live events of a request as Server-Sent Events: first a `status` event with the current
+/// status, then `status`, `step`, `progress` and `output` events as they happen; the stream
+/// ends after the terminal status.
+#[utoipa::path(
+    get, path = "/request/{id}/events", tag = "requests",
+    params(("id" = Uuid, Path, description = "Request id")),
+    responses(
+        (status = 200, description = "`text/event-stream`; each event's data is one of these", content_type = "text/event-stream", body = EventDto),
+        (status = 404, body = ErrorResponse),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn events(
+    State(state): State<AppState>,
+    Extension(who): Extension<Identity>,
+    Path(id): Path<Uuid>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, AppError> {
+    who.require(Role::Viewer, "read events")?;
+    // Subscribe before reading, so nothing between the read and the first live event is lost.
+    let rx = state.engine.subscribe(id);
+    let current = state.engine.get(id).await?.request;
+    let engine = state.engine.clone();
+    let first = EventDto::Status {
+        request_id: id,
+        status: current.status.into(),
+        at: current.updated_at,
+    };
+    let done = current.status.is_terminal();
+    let stream = futures::stream::unfold(
+        (Some(first), rx, done, engine),
+        move |(pending, mut rx, done, engine)| async move {
+            if let Some(ev) = pending {
+                let end = done;
+                return Some((sse_event(&ev), (None, rx, end, engine)));
+            }
+            if done {
+                return None;
+            }
+            match rx.recv().await {
+                Ok(ev) => {
+                    let last = ev.is_final();
+                    let dto = EventDto::from(ev);
+                    Some((sse_event(&dto), (None, rx, last, engine)))
+                }
+                // Too slow, or the channel went away: say where the request stands now.
+                Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => {
+                    let closed = rx.is_closed();
+                    let r = engine.get(id).await.ok()?;
+                    let ev = EngineEvent::Status {
+                        request_id: id,
+                        status: r.request.status,
+                        at: r.request.updated_at,
+                    };
+                    let last = ev.is_final();
+                    if closed && !last {
+                        rx = engine.subscribe(id);
+                    }
+                    Some((sse_event(&ev.into()), (None, rx, last, engine)))
+                }
+            }
+        },
+    );
+    let stream = stream.take_until(state.shutdown.clone().cancelled_owned());
+    Ok(Sse::new(stream).keep_alive(
+        KeepAlive::new().interval(Duration::from_secs(state.server.sse_keepalive_secs.max(1))),
+    ))
+}
+
+fn sse_event(ev: &EventDto) -> Result<Event, Infallible> {
+    let data = serde_json::to_string(ev).unwrap_or_else(|_| "{}".into());
+    Ok(Event::default().event(ev.name()).data(data))
+}
+
+/// Known agents with their last heartbeat and resources.
+#[utoipa::path(
+    get, path = "/agents", tag = "fleet",
+    responses((status = 200, body = AgentsDto)),
+    security(("bearer" = []))
+)]
+pub async fn agents(
+    State(state): State<AppState>,
+    Extension(who): Extension<Identity>,
+) -> Result<Json<AgentsDto>, AppError> {
+    who.require(Role::Viewer, "read agents")?;
+    let agents = state.engine.agents().await?;
+    Ok(Json(AgentsDto {
+        agents: agents.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// LLM spend this month per provider against its budget.
+#[utoipa::path(
+    get, path = "/costs", tag = "fleet",
+    responses((status = 200, body = CostsDto)),
+    security(("bearer" = []))
+)]
+pub async fn costs(
+    State(state): State<AppState>,
+    Extension(who): Extension<Identity>,
+) -> Result<Json<CostsDto>, AppError> {
+    who.require(Role::Viewer, "read costs")?;
+    let lines = state.engine.costs().await?;
+    // A float `sum()` of nothing is -0.0, which prints as "$-0.0000".
+    let total = lines.iter().fold(0.0, |acc, l| acc + l.spent_usd);
+    Ok(Json(CostsDto {
+        month: chrono::Utc::now().format("%Y-%m").to_string(),
+        providers: lines.into_iter().map(Into::into).collect(),
+        total_spent_usd: total,
+    }))
+}
+
+/// Prometheus text format: requests by status, dispatch-to-result latency, LLM spend, queue
+/// depths, counters.
+#[utoipa::path(
+    get, path = "/metrics", tag = "system",
+    responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain", body = String)),
+    security(("bearer" = []))
+)]
+pub async fn metrics(
+    State(state): State<AppState>,
+    Extension(who): Extension<Identity>,
+) -> Result<Response, AppError> {
+    who.require(Role::Viewer, "read metrics")?;
+    let text = crate::metrics::render(&state.engine).await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+/// This document.
+#[utoipa::path(
+    get, path = "/openapi.json", tag = "system",
+    responses((status = 200, description = "The OpenAPI document", body = Object)),
+    security(("bearer" = []))
+)]
+pub async fn openapi(Extension(who): Extension<Identity>) -> Result<Response, AppError> {
+    who.require(Role::Viewer, "read the API document")?;
+    Ok(axum::Json(crate::http::openapi()).into_response())
+}
+
+/// Any route that does not exist.
+pub async fn not_found(uri: axum::http::Uri) -> AppError {
+    AppError::new(ErrorCode::RouteNotFound, format!("no route {}", uri.path()))
+}
+
+/// A known route with the wrong method.
+pub async fn method_not_allowed() -> AppError {
+    AppError::new(ErrorCode::RouteNotFound, "method not allowed on this route")
+}
