@@ -27,5 +27,5 @@ echo "== cargo test"
 cargo test --workspace --all-features --no-fail-fast 2>&1 | tee "${CHIFFON_TEST_LOG:-/tmp/chiffon-test.log}"
 status=${PIPESTATUS[0]}
 passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed; [0-9]+ failed' "${CHIFFON_TEST_LOG:-/tmp/chiffon-test.log}" | awk '{p+=$4; f+=$6} END {print p+0, f+0}')
-echo "tests: ${passed% *} passed, ${passed#* } failed"
+echo "tests: ${passed% *} passed, ${passed#* } failed" | tee "${CHIFFON_TEST_SUMMARY:-/tmp/chiffon-test-summary}"
 exit "$status"
