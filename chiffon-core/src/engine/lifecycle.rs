@@ -61,6 +61,10 @@ pub(super) struct Inner {
     pub tasks: TaskTracker,
     pub metrics: Metrics,
     pub declared: Mutex<std::collections::HashSet<String>>,
+    /// Memory promised to agents by dispatches their last heartbeat cannot show yet:
+    /// agent id → (task, GiB, dispatched at).
+    pub reservations:
+        Mutex<std::collections::HashMap<String, Vec<(Uuid, f64, chrono::DateTime<Utc>)>>>,
 }
 
 /// The result of verifying the audit trail: the hash chain and the git commits.
@@ -92,6 +96,7 @@ impl Engine {
                 tasks: TaskTracker::new(),
                 metrics: Metrics::default(),
                 declared: Mutex::new(Default::default()),
+                reservations: Mutex::new(Default::default()),
             }),
         }
     }

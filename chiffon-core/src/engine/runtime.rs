@@ -43,6 +43,31 @@ fn tail(s: &str) -> String {
     s[start..].to_string()
 }
 
+/// Handles a consumer's deliveries, up to `limit` at once, until `stop` is cancelled.
+async fn consume_each<F, Fut>(
+    consumer: crate::transport::Consumer,
+    limit: usize,
+    stop: CancellationToken,
+    what: &'static str,
+    handle: F,
+) where
+    F: Fn(Delivery) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    consumer
+        .take_until(stop.cancelled_owned())
+        .for_each_concurrent(limit, |d| {
+            let fut = d.map(&handle);
+            async move {
+                match fut {
+                    Ok(f) => f.await,
+                    Err(e) => tracing::warn!(error = %e, consumer = what, "consumer error"),
+                }
+            }
+        })
+        .await
+}
+
 impl Engine {
     /// Runs the engine until `shutdown` is cancelled: declares the topology, consumes
     /// `orchestrator.requests` and `orchestrator.results`, dispatches ready steps and sweeps
@@ -64,42 +89,20 @@ impl Engine {
         tracing::info!(instance = %self.inner.config.instance_id, store = self.inner.store.backend(), bus = self.inner.transport.backend(), "engine running");
 
         let limit = prefetch.max(1) as usize;
-        let intake = {
+        let intake = consume_each(requests, limit, shutdown.clone(), "intake", {
             let engine = self.clone();
-            let stop = shutdown.clone();
-            async move {
-                requests
-                    .take_until(stop.cancelled_owned())
-                    .for_each_concurrent(limit, |d| {
-                        let engine = engine.clone();
-                        async move {
-                            match d {
-                                Ok(d) => engine.on_intake(d).await,
-                                Err(e) => tracing::warn!(error = %e, "intake consumer error"),
-                            }
-                        }
-                    })
-                    .await
+            move |d| {
+                let engine = engine.clone();
+                async move { engine.on_intake(d).await }
             }
-        };
-        let results = {
+        });
+        let results = consume_each(results, limit, shutdown.clone(), "results", {
             let engine = self.clone();
-            let stop = shutdown.clone();
-            async move {
-                results
-                    .take_until(stop.cancelled_owned())
-                    .for_each_concurrent(limit, |d| {
-                        let engine = engine.clone();
-                        async move {
-                            match d {
-                                Ok(d) => engine.on_result_delivery(d).await,
-                                Err(e) => tracing::warn!(error = %e, "results consumer error"),
-                            }
-                        }
-                    })
-                    .await
+            move |d| {
+                let engine = engine.clone();
+                async move { engine.on_result_delivery(d).await }
             }
-        };
+        });
         let dispatcher = {
             let engine = self.clone();
             let stop = shutdown.clone();
@@ -547,6 +550,19 @@ impl Engine {
         } else {
             Vec::new()
         };
+        // A heartbeat older than a dispatch does not show what that dispatch takes yet.
+        if let (true, Ok(mut reserved)) = (needs_agents, self.inner.reservations.lock()) {
+            // Agents gone silent no longer get work; forget what was promised to them.
+            reserved
+                .retain(|id, list| !list.is_empty() && agents.iter().any(|a| &a.agent_id == id));
+            for a in agents.iter_mut() {
+                if let Some(list) = reserved.get_mut(&a.agent_id) {
+                    list.retain(|(_, _, at)| *at > a.last_seen);
+                    a.heartbeat.memory.used_gb += list.iter().map(|r| r.1).sum::<f64>();
+                    a.heartbeat.running_tasks += list.len() as u32;
+                }
+            }
+        }
         let mut requests: HashMap<Uuid, Request> = HashMap::new();
         let mut blocked = false;
         let mut audit = Vec::new();
@@ -697,6 +713,15 @@ impl Engine {
                 continue;
             }
             dispatched += 1;
+            if let (Some(agent), true) = (&agent_id, needs) {
+                if let Ok(mut reserved) = self.inner.reservations.lock() {
+                    reserved.entry(agent.clone()).or_default().push((
+                        step.task_id,
+                        step.resources.memory_gb,
+                        now,
+                    ));
+                }
+            }
             self.inner
                 .metrics
                 .dispatched
