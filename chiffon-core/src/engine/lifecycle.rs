@@ -47,6 +47,9 @@ impl Metrics {
     }
 }
 
+/// Memory (GiB) promised to an agent by one dispatch: (task, GiB, dispatched at).
+pub(super) type Reservation = (Uuid, f64, chrono::DateTime<Utc>);
+
 pub(super) struct Inner {
     pub store: Arc<dyn Store>,
     pub transport: Arc<dyn Transport>,
@@ -63,8 +66,7 @@ pub(super) struct Inner {
     pub declared: Mutex<std::collections::HashSet<String>>,
     /// Memory promised to agents by dispatches their last heartbeat cannot show yet:
     /// agent id → (task, GiB, dispatched at).
-    pub reservations:
-        Mutex<std::collections::HashMap<String, Vec<(Uuid, f64, chrono::DateTime<Utc>)>>>,
+    pub reservations: Mutex<std::collections::HashMap<String, Vec<Reservation>>>,
 }
 
 /// The result of verifying the audit trail: the hash chain and the git commits.
