@@ -66,6 +66,8 @@ pub(super) struct Inner {
     pub declared: Mutex<std::collections::HashSet<String>>,
     /// Memory promised to agents by dispatches their last heartbeat cannot show yet:
     /// agent id → (task, GiB, dispatched at).
+    /// Requests this instance is planning now.
+    pub planning_now: Mutex<std::collections::HashSet<Uuid>>,
     pub reservations: Mutex<std::collections::HashMap<String, Vec<Reservation>>>,
 }
 
@@ -99,6 +101,7 @@ impl Engine {
                 metrics: Metrics::default(),
                 declared: Mutex::new(Default::default()),
                 reservations: Mutex::new(Default::default()),
+                planning_now: Mutex::new(Default::default()),
             }),
         }
     }
@@ -169,6 +172,25 @@ impl Engine {
     /// Plans a request in `planning` and moves it on: to `awaiting_approval`, straight to
     /// `queued` under an auto-approval rule, `rejected` above the cost limit, or `failed`.
     pub(super) async fn plan_request(&self, request: Request) {
+        // One planning per request per instance (the sweeper may find it stale meanwhile).
+        if !self
+            .inner
+            .planning_now
+            .lock()
+            .map(|mut s| s.insert(request.id))
+            .unwrap_or(false)
+        {
+            return;
+        }
+        struct Done<'a>(&'a Inner, Uuid);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                if let Ok(mut s) = self.0.planning_now.lock() {
+                    s.remove(&self.1);
+                }
+            }
+        }
+        let _done = Done(&self.inner, request.id);
         let Ok(_permit) = self.inner.planning.clone().acquire_owned().await else {
             return;
         };

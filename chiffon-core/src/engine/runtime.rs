@@ -25,6 +25,8 @@ use crate::transport::{ConsumeOptions, Delivery};
 const OUTPUT_TAIL: usize = 16 * 1024;
 /// How long a claim on a ready step lasts before another instance may take it.
 const CLAIM_LEASE: Duration = Duration::from_secs(30);
+/// A request `planning` this long was interrupted and is planned again.
+const STALE_PLANNING: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 /// Queued/running requests untouched this long are reconciled by the sweeper.
 const REPAIR_AFTER: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
 
@@ -799,6 +801,19 @@ impl Engine {
                     .await;
                 }
             }
+        }
+        // Planning interrupted by a crash (or a lost instance): plan it again. Transitions
+        // are conditional, so a planning that was only slow cannot apply twice.
+        let filter = RequestFilter {
+            status: Some(RequestStatus::Planning),
+            updated_before: Some(now - STALE_PLANNING),
+            limit: Some(20),
+        };
+        for r in self.inner.store.list_requests(&filter).await? {
+            let engine = self.clone();
+            self.inner
+                .tasks
+                .spawn(async move { engine.plan_request(r).await });
         }
         for status in [RequestStatus::Queued, RequestStatus::Running] {
             let filter = RequestFilter {
