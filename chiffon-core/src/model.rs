@@ -161,6 +161,9 @@ pub struct RequestFilter {
     pub status: Option<RequestStatus>,
     /// Only requests last updated before this instant.
     pub updated_before: Option<DateTime<Utc>>,
+    /// Only requests created before this instant: the cursor for the next page (the
+    /// oldest `created_at` of the page before).
+    pub created_before: Option<DateTime<Utc>>,
     pub limit: Option<u32>,
 }
 

@@ -272,7 +272,8 @@ pub struct ListQuery {
     pub status: Option<String>,
     /// At most this many (default 50).
     pub limit: Option<u32>,
-    /// Only requests last updated before this instant (paging).
+    /// Only requests created before this instant: the next page starts before the
+    /// oldest `created_at` of the page before.
     pub before: Option<DateTime<Utc>>,
 }
 

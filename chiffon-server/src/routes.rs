@@ -204,8 +204,9 @@ pub async fn list(
         .engine
         .list(&RequestFilter {
             status,
-            updated_before: q.before,
+            created_before: q.before,
             limit: Some(limit),
+            ..Default::default()
         })
         .await?;
     Ok(Json(RequestListDto {

@@ -657,40 +657,33 @@ impl Engine {
         ] {
             let mut before = None;
             loop {
-                let page = self
-                    .inner
-                    .store
-                    .list_requests(&RequestFilter {
-                        status: Some(status),
-                        updated_before: before,
-                        limit: Some(500),
-                    })
-                    .await?;
-                for r in &page {
-                    if r.approver.is_some() {
-                        let ok = match (&self.inner.git, &r.commit_id) {
-                            (Some(git), Some(c)) => {
-                                let git = git.clone();
-                                let id = r.id;
-                                let c = c.clone();
-                                tokio::task::spawn_blocking(move || {
-                                    git.find_commit_for(id).ok().flatten() == Some(c)
-                                })
-                                .await
-                                .unwrap_or(false)
-                            }
-                            (None, Some(_)) => true,
-                            (_, None) => false,
-                        };
-                        if !ok {
-                            missing.push(r.id);
-                        }
+                let filter = RequestFilter {
+                    status: Some(status),
+                    created_before: before,
+                    limit: Some(1000),
+                    ..Default::default()
+                };
+                let page = self.inner.store.list_requests(&filter).await?;
+                let mut committed = Vec::new();
+                for r in page.iter().filter(|r| r.approver.is_some()) {
+                    match r.commit_id {
+                        Some(_) => committed.push(r.id),
+                        None => missing.push(r.id),
                     }
                 }
-                if page.len() < 500 {
+                // One look at the tip's tree per page: O(n) for the whole trail.
+                if let (Some(git), false) = (&self.inner.git, committed.is_empty()) {
+                    let git = git.clone();
+                    let absent = tokio::task::spawn_blocking(move || git.verify(&committed))
+                        .await
+                        .map_err(|e| EngineError::Invalid(format!("git verify task failed: {e}")))?
+                        .map_err(|e| EngineError::Invalid(format!("git verify: {e}")))?;
+                    missing.extend(absent);
+                }
+                if page.len() < 1000 {
                     break;
                 }
-                before = page.last().map(|r| r.updated_at);
+                before = page.last().map(|r| r.created_at);
             }
         }
         let ok = chain.ok && missing.is_empty();

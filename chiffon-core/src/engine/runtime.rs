@@ -775,6 +775,7 @@ impl Engine {
                 status: Some(RequestStatus::AwaitingApproval),
                 updated_before: Some(now - chrono_dur(expire)),
                 limit: Some(100),
+                ..Default::default()
             };
             for r in self.inner.store.list_requests(&filter).await? {
                 let msg = format!("no approval within {} s", expire.as_secs());
@@ -808,6 +809,7 @@ impl Engine {
             status: Some(RequestStatus::Planning),
             updated_before: Some(now - STALE_PLANNING),
             limit: Some(20),
+            ..Default::default()
         };
         for r in self.inner.store.list_requests(&filter).await? {
             let engine = self.clone();
@@ -820,6 +822,7 @@ impl Engine {
                 status: Some(status),
                 updated_before: Some(now - REPAIR_AFTER),
                 limit: Some(50),
+                ..Default::default()
             };
             for r in self.inner.store.list_requests(&filter).await? {
                 self.reconcile(r.id).await?;

@@ -642,6 +642,7 @@ pub async fn list_filter_order(h: &Harness) {
             status: Some(RequestStatus::Planning),
             updated_before: Some(cut),
             limit: Some(100),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -654,10 +655,24 @@ pub async fn list_filter_order(h: &Harness) {
             status: Some(RequestStatus::Cancelled),
             updated_before: Some(cut),
             limit: None,
+            ..Default::default()
         })
         .await
         .unwrap();
     assert!(none.is_empty());
+    // Paging by creation: the next page starts before the oldest of the page before.
+    let next = s
+        .list_requests(&RequestFilter {
+            created_before: Some(limited[1].created_at),
+            limit: Some(2),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        next.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![made[2].id, made[1].id]
+    );
 }
 
 pub async fn step_updates(h: &Harness) {

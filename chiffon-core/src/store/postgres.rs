@@ -358,6 +358,9 @@ impl Store for PgStore {
         if let Some(before) = filter.updated_before {
             q.push(" AND updated_at < ").push_bind(ts(trunc(before)));
         }
+        if let Some(before) = filter.created_before {
+            q.push(" AND created_at < ").push_bind(ts(trunc(before)));
+        }
         q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
             .push_bind(i64::from(filter.limit.unwrap_or(DEFAULT_LIST_LIMIT)));
         let rows = q.build().fetch_all(&self.pool).await.map_err(db_err)?;
