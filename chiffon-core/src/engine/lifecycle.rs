@@ -47,6 +47,47 @@ impl Metrics {
     }
 }
 
+type AuditJob = (
+    Vec<NewAuditEntry>,
+    tokio::sync::oneshot::Sender<Result<(), String>>,
+);
+
+/// Most entries one group commit appends.
+const AUDIT_BATCH: usize = 512;
+
+/// Group commit for the audit log: concurrent callers' entries are appended in one
+/// transaction (the chain's head is locked once per batch, not once per decision), and each
+/// caller still waits until its entries are stored.
+fn spawn_audit_appender(store: Arc<dyn Store>) -> tokio::sync::mpsc::Sender<AuditJob> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<AuditJob>(1024);
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut jobs = vec![first];
+            let mut count = jobs[0].0.len();
+            while count < AUDIT_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => {
+                        count += job.0.len();
+                        jobs.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let batch: Vec<NewAuditEntry> =
+                jobs.iter().flat_map(|(e, _)| e.iter().cloned()).collect();
+            let result = store
+                .append_audit(&batch)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            for (_, done) in jobs {
+                let _ = done.send(result.clone());
+            }
+        }
+    });
+    tx
+}
+
 /// Memory (GiB) promised to an agent by one dispatch: (task, GiB, dispatched at).
 pub(super) type Reservation = (Uuid, f64, chrono::DateTime<Utc>);
 
@@ -66,6 +107,8 @@ pub(super) struct Inner {
     pub declared: Mutex<std::collections::HashSet<String>>,
     /// Memory promised to agents by dispatches their last heartbeat cannot show yet:
     /// agent id → (task, GiB, dispatched at).
+    /// The audit log's group-commit task, started on first use.
+    pub audit_appender: std::sync::OnceLock<tokio::sync::mpsc::Sender<AuditJob>>,
     /// Requests this instance is planning now.
     pub planning_now: Mutex<std::collections::HashSet<Uuid>>,
     pub reservations: Mutex<std::collections::HashMap<String, Vec<Reservation>>>,
@@ -102,6 +145,7 @@ impl Engine {
                 declared: Mutex::new(Default::default()),
                 reservations: Mutex::new(Default::default()),
                 planning_now: Mutex::new(Default::default()),
+                audit_appender: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -988,8 +1032,20 @@ impl Engine {
         if entries.is_empty() {
             return;
         }
-        if let Err(e) = self.inner.store.append_audit(&entries).await {
-            tracing::error!(error = %e, entries = entries.len(), "audit append failed");
+        let n = entries.len();
+        let appender = self
+            .inner
+            .audit_appender
+            .get_or_init(|| spawn_audit_appender(self.inner.store.clone()));
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let result = match appender.send((entries, done)).await {
+            Ok(()) => wait
+                .await
+                .unwrap_or_else(|_| Err("the audit appender stopped".into())),
+            Err(_) => Err("the audit appender stopped".into()),
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, entries = n, "audit append failed");
         }
     }
 
