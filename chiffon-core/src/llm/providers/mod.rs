@@ -74,6 +74,21 @@ pub(crate) fn map_send_error(e: reqwest::Error) -> LlmError {
     }
 }
 
+/// The chat format OpenAI-compatible servers and Ollama share: the system prompt as a
+/// `system` message, then the conversation.
+pub(crate) fn chat_messages(req: &super::CompletionRequest) -> Vec<serde_json::Value> {
+    let mut messages = Vec::with_capacity(req.messages.len() + 1);
+    if !req.system.is_empty() {
+        messages.push(serde_json::json!({"role": "system", "content": req.system}));
+    }
+    messages.extend(
+        req.messages
+            .iter()
+            .map(|m| serde_json::json!({"role": m.role.as_str(), "content": m.content})),
+    );
+    messages
+}
+
 pub(crate) fn join_url(base: &str, path: &str) -> String {
     format!(
         "{}/{}",

@@ -124,15 +124,7 @@ impl LlmProvider for OllamaProvider {
     }
 
     async fn complete(&self, req: CompletionRequest) -> Result<Completion, LlmError> {
-        let mut messages = Vec::with_capacity(req.messages.len() + 1);
-        if !req.system.is_empty() {
-            messages.push(json!({"role": "system", "content": req.system}));
-        }
-        messages.extend(
-            req.messages
-                .iter()
-                .map(|m| json!({"role": m.role.as_str(), "content": m.content})),
-        );
+        let messages = super::chat_messages(&req);
         let body = json!({
             "model": self.model,
             "messages": messages,
