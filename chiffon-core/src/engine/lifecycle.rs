@@ -553,8 +553,13 @@ impl Engine {
                     details: json!({ "from": request.status }),
                 }])
                 .await;
-                self.finish(id, request.status, RequestStatus::Cancelled, Some(error))
-                    .await?;
+                self.finish(
+                    id,
+                    Some(request.status),
+                    RequestStatus::Cancelled,
+                    Some(error),
+                )
+                .await?;
                 let now = self.get_request(id).await?;
                 if now.status == RequestStatus::Cancelled {
                     return Ok(now);
@@ -893,31 +898,33 @@ impl Engine {
             return Ok(());
         }
         // Every step is completed or skipped.
-        let request = self.get_request(id).await?;
-        if matches!(
-            request.status,
-            RequestStatus::Queued | RequestStatus::Running
-        ) {
-            self.finish(id, request.status, RequestStatus::Completed, None)
-                .await?;
-        }
-        Ok(())
+        self.finish(id, None, RequestStatus::Completed, None).await
     }
 
     /// Ends a request: the git commit of an approved request first (so a terminal approved
     /// request always carries its commit), then the terminal transition with the commit id,
-    /// then the audit entries.
+    /// then the audit entries. `from`: the status the caller saw; `None` for whichever of
+    /// `queued`/`running` the request is in (an execution ending). Any other status means
+    /// someone else moved it on: nothing to do.
     pub(super) async fn finish(
         &self,
         id: Uuid,
-        from: RequestStatus,
+        from: Option<RequestStatus>,
         to: RequestStatus,
         error: Option<ErrorPayload>,
     ) -> Result<(), EngineError> {
         let request = self.get_request(id).await?;
-        if request.status != from {
+        let expected = match from {
+            Some(f) => request.status == f,
+            None => matches!(
+                request.status,
+                RequestStatus::Queued | RequestStatus::Running
+            ),
+        };
+        if !expected {
             return Ok(());
         }
+        let from = request.status;
         let commit = self.commit_record(&request, to, error.as_ref()).await;
         let patch = RequestPatch {
             error: error.clone(),

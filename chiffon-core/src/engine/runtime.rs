@@ -497,11 +497,7 @@ impl Engine {
                 Err(e) => return Err(e.into()),
             }
         }
-        let request = self.get_request(id).await?;
-        if request.status.is_terminal() {
-            return Ok(());
-        }
-        self.finish(id, request.status, to, error).await
+        self.finish(id, None, to, error).await
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
