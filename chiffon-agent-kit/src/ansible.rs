@@ -1,7 +1,11 @@
 //! Runs one catalog playbook with the real `ansible-playbook`, no shell anywhere.
 //!
-//! - Parameters (already validated) go to a JSON extra-vars file (`-e @FILE`), the
-//!   catalog's `inventory.ini` with `-i`; a dry run adds `--check --diff`.
+//! - Parameters (already validated) go to a YAML extra-vars file (`-e @FILE`) in which every
+//!   string is tagged `!unsafe`, so Ansible never templates a value: `{{ lookup('pipe', …) }}`
+//!   in a parameter is written literally, even under `--check`. Strings are written as YAML
+//!   double-quoted scalars with every non-printable or non-ASCII character escaped, so no
+//!   value can end the scalar or add a key. The catalog's `inventory.ini` goes with `-i`; a
+//!   dry run adds `--check --diff`.
 //! - Progress and results come from the catalog's callback plugin
 //!   (`playbooks/callback_plugins/chiffon_events.py`), enabled as a *notification* callback:
 //!   it prints one `CHIFFON_EVENT {json}` line per play/task/diff/recap event while the
@@ -141,10 +145,11 @@ impl AnsibleExecutor {
         std::fs::create_dir_all(&local_tmp).map_err(crashed)?;
         let mut vars = tempfile::Builder::new()
             .prefix("chiffon-vars-")
-            .suffix(".json")
+            .suffix(".yml")
             .tempfile_in(&state_dir)
             .map_err(crashed)?;
-        serde_json::to_writer(&mut vars, run.extra_vars).map_err(crashed)?;
+        let yaml = unsafe_extra_vars(run.extra_vars).map_err(AgentError::InvalidParameters)?;
+        std::io::Write::write_all(&mut vars, yaml.as_bytes()).map_err(crashed)?;
         std::io::Write::flush(&mut vars).map_err(crashed)?;
 
         let mut cmd = std::process::Command::new(&bin);
@@ -307,6 +312,71 @@ impl AnsibleExecutor {
     }
 }
 
+/// The extra-vars file: one `name: value` line per parameter, every string tagged
+/// `!unsafe` (Ansible's documented marking for data that must never be templated). Only
+/// flat maps of strings, integers and booleans are written; anything else is refused, as
+/// are names that are not plain identifiers.
+pub fn unsafe_extra_vars(vars: &Map<String, Value>) -> Result<String, String> {
+    let mut out = String::from("---\n");
+    for (name, value) in vars {
+        let plain = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !plain || name.starts_with("ansible_") {
+            return Err(format!("parameter name `{name}` is not a plain identifier"));
+        }
+        out.push_str(name);
+        out.push_str(": ");
+        match value {
+            Value::String(s) => {
+                out.push_str("!unsafe ");
+                yaml_double_quoted(s, &mut out);
+            }
+            Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            Value::Number(n) if n.is_i64() || n.is_u64() => out.push_str(&n.to_string()),
+            other => {
+                return Err(format!(
+                    "parameter `{name}`: only strings, integers and booleans reach Ansible, got {}",
+                    match other {
+                        Value::Null => "null",
+                        Value::Number(_) => "a fraction",
+                        Value::Array(_) => "an array",
+                        _ => "an object",
+                    }
+                ))
+            }
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// A YAML double-quoted scalar: printable ASCII as is (but `"` and `\`), everything else as
+/// an escape, so the reader (PyYAML) sees exactly the original characters.
+fn yaml_double_quoted(s: &str, out: &mut String) {
+    use std::fmt::Write;
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            ' '..='~' => out.push(c),
+            c if (c as u32) <= 0xFF => {
+                let _ = write!(out, "\\x{:02X}", c as u32);
+            }
+            c if (c as u32) <= 0xFFFF => {
+                let _ = write!(out, "\\u{:04X}", c as u32);
+            }
+            c => {
+                let _ = write!(out, "\\U{:08X}", c as u32);
+            }
+        }
+    }
+    out.push('"');
+}
+
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     match at {
         Some(t) => tokio::time::sleep_until(t).await,
@@ -430,6 +500,32 @@ mod tests {
         assert_eq!(st.failed_msgs, vec!["two on localhost: boom"]);
         // Only the human line is output; events are not.
         assert_eq!(ctx.snapshot().tail, vec!["changed: [localhost]"]);
+    }
+
+    #[test]
+    fn extra_vars_are_unsafe_and_escaped() {
+        let vars = serde_json::json!({
+            "content": "{{ lookup('pipe', 'id') }}\n\"quoted\" \\ back\ttab é 🦀 \u{7f}",
+            "port": 8080,
+            "flag": true,
+        });
+        let y = unsafe_extra_vars(vars.as_object().unwrap()).unwrap();
+        assert_eq!(
+            y,
+            "---\ncontent: !unsafe \"{{ lookup('pipe', 'id') }}\\x0A\\\"quoted\\\" \\\\ back\\x09tab \\xE9 \\U0001F980 \\x7F\"\nflag: true\nport: 8080\n"
+        );
+        for bad in [
+            serde_json::json!({ "ansible_connection": "local" }),
+            serde_json::json!({ "x: 1\ny": "v" }),
+            serde_json::json!({ "x": [1] }),
+            serde_json::json!({ "x": 1.5 }),
+            serde_json::json!({ "x": null }),
+        ] {
+            assert!(
+                unsafe_extra_vars(bad.as_object().unwrap()).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

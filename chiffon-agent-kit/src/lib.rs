@@ -76,7 +76,9 @@ pub mod runner;
 mod sys;
 
 pub use agent::{Agent, AgentError, ChildUsage, ContextSnapshot, TaskContext, TaskOutcome};
-pub use ansible::{find_ansible_playbook, AnsibleConfig, AnsibleExecutor};
+pub use ansible::{
+    find_ansible_playbook, unsafe_extra_vars, AnsibleConfig, AnsibleExecutor, PlaybookRun,
+};
 pub use desktop::{DesktopAgent, DESKTOP_AGENT_TYPE, METRICS_SNAPSHOT};
 pub use infra::{InfraAgent, InfraConfig, INFRA_AGENT_TYPE};
 pub use metrics::{HostMetrics, MetricsCollector};

@@ -34,6 +34,16 @@ pub struct ParamSpec {
     pub default: Option<toml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Accept Jinja template markers (`{{`, `{%`, `{#`) in this string. Off by default:
+    /// values are data, and a marker in one is refused before it gets near Ansible. Even a
+    /// raw value reaches Ansible marked `!unsafe`, so it is written literally, never
+    /// evaluated; `raw` only lets it through validation (for example a file that is itself
+    /// a template for another tool). None of the shipped actions declares it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub raw: bool,
+    /// Longest string accepted, in bytes (default and ceiling: [`MAX_STRING_BYTES`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<usize>,
     /// Inclusive bounds of an integer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min: Option<i64>,
@@ -127,14 +137,7 @@ impl ActionSpec {
             };
             let value = match (spec.kind, value) {
                 (ParamType::String, Value::String(s)) => {
-                    if s.len() > 4096 {
-                        return Err(bad(name, "is longer than 4096 bytes".into()));
-                    }
-                    if let Some(p) = &spec.pattern {
-                        if !pattern_matches(p, &s) {
-                            return Err(bad(name, format!("`{s}` does not match {p}")));
-                        }
-                    }
+                    check_string(spec, &s).map_err(|m| bad(name, m))?;
                     Value::String(s)
                 }
                 (ParamType::Integer, Value::Number(n)) if n.is_i64() => {
@@ -159,6 +162,92 @@ impl ActionSpec {
         }
         Ok(out)
     }
+}
+
+/// The longest string parameter accepted (bytes).
+pub const MAX_STRING_BYTES: usize = 4096;
+
+/// Jinja's statement, expression and comment openers. A value holding one is refused unless
+/// its parameter declares `raw = true`.
+pub const TEMPLATE_MARKERS: [&str; 3] = ["{{", "{%", "{#"];
+
+/// Checks one string value: length, NUL, template markers, pattern. The message never
+/// quotes a long value back (it may be hostile or secret); short ones are quoted escaped.
+fn check_string(spec: &ParamSpec, s: &str) -> Result<(), String> {
+    let limit = spec
+        .max_length
+        .unwrap_or(MAX_STRING_BYTES)
+        .min(MAX_STRING_BYTES);
+    if s.len() > limit {
+        return Err(format!("is longer than {limit} bytes"));
+    }
+    if s.contains('\0') {
+        return Err("contains a NUL character".into());
+    }
+    if !spec.raw {
+        if let Some(m) = TEMPLATE_MARKERS.iter().find(|m| s.contains(**m)) {
+            return Err(format!(
+                "contains the template marker `{m}`: parameter values are data, never templates"
+            ));
+        }
+    }
+    if let Some(p) = &spec.pattern {
+        if !pattern_matches(p, s) {
+            return Err(format!("{} does not match {p}", quote_short(s)));
+        }
+    }
+    Ok(())
+}
+
+fn quote_short(s: &str) -> String {
+    if s.chars().count() <= 80 {
+        format!("{s:?}")
+    } else {
+        let head: String = s.chars().take(60).collect();
+        format!("{head:?}… ({} bytes)", s.len())
+    }
+}
+
+/// Names Ansible gives a meaning of its own: a parameter called so could change how the
+/// play connects or what runs (`ansible_ssh_common_args`, `ansible_python_interpreter`…).
+const RESERVED_PARAMETER_NAMES: [&str; 16] = [
+    "hostvars",
+    "groups",
+    "group_names",
+    "inventory_hostname",
+    "inventory_hostname_short",
+    "inventory_dir",
+    "inventory_file",
+    "playbook_dir",
+    "play_hosts",
+    "role_path",
+    "omit",
+    "environment",
+    "vars",
+    "lookup",
+    "query",
+    "q",
+];
+
+/// A parameter name must be a plain identifier that neither Ansible nor Chiffon reserves.
+fn check_parameter_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let ok_start = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    if !ok_start
+        || !chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        || name.len() > 64
+    {
+        return Err("parameter names are [a-z_][a-z0-9_]*, at most 64 bytes".into());
+    }
+    if name.starts_with("ansible_") || name.starts_with("chiffon_") {
+        return Err("the prefixes `ansible_` and `chiffon_` are reserved".into());
+    }
+    if RESERVED_PARAMETER_NAMES.contains(&name) {
+        return Err(format!("`{name}` is reserved by Ansible"));
+    }
+    Ok(())
 }
 
 fn toml_to_json(v: &toml::Value) -> Value {
@@ -211,10 +300,31 @@ impl Catalog {
             {
                 return Err(invalid(&file, "action names are [A-Za-z0-9_]".into()));
             }
+            if spec.agent_type.is_empty()
+                || !spec
+                    .agent_type
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+            {
+                return Err(invalid(&file, "agent_type is [a-z0-9_-]+".into()));
+            }
             for (pname, p) in &spec.parameters {
+                check_parameter_name(pname)
+                    .map_err(|m| invalid(&file, format!("parameter {pname}: {m}")))?;
+                if p.kind != ParamType::String && (p.raw || p.max_length.is_some()) {
+                    return Err(invalid(
+                        &file,
+                        format!("parameter {pname}: raw and max_length apply to strings only"),
+                    ));
+                }
                 if let Some(pat) = &p.pattern {
                     validate_pattern(pat)
                         .map_err(|m| invalid(&file, format!("parameter {pname}: {m}")))?;
+                }
+                if let Some(toml::Value::String(d)) = &p.default {
+                    check_string(p, d).map_err(|m| {
+                        invalid(&file, format!("parameter {pname}: its default {m}"))
+                    })?;
                 }
             }
             let playbook = dir.join("playbook.yml");
@@ -493,6 +603,116 @@ mod tests {
         ] {
             let err = spec.validate(bad.as_object().unwrap()).unwrap_err();
             assert_eq!(err.code(), ErrorCode::PlanInvalidParameter, "{bad}");
+        }
+    }
+
+    fn spec_with(extra: &str) -> ActionSpec {
+        toml::from_str(&format!(
+            "description = \"d\"\nagent_type = \"infrastructure\"\n\
+             [parameters.content]\ntype = \"string\"\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    fn check(spec: &ActionSpec, v: &str) -> Result<Map<String, Value>, CatalogError> {
+        spec.validate(serde_json::json!({ "content": v }).as_object().unwrap())
+    }
+
+    #[test]
+    fn template_markers_are_refused_unless_raw() {
+        let spec = spec_with("");
+        for hostile in [
+            "{{ lookup('pipe', 'touch /tmp/x') }}",
+            "a {% for x in y %}{% endfor %}",
+            "{# comment #}",
+            "x{{y",
+        ] {
+            let e = check(&spec, hostile).unwrap_err();
+            assert_eq!(e.code(), ErrorCode::PlanInvalidParameter);
+            assert!(e.to_string().contains("template marker"), "{e}");
+        }
+        // Braces that are not markers are data.
+        check(&spec, "{ \"json\": [1, 2] } and ${HOME} and { {").unwrap();
+        let raw = spec_with("raw = true");
+        check(&raw, "{{ literally }}").unwrap();
+    }
+
+    #[test]
+    fn nul_and_length_are_refused() {
+        let spec = spec_with("max_length = 10");
+        assert!(check(&spec, "a\0b")
+            .unwrap_err()
+            .to_string()
+            .contains("NUL"));
+        assert!(check(&spec, "0123456789x")
+            .unwrap_err()
+            .to_string()
+            .contains("longer than 10"));
+        check(&spec, "0123456789").unwrap();
+        let unbounded = spec_with("");
+        let long = "x".repeat(MAX_STRING_BYTES + 1);
+        let e = check(&unbounded, &long).unwrap_err().to_string();
+        assert!(e.contains("longer than 4096"), "{e}");
+        assert!(
+            !e.contains(&long[..100]),
+            "a long value is never echoed back"
+        );
+    }
+
+    #[test]
+    fn reserved_and_odd_parameter_names_are_refused() {
+        for bad in [
+            "ansible_ssh_common_args",
+            "ansible_python_interpreter",
+            "chiffon_task_id",
+            "hostvars",
+            "environment",
+            "Upper",
+            "with-dash",
+            "1x",
+            "",
+        ] {
+            assert!(check_parameter_name(bad).is_err(), "{bad}");
+        }
+        for good in ["host", "path", "exec_start", "_x", "port2"] {
+            check_parameter_name(good).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_catalog_with_a_reserved_name_or_hostile_default_does_not_load() {
+        for (name, toml) in [
+            (
+                "reserved",
+                "[parameters.ansible_connection]\ntype = \"string\"\n",
+            ),
+            (
+                "hostile_default",
+                "[parameters.x]\ntype = \"string\"\ndefault = \"{{ lookup('env', 'HOME') }}\"\n",
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let action = dir.path().join(name);
+            std::fs::create_dir(&action).unwrap();
+            std::fs::write(
+                action.join("action.toml"),
+                format!("description = \"d\"\nagent_type = \"infrastructure\"\n{toml}"),
+            )
+            .unwrap();
+            let e = Catalog::load(dir.path()).unwrap_err();
+            assert_eq!(e.code(), ErrorCode::InvalidCatalog, "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_shipped_catalog_loads_and_declares_no_raw_parameter() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../playbooks");
+        let catalog = Catalog::load(&root).unwrap();
+        assert!(catalog.actions.len() >= 6);
+        for a in catalog.actions.values() {
+            for (n, p) in &a.parameters {
+                assert!(!p.raw, "{}.{n} declares raw = true", a.name);
+            }
         }
     }
 
