@@ -72,6 +72,10 @@ pub struct RunnerConfig {
     pub status_batch: Duration,
     /// Report GPUs (NVML) in heartbeats.
     pub gpu_metrics: bool,
+    /// Broker users whose `work_request`s this agent runs (the orchestrator's). Empty: any
+    /// authenticated publisher's. A request without an authenticated publisher (`user_id`)
+    /// is never run. Other publishers' requests are dead-lettered with a 5009 error.
+    pub orchestrator_users: Vec<String>,
 }
 
 impl Default for RunnerConfig {
@@ -87,6 +91,7 @@ impl Default for RunnerConfig {
             result_cache: 1024,
             status_batch: Duration::from_millis(100),
             gpu_metrics: true,
+            orchestrator_users: Vec::new(),
         }
     }
 }
@@ -387,6 +392,29 @@ async fn handle_delivery<A: Agent>(
         Ok(env) => env,
         Err(e) => return reject(&shared, &delivery, e.into()).await,
     };
+    // Only the orchestrator may hand out work: an agent user (or anyone else who can publish
+    // to the work exchange) must not be able to make another agent run something.
+    let trusted = match delivery.publisher.as_deref() {
+        Some(p) => {
+            shared.config.orchestrator_users.is_empty()
+                || shared.config.orchestrator_users.iter().any(|u| u == p)
+        }
+        None => false,
+    };
+    if !trusted {
+        let err = ErrorPayload::new(
+            ErrorCode::PublisherNotAllowed,
+            match delivery.publisher.as_deref() {
+                None => {
+                    "work_request without an authenticated publisher (user_id): not run".to_string()
+                }
+                Some(p) => {
+                    format!("work_request from broker user `{p}`, not the orchestrator: not run")
+                }
+            },
+        );
+        return reject(&shared, &delivery, err).await;
+    }
     let work = match &env.body {
         Message::WorkRequest(w) => w.clone(),
         other => {
@@ -666,6 +694,10 @@ async fn publish_status<A: Agent>(
         metrics: None,
         lines,
         agent_id: Some(shared.agent_id.clone()),
+        attempt: match &env.body {
+            Message::WorkRequest(w) => Some(w.attempt),
+            _ => None,
+        },
     }));
     if let Err(e) = shared.transport.publish(&shared.results_queue, &msg).await {
         tracing::warn!(error = %e, "work_status not published");

@@ -113,6 +113,7 @@ async fn run_in(
         .submit(SubmitRequest {
             text: text.to_string(),
             requester: Some(user.clone()),
+            submitted_by: Some(format!("local:{user}")),
             dry_run,
             trace_id: None,
             request_id: None,

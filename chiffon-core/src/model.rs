@@ -123,6 +123,9 @@ pub struct Request {
     pub trace_id: String,
     pub text: String,
     pub requester: String,
+    /// The authenticated identity that submitted it (`token:NAME`, `bus:USER`, `local`):
+    /// what the four-eyes rule compares, whatever `requester` says.
+    pub submitted_by: String,
     pub dry_run: bool,
     pub status: RequestStatus,
     pub plan: Option<Plan>,
@@ -141,6 +144,8 @@ pub struct NewRequest {
     pub trace_id: String,
     pub text: String,
     pub requester: String,
+    /// The authenticated identity that submitted it.
+    pub submitted_by: String,
     pub dry_run: bool,
 }
 
@@ -243,6 +248,11 @@ pub struct Step {
     pub agent_id: Option<String>,
     /// The queue it was dispatched to.
     pub queue: Option<String>,
+    /// The broker user the current attempt is bound to: the agent it was dispatched to, or
+    /// the first authenticated agent that reported on it. Status, results and log lines of
+    /// the attempt are accepted from this publisher only.
+    #[serde(default)]
+    pub broker_user: Option<String>,
     pub progress: u32,
     pub output: Option<String>,
     pub diff: Option<String>,
@@ -300,6 +310,10 @@ pub struct LogLine {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentRecord {
     pub agent_id: String,
+    /// The broker user its heartbeats are published by; another user cannot take the id
+    /// over while the agent is alive.
+    #[serde(default)]
+    pub broker_user: Option<String>,
     pub agent_type: String,
     pub hostname: String,
     pub last_seen: DateTime<Utc>,

@@ -194,6 +194,7 @@ impl MockAgent {
             metrics: None,
             lines: vec![format!("{msg} {}", w.action)],
             agent_id: Some("mock-1".into()),
+            attempt: Some(w.attempt),
         };
         let results = self.transport.topology().results_queue.clone();
         self.transport
@@ -387,6 +388,7 @@ both_backends!(
     bus_intake_plans_like_http,
     two_engines_share_one_store_and_bus,
     audit_verify_detects_missing_commit,
+    forged_bus_messages_are_refused,
 );
 
 async fn approve_runs_to_completion_with_audit_and_commit(backend: &str) {
@@ -510,6 +512,26 @@ async fn four_eyes_refuses_self_approval(backend: &str) {
     );
     h.engine.approve(id, "bob", None).await.unwrap();
     h.wait(id, RequestStatus::Completed).await;
+
+    // An admin filing a request "as bob" is still its submitter: neither the admin nor bob
+    // may approve it alone.
+    let r = h
+        .engine
+        .submit(SubmitRequest {
+            text: "ok_action".into(),
+            requester: Some("bob".into()),
+            submitted_by: Some("token:admin".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    h.wait(r.id, RequestStatus::AwaitingApproval).await;
+    for who in ["token:admin", "bob"] {
+        let err = h.engine.approve(r.id, who, None).await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::FourEyesViolation, "{who}");
+    }
+    h.engine.approve(r.id, "token:carol", None).await.unwrap();
+    h.wait(r.id, RequestStatus::Completed).await;
 }
 
 async fn auto_approval_skips_the_gate_and_says_why(backend: &str) {
@@ -792,7 +814,14 @@ async fn bus_intake_plans_like_http(backend: &str) {
     })
     .await
     .unwrap();
-    assert_eq!(r.requester, "carol");
+    // The requester is the broker-authenticated publisher, never the body's `requester`.
+    let publisher = if backend == "sqlite" {
+        "local"
+    } else {
+        "guest"
+    };
+    assert_eq!(r.requester, format!("bus:{publisher}"));
+    assert_eq!(r.submitted_by, format!("bus:{publisher}"));
     assert_eq!(r.trace_id, "chat-1");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let all = h.engine.list(&RequestFilter::default()).await.unwrap();
@@ -916,4 +945,314 @@ async fn contract_tables_in_the_chiffon_database() {
     ] {
         assert!(tables.iter().any(|x| x == t), "{t} missing: {tables:?}");
     }
+}
+
+/// Bus handles for named broker users: in-process identities on the memory bus, real
+/// RabbitMQ users (created for the test, deleted after) on the broker.
+struct Users {
+    base: Arc<dyn Transport>,
+    memory: Option<chiffon_core::transport::memory::MemoryTransport>,
+    created: Vec<String>,
+    suffix: String,
+}
+
+impl Users {
+    async fn new(backend: &str, base: Arc<dyn Transport>) -> Users {
+        let memory = (backend == "sqlite").then(|| {
+            chiffon_core::transport::memory::MemoryTransport::new(base.topology().clone())
+        });
+        Users {
+            base,
+            memory,
+            created: Vec::new(),
+            suffix: Uuid::new_v4().simple().to_string()[..8].to_string(),
+        }
+    }
+
+    fn name(&self, user: &str) -> String {
+        if self.memory.is_some() {
+            user.to_string()
+        } else {
+            format!("{user}-{}", self.suffix)
+        }
+    }
+
+    async fn transport(&mut self, user: &str) -> Arc<dyn Transport> {
+        let name = self.name(user);
+        if let Some(m) = &self.memory {
+            return Arc::new(m.with_identity(&name));
+        }
+        let ctl = |args: &[&str]| {
+            let out = std::process::Command::new("rabbitmqctl")
+                .args(args)
+                .output()
+                .expect("rabbitmqctl runs");
+            assert!(
+                out.status.success(),
+                "rabbitmqctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ctl(&["add_user", &name, "pw-for-test"]);
+        self.created.push(name.clone());
+        ctl(&["set_permissions", "-p", "/", &name, ".*", ".*", ".*"]);
+        let url = support::amqp_url();
+        let host = url.split('@').nth(1).expect("amqp url with credentials");
+        let url = format!("amqp://{name}:pw-for-test@{host}");
+        Arc::new(
+            chiffon_core::transport::amqp::AmqpTransport::connect(
+                &url,
+                self.base.topology().clone(),
+            )
+            .await
+            .unwrap(),
+        )
+    }
+}
+
+impl Drop for Users {
+    fn drop(&mut self) {
+        for u in &self.created {
+            let _ = std::process::Command::new("rabbitmqctl")
+                .args(["delete_user", u])
+                .output();
+        }
+    }
+}
+
+/// The broker trusts no body field: a result, status or heartbeat counts only from the
+/// authenticated agent user the attempt is bound to, a bus request's requester is its
+/// publisher, and a result must say which attempt it answers.
+async fn forged_bus_messages_are_refused(backend: &str) {
+    let (store, base, _guard): (
+        Arc<dyn Store>,
+        Arc<dyn Transport>,
+        Box<dyn std::any::Any + Send>,
+    ) = match backend {
+        "sqlite" => {
+            let (s, dir) = support::sqlite_store().await;
+            (s, support::memory_transport(), Box::new(dir))
+        }
+        _ => {
+            let Some((s, db)) = support::pg_store().await else {
+                return;
+            };
+            let Some((t, cleanup)) = support::amqp_transport().await else {
+                return;
+            };
+            (s, t, Box::new((cleanup, db)))
+        }
+    };
+    let mut users = Users::new(backend, base).await;
+    let engine_bus = users.transport("orchestrator").await;
+    let agent_a = users.transport("agent-a").await;
+    let agent_b = users.transport("agent-b").await;
+    let mallory = users.transport("mallory").await;
+    let config = test_config(|c| {
+        c.bus.agent_users = vec![users.name("agent-a"), users.name("agent-b")];
+    });
+    let stop = CancellationToken::new();
+    let git = tempfile::tempdir().unwrap();
+    let engine = start_engine(store.clone(), engine_bus.clone(), git.path(), config, &stop).await;
+    let t = engine_bus.topology().clone();
+    engine_bus.declare_topology().await.unwrap();
+    let queue = t.agent_queue("infrastructure");
+    engine_bus.declare_queue(&queue).await.unwrap();
+    let mut work = agent_a
+        .consume(&queue, ConsumeOptions { prefetch: 4 })
+        .await
+        .unwrap();
+
+    let r = engine
+        .submit(SubmitRequest {
+            text: "ok_action".into(),
+            requester: Some("alice".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        engine.wait_until(r.id, &[RequestStatus::AwaitingApproval]),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    engine.approve(r.id, "bob", None).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(20), work.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        d.publisher.as_deref(),
+        Some(users.name("orchestrator").as_str())
+    );
+    let env = d.parse().unwrap();
+    let Message::WorkRequest(w) = env.body.clone() else {
+        panic!("not work")
+    };
+    d.ack().await.unwrap();
+    let results = t.results_queue.clone();
+    let status = |progress: u32| {
+        env.reply(Message::WorkStatus(WorkStatus {
+            task_id: w.task_id,
+            status: TaskState::Running,
+            progress,
+            message: "working".into(),
+            metrics: None,
+            lines: vec![],
+            agent_id: Some("a-1".into()),
+            attempt: Some(w.attempt),
+        }))
+    };
+    let result = |attempt: u32| {
+        env.reply(Message::WorkResult(WorkResult {
+            task_id: w.task_id,
+            status: TaskState::Completed,
+            output: "forged?".into(),
+            duration_seconds: 1.0,
+            resource_usage: Default::default(),
+            error: None,
+            changed: Some(true),
+            diff: None,
+            attempt,
+            agent_id: Some("a-1".into()),
+        }))
+    };
+    // agent-a reports first: the attempt is bound to it.
+    agent_a.publish(&results, &status(10)).await.unwrap();
+    let step_running = || async {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let st = store.get_step(w.task_id).await.unwrap();
+                if st.status == StepStatus::Running {
+                    return st;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .unwrap()
+    };
+    let st = step_running().await;
+    assert_eq!(
+        st.broker_user.as_deref(),
+        Some(users.name("agent-a").as_str())
+    );
+
+    let dead_before = engine_bus.queue_depth(&t.dead_letter_queue).await.unwrap();
+    // Another agent user, a non-agent user, and a result without its attempt.
+    agent_b.publish(&results, &result(w.attempt)).await.unwrap();
+    agent_b.publish(&results, &status(99)).await.unwrap();
+    mallory.publish(&results, &result(w.attempt)).await.unwrap();
+    let mut no_attempt: serde_json::Value =
+        serde_json::from_slice(&result(w.attempt).to_bytes()).unwrap();
+    no_attempt["payload"]
+        .as_object_mut()
+        .unwrap()
+        .remove("attempt");
+    agent_a
+        .publish_bytes(&results, serde_json::to_vec(&no_attempt).unwrap())
+        .await
+        .unwrap();
+    // Heartbeats: mallory is no agent; agent-b may not take over agent-a's id.
+    let hb = |id: &str| {
+        let mut h = heartbeat(8.0, &queue);
+        h.agent_id = id.into();
+        Envelope::new("hb", None, Message::Heartbeat(h))
+    };
+    agent_a.publish(&results, &hb("a-1")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while store.agents().await.unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap();
+    mallory.publish(&results, &hb("m-1")).await.unwrap();
+    agent_b.publish(&results, &hb("a-1")).await.unwrap();
+    // A bus request naming "bob" as requester, from mallory (not an agent: may request),
+    // and one from agent-a (agents may not).
+    let ask = |text: &str| {
+        Envelope::new(
+            "bus-req",
+            None,
+            Message::UserRequest(UserRequest {
+                text: text.into(),
+                requester: Some("bob".into()),
+                dry_run: false,
+            }),
+        )
+    };
+    let from_mallory = ask("ok_action");
+    mallory
+        .publish(&t.requests_queue, &from_mallory)
+        .await
+        .unwrap();
+    let from_agent = ask("ok_action");
+    agent_a
+        .publish(&t.requests_queue, &from_agent)
+        .await
+        .unwrap();
+
+    let expected_dead = dead_before + 7;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while engine_bus.queue_depth(&t.dead_letter_queue).await.unwrap() < expected_dead {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("every forged message is dead-lettered");
+    let st = store.get_step(w.task_id).await.unwrap();
+    assert_eq!(
+        st.status,
+        StepStatus::Running,
+        "a forged result completed nothing"
+    );
+    assert_eq!(st.progress, 10, "a forged status moved nothing");
+    let agents = store.agents().await.unwrap();
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    assert_eq!(
+        agents[0].broker_user.as_deref(),
+        Some(users.name("agent-a").as_str())
+    );
+    let req = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(v) = engine.get(from_mallory.message_id).await {
+                return v.request;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(req.requester, format!("bus:{}", users.name("mallory")));
+    assert!(
+        engine.get(from_agent.message_id).await.is_err(),
+        "agents may not submit"
+    );
+    let events: Vec<String> = engine
+        .audit_log(Some(r.id), 0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event)
+        .collect();
+    assert!(
+        events.iter().filter(|e| *e == "message_refused").count() >= 2,
+        "{events:?}"
+    );
+
+    // The real agent's result applies.
+    agent_a.publish(&results, &result(w.attempt)).await.unwrap();
+    let done = tokio::time::timeout(
+        Duration::from_secs(20),
+        engine.wait_until(r.id, &[RequestStatus::Completed]),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(done.status, RequestStatus::Completed);
+    stop.cancel();
 }

@@ -48,6 +48,7 @@ async fn connect_creates_the_folder_and_data_persists() {
             trace_id: "t".into(),
             text: "persist me".into(),
             requester: "alice".into(),
+            submitted_by: "alice".into(),
             dry_run: true,
         })
         .await

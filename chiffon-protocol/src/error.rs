@@ -62,6 +62,8 @@ error_codes! {
     BusUnavailable = 5006, "bus_unavailable", true, 503, "The message bus cannot be reached; retried with backoff.";
     PublishNotConfirmed = 5007, "publish_not_confirmed", true, 503, "The broker did not confirm (nacked or dropped) a published message.";
     DeadLettered = 5008, "dead_lettered", false, 400, "The message could not be processed and was moved to the dead-letter queue.";
+    PublisherNotAllowed = 5009, "publisher_not_allowed", false, 403, "The broker-authenticated publisher (`user_id`) may not send this message: none was given, it is not an agent user, or the step's attempt belongs to another agent.";
+    DeliveryLimit = 5010, "delivery_limit", false, 400, "The message failed too many times in a row and was moved to the dead-letter queue.";
     // 51xx: the store
     StoreUnavailable = 5101, "store_unavailable", true, 503, "The database cannot be reached or timed out.";
     NotFound = 5102, "not_found", false, 404, "The request, step or record does not exist.";

@@ -149,6 +149,10 @@ pub struct WorkStatus {
     pub lines: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_id: Option<String>,
+    /// The `attempt` of the `work_request` this reports on. Optional here (a status of an
+    /// older attempt is ignored when it is given); required in `work_result`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
 }
 
 /// What running a task cost.
@@ -182,7 +186,8 @@ pub struct WorkResult {
     /// The diff of a check-mode (dry) run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diff: Option<String>,
-    #[serde(default = "one", skip_serializing_if = "is_one")]
+    /// The `attempt` of the `work_request` this answers. Required: a result that does not
+    /// say which attempt it answers is refused, never taken for the first one.
     pub attempt: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_id: Option<String>,
@@ -430,6 +435,7 @@ impl Envelope {
             }
         }
         check_progress(obj)?;
+        check_no_nul(&value, &mut String::new())?;
         let envelope: Envelope = serde_json::from_value(value).map_err(|e| {
             ProtocolError::new(ErrorCode::InvalidField, format!("invalid message: {e}"))
         })?;
@@ -451,6 +457,11 @@ impl Envelope {
                 format!("progress {} is outside 0..=100", s.progress),
             )
             .with_details(serde_json::json!({ "field": "payload.progress", "value": s.progress }))),
+            Message::WorkResult(r) if r.attempt == 0 => Err(ProtocolError::new(
+                ErrorCode::ValueOutOfRange,
+                "attempt must be 1 or more",
+            )
+            .with_details(serde_json::json!({ "field": "payload.attempt", "value": 0 }))),
             Message::WorkRequest(w) if w.attempt == 0 => Err(ProtocolError::new(
                 ErrorCode::ValueOutOfRange,
                 "attempt must be 1 or more",
@@ -473,5 +484,45 @@ impl Envelope {
             )),
             _ => Ok(()),
         }
+    }
+}
+
+/// Refuses a NUL character in any string or key: no store keeps one (PostgreSQL's text
+/// cannot), so such a message could never be processed and would be retried forever.
+fn check_no_nul(v: &Value, path: &mut String) -> Result<(), ProtocolError> {
+    let nul = |path: &str| {
+        let field = if path.is_empty() { "message" } else { path };
+        Err(
+            ProtocolError::field(field, &format!("`{field}` contains a NUL character"))
+                .with_details(serde_json::json!({ "field": field, "reason": "nul_character" })),
+        )
+    };
+    match v {
+        Value::String(s) if s.contains('\0') => nul(path),
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                check_no_nul(item, path)?;
+                path.truncate(len);
+            }
+            Ok(())
+        }
+        Value::Object(map) => {
+            for (k, item) in map {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k);
+                if k.contains('\0') {
+                    return nul(path);
+                }
+                check_no_nul(item, path)?;
+                path.truncate(len);
+            }
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }

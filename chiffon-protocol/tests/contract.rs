@@ -61,7 +61,10 @@ fn architecture_examples() -> Vec<(&'static str, Value)> {
                 "status": "completed",
                 "output": "...",
                 "duration_seconds": 120,
-                "resource_usage": { "cpu_hours": 0.5, "memory_peak_gb": 2.1 }
+                "resource_usage": { "cpu_hours": 0.5, "memory_peak_gb": 2.1 },
+                // Not in the document's example: a result must say which attempt it
+                // answers (see `a_result_without_its_attempt_is_refused`).
+                "attempt": 1
             }),
         ),
         (
@@ -71,7 +74,10 @@ fn architecture_examples() -> Vec<(&'static str, Value)> {
                 "status": "failed",
                 "output": "...",
                 "duration_seconds": 120,
-                "resource_usage": { "cpu_hours": 0.5, "memory_peak_gb": 2.1 }
+                "resource_usage": { "cpu_hours": 0.5, "memory_peak_gb": 2.1 },
+                // Not in the document's example: a result must say which attempt it
+                // answers (see `a_result_without_its_attempt_is_refused`).
+                "attempt": 1
             }),
         ),
         (
@@ -649,4 +655,46 @@ fn deep_nesting_is_bounded_not_a_crash() {
     doc["payload"]["parameters"]["deep"] = serde_json::from_str(&nested).unwrap();
     let env = Envelope::parse(&serde_json::to_vec(&doc).unwrap()).unwrap();
     assert_eq!(Envelope::parse(&env.to_bytes()).unwrap(), env);
+}
+
+#[test]
+fn a_result_without_its_attempt_is_refused() {
+    let mut doc = envelope("work_result", architecture_examples()[2].1.clone());
+    doc["payload"].as_object_mut().unwrap().remove("attempt");
+    let e = reject_value(doc.clone());
+    assert_eq!(e.code, ErrorCode::InvalidField);
+    assert!(e.message.contains("attempt"), "{}", e.message);
+    doc["payload"]["attempt"] = json!(0);
+    assert_eq!(reject_value(doc).code, ErrorCode::ValueOutOfRange);
+}
+
+#[test]
+fn a_nul_character_anywhere_is_refused_and_named() {
+    let examples = architecture_examples();
+    for (pointer, doc) in [
+        ("payload.message", {
+            let mut d = envelope("work_status", examples[1].1.clone());
+            d["payload"]["message"] = json!("a\u{0}b");
+            d
+        }),
+        ("payload.parameters.host", {
+            let mut d = envelope("work_request", examples[0].1.clone());
+            d["payload"]["parameters"]["host"] = json!("nas\u{0}");
+            d
+        }),
+        ("trace_id", {
+            let mut d = envelope("work_result", examples[2].1.clone());
+            d["trace_id"] = json!("\u{0}");
+            d
+        }),
+        ("payload.lines[1]", {
+            let mut d = envelope("work_status", examples[1].1.clone());
+            d["payload"]["lines"] = json!(["ok", "x\u{0}"]);
+            d
+        }),
+    ] {
+        let e = reject_value(doc);
+        assert_eq!(e.code, ErrorCode::InvalidField, "{pointer}");
+        assert_eq!(e.details["field"], pointer, "{e:?}");
+    }
 }

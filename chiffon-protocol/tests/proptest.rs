@@ -45,8 +45,12 @@ fn non_negative() -> impl Strategy<Value = f64> {
     finite().prop_map(f64::abs)
 }
 
+/// Any text a valid message may carry: everything but NUL, which `parse` refuses.
 fn text() -> impl Strategy<Value = String> {
-    prop_oneof![any::<String>(), "[a-z_ .]{0,12}"]
+    prop_oneof![
+        any::<String>().prop_map(|s| s.replace('\0', "")),
+        "[a-z_ .]{0,12}"
+    ]
 }
 
 fn non_blank() -> impl Strategy<Value = String> {
@@ -140,9 +144,10 @@ fn work_status() -> BoxedStrategy<WorkStatus> {
         proptest::option::of(json_map()),
         prop::collection::vec(text(), 0..4),
         proptest::option::of(text()),
+        proptest::option::of(1u32..),
     )
         .prop_map(
-            |(task_id, status, progress, message, metrics, lines, agent_id)| WorkStatus {
+            |(task_id, status, progress, message, metrics, lines, agent_id, attempt)| WorkStatus {
                 task_id,
                 status,
                 progress,
@@ -150,6 +155,7 @@ fn work_status() -> BoxedStrategy<WorkStatus> {
                 metrics,
                 lines,
                 agent_id,
+                attempt,
             },
         )
         .boxed()
@@ -318,6 +324,19 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
     #[test]
+    fn a_nul_in_any_string_is_refused(env in envelope(), at in any::<prop::sample::Index>()) {
+        let mut doc: Value = serde_json::from_slice(&env.to_bytes()).unwrap();
+        let mut strings = Vec::new();
+        collect_strings(&doc, String::new(), &mut strings);
+        prop_assume!(!strings.is_empty());
+        let pointer = &strings[at.index(strings.len())];
+        let s = doc.pointer_mut(pointer).unwrap();
+        *s = Value::String(format!("{}\0", s.as_str().unwrap()));
+        let e = Envelope::parse(&serde_json::to_vec(&doc).unwrap()).unwrap_err();
+        prop_assert!(PARSE_CODES.contains(&e.code), "{:?}", e);
+    }
+
+    #[test]
     fn every_envelope_round_trips(env in envelope()) {
         let bytes = env.to_bytes();
         let parsed = Envelope::parse(&bytes);
@@ -393,6 +412,25 @@ proptest! {
             None => remove(&mut doc, &pointer),
         }
         check_parse_outcome(Envelope::from_value(doc))?;
+    }
+}
+
+/// JSON pointers of every string value in `v`.
+fn collect_strings(v: &Value, at: String, out: &mut Vec<String>) {
+    match v {
+        Value::String(_) => out.push(at),
+        Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                collect_strings(x, format!("{at}/{i}"), out);
+            }
+        }
+        Value::Object(m) => {
+            for (k, x) in m {
+                let k = k.replace('~', "~0").replace('/', "~1");
+                collect_strings(x, format!("{at}/{k}"), out);
+            }
+        }
+        _ => {}
     }
 }
 

@@ -54,6 +54,7 @@ pub async fn submit(
         .submit(SubmitRequest {
             text: body.text,
             requester: Some(requester),
+            submitted_by: Some(who.name.clone()),
             dry_run: body.dry_run,
             trace_id: Some(trace.0),
             request_id: None,

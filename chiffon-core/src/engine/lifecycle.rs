@@ -29,6 +29,12 @@ pub(super) struct Metrics {
     pub dispatched: AtomicU64,
     pub results: AtomicU64,
     pub duplicates: AtomicU64,
+    /// Bus messages refused: no authenticated publisher, or one that may not send them.
+    pub refused: AtomicU64,
+    /// Messages dead-lettered after failing too many times in a row.
+    pub delivery_limit: AtomicU64,
+    /// Failed deliveries per message id, for [`MAX_FAILED_DELIVERIES`].
+    pub failed_deliveries: Mutex<std::collections::HashMap<Uuid, u32>>,
     pub retries: AtomicU64,
     pub timeouts: AtomicU64,
     latency: Mutex<([u64; LATENCY_BOUNDS.len()], f64, u64)>,
@@ -173,6 +179,18 @@ impl Engine {
         if text.is_empty() {
             return Err(EngineError::Invalid("text must not be empty".into()));
         }
+        if [
+            &text,
+            req.requester.as_deref().unwrap_or_default(),
+            req.submitted_by.as_deref().unwrap_or_default(),
+        ]
+        .iter()
+        .any(|s| s.contains('\0'))
+        {
+            return Err(EngineError::Invalid(
+                "text and requester must not contain NUL characters".into(),
+            ));
+        }
         if text.len() > MAX_TEXT_LEN {
             return Err(EngineError::Invalid(format!(
                 "text is longer than {MAX_TEXT_LEN} bytes"
@@ -187,6 +205,12 @@ impl Engine {
             text,
             requester: req
                 .requester
+                .clone()
+                .filter(|r| !r.is_empty())
+                .unwrap_or_else(|| "anonymous".into()),
+            submitted_by: req
+                .submitted_by
+                .or(req.requester)
                 .filter(|r| !r.is_empty())
                 .unwrap_or_else(|| "anonymous".into()),
             dry_run: req.dry_run,
@@ -437,12 +461,20 @@ impl Engine {
                 action: "approve",
             });
         }
-        if self.inner.config.approval.four_eyes && approver == request.requester {
+        // Authenticated identities are compared: the one that submitted the request (an
+        // admin filing it "as bob" is still its submitter) and the requester it names.
+        if self.inner.config.approval.four_eyes
+            && (approver == request.submitted_by || approver == request.requester)
+        {
             self.audit(vec![NewAuditEntry {
                 request_id: Some(id),
                 actor: approver.to_string(),
                 event: "approval_refused".into(),
-                details: json!({ "reason": "four-eyes rule: the approver must differ from the requester" }),
+                details: json!({
+                    "reason": "four-eyes rule: the approver must differ from the submitter and the requester",
+                    "submitted_by": request.submitted_by,
+                    "requester": request.requester,
+                }),
             }])
             .await;
             return Err(EngineError::FourEyes {

@@ -42,8 +42,13 @@ use crate::transport::{Transport, TransportError};
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SubmitRequest {
     pub text: String,
+    /// Shown as the request's requester; an admin may name someone else.
     #[serde(default)]
     pub requester: Option<String>,
+    /// The authenticated identity submitting it (`token:NAME`, `bus:USER`, `local`):
+    /// what the four-eyes rule compares. Defaults to the requester.
+    #[serde(default)]
+    pub submitted_by: Option<String>,
     #[serde(default)]
     pub dry_run: bool,
     /// Carried into every bus message and log line; generated when absent.
@@ -178,6 +183,44 @@ impl Default for DispatchConfig {
     }
 }
 
+/// Who may publish what on the bus (SECURITY.md). The broker authenticates every
+/// publisher: RabbitMQ refuses a message whose `user_id` property is not the publishing
+/// connection's user, so [`crate::transport::Delivery::publisher`] can be trusted. A
+/// message without one is refused outright. The engine then decides:
+/// - heartbeats, `work_status`, `work_result` and `error` only from agent users; a step's
+///   attempt is bound to the agent it was dispatched to (or the first agent user that
+///   reports on it), and everything else about that attempt is refused;
+/// - `user_request` only from requester users, recorded as submitted by `bus:USER`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BusAuthConfig {
+    /// Broker users that may act as agents. Empty: every authenticated publisher may (a
+    /// broker with one shared user; the server warns at start).
+    pub agent_users: Vec<String>,
+    /// Broker users that may submit requests on `orchestrator.requests`. Empty: every
+    /// authenticated publisher that is not an agent user.
+    pub requester_users: Vec<String>,
+}
+
+impl BusAuthConfig {
+    /// Whether agent users are named (otherwise any authenticated publisher is an agent).
+    pub fn is_open(&self) -> bool {
+        self.agent_users.is_empty()
+    }
+
+    pub fn may_act_as_agent(&self, user: &str) -> bool {
+        self.agent_users.is_empty() || self.agent_users.iter().any(|u| u == user)
+    }
+
+    pub fn may_submit(&self, user: &str) -> bool {
+        if self.requester_users.is_empty() {
+            self.agent_users.is_empty() || !self.agent_users.iter().any(|u| u == user)
+        } else {
+            self.requester_users.iter().any(|u| u == user)
+        }
+    }
+}
+
 /// The engine's configuration (a section of the TOML file).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -188,6 +231,8 @@ pub struct EngineConfig {
     pub dispatch: DispatchConfig,
     /// Monthly budgets per provider (USD), shown by `costs`.
     pub budgets: BTreeMap<String, f64>,
+    /// Who may publish what on the bus.
+    pub bus: BusAuthConfig,
 }
 
 impl Default for EngineConfig {
@@ -197,6 +242,7 @@ impl Default for EngineConfig {
             approval: ApprovalConfig::default(),
             dispatch: DispatchConfig::default(),
             budgets: BTreeMap::new(),
+            bus: BusAuthConfig::default(),
         }
     }
 }
@@ -215,6 +261,9 @@ pub enum EngineError {
     },
     #[error("four-eyes rule: {approver} requested {id} and cannot approve it")]
     FourEyes { id: Uuid, approver: String },
+    /// A bus message from a publisher that may not send it.
+    #[error("publisher not allowed: {0}")]
+    PublisherNotAllowed(String),
     #[error("invalid input: {0}")]
     Invalid(String),
     #[error(transparent)]
@@ -232,6 +281,7 @@ impl EngineError {
             EngineError::IllegalTransition { .. } => ErrorCode::IllegalTransition,
             EngineError::FourEyes { .. } => ErrorCode::FourEyesViolation,
             EngineError::Invalid(_) => ErrorCode::BadRequest,
+            EngineError::PublisherNotAllowed(_) => ErrorCode::PublisherNotAllowed,
             EngineError::Store(e) => e.code(),
             EngineError::Transport(e) => e.code(),
             EngineError::Catalog(e) => e.code(),

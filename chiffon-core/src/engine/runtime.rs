@@ -45,6 +45,18 @@ fn tail(s: &str) -> String {
     s[start..].to_string()
 }
 
+/// A message that fails this many times in a row (transient errors) is dead-lettered.
+pub const MAX_FAILED_DELIVERIES: u32 = 5;
+
+/// The task a message reports on.
+fn task_of(m: &Message) -> Option<Uuid> {
+    match m {
+        Message::WorkStatus(s) => Some(s.task_id),
+        Message::WorkResult(r) => Some(r.task_id),
+        _ => None,
+    }
+}
+
 /// Handles a consumer's deliveries, up to `limit` at once, until `stop` is cancelled.
 async fn consume_each<F, Fut>(
     consumer: crate::transport::Consumer,
@@ -137,6 +149,7 @@ impl Engine {
     }
 
     /// A `user_request` from the bus: handled exactly like `POST /request`; acked once stored.
+    /// Its requester is the broker-authenticated publisher (`bus:USER`), never a body field.
     async fn on_intake(&self, d: Delivery) {
         let env = match d.parse() {
             Ok(env) => env,
@@ -154,9 +167,22 @@ impl Engine {
             let _ = d.dead_letter().await;
             return;
         };
+        let publisher = match d.publisher.as_deref() {
+            Some(p) if self.inner.config.bus.may_submit(p) => p.to_string(),
+            other => {
+                let why = match other {
+                    None => "no user_id: the publisher is not authenticated".to_string(),
+                    Some(p) => format!("broker user `{p}` may not submit requests"),
+                };
+                self.refuse(&d, &env, &why).await;
+                return;
+            }
+        };
+        let identity = format!("bus:{publisher}");
         let submit = SubmitRequest {
             text: u.text.clone(),
-            requester: u.requester.clone(),
+            requester: Some(identity.clone()),
+            submitted_by: Some(identity),
             dry_run: u.dry_run,
             trace_id: Some(env.trace_id.clone()),
             // A redelivered message maps to the same request: never planned twice.
@@ -164,6 +190,7 @@ impl Engine {
         };
         match self.submit(submit).await {
             Ok(_) => {
+                self.forget_failures(env.message_id);
                 let _ = d.ack().await;
             }
             Err(EngineError::Invalid(msg)) => {
@@ -171,10 +198,77 @@ impl Engine {
                 let _ = d.dead_letter().await;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "could not store a user_request; it stays on the queue");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let _ = d.requeue().await;
+                self.retry_or_dead_letter(&d, &env, &e.to_string()).await;
             }
+        }
+    }
+
+    /// Dead-letters a message whose publisher may not send it, and says so.
+    async fn refuse(&self, d: &Delivery, env: &Envelope, why: &str) {
+        self.inner.metrics.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            code = ErrorCode::PublisherNotAllowed.code(),
+            publisher = d.publisher.as_deref().unwrap_or("-"),
+            message_type = env.message_type(),
+            reason = why,
+            "bus message refused: dead-lettered"
+        );
+        let _ = d.dead_letter().await;
+    }
+
+    /// Requeues a delivery that failed for a transient reason, unless its message has
+    /// failed [`MAX_FAILED_DELIVERIES`] times in a row here: then it is dead-lettered,
+    /// never retried forever.
+    async fn retry_or_dead_letter(&self, d: &Delivery, env: &Envelope, why: &str) {
+        let n = {
+            let mut failed = self
+                .inner
+                .metrics
+                .failed_deliveries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            // Bounded: a flood of distinct failing messages cannot grow it without end.
+            if failed.len() >= 10_000 {
+                failed.clear();
+            }
+            let n = failed.entry(env.message_id).or_insert(0);
+            *n += 1;
+            let n = *n;
+            if n >= MAX_FAILED_DELIVERIES {
+                failed.remove(&env.message_id);
+            }
+            n
+        };
+        if n >= MAX_FAILED_DELIVERIES {
+            self.inner
+                .metrics
+                .delivery_limit
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                code = ErrorCode::DeliveryLimit.code(),
+                message_id = %env.message_id,
+                message_type = env.message_type(),
+                failures = n,
+                error = why,
+                "message failed too many times: dead-lettered"
+            );
+            let _ = d.dead_letter().await;
+        } else {
+            tracing::warn!(message_id = %env.message_id, failures = n, error = why, "message not processed yet; requeued");
+            tokio::time::sleep(Duration::from_millis(200 * u64::from(n))).await;
+            let _ = d.requeue().await;
+        }
+    }
+
+    fn forget_failures(&self, message_id: Uuid) {
+        let mut failed = self
+            .inner
+            .metrics
+            .failed_deliveries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !failed.is_empty() {
+            failed.remove(&message_id);
         }
     }
 
@@ -187,46 +281,84 @@ impl Engine {
                 return;
             }
         };
+        if matches!(
+            env.body,
+            Message::UserRequest(_) | Message::WorkRequest(_) | Message::Cancel(_)
+        ) {
+            tracing::warn!(
+                message_type = env.message_type(),
+                "unexpected message on the results queue: dead-lettered"
+            );
+            let _ = d.dead_letter().await;
+            return;
+        }
+        // Everything on the results queue speaks for an agent: only an authenticated agent
+        // user may send it.
+        let publisher = match d.publisher.as_deref() {
+            Some(p) if self.inner.config.bus.may_act_as_agent(p) => p.to_string(),
+            other => {
+                let why = match other {
+                    None => "no user_id: the publisher is not authenticated".to_string(),
+                    Some(p) => format!("broker user `{p}` is not an agent user"),
+                };
+                self.refuse(&d, &env, &why).await;
+                return;
+            }
+        };
         let outcome = match &env.body {
             Message::Heartbeat(hb) => {
                 let r = self
                     .inner
                     .store
-                    .record_heartbeat(hb, env.timestamp)
+                    .record_heartbeat(hb, env.timestamp, Some(&publisher))
                     .await
-                    .map_err(EngineError::from);
+                    .map_err(|e| match e {
+                        StoreError::Conflict { message, .. } => EngineError::PublisherNotAllowed(
+                            format!("heartbeat refused: {message}"),
+                        ),
+                        e => e.into(),
+                    });
                 self.inner.wake.notify_one();
                 r
             }
-            Message::WorkStatus(s) => self.on_status(&env, s).await,
-            Message::WorkResult(r) => self.on_result(&env, r).await,
+            Message::WorkStatus(s) => self.on_status(&env, s, &publisher).await,
+            Message::WorkResult(r) => self.on_result(&env, r, &publisher).await,
             Message::Error(e) => {
                 self.audit(vec![NewAuditEntry {
                     request_id: env.request_id,
-                    actor: "agent".into(),
+                    actor: format!("bus:{publisher}"),
                     event: "agent_error".into(),
                     details: json!({ "code": e.code.code(), "message": e.message, "details": e.details }),
                 }])
                 .await;
                 Ok(())
             }
-            other => {
-                tracing::warn!(
-                    message_type = other.message_type(),
-                    "unexpected message on the results queue: dead-lettered"
-                );
-                let _ = d.dead_letter().await;
-                return;
-            }
+            _ => Ok(()),
         };
         match outcome {
             Ok(()) => {
+                self.forget_failures(env.message_id);
                 let _ = d.ack().await;
             }
+            Err(EngineError::PublisherNotAllowed(why)) => {
+                if let (Some(request_id), Some(task_id)) = (env.request_id, task_of(&env.body)) {
+                    self.audit(vec![NewAuditEntry {
+                        request_id: Some(request_id),
+                        actor: format!("bus:{publisher}"),
+                        event: "message_refused".into(),
+                        details: json!({
+                            "code": ErrorCode::PublisherNotAllowed.code(),
+                            "message_type": env.message_type(),
+                            "task_id": task_id,
+                            "reason": why,
+                        }),
+                    }])
+                    .await;
+                }
+                self.refuse(&d, &env, &why).await;
+            }
             Err(e) if e.code().is_transient() => {
-                tracing::warn!(error = %e, "result not applied yet; requeued");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let _ = d.requeue().await;
+                self.retry_or_dead_letter(&d, &env, &e.to_string()).await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "result could not be applied: dead-lettered");
@@ -235,12 +367,49 @@ impl Engine {
         }
     }
 
-    async fn on_status(&self, env: &Envelope, s: &WorkStatus) -> Result<(), EngineError> {
+    /// Whether `publisher` may report on the step's attempt `attempt`: the attempt is bound
+    /// to the agent it was dispatched to, or else to the first agent user that reports on
+    /// it (a conditional write, so two agents racing cannot both win).
+    async fn may_report(
+        &self,
+        step: &Step,
+        attempt: u32,
+        publisher: &str,
+    ) -> Result<bool, EngineError> {
+        if attempt != step.attempt {
+            return Ok(false);
+        }
+        match step.broker_user.as_deref() {
+            Some(bound) => Ok(bound == publisher),
+            None => Ok(self
+                .inner
+                .store
+                .bind_step_publisher(step.task_id, attempt, publisher)
+                .await?),
+        }
+    }
+
+    async fn on_status(
+        &self,
+        env: &Envelope,
+        s: &WorkStatus,
+        publisher: &str,
+    ) -> Result<(), EngineError> {
         let step = match self.inner.store.get_step(s.task_id).await {
             Ok(step) => step,
             Err(StoreError::NotFound { .. }) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
+        if s.attempt.is_some_and(|a| a != step.attempt) {
+            tracing::debug!(task = %s.task_id, "status of an older attempt ignored");
+            return Ok(());
+        }
+        if !self.may_report(&step, step.attempt, publisher).await? {
+            return Err(EngineError::PublisherNotAllowed(format!(
+                "task {} attempt {} belongs to another agent",
+                step.task_id, step.attempt
+            )));
+        }
         if step.status == StepStatus::Dispatched
             && matches!(s.status, TaskState::Accepted | TaskState::Running)
         {
@@ -312,7 +481,12 @@ impl Engine {
     /// Applies a `work_result` once: only to the step's current attempt while it is
     /// `dispatched` or `running` (conditional update), so duplicates and redeliveries are
     /// acknowledged and ignored.
-    async fn on_result(&self, env: &Envelope, r: &WorkResult) -> Result<(), EngineError> {
+    async fn on_result(
+        &self,
+        env: &Envelope,
+        r: &WorkResult,
+        publisher: &str,
+    ) -> Result<(), EngineError> {
         let step = match self.inner.store.get_step(r.task_id).await {
             Ok(step) => step,
             Err(StoreError::NotFound { .. }) => {
@@ -322,6 +496,15 @@ impl Engine {
             Err(e) => return Err(e.into()),
         };
         let active = [StepStatus::Dispatched, StepStatus::Running];
+        if r.attempt == step.attempt
+            && active.contains(&step.status)
+            && !self.may_report(&step, r.attempt, publisher).await?
+        {
+            return Err(EngineError::PublisherNotAllowed(format!(
+                "task {} attempt {} belongs to another agent",
+                step.task_id, step.attempt
+            )));
+        }
         if r.attempt != step.attempt || !active.contains(&step.status) || !r.status.is_terminal() {
             self.inner
                 .metrics
@@ -598,7 +781,7 @@ impl Engine {
             let needs = step.resources.gpu
                 || step.resources.memory_gb > 0.0
                 || step.agent_type == "desktop";
-            let (queue, agent_id) = if needs {
+            let (queue, agent_id, bound_user) = if needs {
                 let chosen = if blocked {
                     None
                 } else {
@@ -606,15 +789,20 @@ impl Engine {
                 };
                 match chosen {
                     Some(a) => {
-                        let q = if step.agent_type == "desktop" {
-                            topology.desktop_queue(&a.hostname)
+                        // A queue of that agent's own: the attempt is bound to its broker
+                        // user from the start, so no other agent can report on it.
+                        let (q, own) = if step.agent_type == "desktop" {
+                            (topology.desktop_queue(&a.hostname), true)
                         } else {
-                            a.heartbeat
-                                .queue
-                                .clone()
-                                .unwrap_or_else(|| topology.agent_queue(&step.agent_type))
+                            match &a.heartbeat.queue {
+                                Some(q) if *q != topology.agent_queue(&step.agent_type) => {
+                                    (q.clone(), true)
+                                }
+                                _ => (topology.agent_queue(&step.agent_type), false),
+                            }
                         };
-                        (q, Some(a.agent_id.clone()))
+                        let bound = if own { a.broker_user.clone() } else { None };
+                        (q, Some(a.agent_id.clone()), bound)
                     }
                     None => {
                         blocked = true;
@@ -623,7 +811,7 @@ impl Engine {
                     }
                 }
             } else {
-                (topology.agent_queue(&step.agent_type), None)
+                (topology.agent_queue(&step.agent_type), None, None)
             };
             let now = Utc::now();
             let timeout = self
@@ -657,6 +845,12 @@ impl Engine {
                 Ok(_) => {}
                 Err(StoreError::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
+            }
+            if let Some(user) = &bound_user {
+                self.inner
+                    .store
+                    .bind_step_publisher(step.task_id, attempt, user)
+                    .await?;
             }
             if request.status == RequestStatus::Queued {
                 match self

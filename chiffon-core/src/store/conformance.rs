@@ -100,6 +100,7 @@ macro_rules! store_conformance_tests {
             overdue_steps,
             logs_order_and_after_id,
             heartbeats_and_agents,
+            identities_and_step_binding,
             llm_reserve_over_budget,
             llm_concurrent_reservations,
             llm_settle_and_monthly_spend,
@@ -130,6 +131,7 @@ fn new_request(text: &str) -> NewRequest {
         trace_id: format!("trace-{}", Uuid::new_v4()),
         text: text.to_string(),
         requester: "alice".into(),
+        submitted_by: "token:alice".into(),
         dry_run: false,
     }
 }
@@ -1047,19 +1049,25 @@ pub async fn heartbeats_and_agents(h: &Harness) {
     let s = &*h.store;
     assert!(s.agents().await.unwrap().is_empty());
     let t0 = Utc::now();
-    s.record_heartbeat(&heartbeat("alpha", 10.0), t0)
+    s.record_heartbeat(&heartbeat("alpha", 10.0), t0, Some("agent-a"))
         .await
         .unwrap();
-    s.record_heartbeat(&heartbeat("beta", 20.0), t0)
+    s.record_heartbeat(&heartbeat("beta", 20.0), t0, Some("agent-b"))
         .await
         .unwrap();
     let newer = heartbeat("alpha", 55.5);
     let t1 = t0 + ChronoDuration::seconds(10);
-    s.record_heartbeat(&newer, t1).await.unwrap();
-    // A late heartbeat does not replace a newer one.
-    s.record_heartbeat(&heartbeat("alpha", 99.0), t0 + ChronoDuration::seconds(5))
+    s.record_heartbeat(&newer, t1, Some("agent-a"))
         .await
         .unwrap();
+    // A late heartbeat does not replace a newer one.
+    s.record_heartbeat(
+        &heartbeat("alpha", 99.0),
+        t0 + ChronoDuration::seconds(5),
+        Some("agent-a"),
+    )
+    .await
+    .unwrap();
     let agents = s.agents().await.unwrap();
     assert_eq!(
         agents
@@ -1083,6 +1091,117 @@ pub async fn heartbeats_and_agents(h: &Harness) {
         .await
         .unwrap();
     assert_eq!(rows, 4);
+    assert_eq!(agents[0].broker_user.as_deref(), Some("agent-a"));
+
+    // Another broker user cannot take a live agent's id over.
+    let e = s
+        .record_heartbeat(
+            &heartbeat("alpha", 1.0),
+            t1 + ChronoDuration::seconds(1),
+            Some("mallory"),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Conflict { .. }), "{e}");
+    assert_eq!(s.agents().await.unwrap()[0].heartbeat, newer);
+    // Once it has been silent long enough, the id may move to another user.
+    let later = t1 + crate::store::AGENT_TAKEOVER_AFTER + ChronoDuration::seconds(1);
+    s.record_heartbeat(&heartbeat("alpha", 2.0), later, Some("agent-a2"))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.agents().await.unwrap()[0].broker_user.as_deref(),
+        Some("agent-a2")
+    );
+}
+
+pub async fn identities_and_step_binding(h: &Harness) {
+    let s = &*h.store;
+    let r = s.create_request(&new_request("x")).await.unwrap();
+    assert_eq!(r.submitted_by, "token:alice");
+    assert_eq!(
+        s.get_request(r.id).await.unwrap().submitted_by,
+        "token:alice"
+    );
+    s.transition(
+        r.id,
+        RequestStatus::Planning,
+        RequestStatus::Queued,
+        &with_plan(plan(1)),
+    )
+    .await
+    .unwrap();
+    let st = s.steps(r.id).await.unwrap().remove(0);
+    assert_eq!(st.broker_user, None);
+    s.update_step(
+        st.task_id,
+        &[StepStatus::Pending],
+        StepStatus::Ready,
+        &StepPatch::default(),
+    )
+    .await
+    .unwrap();
+    let attempt1 = StepPatch {
+        attempt: Some(1),
+        ..Default::default()
+    };
+    s.update_step(
+        st.task_id,
+        &[StepStatus::Ready],
+        StepStatus::Dispatched,
+        &attempt1,
+    )
+    .await
+    .unwrap();
+    // Not the current attempt: nothing is bound.
+    assert!(!s
+        .bind_step_publisher(st.task_id, 2, "agent-a")
+        .await
+        .unwrap());
+    assert!(s
+        .bind_step_publisher(st.task_id, 1, "agent-a")
+        .await
+        .unwrap());
+    assert!(s
+        .bind_step_publisher(st.task_id, 1, "agent-a")
+        .await
+        .unwrap());
+    assert!(!s
+        .bind_step_publisher(st.task_id, 1, "mallory")
+        .await
+        .unwrap());
+    assert_eq!(
+        s.get_step(st.task_id).await.unwrap().broker_user.as_deref(),
+        Some("agent-a")
+    );
+    // A new attempt starts unbound and may go to another agent.
+    s.update_step(
+        st.task_id,
+        &[StepStatus::Dispatched],
+        StepStatus::Ready,
+        &StepPatch::default(),
+    )
+    .await
+    .unwrap();
+    let attempt2 = StepPatch {
+        attempt: Some(2),
+        ..Default::default()
+    };
+    s.update_step(
+        st.task_id,
+        &[StepStatus::Ready],
+        StepStatus::Dispatched,
+        &attempt2,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.get_step(st.task_id).await.unwrap().broker_user, None);
+    // Two agents racing for one attempt: exactly one wins.
+    let (a, b) = tokio::join!(
+        s.bind_step_publisher(st.task_id, 2, "agent-b"),
+        s.bind_step_publisher(st.task_id, 2, "agent-c"),
+    );
+    assert!(a.unwrap() ^ b.unwrap());
 }
 
 pub async fn llm_reserve_over_budget(h: &Harness) {

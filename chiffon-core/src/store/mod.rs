@@ -71,6 +71,9 @@ impl StoreError {
 }
 
 /// Persistence for the engine. Object-safe: the engine holds an `Arc<dyn Store>`.
+/// How long an agent must be silent before another broker user may register its id.
+pub const AGENT_TAKEOVER_AFTER: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// `postgres` or `sqlite`.
@@ -127,6 +130,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Step>, StoreError>;
     /// Gives a claimed step back without changing it (no agent had room).
     async fn release_step(&self, task_id: Uuid, owner: &str) -> Result<(), StoreError>;
+    /// Binds the step's attempt `attempt` (if it is the current one) to the publisher
+    /// `broker_user`, unless that attempt is already bound to another publisher. Returns
+    /// whether `broker_user` is now the attempt's publisher.
+    async fn bind_step_publisher(
+        &self,
+        task_id: Uuid,
+        attempt: u32,
+        broker_user: &str,
+    ) -> Result<bool, StoreError>;
     /// Steps `dispatched` or `running` whose `deadline_at` is before `now`.
     async fn overdue_steps(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Step>, StoreError>;
 
@@ -142,7 +154,15 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- agents and resource metrics ----
     /// Upserts the agent and appends a `resource_metrics` row.
-    async fn record_heartbeat(&self, hb: &Heartbeat, at: DateTime<Utc>) -> Result<(), StoreError>;
+    /// `broker_user` is the publisher the broker authenticated. An agent id registered by
+    /// another broker user is refused (`Conflict`) until that agent has been silent for
+    /// [`AGENT_TAKEOVER_AFTER`].
+    async fn record_heartbeat(
+        &self,
+        hb: &Heartbeat,
+        at: DateTime<Utc>,
+        broker_user: Option<&str>,
+    ) -> Result<(), StoreError>;
     /// Every agent seen, with its last heartbeat.
     async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
 

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use chiffon_protocol::{ErrorPayload, Heartbeat, Resources};
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, AGENT_TAKEOVER_AFTER};
 use crate::audit::chain;
 use crate::model::*;
 
@@ -34,7 +34,7 @@ const DEFAULT_LIST_LIMIT: u32 = 100;
 
 macro_rules! req_cols {
     () => {
-        "id, trace_id, text, requester, dry_run, status, plan, approver, approval_comment, \
+        "id, trace_id, text, requester, submitted_by, dry_run, status, plan, approver, approval_comment, \
          error, commit_id, created_at, updated_at"
     };
 }
@@ -42,7 +42,8 @@ macro_rules! req_cols {
 macro_rules! step_cols {
     () => {
         "task_id, request_id, seq, action, parameters, agent_type, resources, status, attempt, \
-         agent_id, queue, progress, output, diff, changed, error, ready_at, dispatched_at, \
+         agent_id, queue, CASE WHEN broker_attempt = attempt THEN broker_user END AS broker_user, \
+         progress, output, diff, changed, error, ready_at, dispatched_at, \
          deadline_at, finished_at, not_before"
     };
 }
@@ -190,6 +191,8 @@ fn request_from_row(row: &PgRow) -> Result<Request, StoreError> {
         trace_id: col(row, "trace_id")?,
         text: col(row, "text")?,
         requester: col(row, "requester")?,
+        submitted_by: col::<Option<String>>(row, "submitted_by")?
+            .unwrap_or_else(|| col(row, "requester").unwrap_or_default()),
         dry_run: col(row, "dry_run")?,
         status: RequestStatus::parse(&status)
             .ok_or_else(|| corrupt("tasks.status", format!("unknown status `{status}`")))?,
@@ -218,6 +221,7 @@ fn step_from_row(row: &PgRow) -> Result<Step, StoreError> {
         attempt: u32_col(row, "attempt")?,
         agent_id: col(row, "agent_id")?,
         queue: col(row, "queue")?,
+        broker_user: col(row, "broker_user")?,
         progress: u32_col(row, "progress")?,
         output: col(row, "output")?,
         diff: col(row, "diff")?,
@@ -315,7 +319,8 @@ impl Store for PgStore {
         let now = ts(now());
         let row = sqlx::query(concat!(
             "INSERT INTO tasks (id, trace_id, text, requester, dry_run, status, created_at, \
-             updated_at) VALUES ($1, $2, $3, $4, $5, 'planning', $6, $6) RETURNING ",
+             updated_at, submitted_by) \
+             VALUES ($1, $2, $3, $4, $5, 'planning', $6, $6, $7) RETURNING ",
             req_cols!()
         ))
         .bind(req.id)
@@ -324,6 +329,7 @@ impl Store for PgStore {
         .bind(&req.requester)
         .bind(req.dry_run)
         .bind(now)
+        .bind(&req.submitted_by)
         .fetch_one(&self.pool)
         .await
         .map_err(|e| match db_err(e) {
@@ -693,17 +699,73 @@ impl Store for PgStore {
         rows.iter().map(log_from_row).collect()
     }
 
+    async fn bind_step_publisher(
+        &self,
+        task_id: Uuid,
+        attempt: u32,
+        broker_user: &str,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE plan_steps SET broker_user = $3, broker_attempt = $2 \
+             WHERE task_id = $1 AND attempt = $2 \
+             AND (broker_attempt IS NULL OR broker_attempt <> $2 OR broker_user = $3)",
+        )
+        .bind(task_id)
+        .bind(i64::from(attempt))
+        .bind(broker_user)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
     // ---- agents and resource metrics ----
 
-    async fn record_heartbeat(&self, hb: &Heartbeat, at: DateTime<Utc>) -> Result<(), StoreError> {
+    async fn record_heartbeat(
+        &self,
+        hb: &Heartbeat,
+        at: DateTime<Utc>,
+        broker_user: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let takeover_before = ts(trunc(at - AGENT_TAKEOVER_AFTER));
         let at = ts(trunc(at));
         let mut tx = self.pool.begin().await.map_err(db_err)?;
+        // The id belongs to the broker user that registered it: another user may take it over
+        // only once the agent has been silent for AGENT_TAKEOVER_AFTER.
+        let owner: Option<Option<String>> =
+            sqlx::query_scalar("SELECT broker_user FROM agents WHERE agent_id = $1")
+                .bind(&hb.agent_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        if let Some(Some(owner)) = &owner {
+            if Some(owner.as_str()) != broker_user {
+                let alive: Option<bool> =
+                    sqlx::query_scalar("SELECT last_seen >= $2 FROM agents WHERE agent_id = $1")
+                        .bind(&hb.agent_id)
+                        .bind(takeover_before)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(db_err)?;
+                if alive.unwrap_or(false) {
+                    return Err(StoreError::Conflict {
+                        message: format!(
+                            "agent {} is registered to another broker user",
+                            hb.agent_id
+                        ),
+                        current: None,
+                    });
+                }
+            }
+        }
         // A heartbeat that arrives late never replaces a newer one.
         sqlx::query(
-            "INSERT INTO agents (agent_id, agent_type, hostname, first_seen, last_seen, heartbeat) \
-             VALUES ($1, $2, $3, $4, $4, $5) ON CONFLICT (agent_id) DO UPDATE SET \
+            "INSERT INTO agents (agent_id, agent_type, hostname, first_seen, last_seen, heartbeat, \
+             broker_user) \
+             VALUES ($1, $2, $3, $4, $4, $5, $6) ON CONFLICT (agent_id) DO UPDATE SET \
              agent_type = excluded.agent_type, hostname = excluded.hostname, \
-             last_seen = excluded.last_seen, heartbeat = excluded.heartbeat \
+             last_seen = excluded.last_seen, heartbeat = excluded.heartbeat, \
+             broker_user = excluded.broker_user \
              WHERE excluded.last_seen >= agents.last_seen",
         )
         .bind(&hb.agent_id)
@@ -711,6 +773,7 @@ impl Store for PgStore {
         .bind(&hb.hostname)
         .bind(at)
         .bind(Json(hb))
+        .bind(broker_user)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
@@ -736,7 +799,7 @@ impl Store for PgStore {
 
     async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT agent_id, agent_type, hostname, last_seen, heartbeat FROM agents \
+            "SELECT agent_id, agent_type, hostname, last_seen, heartbeat, broker_user FROM agents \
              ORDER BY agent_id",
         )
         .fetch_all(&self.pool)
@@ -746,6 +809,7 @@ impl Store for PgStore {
             .map(|r| {
                 Ok(AgentRecord {
                     agent_id: col(r, "agent_id")?,
+                    broker_user: col(r, "broker_user")?,
                     agent_type: col(r, "agent_type")?,
                     hostname: col(r, "hostname")?,
                     last_seen: ts_col(r, "last_seen")?,

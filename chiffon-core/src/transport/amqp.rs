@@ -105,6 +105,9 @@ impl std::fmt::Debug for AmqpTransport {
 
 struct Shared {
     url: String,
+    /// The broker user of `url`: every publish carries it as `user_id`, which RabbitMQ
+    /// checks against the connection's user, so consumers know who published.
+    user: String,
     topology: Topology,
     options: AmqpOptions,
     /// The live connection; replaced (under this lock, so by one task) when it drops.
@@ -298,9 +301,14 @@ impl AmqpTransport {
         topology: Topology,
         options: AmqpOptions,
     ) -> Result<Self, TransportError> {
+        let user = url
+            .parse::<lapin::uri::AMQPUri>()
+            .map(|u| u.authority.userinfo.username)
+            .map_err(|e| TransportError::Unavailable(format!("invalid AMQP URL: {e}").into()))?;
         let transport = AmqpTransport {
             shared: Arc::new(Shared {
                 url: url.to_owned(),
+                user,
                 topology,
                 options,
                 link: tokio::sync::Mutex::new(None),
@@ -314,6 +322,11 @@ impl AmqpTransport {
             Err(Failure::Fatal(e)) => Err(e),
             Err(Failure::Retry(e)) => Err(TransportError::Unavailable(Box::new(e))),
         }
+    }
+
+    /// The broker user this transport publishes as (the `user_id` of its messages).
+    pub fn user(&self) -> &str {
+        &self.shared.user
     }
 
     /// The `connection_name` this transport's connection shows on the broker.
@@ -569,11 +582,12 @@ impl AmqpTransport {
     }
 }
 
-fn properties(message_id: String, message_type: Option<&str>) -> BasicProperties {
+fn properties(user: &str, message_id: String, message_type: Option<&str>) -> BasicProperties {
     let props = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into())
-        .with_message_id(message_id.into());
+        .with_message_id(message_id.into())
+        .with_user_id(user.into());
     match message_type {
         Some(t) => props.with_type(t.into()),
         None => props,
@@ -623,6 +637,7 @@ impl Transport for AmqpTransport {
 
     async fn publish(&self, routing_key: &str, envelope: &Envelope) -> Result<(), TransportError> {
         let props = properties(
+            &self.shared.user,
             envelope.message_id.to_string(),
             Some(envelope.message_type()),
         );
@@ -632,13 +647,14 @@ impl Transport for AmqpTransport {
     }
 
     async fn publish_bytes(&self, routing_key: &str, body: Vec<u8>) -> Result<(), TransportError> {
-        let props = properties(uuid::Uuid::new_v4().to_string(), None);
+        let props = properties(&self.shared.user, uuid::Uuid::new_v4().to_string(), None);
         let exchange = &self.shared.topology.work_exchange;
         self.publish_to(exchange, routing_key, body, props).await
     }
 
     async fn broadcast(&self, envelope: &Envelope) -> Result<(), TransportError> {
         let props = properties(
+            &self.shared.user,
             envelope.message_id.to_string(),
             Some(envelope.message_type()),
         );
@@ -771,6 +787,11 @@ impl ConsumerState {
             match consumer.next().await {
                 Some(Ok(d)) => {
                     return Some(Ok(Delivery {
+                        publisher: d
+                            .properties
+                            .user_id()
+                            .as_ref()
+                            .map(|u| u.as_str().to_owned()),
                         body: d.data,
                         redelivered: d.redelivered,
                         acker: Box::new(AmqpAcker(d.acker)),

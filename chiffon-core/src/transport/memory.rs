@@ -37,6 +37,9 @@ use super::{
     Acker, ConsumeOptions, Consumer, ControlStream, Delivery, Topology, Transport, TransportError,
 };
 
+/// The publisher of a [`MemoryTransport`] made without [`MemoryTransport::with_identity`].
+pub const DEFAULT_IDENTITY: &str = "local";
+
 /// Ready messages one queue holds before publishes to it wait.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 100_000;
 /// How long a publish waits for room in a full queue.
@@ -48,6 +51,10 @@ const CONTROL_BACKLOG: usize = 1024;
 #[derive(Clone)]
 pub struct MemoryTransport {
     inner: Arc<Inner>,
+    /// The publisher every message of this handle carries ([`Delivery::publisher`]), as a
+    /// broker user does on RabbitMQ. [`MemoryTransport::with_identity`] gives in-process
+    /// components their own.
+    identity: Arc<str>,
 }
 
 impl std::fmt::Debug for MemoryTransport {
@@ -84,6 +91,7 @@ struct Queue {
 struct Message {
     body: Vec<u8>,
     redelivered: bool,
+    publisher: Arc<str>,
 }
 
 /// A poisoned lock only means another thread panicked mid-update of plain collections;
@@ -164,7 +172,22 @@ impl MemoryTransport {
                 queues: Mutex::new(HashMap::new()),
                 control,
             }),
+            identity: Arc::from(DEFAULT_IDENTITY),
         }
+    }
+
+    /// A handle on the same bus whose messages carry `identity` as their publisher, the
+    /// way each RabbitMQ connection carries its broker user.
+    pub fn with_identity(&self, identity: &str) -> Self {
+        MemoryTransport {
+            inner: self.inner.clone(),
+            identity: Arc::from(identity),
+        }
+    }
+
+    /// The publisher this handle's messages carry.
+    pub fn identity(&self) -> &str {
+        &self.identity
     }
 
     fn queue(&self, name: &str) -> Result<Arc<Queue>, TransportError> {
@@ -237,6 +260,7 @@ impl Transport for MemoryTransport {
                 let msg = Message {
                     body,
                     redelivered: false,
+                    publisher: self.identity.clone(),
                 };
                 queue
                     .publish(msg, self.inner.capacity, self.inner.publish_wait)
@@ -347,6 +371,7 @@ impl ConsumerShared {
                             return Delivery {
                                 body: msg.body,
                                 redelivered: msg.redelivered,
+                                publisher: Some(msg.publisher.to_string()),
                                 acker: Box::new(MemoryAcker {
                                     consumer: self.clone(),
                                     tag,

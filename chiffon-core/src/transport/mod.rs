@@ -144,6 +144,11 @@ pub struct Delivery {
     pub body: Vec<u8>,
     /// The broker delivered it before (to a consumer that did not settle it).
     pub redelivered: bool,
+    /// Who published it, as the broker authenticated them: RabbitMQ's `user_id` property,
+    /// which the broker refuses unless it equals the publishing connection's user; the
+    /// publishing handle's identity on the in-process bus. `None`: the publisher did not
+    /// say, and nothing vouches for it.
+    pub publisher: Option<String>,
     pub acker: Box<dyn Acker>,
 }
 
@@ -152,6 +157,7 @@ impl std::fmt::Debug for Delivery {
         f.debug_struct("Delivery")
             .field("bytes", &self.body.len())
             .field("redelivered", &self.redelivered)
+            .field("publisher", &self.publisher)
             .finish()
     }
 }
