@@ -48,6 +48,10 @@ pub struct AgentArgs {
     /// The `ansible-playbook` to run (else ./.venv/bin, then $PATH).
     #[arg(long, env = "CHIFFON_ANSIBLE_PLAYBOOK")]
     pub ansible_playbook: Option<PathBuf>,
+    /// Broker users whose work this agent runs (the orchestrator's), comma-separated.
+    /// Unset: any authenticated publisher's (see SECURITY.md).
+    #[arg(long, env = "CHIFFON_ORCHESTRATOR_USERS", value_delimiter = ',')]
+    pub orchestrator_users: Vec<String>,
 }
 
 impl AgentArgs {
@@ -65,6 +69,12 @@ impl AgentArgs {
             heartbeat_interval: Duration::from_secs(self.heartbeat_seconds.max(1)),
             default_timeout: Duration::from_secs(self.default_timeout.max(1)),
             shutdown_grace: Duration::from_secs(self.shutdown_grace),
+            orchestrator_users: self
+                .orchestrator_users
+                .iter()
+                .map(|u| u.trim().to_string())
+                .filter(|u| !u.is_empty())
+                .collect(),
             ..RunnerConfig::default()
         }
     }

@@ -197,7 +197,9 @@ impl<A: Agent> Runner<A> {
             ));
         }
         let transport = self.transport.clone();
-        transport.declare_topology().await?;
+        // Only its own queue (with the work exchange and the dead-letter queue it needs):
+        // the orchestrator declares the rest. So an agent's broker user needs no rights on
+        // the orchestrator's queues (SECURITY.md lists the permissions).
         transport.declare_queue(&self.queue).await?;
         let control = transport.subscribe_control().await?;
         let prefetch = u16::try_from(self.config.max_concurrent).unwrap_or(u16::MAX);

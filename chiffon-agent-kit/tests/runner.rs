@@ -423,3 +423,88 @@ async fn a_panicking_handler_fails_its_task_and_the_runner_keeps_serving() {
     stop.cancel();
     h.await.unwrap();
 }
+
+/// Only the orchestrator hands out work: a `work_request` published by any other broker
+/// user (another agent, a frontend) is answered with a 5009 error, dead-lettered and never
+/// run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_from_a_publisher_other_than_the_orchestrator_is_never_run() {
+    use chiffon_core::transport::memory::MemoryTransport;
+    use chiffon_core::transport::{Topology, Transport};
+    let topology = Topology::with_prefix(&format!(
+        "o{}.",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    ));
+    let base = MemoryTransport::new(topology);
+    let orchestrator = base.with_identity("chiffon-orchestrator");
+    let other_agent = base.with_identity("agent-b");
+    let agent_bus: Arc<dyn Transport> = Arc::new(base.with_identity("agent-a"));
+    let ran = Arc::new(AtomicU32::new(0));
+    let cfg = RunnerConfig {
+        orchestrator_users: vec!["chiffon-orchestrator".into()],
+        ..config("o1")
+    };
+    let runner = Runner::new(agent_bus.clone(), Counting(ran.clone()), cfg);
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let h = tokio::spawn(async move { runner.run(s).await.unwrap() });
+    let t = orchestrator.topology().clone();
+    orchestrator.declare_topology().await.unwrap();
+    let queue = t.agent_queue("counting");
+    orchestrator.declare_queue(&queue).await.unwrap();
+    let mut results = orchestrator
+        .consume(&t.results_queue, ConsumeOptions { prefetch: 64 })
+        .await
+        .unwrap();
+    let send = |w: &WorkRequest| Envelope::new("t", None, Message::WorkRequest(w.clone()));
+    let forged = work("counting", "count", json!({}));
+    other_agent.publish(&queue, &send(&forged)).await.unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let d = results.next().await.unwrap().unwrap();
+            d.ack().await.unwrap();
+            if let Message::Error(e) = d.parse().unwrap().body {
+                return e;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(refused.code, ErrorCode::PublisherNotAllowed);
+    assert!(refused.message.contains("agent-b"), "{}", refused.message);
+    // The error reply goes out first, then the request is dead-lettered.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while orchestrator
+            .queue_depth(&t.dead_letter_queue)
+            .await
+            .unwrap()
+            < 1
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the forged request was dead-lettered");
+
+    let real = work("counting", "count", json!({}));
+    orchestrator.publish(&queue, &send(&real)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let d = results.next().await.unwrap().unwrap();
+            d.ack().await.unwrap();
+            if let Message::WorkResult(r) = d.parse().unwrap().body {
+                assert_eq!(r.task_id, real.task_id);
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        1,
+        "only the orchestrator's work ran"
+    );
+    stop.cancel();
+    h.await.unwrap();
+}

@@ -389,6 +389,7 @@ both_backends!(
     two_engines_share_one_store_and_bus,
     audit_verify_detects_missing_commit,
     forged_bus_messages_are_refused,
+    a_message_that_keeps_failing_is_dead_lettered,
 );
 
 async fn approve_runs_to_completion_with_audit_and_commit(backend: &str) {
@@ -1254,5 +1255,81 @@ async fn forged_bus_messages_are_refused(backend: &str) {
     .unwrap()
     .unwrap();
     assert_eq!(done.status, RequestStatus::Completed);
+    stop.cancel();
+}
+
+/// A message whose processing fails every time (here: the steps table is gone, an error
+/// the engine cannot tell from a passing outage) is retried a bounded number of times, then
+/// dead-lettered: never requeued forever.
+async fn a_message_that_keeps_failing_is_dead_lettered(backend: &str) {
+    use sqlx::Connection;
+    type Setup = (
+        Arc<dyn Store>,
+        Arc<dyn Transport>,
+        String,
+        Box<dyn std::any::Any + Send>,
+    );
+    let (store, transport, raw_url, _guard): Setup = match backend {
+        "sqlite" => {
+            let (s, dir) = support::sqlite_store().await;
+            let url = format!("sqlite://{}", dir.path().join("chiffon.db").display());
+            (s, support::memory_transport(), url, Box::new(dir))
+        }
+        _ => {
+            let Some((s, db)) = support::pg_store().await else {
+                return;
+            };
+            let Some((t, cleanup)) = support::amqp_transport().await else {
+                return;
+            };
+            let url = db.url.clone();
+            (s, t, url, Box::new((cleanup, db)))
+        }
+    };
+    let stop = CancellationToken::new();
+    let git = tempfile::tempdir().unwrap();
+    let engine = start_engine(
+        store,
+        transport.clone(),
+        git.path(),
+        test_config(|_| {}),
+        &stop,
+    )
+    .await;
+    let t = transport.topology().clone();
+    transport.declare_topology().await.unwrap();
+    let breakage = "ALTER TABLE plan_steps RENAME TO plan_steps_gone";
+    if backend == "sqlite" {
+        let mut c = sqlx::SqliteConnection::connect(&raw_url).await.unwrap();
+        sqlx::raw_sql(breakage).execute(&mut c).await.unwrap();
+    } else {
+        let mut c = sqlx::PgConnection::connect(&raw_url).await.unwrap();
+        sqlx::raw_sql(breakage).execute(&mut c).await.unwrap();
+    }
+    let result = Envelope::new(
+        "t",
+        Some(Uuid::new_v4()),
+        Message::WorkResult(WorkResult {
+            task_id: Uuid::new_v4(),
+            status: TaskState::Completed,
+            output: String::new(),
+            duration_seconds: 0.0,
+            resource_usage: Default::default(),
+            error: None,
+            changed: None,
+            diff: None,
+            attempt: 1,
+            agent_id: None,
+        }),
+    );
+    transport.publish(&t.results_queue, &result).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while transport.queue_depth(&t.dead_letter_queue).await.unwrap() < 1 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the failing message was dead-lettered");
+    assert_eq!(engine.metrics().dead_lettered_after_retries_total, 1);
     stop.cancel();
 }

@@ -152,6 +152,12 @@ impl App {
                             url: redact_url(url),
                             source,
                         })?;
+                    if config.engine.bus.is_open() {
+                        tracing::warn!(
+                            broker_user = t.user(),
+                            "no engine.bus.agent_users configured: every authenticated broker user may act as an agent (see SECURITY.md)"
+                        );
+                    }
                     (Arc::new(t) as Arc<dyn Transport>, false)
                 }
                 None => (

@@ -268,6 +268,13 @@ impl Config {
         if let Some(v) = nonempty(&env, "CHIFFON_AUDIT_REPO") {
             self.audit_repo = PathBuf::from(v);
         }
+        // Broker users that may act as agents / submit requests on the bus (SECURITY.md).
+        if let Some(v) = nonempty(&env, "CHIFFON_AGENT_USERS") {
+            self.engine.bus.agent_users = split_list(&v);
+        }
+        if let Some(v) = nonempty(&env, "CHIFFON_REQUESTER_USERS") {
+            self.engine.bus.requester_users = split_list(&v);
+        }
         // The agent binaries read the same variable; in-process agents follow it too.
         if let Some(v) = nonempty(&env, "CHIFFON_ANSIBLE_PLAYBOOK") {
             self.agents.ansible_playbook = Some(PathBuf::from(v));
@@ -446,6 +453,15 @@ pub fn redact_url(url: &str) -> String {
         }
         None => url.to_string(),
     }
+}
+
+/// A comma-separated list, trimmed, without empty items.
+fn split_list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 #[cfg(test)]

@@ -180,6 +180,9 @@ pub struct StepDto {
     pub status: String,
     pub attempt: u32,
     pub agent_id: Option<String>,
+    /// The broker user the current attempt is bound to (its agent's, as the broker
+    /// authenticated it).
+    pub broker_user: Option<String>,
     pub progress: u32,
     /// The tail of its output.
     pub output: Option<String>,
@@ -202,6 +205,7 @@ impl From<Step> for StepDto {
             status: s.status.as_str().to_string(),
             attempt: s.attempt,
             agent_id: s.agent_id,
+            broker_user: s.broker_user,
             progress: s.progress,
             output: s.output,
             diff: s.diff,
@@ -221,6 +225,8 @@ pub struct RequestDto {
     pub trace_id: String,
     pub text: String,
     pub requester: String,
+    /// The authenticated identity that submitted it (what the four-eyes rule compares).
+    pub submitted_by: String,
     pub dry_run: bool,
     pub status: StatusDto,
     pub plan: Option<PlanDto>,
@@ -242,6 +248,7 @@ impl From<Request> for RequestDto {
             trace_id: r.trace_id,
             text: r.text,
             requester: r.requester,
+            submitted_by: r.submitted_by,
             dry_run: r.dry_run,
             status: r.status.into(),
             plan: r.plan.map(Into::into),
@@ -329,6 +336,8 @@ pub struct LogsDto {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct AgentDto {
     pub agent_id: String,
+    /// The broker user that publishes its heartbeats.
+    pub broker_user: Option<String>,
     pub agent_type: String,
     pub hostname: String,
     pub last_seen: DateTime<Utc>,
@@ -350,6 +359,7 @@ impl From<AgentRecord> for AgentDto {
         let hb = a.heartbeat;
         AgentDto {
             agent_id: a.agent_id,
+            broker_user: a.broker_user,
             agent_type: a.agent_type,
             hostname: a.hostname,
             last_seen: a.last_seen,

@@ -38,6 +38,16 @@ pub async fn render(engine: &Engine) -> Result<String, EngineError> {
             m.duplicate_results_total,
         ),
         (
+            "chiffon_bus_messages_refused_total",
+            "Bus messages refused for their publisher (unauthenticated, not allowed, or another agent's task).",
+            m.refused_messages_total,
+        ),
+        (
+            "chiffon_bus_messages_dead_lettered_after_retries_total",
+            "Bus messages dead-lettered after failing too many times in a row.",
+            m.dead_lettered_after_retries_total,
+        ),
+        (
             "chiffon_step_retries_total",
             "Step retries scheduled.",
             m.retries_total,

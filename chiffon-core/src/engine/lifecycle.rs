@@ -808,6 +808,8 @@ impl Engine {
             dispatched_total: m.dispatched.load(Ordering::Relaxed),
             results_total: m.results.load(Ordering::Relaxed),
             duplicate_results_total: m.duplicates.load(Ordering::Relaxed),
+            refused_messages_total: m.refused.load(Ordering::Relaxed),
+            dead_lettered_after_retries_total: m.delivery_limit.load(Ordering::Relaxed),
             retries_total: m.retries.load(Ordering::Relaxed),
             timeouts_total: m.timeouts.load(Ordering::Relaxed),
             latency_buckets: LATENCY_BOUNDS

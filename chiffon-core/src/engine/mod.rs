@@ -17,6 +17,7 @@ mod events;
 mod lifecycle;
 mod planning;
 mod runtime;
+pub use runtime::MAX_FAILED_DELIVERIES;
 
 pub use events::{EngineEvent, EventHub};
 pub use lifecycle::{AuditReport, MAX_TEXT_LEN};
@@ -321,6 +322,10 @@ pub struct MetricsSnapshot {
     pub dispatched_total: u64,
     pub results_total: u64,
     pub duplicate_results_total: u64,
+    /// Bus messages refused for their publisher (none, not allowed, another agent's task).
+    pub refused_messages_total: u64,
+    /// Messages dead-lettered after failing [`MAX_FAILED_DELIVERIES`] times.
+    pub dead_lettered_after_retries_total: u64,
     pub retries_total: u64,
     pub timeouts_total: u64,
     /// Dispatch-to-result latency histogram: (upper bound in seconds, cumulative count).
