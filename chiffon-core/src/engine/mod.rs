@@ -18,7 +18,7 @@ mod lifecycle;
 mod planning;
 mod runtime;
 
-pub use events::{EngineEvent, EventHub};
+pub use events::{EngineEvent, EventHub, Subscription};
 pub use lifecycle::{AuditReport, MAX_TEXT_LEN};
 pub use planning::CatalogPlanner;
 
