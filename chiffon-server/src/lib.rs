@@ -39,7 +39,7 @@ pub mod testing;
 
 pub use app::{App, AppOptions, StartError};
 pub use config::{Config, ConfigError, ConfigOverrides, Role};
-pub use http::{openapi, router, AppState};
+pub use http::{openapi, openapi_document, router, AppState};
 
 /// Resolves when the process gets SIGTERM or ctrl-c.
 pub async fn shutdown_signal() {
