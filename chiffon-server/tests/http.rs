@@ -233,6 +233,7 @@ async fn happy_path_submit_approve_complete_with_logs_and_commit() {
         r.text
     );
     assert!(r.text.contains("# TYPE chiffon_llm_spend_usd gauge"));
+    assert!(r.text.contains("chiffon_event_channels 0"), "{}", r.text);
 
     // Heartbeats carry sampled host metrics, so the first may trail the first result.
     let mut r = t.get("/agents", None).await;
