@@ -104,6 +104,10 @@ error_codes! {
     Forbidden = 5504, "forbidden", false, 403, "The token's role does not allow this operation.";
     RouteNotFound = 5505, "route_not_found", false, 404, "No such route.";
     Internal = 5506, "internal", true, 500, "An unexpected internal error; see the server log with the trace id.";
+    HostNotAllowed = 5507, "host_not_allowed", false, 421, "The request's `Host` is not one the server answers (loopback names, the bind address, `server.allowed_hosts`).";
+    CrossSiteRequest = 5508, "cross_site_request", false, 403, "A state-changing request came from another site (`Origin` or `Sec-Fetch-Site`).";
+    MethodNotAllowed = 5509, "method_not_allowed", false, 405, "The route exists but not with this HTTP method.";
+    UnsupportedMediaType = 5510, "unsupported_media_type", false, 415, "The request body is not `application/json`.";
     // 56xx: configuration and catalog
     InvalidConfig = 5601, "invalid_config", false, 400, "The configuration file or an environment variable is invalid.";
     InvalidCatalog = 5602, "invalid_catalog", false, 500, "An action's `action.toml` or playbook is missing or invalid.";

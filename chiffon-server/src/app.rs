@@ -276,14 +276,20 @@ impl App {
         self.shutdown.clone()
     }
 
-    /// The HTTP API over this app's engine.
+    /// The HTTP API over this app's engine, answering the configured bind address's host.
     pub fn router(&self) -> Router {
+        self.router_for(self.config.bind_addr().ok())
+    }
+
+    /// The HTTP API answering `addr`'s host (besides loopback and `server.allowed_hosts`).
+    fn router_for(&self, addr: Option<SocketAddr>) -> Router {
         router(
             AppState::new(
                 self.engine.clone(),
                 Auth::new(self.config.tokens.clone()),
                 self.config.server.clone(),
             )
+            .with_bind(addr)
             .with_shutdown(self.shutdown.clone()),
         )
     }
@@ -313,7 +319,7 @@ impl App {
         } else {
             tracing::warn!(%addr, "HTTP API listening WITHOUT authentication (no [[tokens]] configured): loopback only");
         }
-        let app = self.router();
+        let app = self.router_for(Some(addr));
         let stop = self.shutdown.clone();
         self.tasks.spawn(async move {
             let result = axum::serve(listener, app)

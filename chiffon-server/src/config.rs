@@ -117,6 +117,10 @@ pub struct ServerConfig {
     pub sse_keepalive_secs: u64,
     /// Largest page `GET /requests` and `GET /request/{id}/logs` return.
     pub max_page: u32,
+    /// Host names the server answers besides the loopback names and the bind address
+    /// (`CHIFFON_ALLOWED_HOSTS`, comma-separated): the names clients and proxies use to reach
+    /// it. Any other `Host` gets 421 (5507), which stops DNS-rebinding pages.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -125,6 +129,7 @@ impl Default for ServerConfig {
             body_limit_bytes: 64 * 1024,
             sse_keepalive_secs: 15,
             max_page: 1000,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -275,6 +280,9 @@ impl Config {
         if let Some(v) = nonempty(&env, "CHIFFON_REQUESTER_USERS") {
             self.engine.bus.requester_users = split_list(&v);
         }
+        if let Some(v) = nonempty(&env, "CHIFFON_ALLOWED_HOSTS") {
+            self.server.allowed_hosts = split_list(&v);
+        }
         // The agent binaries read the same variable; in-process agents follow it too.
         if let Some(v) = nonempty(&env, "CHIFFON_ANSIBLE_PLAYBOOK") {
             self.agents.ansible_playbook = Some(PathBuf::from(v));
@@ -384,6 +392,18 @@ impl Config {
                     "engine.approval.cost_limit_usd must be a non-negative number".into(),
                 ));
             }
+        }
+        for (i, h) in self.server.allowed_hosts.iter().enumerate() {
+            if crate::guard::normalize_host(h).is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "server.allowed_hosts[{i}] `{h}` is not a host name or address"
+                )));
+            }
+        }
+        if self.server.max_page == 0 {
+            return Err(ConfigError::Invalid(
+                "server.max_page must be at least 1".into(),
+            ));
         }
         if self.server.body_limit_bytes < 1024 {
             return Err(ConfigError::Invalid(
@@ -579,6 +599,8 @@ role = "approver"
             ("", vec![("CHIFFON_LLM_ORDER", "gemini")]),
             ("", vec![("CHIFFON_DATABASE_URL", "mysql://x")]),
             ("", vec![("CHIFFON_AMQP_URL", "http://rabbit")]),
+            ("[server]\nallowed_hosts = [\"bad host\"]\n", vec![]),
+            ("", vec![("CHIFFON_ALLOWED_HOSTS", "ok.example, a/b")]),
         ];
         let dir = tempfile::tempdir().unwrap();
         for (i, (text, vars)) in cases.into_iter().enumerate() {
@@ -593,6 +615,22 @@ role = "approver"
         let err =
             Config::load_with(Some(&missing), &ConfigOverrides::default(), env(&[])).unwrap_err();
         assert!(err.to_string().contains("missing.toml"), "{err}");
+    }
+
+    #[test]
+    fn allowed_hosts_from_file_then_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[server]\nallowed_hosts = [\"chiffon.lan\"]\n").unwrap();
+        let c = Config::load_with(Some(&path), &ConfigOverrides::default(), env(&[])).unwrap();
+        assert_eq!(c.server.allowed_hosts, vec!["chiffon.lan"]);
+        let c = Config::load_with(
+            Some(&path),
+            &ConfigOverrides::default(),
+            env(&[("CHIFFON_ALLOWED_HOSTS", " ops.example.com, [fd00::1] ,")]),
+        )
+        .unwrap();
+        assert_eq!(c.server.allowed_hosts, vec!["ops.example.com", "[fd00::1]"]);
     }
 
     #[test]

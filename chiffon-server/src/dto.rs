@@ -11,15 +11,50 @@ use serde_json::{Map, Value};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+/// Longest `requester` accepted (characters).
+pub const MAX_REQUESTER_LEN: usize = 200;
+/// Longest approval `comment` accepted (characters).
+pub const MAX_COMMENT_LEN: usize = 2000;
+
+/// Text with no NUL character (PostgreSQL cannot store one); written out in the schema
+/// attributes below, which take literals only.
+pub const NO_NUL_PATTERN: &str = "^[^\\u0000]*$";
+/// Text with no NUL and at least one visible character: one that is neither a control
+/// character nor white space (the set of [`is_blank`]).
+pub const TEXT_PATTERN: &str = "^[^\\u0000]*[^\\u0000-\\u0020\\u007f-\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff][^\\u0000]*$";
+
+/// Control characters and white space (Unicode `White_Space` and U+FEFF): what a request's
+/// text must hold something besides ([`TEXT_PATTERN`]).
+pub fn is_blank(c: char) -> bool {
+    matches!(c,
+        '\u{0}'..='\u{20}'
+        | '\u{7f}'..='\u{a0}'
+        | '\u{1680}'
+        | '\u{2000}'..='\u{200a}'
+        | '\u{2028}'
+        | '\u{2029}'
+        | '\u{202f}'
+        | '\u{205f}'
+        | '\u{3000}'
+        | '\u{feff}')
+}
+
 /// `POST /request`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitBody {
-    /// What to do, in plain words.
+    /// What to do, in plain words: at least one visible character, at most 10000 characters
+    /// and 10000 bytes of UTF-8 once leading and trailing white space is trimmed.
+    #[schema(
+        min_length = 1,
+        max_length = 10000,
+        pattern = "^[^\\u0000]*[^\\u0000-\\u0020\\u007f-\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff][^\\u0000]*$"
+    )]
     pub text: String,
     /// Who asks; only an admin token (or a server without tokens) may name someone else
     /// than itself.
     #[serde(default)]
+    #[schema(max_length = 200, pattern = "^[^\\u0000]*$")]
     pub requester: Option<String>,
     /// Plan and run in check mode: report what would change, change nothing.
     #[serde(default)]
@@ -49,6 +84,7 @@ pub struct ApproveBody {
     /// `true` approves, `false` rejects.
     pub approved: bool,
     #[serde(default)]
+    #[schema(max_length = 2000, pattern = "^[^\\u0000]*$")]
     pub comment: Option<String>,
 }
 
@@ -276,11 +312,13 @@ impl From<RequestView> for RequestDto {
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only requests in this status.
+    #[param(value_type = Option<StatusDto>)]
     pub status: Option<String>,
-    /// At most this many (default 50).
+    /// At most this many (default 50; at most `server.max_page`).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
-    /// Only requests created before this instant: the next page starts before the
-    /// oldest `created_at` of the page before.
+    /// Only requests created before this instant (RFC 3339, years 0000-9999): the next page
+    /// starts before the oldest `created_at` of the page before.
     pub before: Option<DateTime<Utc>>,
 }
 
@@ -296,7 +334,8 @@ pub struct RequestListDto {
 pub struct LogsQuery {
     /// Only lines after this line id.
     pub after: Option<i64>,
-    /// At most this many (default 1000).
+    /// At most this many (default 1000; at most `server.max_page`).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 

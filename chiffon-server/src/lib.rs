@@ -18,8 +18,9 @@
 //! ```
 //!
 //! Module map: [`config`] (the one place configuration is read), [`app`] (composition and
-//! shutdown), [`http`] (the router and OpenAPI document), [`routes`] (handlers), [`dto`]
-//! (bodies), [`auth`] (tokens, roles, trace ids), [`error`] (the error body), [`metrics`].
+//! shutdown), [`http`] (the router and OpenAPI document), [`guard`] (the `Host` allow-list and
+//! the cross-site check), [`routes`] (handlers), [`dto`] (bodies), [`auth`] (tokens, roles,
+//! trace ids), [`error`] (the error body), [`metrics`].
 //!
 //! Architecture invariant: frontends hold no business logic. Handlers parse, authorise,
 //! call [`chiffon_core::engine::Engine`] and render.
@@ -29,6 +30,7 @@ pub mod auth;
 pub mod config;
 pub mod dto;
 pub mod error;
+pub mod guard;
 pub mod http;
 pub mod metrics;
 pub mod routes;
@@ -37,7 +39,7 @@ pub mod testing;
 
 pub use app::{App, AppOptions, StartError};
 pub use config::{Config, ConfigError, ConfigOverrides, Role};
-pub use http::{openapi, router, AppState};
+pub use http::{openapi, openapi_document, router, AppState};
 
 /// Resolves when the process gets SIGTERM or ctrl-c.
 pub async fn shutdown_signal() {

@@ -62,6 +62,14 @@ pub async fn render(engine: &Engine) -> Result<String, EngineError> {
         let _ = writeln!(out, "{name} {value}");
     }
 
+    metric_header(
+        &mut out,
+        "chiffon_event_channels",
+        "gauge",
+        "Live-event channels held (requests being watched).",
+    );
+    let _ = writeln!(out, "chiffon_event_channels {}", engine.event_channels());
+
     let name = "chiffon_dispatch_to_result_seconds";
     metric_header(
         &mut out,

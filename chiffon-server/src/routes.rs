@@ -7,9 +7,10 @@ use axum::extract::{Extension, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use chiffon_core::engine::{EngineEvent, SubmitRequest};
+use chiffon_core::engine::{EngineEvent, SubmitRequest, MAX_TEXT_LEN};
 use chiffon_core::model::{RequestFilter, RequestStatus};
 use chiffon_protocol::ErrorCode;
+use chrono::{DateTime, Datelike, TimeZone, Utc};
 use futures::{Stream, StreamExt};
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
@@ -30,12 +31,12 @@ const DEFAULT_LOG_LIMIT: u32 = 1000;
     request_body = SubmitBody,
     responses(
         (status = 202, description = "Accepted; planning", body = SubmitResponse),
-        (status = 400, description = "Malformed body", body = ErrorResponse),
-        (status = 401, description = "No valid token", body = ErrorResponse),
-        (status = 403, description = "Role may not submit", body = ErrorResponse),
-        (status = 413, description = "Body too large", body = ErrorResponse),
-    ),
-    security(("bearer" = []))
+        (status = 400, description = "Malformed body: not a JSON object, wrong fields, blank or too long text, a NUL character", body = ErrorResponse),
+        (status = 413, description = "Body larger than `server.body_limit_bytes`", body = ErrorResponse),
+        (status = 415, description = "Body is not `application/json`", body = ErrorResponse),
+        (status = 500, description = "Internal error (see the log with the trace id)", body = ErrorResponse),
+        (status = 503, description = "Store or bus unavailable", body = ErrorResponse),
+    )
 )]
 pub async fn submit(
     State(state): State<AppState>,
@@ -44,6 +45,8 @@ pub async fn submit(
     Json(body): Json<SubmitBody>,
 ) -> Result<(StatusCode, Json<SubmitResponse>), AppError> {
     who.require(Role::Requester, "submit requests")?;
+    check_text(&body.text)?;
+    check_len("requester", body.requester.as_deref(), MAX_REQUESTER_LEN)?;
     // Only an admin (or the unauthenticated loopback user) may submit on someone's behalf.
     let requester = match body.requester {
         Some(r) if who.role >= Role::Admin && !r.trim().is_empty() => r,
@@ -84,8 +87,9 @@ pub async fn submit(
         (status = 200, body = RequestDto),
         (status = 400, description = "Not a uuid", body = ErrorResponse),
         (status = 404, description = "Unknown request", body = ErrorResponse),
-    ),
-    security(("bearer" = []))
+        (status = 500, description = "Internal error (see the log with the trace id)", body = ErrorResponse),
+        (status = 503, description = "Store unavailable", body = ErrorResponse),
+    )
 )]
 pub async fn get_request(
     State(state): State<AppState>,
@@ -102,11 +106,15 @@ pub async fn get_request(
     request_body = ApproveBody,
     responses(
         (status = 200, description = "The request after the decision", body = RequestDto),
-        (status = 403, description = "Role may not approve, or the four-eyes rule", body = ErrorResponse),
-        (status = 404, body = ErrorResponse),
+        (status = 400, description = "Malformed body: not a JSON object, wrong fields, too long comment, a NUL character", body = ErrorResponse),
+        (status = 403, description = "The four-eyes rule, a role that may not approve, or a cross-site request", body = ErrorResponse),
+        (status = 404, description = "Unknown request", body = ErrorResponse),
         (status = 409, description = "Not awaiting approval", body = ErrorResponse),
-    ),
-    security(("bearer" = []))
+        (status = 413, description = "Body larger than `server.body_limit_bytes`", body = ErrorResponse),
+        (status = 415, description = "Body is not `application/json`", body = ErrorResponse),
+        (status = 500, description = "Internal error (see the log with the trace id)", body = ErrorResponse),
+        (status = 503, description = "Store or bus unavailable", body = ErrorResponse),
+    )
 )]
 pub async fn approve(
     State(state): State<AppState>,
@@ -114,6 +122,7 @@ pub async fn approve(
     Json(body): Json<ApproveBody>,
 ) -> Result<Json<RequestDto>, AppError> {
     who.require(Role::Approver, "approve or reject requests")?;
+    check_len("comment", body.comment.as_deref(), MAX_COMMENT_LEN)?;
     let request = if body.approved {
         state
             .engine
@@ -135,11 +144,12 @@ pub async fn approve(
     params(("id" = Uuid, Path, description = "Request id")),
     responses(
         (status = 200, description = "Cancelled, or cancel sent to the running step", body = RequestDto),
-        (status = 403, body = ErrorResponse),
-        (status = 404, body = ErrorResponse),
+        (status = 400, description = "Not a uuid", body = ErrorResponse),
+        (status = 404, description = "Unknown request", body = ErrorResponse),
         (status = 409, description = "Already ended", body = ErrorResponse),
-    ),
-    security(("bearer" = []))
+        (status = 500, description = "Internal error (see the log with the trace id)", body = ErrorResponse),
+        (status = 503, description = "Store or bus unavailable", body = ErrorResponse),
+    )
 )]
 pub async fn cancel(
     State(state): State<AppState>,
@@ -179,9 +189,10 @@ pub async fn health(State(state): State<AppState>) -> Json<HealthDto> {
     params(ListQuery),
     responses(
         (status = 200, body = RequestListDto),
-        (status = 400, description = "Unknown status", body = ErrorResponse),
-    ),
-    security(("bearer" = []))
+        (status = 400, description = "Unknown status, `limit` out of range, `before` not an RFC 3339 instant of years 0000-9999", body = ErrorResponse),
+        (status = 500, description = "Internal error (see the log with the trace id)", body = ErrorResponse),
+        (status = 503, description = "Store unavailable", body = ErrorResponse),
+    )
 )]
 pub async fn list(
     State(state): State<AppState>,
@@ -189,7 +200,7 @@ pub async fn list(
     Query(q): Query<ListQuery>,
 ) -> Result<Json<RequestListDto>, AppError> {
     who.require(Role::Viewer, "read requests")?;
-    let status = match q.status.as_deref().filter(|s| !s.is_empty()) {
+    let status = match q.status.as_deref() {
         None => None,
         Some(s) => Some(RequestStatus::parse(s).ok_or_else(|| {
             AppError::bad_request(format!("unknown status `{s}`")).with_details(json!({
@@ -197,15 +208,13 @@ pub async fn list(
             }))
         })?),
     };
-    let limit = q
-        .limit
-        .unwrap_or(DEFAULT_LIST_LIMIT)
-        .clamp(1, state.server.max_page);
+    let limit = check_limit(q.limit, DEFAULT_LIST_LIMIT, state.server.max_page)?;
+    let before = q.before.map(check_before).transpose()?;
     let requests = state
         .engine
         .list(&RequestFilter {
             status,
-            created_before: q.before,
+            created_before: before,
             limit: Some(limit),
             ..Default::default()
         })
@@ -219,8 +228,13 @@ pub async fn list(
 #[utoipa::path(
     get, path = "/request/{id}/logs", tag = "requests",
     params(("id" = Uuid, Path, description = "Request id"), LogsQuery),
-    responses((status = 200, body = LogsDto), (status = 404, body = ErrorResponse)),
-    security(("bearer" = []))
+    responses(
+        (status = 200, body = LogsDto),
+        (status = 400, description = "Not a uuid, `limit` out of range", body = ErrorResponse),
+        (status = 404, description = "Unknown request", body = ErrorResponse),
+        (status = 500, description = "Internal error (see the log with the trace id)", body = ErrorResponse),
+        (status = 503, description = "Store unavailable", body = ErrorResponse),
+    )
 )]
 pub async fn logs(
     State(state): State<AppState>,
@@ -229,10 +243,7 @@ pub async fn logs(
     Query(q): Query<LogsQuery>,
 ) -> Result<Json<LogsDto>, AppError> {
     who.require(Role::Viewer, "read logs")?;
-    let limit = q
-        .limit
-        .unwrap_or(DEFAULT_LOG_LIMIT)
-        .clamp(1, state.server.max_page);
+    let limit = check_limit(q.limit, DEFAULT_LOG_LIMIT, state.server.max_page)?;
     let lines = state.engine.logs(id, q.after, limit).await?;
     Ok(Json(LogsDto {
         request_id: id,
@@ -248,9 +259,11 @@ pub async fn logs(
     params(("id" = Uuid, Path, description = "Request id")),
     responses(
         (status = 200, description = "`text/event-stream`; each event's data is one of these", content_type = "text/event-stream", body = EventDto),
-        (status = 404, body = ErrorResponse),
-    ),
-    security(("bearer" = []))
+        (status = 400, description = "Not a uuid", body = ErrorResponse),
+        (status = 404, description = "Unknown request", body = ErrorResponse),
+        (status = 500, description = "Internal error (see the log with the trace id)", body = ErrorResponse),
+        (status = 503, description = "Store unavailable", body = ErrorResponse),
+    )
 )]
 pub async fn events(
     State(state): State<AppState>,
@@ -258,35 +271,31 @@ pub async fn events(
     Path(id): Path<Uuid>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, AppError> {
     who.require(Role::Viewer, "read events")?;
-    // Subscribe before reading, so nothing between the read and the first live event is lost.
-    let rx = state.engine.subscribe(id);
-    let current = state.engine.get(id).await?.request;
+    // Reads before subscribing: an unknown id is answered 404 and allocates nothing. The
+    // subscription frees the request's channel when the stream is dropped (the client left).
+    let (current, sub) = state.engine.follow_events(id).await?;
     let engine = state.engine.clone();
     let first = EventDto::Status {
         request_id: id,
         status: current.status.into(),
         at: current.updated_at,
     };
-    let done = current.status.is_terminal();
     let stream = futures::stream::unfold(
-        (Some(first), rx, done, engine),
-        move |(pending, mut rx, done, engine)| async move {
+        (Some(first), sub, engine),
+        move |(pending, sub, engine)| async move {
             if let Some(ev) = pending {
-                let end = done;
-                return Some((sse_event(&ev), (None, rx, end, engine)));
+                return Some((sse_event(&ev), (None, sub, engine)));
             }
-            if done {
-                return None;
-            }
-            match rx.recv().await {
+            let mut sub = sub?;
+            match sub.recv().await {
                 Ok(ev) => {
                     let last = ev.is_final();
                     let dto = EventDto::from(ev);
-                    Some((sse_event(&dto), (None, rx, last, engine)))
+                    Some((sse_event(&dto), (None, (!last).then_some(sub), engine)))
                 }
                 // Too slow, or the channel went away: say where the request stands now.
                 Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => {
-                    let closed = rx.is_closed();
+                    let closed = sub.is_closed();
                     let r = engine.get(id).await.ok()?;
                     let ev = EngineEvent::Status {
                         request_id: id,
@@ -295,9 +304,12 @@ pub async fn events(
                     };
                     let last = ev.is_final();
                     if closed && !last {
-                        rx = engine.subscribe(id);
+                        sub.renew();
                     }
-                    Some((sse_event(&ev.into()), (None, rx, last, engine)))
+                    Some((
+                        sse_event(&ev.into()),
+                        (None, (!last).then_some(sub), engine),
+                    ))
                 }
             }
         },
@@ -316,8 +328,11 @@ fn sse_event(ev: &EventDto) -> Result<Event, Infallible> {
 /// Known agents with their last heartbeat and resources.
 #[utoipa::path(
     get, path = "/agents", tag = "fleet",
-    responses((status = 200, body = AgentsDto)),
-    security(("bearer" = []))
+    responses(
+        (status = 200, body = AgentsDto),
+        (status = 500, description = "Internal error (see the log with the trace id)", body = ErrorResponse),
+        (status = 503, description = "Store unavailable", body = ErrorResponse),
+    )
 )]
 pub async fn agents(
     State(state): State<AppState>,
@@ -333,8 +348,11 @@ pub async fn agents(
 /// LLM spend this month per provider against its budget.
 #[utoipa::path(
     get, path = "/costs", tag = "fleet",
-    responses((status = 200, body = CostsDto)),
-    security(("bearer" = []))
+    responses(
+        (status = 200, body = CostsDto),
+        (status = 500, description = "Internal error (see the log with the trace id)", body = ErrorResponse),
+        (status = 503, description = "Store unavailable", body = ErrorResponse),
+    )
 )]
 pub async fn costs(
     State(state): State<AppState>,
@@ -355,8 +373,11 @@ pub async fn costs(
 /// depths, counters.
 #[utoipa::path(
     get, path = "/metrics", tag = "system",
-    responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain", body = String)),
-    security(("bearer" = []))
+    responses(
+        (status = 200, description = "Prometheus text exposition format", content_type = "text/plain", body = String),
+        (status = 500, description = "Internal error (see the log with the trace id)", body = ErrorResponse),
+        (status = 503, description = "Store unavailable", body = ErrorResponse),
+    )
 )]
 pub async fn metrics(
     State(state): State<AppState>,
@@ -374,15 +395,18 @@ pub async fn metrics(
         .into_response())
 }
 
-/// This document.
+/// This document (built for this server's configuration: its limits, and its security
+/// scheme when tokens are configured).
 #[utoipa::path(
     get, path = "/openapi.json", tag = "system",
-    responses((status = 200, description = "The OpenAPI document", body = Object)),
-    security(("bearer" = []))
+    responses((status = 200, description = "The OpenAPI document", body = Object))
 )]
-pub async fn openapi(Extension(who): Extension<Identity>) -> Result<Response, AppError> {
+pub async fn openapi(
+    State(state): State<AppState>,
+    Extension(who): Extension<Identity>,
+) -> Result<Response, AppError> {
     who.require(Role::Viewer, "read the API document")?;
-    Ok(axum::Json(crate::http::openapi()).into_response())
+    Ok(axum::Json(state.openapi.clone()).into_response())
 }
 
 /// Any route that does not exist.
@@ -390,7 +414,67 @@ pub async fn not_found(uri: axum::http::Uri) -> AppError {
     AppError::new(ErrorCode::RouteNotFound, format!("no route {}", uri.path()))
 }
 
-/// A known route with the wrong method.
-pub async fn method_not_allowed() -> AppError {
-    AppError::new(ErrorCode::RouteNotFound, "method not allowed on this route")
+/// A known route with the wrong method (axum adds the `Allow` header).
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> AppError {
+    AppError::new(
+        ErrorCode::MethodNotAllowed,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+    .with_details(json!({ "method": method.as_str() }))
+}
+
+/// `text`: at least one visible character (see [`TEXT_PATTERN`]), at most [`MAX_TEXT_LEN`]
+/// characters, and at most [`MAX_TEXT_LEN`] bytes once trimmed (the engine's limit).
+fn check_text(text: &str) -> Result<(), AppError> {
+    if !text.chars().any(|c| !is_blank(c)) {
+        return Err(AppError::bad_request("text must hold a visible character")
+            .with_details(json!({ "field": "text" })));
+    }
+    if text.chars().count() > MAX_TEXT_LEN || text.trim().len() > MAX_TEXT_LEN {
+        return Err(AppError::bad_request(format!(
+            "text is longer than {MAX_TEXT_LEN} characters (or bytes of UTF-8)"
+        ))
+        .with_details(json!({ "field": "text", "max_length": MAX_TEXT_LEN })));
+    }
+    Ok(())
+}
+
+fn check_len(field: &str, value: Option<&str>, max: usize) -> Result<(), AppError> {
+    if value.is_some_and(|v| v.chars().count() > max) {
+        return Err(
+            AppError::bad_request(format!("{field} is longer than {max} characters"))
+                .with_details(json!({ "field": field, "max_length": max })),
+        );
+    }
+    Ok(())
+}
+
+/// `limit`: 1 to `server.max_page`.
+fn check_limit(limit: Option<u32>, default: u32, max_page: u32) -> Result<u32, AppError> {
+    match limit {
+        None => Ok(default.min(max_page)),
+        Some(n) if (1..=max_page).contains(&n) => Ok(n),
+        Some(n) => Err(AppError::bad_request(format!(
+            "limit {n} is out of range: 1 to {max_page}"
+        ))
+        .with_details(json!({ "field": "limit", "minimum": 1, "maximum": max_page }))),
+    }
+}
+
+/// `before`: an instant RFC 3339 can write (years 0000-9999, whatever the offset), brought
+/// into the range every store can compare (years 0001-9999) without changing the answer.
+fn check_before(before: DateTime<Utc>) -> Result<DateTime<Utc>, AppError> {
+    if !(-1..=10_000).contains(&before.year()) {
+        return Err(AppError::bad_request(
+            "before is out of range: an RFC 3339 instant of years 0000-9999",
+        )
+        .with_details(json!({ "field": "before" })));
+    }
+    let min = Utc.with_ymd_and_hms(1, 1, 1, 0, 0, 0).single();
+    let max = Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).single();
+    Ok(match (min, max) {
+        (Some(min), _) if before < min => min,
+        (_, Some(max)) if before > max => max,
+        _ => before,
+    })
 }

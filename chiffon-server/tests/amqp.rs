@@ -72,6 +72,7 @@ async fn amqp_bus_with_a_separate_agent() {
         .clone()
         .oneshot(
             Request::post("/request")
+                .header("host", "127.0.0.1")
                 .header("content-type", "application/json")
                 .header("x-trace-id", "amqp-trace-1")
                 .body(Body::from(json!({"text": "steps=2"}).to_string()))
@@ -104,7 +105,12 @@ async fn amqp_bus_with_a_separate_agent() {
     assert_eq!(done.trace_id, "amqp-trace-1");
 
     let resp = router
-        .oneshot(Request::get("/health").body(Body::empty()).unwrap())
+        .oneshot(
+            Request::get("/health")
+                .header("host", "127.0.0.1")
+                .body(Body::empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     let health: Value = serde_json::from_slice(

@@ -70,14 +70,22 @@ impl T {
         body: Option<Body>,
         json: bool,
     ) -> Resp {
-        let mut b = Request::builder().method(method).uri(uri);
+        let mut b = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::HOST, "127.0.0.1:8080");
         if let Some(t) = token {
             b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
         if json {
             b = b.header(header::CONTENT_TYPE, "application/json");
         }
-        let req = b.body(body.unwrap_or_else(Body::empty)).unwrap();
+        self.send(b.body(body.unwrap_or_else(Body::empty)).unwrap())
+            .await
+    }
+
+    /// Sends `req` as built (no `Host` added).
+    async fn send(&self, req: Request<Body>) -> Resp {
         let resp = self.router.clone().oneshot(req).await.unwrap();
         let status = resp.status();
         let headers = resp.headers().clone();
@@ -225,6 +233,7 @@ async fn happy_path_submit_approve_complete_with_logs_and_commit() {
         r.text
     );
     assert!(r.text.contains("# TYPE chiffon_llm_spend_usd gauge"));
+    assert!(r.text.contains("chiffon_event_channels 0"), "{}", r.text);
 
     // Heartbeats carry sampled host metrics, so the first may trail the first result.
     let mut r = t.get("/agents", None).await;
@@ -267,6 +276,7 @@ async fn trace_id_flows_from_the_header_into_the_request() {
     let req = Request::builder()
         .method("POST")
         .uri("/request")
+        .header(header::HOST, "localhost")
         .header(header::CONTENT_TYPE, "application/json")
         .header("x-trace-id", "trace-abc-123")
         .body(Body::from(json!({"text": "x"}).to_string()))
@@ -314,7 +324,7 @@ async fn bad_input_gets_typed_errors_never_500() {
             false,
         )
         .await;
-    assert_error(&r, StatusCode::BAD_REQUEST, 5501);
+    assert_error(&r, StatusCode::UNSUPPORTED_MEDIA_TYPE, 5510);
     let r = t.post("/request", None, json!({"text": "   "})).await;
     assert_error(&r, StatusCode::BAD_REQUEST, 5501);
     let big = json!({ "text": "a".repeat(100 * 1024) });
@@ -370,11 +380,12 @@ async fn bad_input_gets_typed_errors_never_500() {
         StatusCode::NOT_FOUND,
         5505,
     );
-    assert_error(
-        &t.call("DELETE", "/health", None, None, false).await,
-        StatusCode::NOT_FOUND,
-        5505,
-    );
+    let r = t.call("DELETE", "/health", None, None, false).await;
+    assert_error(&r, StatusCode::METHOD_NOT_ALLOWED, 5509);
+    assert_eq!(r.headers[header::ALLOW], "GET,HEAD");
+    let r = t.get("/approve", None).await;
+    assert_error(&r, StatusCode::METHOD_NOT_ALLOWED, 5509);
+    assert_eq!(r.headers[header::ALLOW], "POST");
 
     // Approving twice: the second is an illegal transition.
     let id = t.submit(None, "x").await;
@@ -517,6 +528,7 @@ async fn sse_streams_status_steps_and_progress_then_ends() {
     t.wait(id, RequestStatus::AwaitingApproval).await;
     let req = Request::builder()
         .uri(format!("/request/{id}/events"))
+        .header(header::HOST, "localhost")
         .body(Body::empty())
         .unwrap();
     let resp = t.router.clone().oneshot(req).await.unwrap();
@@ -616,12 +628,8 @@ async fn openapi_lists_every_route() {
     ] {
         assert!(schemas.contains_key(s), "schema {s} missing");
     }
-    assert!(r.body["components"]["securitySchemes"]["bearer"].is_object());
-    // The document served is the one the library generates.
-    assert_eq!(
-        r.body,
-        serde_json::to_value(chiffon_server::openapi()).unwrap()
-    );
+    // The document served is the one the library generates for this configuration.
+    assert_eq!(r.body, chiffon_server::openapi());
     t.app.shutdown().await;
 }
 
@@ -636,6 +644,7 @@ async fn open_event_streams_end_on_shutdown() {
         .oneshot(
             Request::builder()
                 .uri(format!("/request/{id}/events"))
+                .header(header::HOST, "localhost")
                 .body(Body::empty())
                 .unwrap(),
         )
@@ -676,4 +685,476 @@ async fn without_tokens_only_loopback_is_bound() {
         .expect("with tokens any address may be bound");
     assert!(app.serve(listener).is_ok());
     app.shutdown().await;
+}
+
+fn with_host(method: &str, uri: &str, host: Option<&str>) -> axum::http::request::Builder {
+    let b = Request::builder().method(method).uri(uri);
+    match host {
+        Some(h) => b.header(header::HOST, h),
+        None => b,
+    }
+}
+
+fn json_post(uri: &str, host: &str) -> axum::http::request::Builder {
+    with_host("POST", uri, Some(host)).header(header::CONTENT_TYPE, "application/json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_allowed_hosts_are_answered() {
+    let t = setup(false).await;
+    let submit = json!({"text": "x"}).to_string();
+    // A DNS-rebinding page: its own name, the server's address.
+    for host in [
+        "evil.example",
+        "evil.example:8080",
+        "127.0.0.1.nip.io:8080",
+        "localhost.evil.example",
+        "10.0.0.1",
+        "[fd00::1]:8080",
+        "bad host",
+    ] {
+        for (method, uri) in [("GET", "/health"), ("GET", "/requests"), ("GET", "/nope")] {
+            let r = t
+                .send(
+                    with_host(method, uri, Some(host))
+                        .body(Body::empty())
+                        .unwrap(),
+                )
+                .await;
+            assert_error(&r, StatusCode::MISDIRECTED_REQUEST, 5507);
+        }
+        let r = t
+            .send(
+                json_post("/request", host)
+                    .body(Body::from(submit.clone()))
+                    .unwrap(),
+            )
+            .await;
+        assert_error(&r, StatusCode::MISDIRECTED_REQUEST, 5507);
+    }
+    // No Host at all (HTTP/1.0), and an absolute URI naming another host.
+    let r = t
+        .send(
+            with_host("GET", "/health", None)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_error(&r, StatusCode::MISDIRECTED_REQUEST, 5507);
+    let r = t
+        .send(
+            with_host("GET", "http://evil.example/health", Some("127.0.0.1"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_error(&r, StatusCode::MISDIRECTED_REQUEST, 5507);
+    // Nothing was submitted by the refused requests.
+    assert!(t.get("/requests", None).await.body["requests"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    for host in [
+        "localhost",
+        "LOCALHOST:8080",
+        "localhost.:8080",
+        "127.0.0.1",
+        "127.0.0.1:8080",
+        "[::1]:8080",
+        "[::1]",
+    ] {
+        let r = t
+            .send(
+                with_host("GET", "/health", Some(host))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{host}: {}", r.text);
+    }
+    let r = t
+        .send(
+            with_host(
+                "GET",
+                "http://localhost:8080/health",
+                Some("localhost:8080"),
+            )
+            .body(Body::empty())
+            .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    t.app.shutdown().await;
+
+    // With tokens: a valid token does not make a foreign host acceptable; configured names
+    // (server.allowed_hosts) are.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = chiffon_server::testing::temp_config(dir.path(), tokens());
+    config.server.allowed_hosts = vec!["chiffon.lan".into(), "[fd00::1]".into()];
+    let app = chiffon_server::testing::start_app_with(config).await;
+    let t = T {
+        router: app.router(),
+        app,
+        _dir: dir,
+    };
+    let r = t
+        .send(
+            with_host("GET", "/requests", Some("evil.example"))
+                .header(header::AUTHORIZATION, format!("Bearer {ADMIN}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_error(&r, StatusCode::MISDIRECTED_REQUEST, 5507);
+    for host in ["chiffon.lan", "Chiffon.LAN:8443", "[fd00::1]:8080"] {
+        let r = t
+            .send(
+                with_host("GET", "/requests", Some(host))
+                    .header(header::AUTHORIZATION, format!("Bearer {ADMIN}"))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{host}: {}", r.text);
+    }
+    t.app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_site_writes_are_refused() {
+    let t = setup(false).await;
+    let submit = json!({"text": "x"}).to_string();
+    let post = |headers: &[(&str, &str)]| {
+        let mut b = json_post("/request", "127.0.0.1:8080");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(Body::from(submit.clone())).unwrap()
+    };
+    for headers in [
+        vec![("sec-fetch-site", "cross-site")],
+        vec![("sec-fetch-site", "same-site")],
+        vec![("origin", "http://evil.example")],
+        vec![("origin", "https://evil.example:8080")],
+        vec![("origin", "null")],
+        vec![("origin", "garbage")],
+        vec![
+            ("origin", "http://localhost:8080"),
+            ("sec-fetch-site", "cross-site"),
+        ],
+    ] {
+        let r = t.send(post(&headers)).await;
+        assert_error(&r, StatusCode::FORBIDDEN, 5508);
+    }
+    assert!(t.get("/requests", None).await.body["requests"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    // The web console's own pages, and clients that send neither header.
+    for headers in [
+        vec![],
+        vec![("sec-fetch-site", "same-origin")],
+        vec![("sec-fetch-site", "none")],
+        vec![("origin", "http://localhost:8080")],
+        vec![("origin", "http://127.0.0.1:8080")],
+        vec![
+            ("origin", "http://[::1]:8080"),
+            ("sec-fetch-site", "same-origin"),
+        ],
+    ] {
+        let r = t.send(post(&headers)).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{headers:?}: {}", r.text);
+    }
+    // Safe methods are not writes.
+    let r = t
+        .send(
+            with_host("GET", "/requests", Some("localhost"))
+                .header("origin", "http://evil.example")
+                .header("sec-fetch-site", "cross-site")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    t.app.shutdown().await;
+
+    // A token does not lift it: approving from another site is refused before the token is read.
+    let t = setup(true).await;
+    let id = t.submit(Some(REQUESTER), "x").await;
+    t.wait(id, RequestStatus::AwaitingApproval).await;
+    let r = t
+        .send(
+            json_post("/approve", "localhost")
+                .header(header::AUTHORIZATION, format!("Bearer {APPROVER}"))
+                .header("origin", "http://evil.example")
+                .body(Body::from(
+                    json!({"request_id": id, "approved": true}).to_string(),
+                ))
+                .unwrap(),
+        )
+        .await;
+    assert_error(&r, StatusCode::FORBIDDEN, 5508);
+    let r = t.get(&format!("/request/{id}"), Some(VIEWER)).await;
+    assert_eq!(r.body["status"], "awaiting_approval");
+    t.app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_the_stores_cannot_keep_and_odd_bodies_are_400() {
+    let t = setup(false).await;
+    let long = chiffon_core::engine::MAX_TEXT_LEN;
+    for body in [
+        json!({"text": "a\u{0}b"}),
+        json!({"text": "x", "requester": "bob\u{0}"}),
+        json!({"text": "x", "te\u{0}xt": 1}),
+        json!(["x", null, false]),
+        json!("x"),
+        json!(null),
+        json!(42),
+        json!({"text": "\u{feff}\u{1}"}),
+        json!({"text": "a".repeat(long + 1)}),
+        json!({"text": "é".repeat(long / 2 + 1)}),
+        json!({"text": "x", "requester": "r".repeat(201)}),
+    ] {
+        let r = t.post("/request", None, body.clone()).await;
+        assert_error(&r, StatusCode::BAD_REQUEST, 5501);
+        assert!(!r.text.contains("\\u0000b"), "{}", r.text);
+    }
+    let r = t.post("/request", None, json!({"text": "a\u{0}b"})).await;
+    assert_eq!(r.body["error"]["details"]["field"], "/text", "{}", r.text);
+    // Exactly at the limits is accepted.
+    let r = t
+        .post(
+            "/request",
+            None,
+            json!({"text": "a".repeat(long), "requester": "r".repeat(200)}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let r = t
+        .call(
+            "POST",
+            "/request",
+            None,
+            Some(Body::from(json!({"text": "x"}).to_string())),
+            false,
+        )
+        .await;
+    assert_error(&r, StatusCode::UNSUPPORTED_MEDIA_TYPE, 5510);
+    let req = with_host("POST", "/request", Some("localhost"))
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::from(json!({"text": "x"}).to_string()))
+        .unwrap();
+    assert_error(&t.send(req).await, StatusCode::UNSUPPORTED_MEDIA_TYPE, 5510);
+    let req = with_host("POST", "/request", Some("localhost"))
+        .header(header::CONTENT_TYPE, "application/json; charset=utf-8")
+        .body(Body::from(json!({"text": "x"}).to_string()))
+        .unwrap();
+    assert_eq!(t.send(req).await.status, StatusCode::ACCEPTED);
+
+    let unknown = Uuid::new_v4();
+    for body in [
+        json!({"request_id": unknown, "approved": true, "comment": "ok\u{0}"}),
+        json!({"request_id": unknown, "approved": true, "comment": "c".repeat(2001)}),
+        json!([unknown, true, null]),
+    ] {
+        let r = t.post("/approve", None, body).await;
+        assert_error(&r, StatusCode::BAD_REQUEST, 5501);
+    }
+
+    for query in [
+        "before=-262143-01-01T00:00:00Z",
+        "before=%2B262142-12-31T23:59:59Z",
+        "before=10001-01-01T00:00:00Z",
+        "limit=0",
+        "limit=1001",
+        "limit=4294967296",
+        "status=",
+        "status=%00",
+        "status=completed%00",
+    ] {
+        let r = t.get(&format!("/requests?{query}"), None).await;
+        assert_error(&r, StatusCode::BAD_REQUEST, 5501);
+    }
+    for query in [
+        "before=0000-01-01T00:00:00Z",
+        "before=0000-01-01T00:00:00%2B23:59",
+        "before=9999-12-31T23:59:59.999999-23:59",
+        "limit=1000",
+        "limit=1",
+    ] {
+        let r = t.get(&format!("/requests?{query}"), None).await;
+        assert_eq!(r.status, StatusCode::OK, "{query}: {}", r.text);
+    }
+    let r = t.get("/requests?before=9999-12-31T23:59:59Z", None).await;
+    assert_eq!(
+        r.body["requests"].as_array().unwrap().len(),
+        2,
+        "{}",
+        r.text
+    );
+    let id = t.submit(None, "x").await;
+    for query in ["limit=0", "limit=1001"] {
+        let r = t.get(&format!("/request/{id}/logs?{query}"), None).await;
+        assert_error(&r, StatusCode::BAD_REQUEST, 5501);
+    }
+    t.app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_of_unknown_or_left_requests_hold_no_channel() {
+    let t = setup(false).await;
+    let engine = t.app.engine().clone();
+    for _ in 0..500 {
+        let r = t
+            .get(&format!("/request/{}/events", Uuid::new_v4()), None)
+            .await;
+        assert_error(&r, StatusCode::NOT_FOUND, 5102);
+    }
+    assert_eq!(engine.event_channels(), 0, "unknown ids allocate nothing");
+
+    // A watcher of a live request holds its channel until it leaves.
+    let id = t.submit(None, "x").await;
+    t.wait(id, RequestStatus::AwaitingApproval).await;
+    let open = || async {
+        let resp = t
+            .router
+            .clone()
+            .oneshot(
+                with_host("GET", &format!("/request/{id}/events"), Some("localhost"))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut stream = resp.into_body().into_data_stream();
+        let first = stream.next().await.unwrap().unwrap();
+        assert!(String::from_utf8_lossy(&first).contains("awaiting_approval"));
+        stream
+    };
+    let a = open().await;
+    let b = open().await;
+    assert_eq!(engine.event_channels(), 1);
+    drop(a);
+    assert_eq!(engine.event_channels(), 1, "one watcher is left");
+    drop(b);
+    assert_eq!(engine.event_channels(), 0, "the last watcher freed it");
+
+    // A stream of an ended request gives its status, ends, and holds nothing.
+    engine.cancel(id, "local").await.unwrap();
+    let r = t.get(&format!("/request/{id}/events"), None).await;
+    assert!(r.text.contains("\"status\":\"cancelled\""), "{}", r.text);
+    assert_eq!(engine.event_channels(), 0);
+    t.app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_matches_the_configuration_and_the_validators() {
+    fn ops(doc: &Value) -> Vec<(String, String, Value)> {
+        let mut out = vec![];
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                out.push((path.clone(), method.clone(), op.clone()));
+            }
+        }
+        out
+    }
+    // Without tokens: no security scheme, no 401.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = chiffon_server::testing::temp_config(dir.path(), vec![]);
+    config.server.max_page = 77;
+    let app = chiffon_server::testing::start_app_with(config.clone()).await;
+    let t = T {
+        router: app.router(),
+        app,
+        _dir: dir,
+    };
+    let doc = t.get("/openapi.json", None).await.body;
+    assert_eq!(
+        doc,
+        chiffon_server::openapi_document(false, &config.server),
+        "served as built"
+    );
+    assert!(doc["components"].get("securitySchemes").is_none());
+    for (path, method, op) in ops(&doc) {
+        let responses = op["responses"].as_object().unwrap();
+        assert!(op.get("security").is_none(), "{method} {path}");
+        assert!(!responses.contains_key("401"), "{method} {path}");
+        assert!(responses.contains_key("421"), "{method} {path}");
+        if method == "post" {
+            assert!(responses.contains_key("403"), "{method} {path}");
+        }
+        for (status, r) in responses {
+            assert!(r["description"].is_string(), "{method} {path} {status}");
+        }
+    }
+    for path in ["/request", "/approve"] {
+        let responses = &doc["paths"][path]["post"]["responses"];
+        for status in ["400", "413", "415"] {
+            assert!(responses.get(status).is_some(), "{path} {status}");
+        }
+    }
+    let text = &doc["components"]["schemas"]["SubmitBody"]["properties"]["text"];
+    assert_eq!(text["minLength"], 1);
+    assert_eq!(
+        text["maxLength"],
+        json!(chiffon_core::engine::MAX_TEXT_LEN),
+        "{text}"
+    );
+    assert_eq!(text["pattern"], chiffon_server::dto::TEXT_PATTERN);
+    let comment = &doc["components"]["schemas"]["ApproveBody"]["properties"]["comment"];
+    assert_eq!(comment["maxLength"], 2000);
+    assert_eq!(comment["pattern"], chiffon_server::dto::NO_NUL_PATTERN);
+    for path in ["/requests", "/request/{id}/logs"] {
+        let params = doc["paths"][path]["get"]["parameters"].as_array().unwrap();
+        let limit = params.iter().find(|p| p["name"] == "limit").unwrap();
+        assert_eq!(limit["schema"]["minimum"], 1, "{path}");
+        assert_eq!(limit["schema"]["maximum"], 77, "{path}");
+    }
+    let params = doc["paths"]["/requests"]["get"]["parameters"]
+        .as_array()
+        .unwrap();
+    let status = params.iter().find(|p| p["name"] == "status").unwrap();
+    assert_eq!(
+        status["schema"]["$ref"], "#/components/schemas/StatusDto",
+        "{status}"
+    );
+    let statuses = doc["components"]["schemas"]["StatusDto"]["enum"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(statuses, RequestStatus::ALL.len());
+    // The limit the document states is the one enforced.
+    assert_error(
+        &t.get("/requests?limit=78", None).await,
+        StatusCode::BAD_REQUEST,
+        5501,
+    );
+    assert_eq!(
+        t.get("/requests?limit=77", None).await.status,
+        StatusCode::OK
+    );
+    t.app.shutdown().await;
+
+    // With tokens: the bearer scheme, and 401/403 with `security` on every route but /health.
+    let t = setup(true).await;
+    let doc = t.get("/openapi.json", Some(VIEWER)).await.body;
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    for (path, method, op) in ops(&doc) {
+        let responses = op["responses"].as_object().unwrap();
+        if path == "/health" {
+            assert!(op.get("security").is_none());
+            assert!(!responses.contains_key("401"));
+        } else {
+            assert_eq!(op["security"], json!([{"bearer": []}]), "{method} {path}");
+            assert!(responses.contains_key("401"), "{method} {path}");
+            assert!(responses.contains_key("403"), "{method} {path}");
+        }
+    }
+    t.app.shutdown().await;
 }

@@ -17,7 +17,9 @@ fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
-async fn call(router: &axum::Router, req: Request<Body>) -> (StatusCode, Value) {
+async fn call(router: &axum::Router, mut req: Request<Body>) -> (StatusCode, Value) {
+    req.headers_mut()
+        .insert(axum::http::header::HOST, "127.0.0.1".parse().unwrap());
     let resp = router.clone().oneshot(req).await.unwrap();
     let status = resp.status();
     let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
@@ -103,6 +105,65 @@ async fn postgres_store_end_to_end_through_the_api() {
     )
     .await;
     assert_eq!(list["requests"].as_array().unwrap().len(), 1);
+
+    // What PostgreSQL refuses (NUL in text, instants outside its range) is refused at the
+    // edge with 400, never a 500 carrying the database's words.
+    for body in [
+        json!({"text": "a\u{0}b"}),
+        json!({"text": "x", "requester": "\u{0}"}),
+        json!(["steps=1", null, false]),
+    ] {
+        let (status, err) = call(
+            &router,
+            Request::post("/request")
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {err}");
+        assert_eq!(err["error"]["code"], 5501, "{err}");
+    }
+    let (status, err) = call(
+        &router,
+        Request::post("/approve")
+            .header("content-type", "application/json")
+            .body(Body::from(
+                json!({"request_id": id, "approved": false, "comment": "no\u{0}"}).to_string(),
+            ))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    for query in [
+        "before=-262143-01-01T00:00:00Z",
+        "before=%2B262142-12-31T23:59:59Z",
+        "status=completed%00",
+    ] {
+        let (status, err) = call(
+            &router,
+            Request::get(format!("/requests?{query}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {err}");
+    }
+    // The edges of what RFC 3339 can write are answered, not refused.
+    for (query, n) in [
+        ("before=0000-01-01T00:00:00%2B23:59", 0),
+        ("before=9999-12-31T23:59:59-23:59", 1),
+    ] {
+        let (status, list) = call(
+            &router,
+            Request::get(format!("/requests?{query}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{query}: {list}");
+        assert_eq!(list["requests"].as_array().unwrap().len(), n, "{query}");
+    }
 
     app.shutdown().await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(

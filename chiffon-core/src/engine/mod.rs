@@ -19,7 +19,7 @@ mod planning;
 mod runtime;
 pub use runtime::MAX_FAILED_DELIVERIES;
 
-pub use events::{EngineEvent, EventHub};
+pub use events::{EngineEvent, EventHub, Subscription};
 pub use lifecycle::{AuditReport, MAX_TEXT_LEN};
 pub use planning::CatalogPlanner;
 
