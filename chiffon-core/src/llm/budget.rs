@@ -5,15 +5,26 @@
 //! provider's prices) is reserved atomically for the current UTC month; after it, the
 //! reservation is settled to the real cost (0 when the call failed: failed calls are not
 //! billed). Concurrent callers, even on several instances, can therefore never spend more
-//! than the budget together.
+//! than the budget together, as long as providers bill within what was asked (every
+//! provider sends the reserved `max_tokens`). A provider that bills more anyway has the
+//! overage recorded in full; once spend reaches the budget no reservation fits, so the
+//! provider is closed for the month and no call is started.
+//!
+//! A reservation carries a lease ([`Budget::with_lease`]): one left open by a process that
+//! crashed mid-call stops counting once the lease has passed, instead of shrinking the
+//! month's budget for good.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::{current_month, Completion, CompletionRequest, LlmError, LlmProvider, Pricing};
-use crate::model::{micros_to_usd, usd_to_micros, LlmReservation, LlmSettlement, Reservation};
+use crate::model::{
+    micros_to_usd, usd_to_micros, LlmReservation, LlmSettlement, Reservation,
+    DEFAULT_RESERVATION_LEASE,
+};
 use crate::store::Store;
 
 /// Wraps a provider with a monthly budget.
@@ -21,12 +32,14 @@ pub struct Budget<P> {
     inner: P,
     store: Arc<dyn Store>,
     budget_micros: i64,
+    lease: Duration,
 }
 
 impl<P> std::fmt::Debug for Budget<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Budget")
             .field("budget_micros", &self.budget_micros)
+            .field("lease", &self.lease)
             .finish_non_exhaustive()
     }
 }
@@ -42,7 +55,20 @@ impl<P: LlmProvider> Budget<P> {
             inner,
             store,
             budget_micros,
+            lease: DEFAULT_RESERVATION_LEASE,
         }
+    }
+
+    /// How long a reservation holds budget unless settled (default
+    /// [`DEFAULT_RESERVATION_LEASE`]). Make it longer than a call can take: the provider's
+    /// timeout times the retries, plus their pauses.
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    pub fn lease(&self) -> Duration {
+        self.lease
     }
 
     pub fn inner(&self) -> &P {
@@ -116,6 +142,7 @@ impl<P: LlmProvider> LlmProvider for Budget<P> {
             amount_micros: amount,
             budget_micros: self.budget_micros,
             request_id: req.request_id,
+            lease: self.lease,
         };
         let id = match self
             .store

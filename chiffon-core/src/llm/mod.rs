@@ -35,8 +35,8 @@ pub use budget::Budget;
 pub use circuit::{CircuitBreaker, CircuitConfig};
 pub use pricing::Pricing;
 pub use providers::{
-    AnthropicConfig, AnthropicProvider, ApiKey, OllamaConfig, OllamaProvider, OpenAiConfig,
-    OpenAiProvider,
+    AnthropicConfig, AnthropicProvider, ApiKey, MaxTokensField, OllamaConfig, OllamaProvider,
+    OpenAiConfig, OpenAiProvider,
 };
 pub use retry::{Retry, RetryConfig};
 pub use router::{Accepted, Fallback, FallbackEvent, Link, LlmConfig, ProviderEntry, Router};

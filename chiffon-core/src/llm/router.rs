@@ -8,6 +8,7 @@
 //! of its own.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chiffon_protocol::ErrorCode;
@@ -177,6 +178,10 @@ pub struct LlmConfig {
     pub ollama: Option<OllamaConfig>,
     pub retry: RetryConfig,
     pub circuit: CircuitConfig,
+    /// How long a budget reservation holds budget unless settled, seconds: a reservation
+    /// left by a crashed process stops counting after it. Raised per provider to its
+    /// longest possible call (timeout times attempts, plus the pauses, plus a minute).
+    pub reservation_lease_secs: u64,
 }
 
 impl Default for LlmConfig {
@@ -189,7 +194,20 @@ impl Default for LlmConfig {
             ollama: None,
             retry: RetryConfig::default(),
             circuit: CircuitConfig::default(),
+            reservation_lease_secs: crate::model::DEFAULT_RESERVATION_LEASE.as_secs(),
         }
+    }
+}
+
+impl LlmConfig {
+    /// The lease of a provider's reservations: the configured lease, or longer when one
+    /// call through the retries can take longer (`timeout` per attempt).
+    pub fn reservation_lease(&self, timeout: Duration) -> Duration {
+        let attempts = self.retry.max_attempts.max(1);
+        let pause =
+            Duration::from_millis(self.retry.max_backoff_ms.max(self.retry.max_retry_after_ms));
+        let longest = timeout.saturating_mul(attempts) + pause.saturating_mul(attempts - 1);
+        Duration::from_secs(self.reservation_lease_secs).max(longest + Duration::from_secs(60))
     }
 }
 
@@ -261,6 +279,8 @@ impl std::fmt::Debug for Link {
 pub struct ProviderEntry<P> {
     pub provider: P,
     pub monthly_budget_usd: Option<f64>,
+    /// The provider's request timeout (one attempt), which the reservation lease outlasts.
+    pub timeout: Duration,
 }
 
 /// The planning chain in the configured order.
@@ -288,6 +308,7 @@ impl Router {
                         ProviderEntry {
                             provider: AnthropicProvider::new(c)?,
                             monthly_budget_usd: c.monthly_budget_usd,
+                            timeout: Duration::from_secs(c.timeout_secs.max(1)),
                         },
                         store.clone(),
                         config,
@@ -299,6 +320,7 @@ impl Router {
                         ProviderEntry {
                             provider: OpenAiProvider::new(c)?,
                             monthly_budget_usd: c.monthly_budget_usd,
+                            timeout: Duration::from_secs(c.timeout_secs.max(1)),
                         },
                         store.clone(),
                         config,
@@ -310,6 +332,7 @@ impl Router {
                         ProviderEntry {
                             provider: OllamaProvider::new(c)?,
                             monthly_budget_usd: c.monthly_budget_usd,
+                            timeout: Duration::from_secs(c.timeout_secs.max(1)),
                         },
                         store.clone(),
                         config,
@@ -336,7 +359,8 @@ impl Router {
         config: &LlmConfig,
     ) -> Link {
         let retry = Retry::new(entry.provider, config.retry.clone());
-        let budget = Budget::new(retry, store, entry.monthly_budget_usd);
+        let budget = Budget::new(retry, store, entry.monthly_budget_usd)
+            .with_lease(config.reservation_lease(entry.timeout));
         Link::Llm(Arc::new(CircuitBreaker::new(
             budget,
             config.circuit.clone(),
@@ -383,6 +407,26 @@ mod tests {
         );
         assert!(parse_order("ollama,ollama").is_err());
         assert_eq!(LlmConfig::default().order, default_order());
+    }
+
+    #[test]
+    fn leases_outlast_the_longest_call() {
+        let c = LlmConfig::default();
+        // 3 attempts of 60 s and two pauses of at most 30 s, plus a minute: under the default.
+        assert_eq!(
+            c.reservation_lease(Duration::from_secs(60)),
+            Duration::from_secs(600)
+        );
+        // Ollama's 180 s: 540 + 60 + 60.
+        assert_eq!(
+            c.reservation_lease(Duration::from_secs(180)),
+            Duration::from_secs(660)
+        );
+        let short = LlmConfig {
+            reservation_lease_secs: 1,
+            ..Default::default()
+        };
+        assert!(short.reservation_lease(Duration::from_secs(1)) > Duration::from_secs(60));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use super::{truncate, LlmError};
 
 pub use anthropic::{AnthropicConfig, AnthropicProvider};
 pub use ollama::{OllamaConfig, OllamaProvider};
-pub use openai::{OpenAiConfig, OpenAiProvider};
+pub use openai::{MaxTokensField, OpenAiConfig, OpenAiProvider};
 
 /// How much of a raw body an error keeps.
 const RAW_LIMIT: usize = 2000;
