@@ -188,6 +188,11 @@ pub struct EngineConfig {
     pub dispatch: DispatchConfig,
     /// Monthly budgets per provider (USD), shown by `costs`.
     pub budgets: BTreeMap<String, f64>,
+    /// Secrets struck from what the engine persists: audit entries and a request's error
+    /// (see [`crate::redact`]). The binaries fill it from every secret they read; never
+    /// serialised.
+    #[serde(skip)]
+    pub redactor: crate::redact::Redactor,
 }
 
 impl Default for EngineConfig {
@@ -197,6 +202,7 @@ impl Default for EngineConfig {
             approval: ApprovalConfig::default(),
             dispatch: DispatchConfig::default(),
             budgets: BTreeMap::new(),
+            redactor: Default::default(),
         }
     }
 }

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{build_client, join_url, parse_body, secs, send, ApiKey, RAW_LIMIT};
+use super::{build_client, join_url, parse_body, provider_redactor, secs, send, ApiKey, RAW_LIMIT};
 use crate::llm::{truncate, Completion, CompletionRequest, LlmError, LlmProvider, Pricing};
 
 /// The OpenAI-compatible provider's configuration (the `[llm.openai]` table).
@@ -81,6 +81,8 @@ pub struct OpenAiProvider {
     api_key: ApiKey,
     model: String,
     pricing: Pricing,
+    /// Strikes the key (and any URL password) from error text.
+    redactor: crate::redact::Redactor,
     max_tokens_field: MaxTokensField,
 }
 
@@ -100,6 +102,7 @@ impl OpenAiProvider {
             api_key: config.api_key.clone(),
             model: config.model.clone(),
             pricing: config.pricing(),
+            redactor: provider_redactor(Some(&config.api_key), &config.base_url),
             max_tokens_field: config.max_tokens_field,
         })
     }
@@ -179,11 +182,11 @@ impl LlmProvider for OpenAiProvider {
         if !self.api_key.is_empty() {
             rb = rb.bearer_auth(self.api_key.expose());
         }
-        let raw = send(rb, error_message).await?;
-        let resp: ChatResponse = parse_body(&raw)?;
+        let raw = send(rb, error_message, &self.redactor).await?;
+        let resp: ChatResponse = parse_body(&raw, &self.redactor)?;
         let invalid = |m: &str| LlmError::InvalidResponse {
             message: m.to_string(),
-            raw: truncate(&raw, RAW_LIMIT),
+            raw: truncate(&self.redactor.redact(&raw), RAW_LIMIT),
         };
         let text = resp
             .choices
