@@ -134,6 +134,9 @@ impl App {
     }
 
     pub async fn start_with(config: Config, options: AppOptions) -> Result<App, StartError> {
+        // Every secret the configuration holds is struck from what is stored and logged.
+        let redactor = config.redactor();
+        crate::redact_logs(&redactor);
         let store = open_store(&config.database_url).await?;
         let catalog = match options.catalog {
             Some(c) => c,
@@ -178,13 +181,15 @@ impl App {
             Some(p) => p,
             None => build_planner(&config, store.clone(), catalog.clone())?,
         };
+        let mut engine_config = config.engine.clone();
+        engine_config.redactor = engine_config.redactor.merge(&redactor);
         let engine = Engine::new(EngineParts {
             store,
             transport: transport.clone(),
             planner,
             catalog,
             git: Some(git),
-            config: config.engine.clone(),
+            config: engine_config,
         });
 
         let shutdown = CancellationToken::new();
