@@ -76,6 +76,41 @@ async fn a_provider_error_never_carries_its_key() {
     assert!(!format!("{e:?}").contains(ANTHROPIC_KEY));
 }
 
+#[tokio::test]
+async fn a_key_echoed_json_escaped_is_redacted_too() {
+    // A key with `/` and `+`, echoed as `\/` and `\u002b`: the raw body does not contain it,
+    // the message decoded from it does.
+    let key = "sk-ant-api03-ab/cd+ef-0123456789";
+    let body = format!(
+        r#"{{"type":"error","error":{{"type":"authentication_error","message":"bad key {}"}}}}"#,
+        key.replace('/', "\\/").replace('+', "\\u002b")
+    );
+    let s = MockLlm::start_with_key(
+        Wire::Anthropic,
+        key,
+        vec![Reply {
+            status: 401,
+            headers: vec![],
+            body,
+            delay: None,
+        }],
+    )
+    .await;
+    let e = AnthropicProvider::new(&AnthropicConfig {
+        base_url: s.base_url(),
+        api_key: key.into(),
+        ..Default::default()
+    })
+    .unwrap()
+    .complete(CompletionRequest::new("sys", "hi"))
+    .await
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "authentication failed (http 401): authentication_error: bad key [REDACTED]"
+    );
+}
+
 async fn leaked_key_is_redacted(store: Arc<dyn Store>) {
     let s = echoing_server().await;
     let llm = LlmConfig {

@@ -818,6 +818,8 @@ impl Store for SqliteStore {
 
     async fn reserve_llm(&self, r: &LlmReservation) -> Result<Reservation, StoreError> {
         let at = now();
+        // BEGIN IMMEDIATE: reservers take the write lock before they read, so the sum
+        // below sees every reservation made before this one (on every connection).
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
@@ -832,7 +834,6 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        // BEGIN IMMEDIATE: reservers hold the write lock from the first read.
         let spent: i64 = sqlx::query_scalar(
             "SELECT spent_micros FROM llm_budget WHERE provider = ?1 AND month = ?2",
         )

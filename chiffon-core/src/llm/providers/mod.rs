@@ -149,6 +149,9 @@ pub(crate) async fn send(
             .unwrap_or("unexpected status")
             .to_lowercase()
     });
+    // Again after JSON unescaping: `\/` or `\u002b` in the body hid the key from the pass
+    // over the raw text.
+    let message = redactor.redact(&message).into_owned();
     let status = status.as_u16();
     Err(match status {
         401 | 403 => LlmError::Auth { status, message },
