@@ -77,6 +77,27 @@ async fn a_provider_error_never_carries_its_key() {
 }
 
 #[tokio::test]
+async fn configured_providers_strike_every_configured_secret() {
+    let s = echoing_server().await;
+    let (_dir, store) = sqlite_store().await;
+    let llm = LlmConfig {
+        order: vec!["anthropic".into()],
+        anthropic: Some(anthropic(s.base_url())),
+        redactor: Redactor::new([OTHER_SECRET]),
+        ..Default::default()
+    };
+    let e = Router::from_config(&llm, store)
+        .unwrap()
+        .fallback()
+        .complete(CompletionRequest::new("sys", "hi"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::LlmAuth);
+    assert_clean("the error", &e.to_string());
+    assert_clean("the error's debug form", &format!("{e:?}"));
+}
+
+#[tokio::test]
 async fn a_key_echoed_json_escaped_is_redacted_too() {
     // A key with `/` and `+`, echoed as `\/` and `\u002b`: the raw body does not contain it,
     // the message decoded from it does.

@@ -367,7 +367,9 @@ pub fn build_planner(
     store: Arc<dyn Store>,
     catalog: Arc<Catalog>,
 ) -> Result<Arc<dyn PlanProvider>, StartError> {
-    let router = chiffon_core::llm::Router::from_config(&config.llm, store.clone())
+    let mut llm = config.llm.clone();
+    llm.redactor = llm.redactor.merge(&config.redactor());
+    let router = chiffon_core::llm::Router::from_config(&llm, store.clone())
         .map_err(|e| StartError::Planner(e.to_string()))?;
     tracing::info!(providers = ?router.names(), "planning chain");
     let planner = Planner::new(router, store, config.planner.clone());

@@ -350,16 +350,17 @@ impl Config {
             || self.database_url.starts_with("postgresql://")
             || self.database_url.starts_with("sqlite:"))
         {
-            return Err(ConfigError::Invalid(
-                "database_url (CHIFFON_DATABASE_URL): neither postgres://… nor sqlite://PATH"
-                    .into(),
-            ));
+            return Err(ConfigError::Invalid(format!(
+                "database_url (CHIFFON_DATABASE_URL): {}neither postgres://… nor sqlite://PATH",
+                scheme_of(&self.database_url)
+            )));
         }
         if let Some(a) = &self.amqp_url {
             if !(a.starts_with("amqp://") || a.starts_with("amqps://")) {
-                return Err(ConfigError::Invalid(
-                    "amqp_url (CHIFFON_AMQP_URL): does not start with amqp:// or amqps://".into(),
-                ));
+                return Err(ConfigError::Invalid(format!(
+                    "amqp_url (CHIFFON_AMQP_URL): {}does not start with amqp:// or amqps://",
+                    scheme_of(a)
+                )));
             }
         }
         parse_order(&self.llm.order.join(","))
@@ -453,6 +454,23 @@ impl Config {
     /// Whether API tokens are configured (otherwise: loopback only, no auth).
     pub fn auth_enabled(&self) -> bool {
         !self.tokens.is_empty()
+    }
+}
+
+/// `scheme `x`, ` for a URL-looking value, to say which scheme was refused: the scheme
+/// alone (letters, digits, `+.-`) holds no secret; anything else is not quoted.
+fn scheme_of(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, _))
+            if !scheme.is_empty()
+                && scheme.len() <= 16
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c)) =>
+        {
+            format!("scheme `{scheme}` is ")
+        }
+        _ => "the value is ".into(),
     }
 }
 
@@ -696,6 +714,9 @@ role = "approver"
                 .to_string();
             assert!(!err.contains("s3cr3t"), "{k}: {err}");
             assert!(err.contains(k), "{k}: {err}");
+            if k == "CHIFFON_DATABASE_URL" {
+                assert!(err.contains("scheme `mysql` is neither"), "{err}");
+            }
         }
     }
 

@@ -182,6 +182,10 @@ pub struct LlmConfig {
     /// left by a crashed process stops counting after it. Raised per provider to its
     /// longest possible call (timeout times attempts, plus the pauses, plus a minute).
     pub reservation_lease_secs: u64,
+    /// Secrets the providers strike from the errors they return, besides their own key
+    /// (the binaries fill it from every secret they read); never serialised.
+    #[serde(skip)]
+    pub redactor: crate::redact::Redactor,
 }
 
 impl Default for LlmConfig {
@@ -195,6 +199,7 @@ impl Default for LlmConfig {
             retry: RetryConfig::default(),
             circuit: CircuitConfig::default(),
             reservation_lease_secs: crate::model::DEFAULT_RESERVATION_LEASE.as_secs(),
+            redactor: Default::default(),
         }
     }
 }
@@ -306,7 +311,7 @@ impl Router {
                 "anthropic" => match &config.anthropic {
                     Some(c) => Some(Self::layered(
                         ProviderEntry {
-                            provider: AnthropicProvider::new(c)?,
+                            provider: AnthropicProvider::new(c)?.with_redactor(&config.redactor),
                             monthly_budget_usd: c.monthly_budget_usd,
                             timeout: Duration::from_secs(c.timeout_secs.max(1)),
                         },
@@ -318,7 +323,7 @@ impl Router {
                 "openai" => match &config.openai {
                     Some(c) => Some(Self::layered(
                         ProviderEntry {
-                            provider: OpenAiProvider::new(c)?,
+                            provider: OpenAiProvider::new(c)?.with_redactor(&config.redactor),
                             monthly_budget_usd: c.monthly_budget_usd,
                             timeout: Duration::from_secs(c.timeout_secs.max(1)),
                         },
@@ -330,7 +335,7 @@ impl Router {
                 "ollama" => match &config.ollama {
                     Some(c) => Some(Self::layered(
                         ProviderEntry {
-                            provider: OllamaProvider::new(c)?,
+                            provider: OllamaProvider::new(c)?.with_redactor(&config.redactor),
                             monthly_budget_usd: c.monthly_budget_usd,
                             timeout: Duration::from_secs(c.timeout_secs.max(1)),
                         },

@@ -107,6 +107,12 @@ impl OpenAiProvider {
         })
     }
 
+    /// Also strikes `redactor`'s secrets (every configured one) from the errors it returns.
+    pub fn with_redactor(mut self, redactor: &crate::redact::Redactor) -> Self {
+        self.redactor = self.redactor.merge(redactor);
+        self
+    }
+
     /// For tests: a shorter request timeout than whole seconds allow.
     pub fn with_timeout(mut self, connect: Duration, request: Duration) -> Result<Self, LlmError> {
         self.client = build_client(connect, request)?;
