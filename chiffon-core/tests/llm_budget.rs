@@ -393,3 +393,49 @@ async fn a_crashed_reservation_expires_postgres() {
     let store = chiffon_core::store::connect(&db.url()).await.unwrap();
     crashed_reservation_expires(store).await;
 }
+
+/// A call whose answer times out may have been billed: it counts at its worst case, and
+/// each retry reserves again, so retries stop when the budget is spent.
+#[tokio::test]
+async fn timed_out_calls_count_at_their_worst_case_and_each_retry_reserves() {
+    let (_dir, store) = sqlite_store().await;
+    let s = MockLlm::start(
+        Wire::OpenAi,
+        vec![Reply::text(Wire::OpenAi, "x", 100, 250).delayed(Duration::from_secs(2))],
+    )
+    .await;
+    let worst = Pricing::new(2.5, 10.0).worst_case_micros(&request());
+    let budget_micros = worst * 5 / 2;
+    let config = LlmConfig {
+        retry: RetryConfig {
+            max_attempts: 3,
+            initial_backoff_ms: 10,
+            max_backoff_ms: 20,
+            max_retry_after_ms: 1000,
+        },
+        ..Default::default()
+    };
+    let provider = openai(&s.base_url())
+        .with_timeout(Duration::from_secs(1), Duration::from_millis(200))
+        .unwrap();
+    let Link::Llm(p) = Router::layered(
+        ProviderEntry {
+            provider,
+            monthly_budget_usd: Some(budget_micros as f64 / 1e6),
+            timeout: Duration::from_millis(200),
+        },
+        store.clone(),
+        &config,
+    ) else {
+        panic!("an llm link")
+    };
+    let e = p.complete(request()).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::LlmBudgetExhausted, "{e}");
+    assert_eq!(s.hits(), 2, "the third attempt found no budget");
+    let spend = store.llm_spend(&current_month()).await.unwrap();
+    let sp = spend.iter().find(|x| x.provider == "openai").unwrap();
+    assert_eq!(
+        (sp.spent_micros, sp.calls, sp.reserved_micros),
+        (2 * worst, 2, 0)
+    );
+}

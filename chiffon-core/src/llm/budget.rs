@@ -3,10 +3,11 @@
 //!
 //! Before a call, its worst-case cost (estimated prompt tokens plus `max_tokens` at the
 //! provider's prices) is reserved atomically for the current UTC month; after it, the
-//! reservation is settled to the real cost (0 when the call failed: failed calls are not
-//! billed). Concurrent callers, even on several instances, can therefore never spend more
-//! than the budget together, as long as providers bill within what was asked (every
-//! provider sends the reserved `max_tokens`). A provider that bills more anyway has the
+//! reservation is settled to the real cost: 0 when the provider refused the call (refused
+//! calls are not billed), the worst case when the answer timed out or broke off (the
+//! provider may have billed it). Concurrent callers, even on several instances, can
+//! therefore never spend more than the budget together, as long as providers bill within
+//! what was asked (every provider sends the reserved `max_tokens`). A provider that bills more anyway has the
 //! overage recorded in full; once spend reaches the budget no reservation fits, so the
 //! provider is closed for the month and no call is started.
 //!
@@ -176,6 +177,15 @@ impl<P: LlmProvider> LlmProvider for Budget<P> {
                 cost_micros: c.cost_micros,
                 ok: true,
             },
+            // Sent, but the answer never came: the provider may have done the work and
+            // billed it, so the worst case counts (the cap holds whatever it billed).
+            Err(e) if e.may_be_billed() => LlmSettlement {
+                input_tokens: 0,
+                output_tokens: 0,
+                cost_micros: amount,
+                ok: false,
+            },
+            // Refused (4xx, 5xx, 429) or never sent: not billed.
             Err(_) => LlmSettlement {
                 input_tokens: 0,
                 output_tokens: 0,

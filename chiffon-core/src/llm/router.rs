@@ -4,7 +4,7 @@
 //! each provider skipped or failed becomes a [`FallbackEvent`] (provider, code, reason) that
 //! the engine writes to the audit log. [`Router`] is the configured order
 //! (`CHIFFON_LLM_ORDER` semantics: `anthropic,openai,ollama` then `offline`), each provider
-//! wrapped as `CircuitBreaker<Budget<Retry<Provider>>>`, with the offline planner as a link
+//! wrapped as `CircuitBreaker<Retry<Budget<Provider>>>`, with the offline planner as a link
 //! of its own.
 
 use std::sync::Arc;
@@ -301,7 +301,7 @@ impl Router {
     }
 
     /// Builds the configured chain: each enabled provider named in the order, wrapped as
-    /// `CircuitBreaker<Budget<Retry<_>>>` over `store`; names whose provider is not
+    /// `CircuitBreaker<Retry<Budget<_>>>` over `store`; names whose provider is not
     /// configured are left out (see [`Router::names`]).
     pub fn from_config(config: &LlmConfig, store: Arc<dyn Store>) -> Result<Router, LlmError> {
         let order = parse_order(&config.order.join(","))?;
@@ -355,21 +355,19 @@ impl Router {
     }
 
     /// Wraps a provider the way [`Router::from_config`] does:
-    /// `CircuitBreaker<Budget<Retry<P>>>`. The breaker is outermost so an open circuit
-    /// costs no reservation; retries happen inside one reservation (failed calls are not
-    /// billed).
+    /// `CircuitBreaker<Retry<Budget<P>>>`. The breaker is outermost so an open circuit
+    /// costs no reservation; the budget is innermost so every HTTP call, retries included,
+    /// has a reservation of its own: a retry after a timeout (which the provider may have
+    /// billed) is reserved again, and an exhausted budget ends the retries.
     pub fn layered<P: LlmProvider>(
         entry: ProviderEntry<P>,
         store: Arc<dyn Store>,
         config: &LlmConfig,
     ) -> Link {
-        let retry = Retry::new(entry.provider, config.retry.clone());
-        let budget = Budget::new(retry, store, entry.monthly_budget_usd)
+        let budget = Budget::new(entry.provider, store, entry.monthly_budget_usd)
             .with_lease(config.reservation_lease(entry.timeout));
-        Link::Llm(Arc::new(CircuitBreaker::new(
-            budget,
-            config.circuit.clone(),
-        )))
+        let retry = Retry::new(budget, config.retry.clone());
+        Link::Llm(Arc::new(CircuitBreaker::new(retry, config.circuit.clone())))
     }
 
     pub fn links(&self) -> &[Link] {
