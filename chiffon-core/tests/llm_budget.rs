@@ -439,3 +439,40 @@ async fn timed_out_calls_count_at_their_worst_case_and_each_retry_reserves() {
         (2 * worst, 2, 0)
     );
 }
+
+/// A call abandoned mid-flight (its request cancelled) may still be billed: its
+/// reservation is settled at the worst case at once, not left to its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_call_counts_at_its_worst_case() {
+    let (_dir, store) = sqlite_store().await;
+    let s = MockLlm::start(
+        Wire::OpenAi,
+        vec![Reply::text(Wire::OpenAi, "x", 100, 250).delayed(Duration::from_secs(30))],
+    )
+    .await;
+    let worst = Pricing::new(2.5, 10.0).worst_case_micros(&request());
+    let p = Arc::new(Budget::new(openai(&s.base_url()), store.clone(), Some(1.0)));
+    let task = tokio::spawn({
+        let p = p.clone();
+        async move { p.complete(request()).await }
+    });
+    while s.hits() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    task.abort();
+    let _ = task.await;
+    let mut sp = None;
+    for _ in 0..100 {
+        let spend = store.llm_spend(&current_month()).await.unwrap();
+        sp = spend.into_iter().find(|x| x.provider == "openai");
+        if sp.as_ref().is_some_and(|x| x.calls == 1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sp = sp.unwrap();
+    assert_eq!(
+        (sp.spent_micros, sp.reserved_micros, sp.calls),
+        (worst, 0, 1)
+    );
+}

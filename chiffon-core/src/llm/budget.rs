@@ -83,19 +83,39 @@ impl<P: LlmProvider> Budget<P> {
 }
 
 /// Settles a reservation that was not settled normally (the call's future was dropped,
-/// for instance when a request is cancelled mid-call), so it does not hold budget forever.
+/// for instance when a request is cancelled mid-call), so it does not hold budget until
+/// its lease passes. The call may have gone out and been billed: it counts its worst case.
 struct Pending {
     store: Arc<dyn Store>,
     id: Option<Uuid>,
+    amount: i64,
+}
+
+/// Settles, retrying while the store is unavailable: a settlement lost for good would let
+/// the reservation lapse at its lease with the real cost never counted.
+async fn settle_with_retries(store: &dyn Store, id: Uuid, s: &LlmSettlement) {
+    let mut pause = Duration::from_millis(100);
+    for attempt in 1..=5 {
+        match store.settle_llm(id, s).await {
+            Ok(()) => return,
+            Err(e) if e.is_transient() && attempt < 5 => {
+                tracing::debug!(reservation = %id, error = %e, "retrying llm settlement");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            Err(e) => {
+                // The reservation keeps counting its worst case until its lease passes.
+                tracing::warn!(reservation = %id, error = %e, "cannot settle llm reservation");
+                return;
+            }
+        }
+    }
 }
 
 impl Pending {
     async fn settle(mut self, s: LlmSettlement) {
         if let Some(id) = self.id.take() {
-            if let Err(e) = self.store.settle_llm(id, &s).await {
-                // The reservation stays open and keeps counting its worst case: safe side.
-                tracing::warn!(reservation = %id, error = %e, "cannot settle llm reservation");
-            }
+            settle_with_retries(&*self.store, id, &s).await;
         }
     }
 }
@@ -104,17 +124,16 @@ impl Drop for Pending {
     fn drop(&mut self) {
         let Some(id) = self.id.take() else { return };
         let store = self.store.clone();
+        let amount = self.amount;
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let s = LlmSettlement {
                     input_tokens: 0,
                     output_tokens: 0,
-                    cost_micros: 0,
+                    cost_micros: amount,
                     ok: false,
                 };
-                if let Err(e) = store.settle_llm(id, &s).await {
-                    tracing::warn!(reservation = %id, error = %e, "cannot settle dropped llm reservation");
-                }
+                settle_with_retries(&*store, id, &s).await;
             });
         }
     }
@@ -168,6 +187,7 @@ impl<P: LlmProvider> LlmProvider for Budget<P> {
         let pending = Pending {
             store: self.store.clone(),
             id: Some(id),
+            amount,
         };
         let result = self.inner.complete(req).await;
         let settlement = match &result {
