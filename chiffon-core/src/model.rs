@@ -342,7 +342,15 @@ pub struct LlmReservation {
     pub amount_micros: i64,
     pub budget_micros: i64,
     pub request_id: Option<Uuid>,
+    /// How long the reservation counts against the budget unless settled: one left open
+    /// by a crashed process stops holding budget once its lease has passed. Longer than
+    /// the call can take (timeouts times attempts), so a live call never loses it.
+    pub lease: std::time::Duration,
 }
+
+/// The default [`LlmReservation::lease`]: longer than a hosted provider's default timeout
+/// times its attempts.
+pub const DEFAULT_RESERVATION_LEASE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The real cost of a reserved call (settles the reservation).
 #[derive(Debug, Clone)]
@@ -360,7 +368,7 @@ pub struct ProviderSpend {
     pub month: String,
     /// Settled spend, USD micro-dollars.
     pub spent_micros: i64,
-    /// Reserved and not yet settled.
+    /// Reserved, not yet settled and not expired (see [`LlmReservation::lease`]).
     pub reserved_micros: i64,
     pub calls: u64,
     pub input_tokens: u64,

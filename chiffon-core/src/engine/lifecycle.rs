@@ -879,8 +879,12 @@ impl Engine {
         id: Uuid,
         from: RequestStatus,
         to: RequestStatus,
-        patch: RequestPatch,
+        mut patch: RequestPatch,
     ) -> Result<Request, EngineError> {
+        // Redaction choke point: no configured secret is stored in a request's error.
+        if let Some(e) = patch.error.as_mut() {
+            self.inner.config.redactor.redact_error(e);
+        }
         let updated = self.inner.store.transition(id, from, to, &patch).await?;
         self.inner.events.publish(EngineEvent::Status {
             request_id: id,
@@ -1073,6 +1077,8 @@ impl Engine {
         if entries.is_empty() {
             return;
         }
+        // Redaction choke point: no configured secret reaches the append-only audit log.
+        let entries = self.inner.config.redactor.redact_audit(entries);
         let n = entries.len();
         let appender = self
             .inner

@@ -234,6 +234,11 @@ pub struct EngineConfig {
     pub budgets: BTreeMap<String, f64>,
     /// Who may publish what on the bus.
     pub bus: BusAuthConfig,
+    /// Secrets struck from what the engine persists: audit entries and a request's error
+    /// (see [`crate::redact`]). The binaries fill it from every secret they read; never
+    /// serialised.
+    #[serde(skip)]
+    pub redactor: crate::redact::Redactor,
 }
 
 impl Default for EngineConfig {
@@ -244,6 +249,7 @@ impl Default for EngineConfig {
             dispatch: DispatchConfig::default(),
             budgets: BTreeMap::new(),
             bus: BusAuthConfig::default(),
+            redactor: Default::default(),
         }
     }
 }

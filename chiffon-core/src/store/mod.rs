@@ -169,9 +169,12 @@ pub trait Store: Send + Sync + 'static {
     // ---- LLM usage and budgets ----
     /// Atomically reserves `amount_micros` against the provider's monthly budget: succeeds
     /// only if settled spend + open reservations + amount <= budget, even with concurrent
-    /// reservers on several instances.
+    /// reservers on several instances. A reservation counts until it is settled or its
+    /// [`LlmReservation::lease`] has passed (a crashed caller's reservation then stops
+    /// holding budget).
     async fn reserve_llm(&self, r: &LlmReservation) -> Result<Reservation, StoreError>;
-    /// Replaces a reservation by the real cost and token counts.
+    /// Replaces a reservation by the real cost and token counts (in full, also when the
+    /// cost passes what was reserved, and also after the lease has passed).
     async fn settle_llm(&self, reservation: Uuid, s: &LlmSettlement) -> Result<(), StoreError>;
     /// Spend per provider for `month` (`YYYY-MM`).
     async fn llm_spend(&self, month: &str) -> Result<Vec<ProviderSpend>, StoreError>;
@@ -193,6 +196,23 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<AuditEntry>, StoreError>;
     /// Recomputes the whole chain; detects altered, inserted or deleted rows.
     async fn verify_audit(&self) -> Result<AuditVerification, StoreError>;
+}
+
+/// Whether a reservation fits: settled spend, open (unexpired) reservations and this one
+/// within the budget. Once spend alone reaches the budget nothing that costs anything fits,
+/// so a provider that billed past its budget is closed for the month.
+pub(crate) fn fits_budget(spent: i64, open: i64, r: &LlmReservation) -> bool {
+    spent
+        .saturating_add(open)
+        .saturating_add(r.amount_micros.max(0))
+        <= r.budget_micros
+}
+
+/// When a reservation made at `at` stops counting. Capped at a year, so the timestamp
+/// stays one both databases store and compare as they should.
+pub(crate) fn lease_end(at: DateTime<Utc>, lease: Duration) -> DateTime<Utc> {
+    let lease = lease.min(Duration::from_secs(366 * 24 * 3600));
+    at + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::zero())
 }
 
 /// Opens the store a URL names: `postgres://…`/`postgresql://…` or `sqlite://PATH`

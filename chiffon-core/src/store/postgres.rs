@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use chiffon_protocol::{ErrorPayload, Heartbeat, Resources};
 
-use super::{Store, StoreError, AGENT_TAKEOVER_AFTER};
+use super::{fits_budget, lease_end, Store, StoreError, AGENT_TAKEOVER_AFTER};
 use crate::audit::chain;
 use crate::model::*;
 
@@ -822,6 +822,7 @@ impl Store for PgStore {
     // ---- LLM usage and budgets ----
 
     async fn reserve_llm(&self, r: &LlmReservation) -> Result<Reservation, StoreError> {
+        let at = now();
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         sqlx::query(
             "INSERT INTO llm_budget (provider, month) VALUES ($1, $2) \
@@ -832,37 +833,38 @@ impl Store for PgStore {
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        let reserved = sqlx::query(
-            "UPDATE llm_budget SET reserved_micros = reserved_micros + $3 \
-             WHERE provider = $1 AND month = $2 \
-             AND spent_micros + reserved_micros + $3 <= $4",
+        // The budget row's lock serialises the reservers of one provider and month (on
+        // every instance); under READ COMMITTED the sum below, read after the lock, sees
+        // every reservation committed before it.
+        let spent: i64 = sqlx::query_scalar(
+            "SELECT spent_micros FROM llm_budget WHERE provider = $1 AND month = $2 FOR UPDATE",
         )
         .bind(&r.provider)
         .bind(&r.month)
-        .bind(r.amount_micros)
-        .bind(r.budget_micros)
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await
         .map_err(db_err)?;
-        if reserved.rows_affected() == 0 {
-            let row = sqlx::query(
-                "SELECT spent_micros, reserved_micros FROM llm_budget \
-                 WHERE provider = $1 AND month = $2",
-            )
-            .bind(&r.provider)
-            .bind(&r.month)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        let open: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(reserved_micros), 0)::BIGINT FROM llm_usage \
+             WHERE provider = $1 AND month = $2 AND status = 'reserved' AND expires_at > $3",
+        )
+        .bind(&r.provider)
+        .bind(&r.month)
+        .bind(ts(at))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if !fits_budget(spent, open, r) {
             return Ok(Reservation::OverBudget {
-                spent_micros: col(&row, "spent_micros")?,
-                reserved_micros: col(&row, "reserved_micros")?,
+                spent_micros: spent,
+                reserved_micros: open,
             });
         }
         let id = Uuid::now_v7();
         sqlx::query(
             "INSERT INTO llm_usage (id, provider, model, month, request_id, status, \
-             reserved_micros, reserved_at) VALUES ($1, $2, $3, $4, $5, 'reserved', $6, $7)",
+             reserved_micros, reserved_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, 'reserved', $6, $7, $8)",
         )
         .bind(id)
         .bind(&r.provider)
@@ -870,7 +872,8 @@ impl Store for PgStore {
         .bind(&r.month)
         .bind(r.request_id)
         .bind(r.amount_micros)
-        .bind(ts(now()))
+        .bind(ts(at))
+        .bind(ts(lease_end(at, r.lease)))
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
@@ -880,11 +883,12 @@ impl Store for PgStore {
 
     async fn settle_llm(&self, reservation: Uuid, s: &LlmSettlement) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
+        // An expired reservation still settles: a late answer's real cost is recorded.
         let row = sqlx::query(
             "UPDATE llm_usage SET status = 'settled', cost_micros = $2, input_tokens = $3, \
              output_tokens = $4, ok = $5, settled_at = $6 \
              WHERE id = $1 AND status = 'reserved' \
-             RETURNING provider, month, reserved_micros",
+             RETURNING provider, month",
         )
         .bind(reservation)
         .bind(s.cost_micros)
@@ -912,16 +916,13 @@ impl Store for PgStore {
         };
         let provider: String = col(&row, "provider")?;
         let month: String = col(&row, "month")?;
-        let reserved: i64 = col(&row, "reserved_micros")?;
         sqlx::query(
-            "UPDATE llm_budget SET reserved_micros = reserved_micros - $3, \
-             spent_micros = spent_micros + $4, calls = calls + 1, \
-             input_tokens = input_tokens + $5, output_tokens = output_tokens + $6 \
+            "UPDATE llm_budget SET spent_micros = spent_micros + $3, calls = calls + 1, \
+             input_tokens = input_tokens + $4, output_tokens = output_tokens + $5 \
              WHERE provider = $1 AND month = $2",
         )
         .bind(&provider)
         .bind(&month)
-        .bind(reserved)
         .bind(s.cost_micros)
         .bind(sat_i64(s.input_tokens))
         .bind(sat_i64(s.output_tokens))
@@ -933,10 +934,15 @@ impl Store for PgStore {
 
     async fn llm_spend(&self, month: &str) -> Result<Vec<ProviderSpend>, StoreError> {
         let rows = sqlx::query(
-            "SELECT provider, month, spent_micros, reserved_micros, calls, input_tokens, \
-             output_tokens FROM llm_budget WHERE month = $1 ORDER BY provider",
+            "SELECT b.provider, b.month, b.spent_micros, \
+             (SELECT COALESCE(SUM(u.reserved_micros), 0)::BIGINT FROM llm_usage u \
+              WHERE u.provider = b.provider AND u.month = b.month \
+              AND u.status = 'reserved' AND u.expires_at > $2) AS reserved_micros, \
+             b.calls, b.input_tokens, b.output_tokens \
+             FROM llm_budget b WHERE b.month = $1 ORDER BY b.provider",
         )
         .bind(month)
+        .bind(ts(now()))
         .fetch_all(&self.pool)
         .await
         .map_err(db_err)?;
