@@ -390,6 +390,7 @@ both_backends!(
     audit_verify_detects_missing_commit,
     forged_bus_messages_are_refused,
     a_message_that_keeps_failing_is_dead_lettered,
+    agent_output_is_redacted_everywhere,
 );
 
 async fn approve_runs_to_completion_with_audit_and_commit(backend: &str) {
@@ -1332,4 +1333,94 @@ async fn a_message_that_keeps_failing_is_dead_lettered(backend: &str) {
     .expect("the failing message was dead-lettered");
     assert_eq!(engine.metrics().dead_lettered_after_retries_total, 1);
     stop.cancel();
+}
+
+/// A configured secret echoed by an agent (in progress lines, the output, an error) is
+/// struck from the execution log, the step, and the git record.
+async fn agent_output_is_redacted_everywhere(backend: &str) {
+    const SECRET: &str = "s3cr3t-agent-echo-0123456789";
+    let config = test_config(|c| {
+        c.redactor = chiffon_core::redact::Redactor::new([SECRET]);
+    });
+    let Some(h) = harness(backend, false, config).await else {
+        return;
+    };
+    let t = h.transport.topology().clone();
+    let queue = t.agent_queue("infrastructure");
+    h.transport.declare_topology().await.unwrap();
+    h.transport.declare_queue(&queue).await.unwrap();
+    let mut work = h
+        .transport
+        .consume(&queue, ConsumeOptions { prefetch: 4 })
+        .await
+        .unwrap();
+    let id = h.submit("ok_action", "alice", false).await;
+    h.wait(id, RequestStatus::AwaitingApproval).await;
+    h.engine.approve(id, "bob", None).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(20), work.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let env = d.parse().unwrap();
+    let Message::WorkRequest(w) = env.body.clone() else {
+        panic!("not work")
+    };
+    d.ack().await.unwrap();
+    let status = env.reply(Message::WorkStatus(WorkStatus {
+        task_id: w.task_id,
+        status: TaskState::Running,
+        progress: 50,
+        message: format!("token={SECRET}"),
+        metrics: None,
+        lines: vec![format!("env: KEY={SECRET}")],
+        agent_id: None,
+        attempt: Some(w.attempt),
+    }));
+    h.transport
+        .publish(&t.results_queue, &status)
+        .await
+        .unwrap();
+    let result = env.reply(Message::WorkResult(WorkResult {
+        task_id: w.task_id,
+        status: TaskState::Failed,
+        output: format!("output {SECRET}"),
+        duration_seconds: 1.0,
+        resource_usage: Default::default(),
+        error: Some(ErrorPayload::new(
+            ErrorCode::ActionFailed,
+            format!("failed: {SECRET}"),
+        )),
+        changed: None,
+        diff: Some(format!("+{SECRET}")),
+        attempt: w.attempt,
+        agent_id: None,
+    }));
+    h.transport
+        .publish(&t.results_queue, &result)
+        .await
+        .unwrap();
+    h.wait(id, RequestStatus::Failed).await;
+    let view = h.engine.get(id).await.unwrap();
+    let everything = format!(
+        "{}\n{}\n{}",
+        serde_json::to_string(&view).unwrap(),
+        serde_json::to_string(&h.engine.logs(id, None, 1000).await.unwrap()).unwrap(),
+        h.git_log(),
+    );
+    assert!(!everything.contains(SECRET), "{everything}");
+    assert!(everything.contains("[REDACTED]"), "{everything}");
+    let show = std::process::Command::new("git")
+        .args([
+            "--git-dir",
+            &h.git_dir.path().display().to_string(),
+            "log",
+            "-p",
+            "--all",
+        ])
+        .output()
+        .unwrap();
+    let record = String::from_utf8_lossy(&show.stdout);
+    assert!(record.contains(&id.to_string()), "{record}");
+    assert!(!record.contains(SECRET), "{record}");
 }

@@ -1022,7 +1022,7 @@ impl Engine {
             .unwrap_or_else(|| request.text.clone());
         let finished = Utc::now();
         let duration = (finished - request.created_at).num_milliseconds() as f64 / 1000.0;
-        let document = json!({
+        let mut document = json!({
             "id": request.id,
             "text": request.text,
             "requester": request.requester,
@@ -1043,6 +1043,8 @@ impl Engine {
             "duration_seconds": duration,
             "trace_id": request.trace_id,
         });
+        // The git trail is as permanent as the audit log: no configured secret goes in.
+        self.inner.config.redactor.redact_json(&mut document);
         let record = RequestRecord {
             id: request.id,
             summary: if request.dry_run {
@@ -1096,9 +1098,13 @@ impl Engine {
         }
     }
 
-    pub(super) async fn log_lines(&self, lines: Vec<NewLogLine>) {
+    pub(super) async fn log_lines(&self, mut lines: Vec<NewLogLine>) {
         if lines.is_empty() {
             return;
+        }
+        // Agents' output may echo a configured secret (an environment dump, a URL).
+        for l in &mut lines {
+            self.inner.config.redactor.redact_string(&mut l.message);
         }
         if let Err(e) = self.inner.store.append_logs(&lines).await {
             tracing::warn!(error = %e, "execution log append failed");

@@ -441,23 +441,31 @@ impl Engine {
             }
         }
         let at = env.timestamp;
+        // Shown live and stored: strike configured secrets an agent's output may echo.
+        let redactor = &self.inner.config.redactor;
+        let message = redactor.redact(&s.message).into_owned();
+        let output: Vec<String> = s
+            .lines
+            .iter()
+            .map(|l| redactor.redact(l).into_owned())
+            .collect();
         let mut lines = vec![NewLogLine {
             request_id: step.request_id,
             task_id: Some(step.task_id),
             at,
             kind: "status".into(),
             progress: Some(s.progress),
-            message: s.message.clone(),
+            message: message.clone(),
         }];
         self.inner.events.publish(EngineEvent::Progress {
             request_id: step.request_id,
             task_id: step.task_id,
             seq: step.seq,
             progress: s.progress,
-            message: s.message.clone(),
+            message,
             at,
         });
-        for line in &s.lines {
+        for line in &output {
             lines.push(NewLogLine {
                 request_id: step.request_id,
                 task_id: Some(step.task_id),
@@ -533,9 +541,15 @@ impl Engine {
             && !cancel_requested
             && error.as_ref().is_some_and(|e| e.code.is_transient())
             && step.attempt < self.inner.config.dispatch.max_attempts;
+        // What an agent reports is stored and shown: strike configured secrets first.
+        let redactor = &self.inner.config.redactor;
+        let mut error = error;
+        if let Some(e) = error.as_mut() {
+            redactor.redact_error(e);
+        }
         let mut patch = StepPatch {
-            output: Some(tail(&r.output)),
-            diff: r.diff.clone(),
+            output: Some(redactor.redact(&tail(&r.output)).into_owned()),
+            diff: r.diff.as_deref().map(|d| redactor.redact(d).into_owned()),
             changed: r.changed,
             error: error.clone(),
             agent_id: r.agent_id.clone(),
