@@ -649,7 +649,27 @@ impl Engine {
     pub async fn get(&self, id: Uuid) -> Result<RequestView, EngineError> {
         let request = self.get_request(id).await?;
         let steps = self.inner.store.steps(id).await?;
-        Ok(RequestView { request, steps })
+        let waiting_reason = if matches!(
+            request.status,
+            RequestStatus::Queued | RequestStatus::Running
+        ) {
+            let agents = self.inner.store.agents().await?;
+            super::waiting::waiting_reason(
+                &request,
+                &steps,
+                &agents,
+                chrono::TimeDelta::from_std(self.inner.config.dispatch.heartbeat_max_age)
+                    .unwrap_or(chrono::TimeDelta::MAX),
+                chrono::Utc::now(),
+            )
+        } else {
+            None
+        };
+        Ok(RequestView {
+            request,
+            steps,
+            waiting_reason,
+        })
     }
 
     /// Requests, newest first.
