@@ -16,9 +16,12 @@ use chiffon_server::testing::{start_app_with, temp_config};
 use chiffon_server::webhooks::{signature, WebhookConfig, WebhookFormat};
 use serde_json::Value;
 
+/// (webhook name, headers, body) of each POST received.
+type Received = Vec<(String, HeaderMap, Vec<u8>)>;
+
 #[derive(Clone, Default)]
 struct Receiver {
-    got: Arc<Mutex<Vec<(String, HeaderMap, Vec<u8>)>>>,
+    got: Arc<Mutex<Received>>,
     /// Answers 500 this many times first.
     fail_first: Arc<Mutex<u32>>,
 }
