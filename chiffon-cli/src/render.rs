@@ -54,6 +54,27 @@ pub fn plan(p: &PlanDto, out: &mut impl Write) -> std::io::Result<()> {
                 format!("  ({})", s.reason)
             }
         )?;
+        if let Some(pv) = &s.preview {
+            match (pv.status.as_str(), &pv.error) {
+                ("pending", _) => writeln!(out, "     dry run: running…")?,
+                (_, Some(e)) => writeln!(
+                    out,
+                    "     dry run failed ({} {}): {}",
+                    e.code, e.name, e.message
+                )?,
+                _ => {
+                    let what = match pv.changed {
+                        Some(true) => "would change:",
+                        Some(false) => "would change nothing",
+                        None => "done",
+                    };
+                    writeln!(out, "     dry run: {what}")?;
+                    for line in pv.diff.as_deref().unwrap_or_default().lines() {
+                        writeln!(out, "       {line}")?;
+                    }
+                }
+            }
+        }
     }
     for r in &p.risks {
         writeln!(out, "  risk: {r}")?;

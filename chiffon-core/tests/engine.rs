@@ -225,6 +225,9 @@ fn test_config(f: impl FnOnce(&mut EngineConfig)) -> EngineConfig {
     c.dispatch.tick = Duration::from_millis(50);
     c.dispatch.retry_backoff = Duration::from_millis(20);
     c.dispatch.cancel_timeout = Duration::from_secs(2);
+    // Most tests count what the mock agent runs, or take work off the queue themselves:
+    // the automatic dry run is on only where a test asks for it.
+    c.approval.preview = false;
     f(&mut c);
     c
 }
@@ -323,14 +326,35 @@ impl Harness {
         r
     }
 
+    /// The request's audit events. An ended request's last entries are appended just
+    /// after its status changes: wait (briefly) for them.
     async fn events(&self, id: Uuid) -> Vec<String> {
-        self.engine
-            .audit_log(Some(id), 0, 1000)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| e.event)
-            .collect()
+        let ended = self.engine.get(id).await.is_ok_and(|v| {
+            v.request.approver.is_some()
+                && matches!(
+                    v.request.status,
+                    RequestStatus::Completed | RequestStatus::Failed | RequestStatus::Cancelled
+                )
+        });
+        for _ in 0..100 {
+            let events: Vec<String> = self
+                .engine
+                .audit_log(Some(id), 0, 1000)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.event)
+                .collect();
+            if !ended
+                || events
+                    .iter()
+                    .any(|e| e == "committed" || e == "commit_failed")
+            {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the audit of {id} never got its last entries")
     }
 
     fn git_log(&self) -> String {
@@ -391,6 +415,8 @@ both_backends!(
     forged_bus_messages_are_refused,
     a_message_that_keeps_failing_is_dead_lettered,
     agent_output_is_redacted_everywhere,
+    a_plan_awaiting_approval_shows_its_dry_run,
+    a_preview_nobody_answers_shows_as_failed,
 );
 
 async fn approve_runs_to_completion_with_audit_and_commit(backend: &str) {
@@ -1430,4 +1456,85 @@ async fn agent_output_is_redacted_everywhere(backend: &str) {
     let record = String::from_utf8_lossy(&show.stdout);
     assert!(record.contains(&id.to_string()), "{record}");
     assert!(!record.contains(SECRET), "{record}");
+}
+
+async fn preview_of(h: &Harness, id: Uuid, done: bool) -> StepPreview {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let v = h.engine.get(id).await.unwrap();
+            if let Some(p) = v.steps[0].preview.clone() {
+                if !done || p.status != PreviewStatus::Pending {
+                    return p;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the preview settles")
+}
+
+/// While a plan awaits approval, each check-mode step runs in check mode over the bus and
+/// the person sees what it would change; the step itself does not run until approved.
+async fn a_plan_awaiting_approval_shows_its_dry_run(backend: &str) {
+    let Some(h) = harness(backend, true, test_config(|c| c.approval.preview = true)).await else {
+        return;
+    };
+    let id = h.submit("ok_action", "alice", false).await;
+    h.wait(id, RequestStatus::AwaitingApproval).await;
+    let p = preview_of(&h, id, true).await;
+    assert_eq!(p.status, PreviewStatus::Completed, "{p:?}");
+    assert_eq!(p.changed, Some(true));
+    assert_eq!(p.diff.as_deref(), Some("--- before\n+++ after\n"));
+    let v = h.engine.get(id).await.unwrap();
+    assert_eq!(
+        v.steps[0].status,
+        StepStatus::Pending,
+        "the step itself did not run"
+    );
+    assert_eq!(v.steps[0].attempt, 0);
+    assert_eq!(h.agent.as_ref().unwrap().started.load(Ordering::SeqCst), 1);
+    assert!(h.events(id).await.contains(&"preview_finished".to_string()));
+    h.engine.approve(id, "bob", None).await.unwrap();
+    h.wait(id, RequestStatus::Completed).await;
+    assert_eq!(h.agent.as_ref().unwrap().started.load(Ordering::SeqCst), 2);
+    // The preview stays on record beside the real run.
+    let v = h.engine.get(id).await.unwrap();
+    assert_eq!(
+        v.steps[0].preview.as_ref().unwrap().status,
+        PreviewStatus::Completed
+    );
+    assert_eq!(v.steps[0].diff, None, "the real run is not a dry run");
+}
+
+/// No agent answers: the preview shows as failed once its time is up, and approval is not
+/// blocked.
+async fn a_preview_nobody_answers_shows_as_failed(backend: &str) {
+    let config = test_config(|c| {
+        c.approval.preview = true;
+        c.dispatch.preview_timeout = Duration::from_secs(1);
+    });
+    let Some(h) = harness(backend, false, config).await else {
+        return;
+    };
+    let id = h.submit("ok_action", "alice", false).await;
+    h.wait(id, RequestStatus::AwaitingApproval).await;
+    let p = preview_of(&h, id, false).await;
+    assert_eq!(p.status, PreviewStatus::Pending);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let p = preview_of(&h, id, true).await;
+    assert_eq!(p.status, PreviewStatus::Failed);
+    let e = p.error.unwrap();
+    assert_eq!(e.code, ErrorCode::AgentTimeout);
+    assert!(
+        e.message
+            .contains("no agent answered the dry run within 1 s"),
+        "{}",
+        e.message
+    );
+    h.engine.approve(id, "bob", None).await.unwrap();
+    assert_eq!(
+        h.engine.get(id).await.unwrap().request.status,
+        RequestStatus::Queued
+    );
 }

@@ -155,6 +155,38 @@ pub struct PlanStepDto {
     pub agent_type: String,
     pub resources: ResourcesDto,
     pub reason: String,
+    /// The automatic dry run of this step, run while the plan awaits approval (check-mode
+    /// actions only); only in `GET /request/{id}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<PreviewDto>,
+}
+
+/// What a step would change, from its check-mode run before approval.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PreviewDto {
+    /// `pending`, `completed` or `failed` (a failed preview blocks nothing).
+    pub status: String,
+    /// Whether the step would change anything.
+    pub changed: Option<bool>,
+    /// Unified diff of what it would change.
+    pub diff: Option<String>,
+    pub error: Option<ErrorDto>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl From<chiffon_core::model::StepPreview> for PreviewDto {
+    fn from(p: chiffon_core::model::StepPreview) -> Self {
+        PreviewDto {
+            status: serde_json::to_value(p.status)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            changed: p.changed,
+            diff: p.diff,
+            error: p.error.map(Into::into),
+            finished_at: p.finished_at,
+        }
+    }
 }
 
 impl From<PlanStep> for PlanStepDto {
@@ -168,6 +200,7 @@ impl From<PlanStep> for PlanStepDto {
                 memory_gb: s.resources.memory_gb,
             },
             reason: s.reason,
+            preview: None,
         }
     }
 }
@@ -307,6 +340,16 @@ impl From<Request> for RequestDto {
 impl From<RequestView> for RequestDto {
     fn from(v: RequestView) -> Self {
         let mut dto = RequestDto::from(v.request);
+        if let Some(plan) = dto.plan.as_mut() {
+            for (i, ps) in plan.steps.iter_mut().enumerate() {
+                ps.preview = v
+                    .steps
+                    .iter()
+                    .find(|s| s.seq as usize == i)
+                    .and_then(|s| s.preview.clone())
+                    .map(Into::into);
+            }
+        }
         dto.steps = Some(v.steps.into_iter().map(Into::into).collect());
         dto.waiting_reason = v.waiting_reason;
         dto

@@ -425,14 +425,17 @@ impl Engine {
             plan: Some(plan),
             ..Default::default()
         };
-        self.set_status(
-            request.id,
-            RequestStatus::Planning,
-            RequestStatus::AwaitingApproval,
-            patch,
-        )
-        .await
-        .ok();
+        if let Ok(waiting) = self
+            .set_status(
+                request.id,
+                RequestStatus::Planning,
+                RequestStatus::AwaitingApproval,
+                patch,
+            )
+            .await
+        {
+            self.start_previews(&waiting).await;
+        }
     }
 
     /// The auto-approval rule that lets this plan skip the gate, if any.
@@ -655,7 +658,11 @@ impl Engine {
     /// A request with its steps.
     pub async fn get(&self, id: Uuid) -> Result<RequestView, EngineError> {
         let request = self.get_request(id).await?;
-        let steps = self.inner.store.steps(id).await?;
+        let mut steps = self.inner.store.steps(id).await?;
+        let now = chrono::Utc::now();
+        for s in &mut steps {
+            super::preview::settle_overdue(s, now);
+        }
         let waiting_reason = if matches!(
             request.status,
             RequestStatus::Queued | RequestStatus::Running

@@ -170,6 +170,7 @@ mod tests {
             deadline_at: None,
             finished_at: None,
             not_before: None,
+            preview: None,
         }
     }
 

@@ -101,6 +101,7 @@ macro_rules! store_conformance_tests {
             logs_order_and_after_id,
             heartbeats_and_agents,
             identities_and_step_binding,
+            step_previews,
             llm_reserve_over_budget,
             llm_concurrent_reservations,
             llm_settle_and_monthly_spend,
@@ -1205,6 +1206,62 @@ pub async fn identities_and_step_binding(h: &Harness) {
         s.bind_step_publisher(st.task_id, 2, "agent-c"),
     );
     assert!(a.unwrap() ^ b.unwrap());
+}
+
+pub async fn step_previews(h: &Harness) {
+    let s = &*h.store;
+    let r = s.create_request(&new_request("x")).await.unwrap();
+    s.transition(
+        r.id,
+        RequestStatus::Planning,
+        RequestStatus::AwaitingApproval,
+        &with_plan(plan(2)),
+    )
+    .await
+    .unwrap();
+    let st = s.steps(r.id).await.unwrap().remove(0);
+    assert_eq!(st.preview, None);
+    let now = Utc::now();
+    let mut p = StepPreview {
+        status: PreviewStatus::Pending,
+        task_id: Uuid::new_v4(),
+        changed: None,
+        diff: None,
+        error: None,
+        broker_user: None,
+        requested_at: now,
+        deadline_at: now + ChronoDuration::seconds(60),
+        finished_at: None,
+    };
+    assert!(s.step_by_preview(p.task_id).await.unwrap().is_none());
+    s.start_step_preview(st.task_id, &p).await.unwrap();
+    let found = s.step_by_preview(p.task_id).await.unwrap().unwrap();
+    assert_eq!(found.task_id, st.task_id);
+    assert_eq!(
+        found.preview.as_ref().unwrap().status,
+        PreviewStatus::Pending
+    );
+    // Once only: the first outcome stays.
+    p.status = PreviewStatus::Completed;
+    p.changed = Some(true);
+    p.diff = Some("--- a\n+++ b\n".into());
+    assert!(s.finish_step_preview(st.task_id, &p).await.unwrap());
+    let mut late = p.clone();
+    late.status = PreviewStatus::Failed;
+    assert!(!s.finish_step_preview(st.task_id, &late).await.unwrap());
+    // Another preview task id never finishes this one.
+    let mut other = p.clone();
+    other.task_id = Uuid::new_v4();
+    assert!(!s.finish_step_preview(st.task_id, &other).await.unwrap());
+    let got = s.get_step(st.task_id).await.unwrap().preview.unwrap();
+    assert_eq!(got.status, PreviewStatus::Completed);
+    assert_eq!(got.diff.as_deref(), Some("--- a\n+++ b\n"));
+    // The other step has none; an unknown step is NotFound.
+    assert_eq!(s.steps(r.id).await.unwrap()[1].preview, None);
+    assert!(matches!(
+        s.start_step_preview(Uuid::new_v4(), &p).await,
+        Err(StoreError::NotFound { .. })
+    ));
 }
 
 pub async fn llm_reserve_over_budget(h: &Harness) {

@@ -71,6 +71,15 @@ impl StoreError {
 }
 
 /// Persistence for the engine. Object-safe: the engine holds an `Arc<dyn Store>`.
+/// `plan_steps.preview_status` of a preview.
+pub(crate) fn preview_status_str(s: crate::model::PreviewStatus) -> &'static str {
+    match s {
+        crate::model::PreviewStatus::Pending => "pending",
+        crate::model::PreviewStatus::Completed => "completed",
+        crate::model::PreviewStatus::Failed => "failed",
+    }
+}
+
 /// How long an agent must be silent before another broker user may register its id.
 pub const AGENT_TAKEOVER_AFTER: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
 
@@ -138,6 +147,22 @@ pub trait Store: Send + Sync + 'static {
         task_id: Uuid,
         attempt: u32,
         broker_user: &str,
+    ) -> Result<bool, StoreError>;
+    /// Records that the step's automatic dry run was published (`preview.task_id`,
+    /// status `pending`), replacing an earlier one.
+    async fn start_step_preview(
+        &self,
+        task_id: Uuid,
+        preview: &StepPreview,
+    ) -> Result<(), StoreError>;
+    /// The step whose dry-run task is `preview_task_id`, if any.
+    async fn step_by_preview(&self, preview_task_id: Uuid) -> Result<Option<Step>, StoreError>;
+    /// Stores the dry run's outcome, once: only while that preview task is still pending.
+    /// Returns whether it was stored.
+    async fn finish_step_preview(
+        &self,
+        task_id: Uuid,
+        preview: &StepPreview,
     ) -> Result<bool, StoreError>;
     /// Steps `dispatched` or `running` whose `deadline_at` is before `now`.
     async fn overdue_steps(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Step>, StoreError>;

@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use chiffon_protocol::{ErrorPayload, Heartbeat, Resources};
 
-use super::{fits_budget, lease_end, Store, StoreError, AGENT_TAKEOVER_AFTER};
+use super::{fits_budget, lease_end, preview_status_str, Store, StoreError, AGENT_TAKEOVER_AFTER};
 use crate::audit::chain;
 use crate::model::*;
 
@@ -52,7 +52,7 @@ macro_rules! step_cols {
         "task_id, request_id, seq, action, parameters, agent_type, resources, status, attempt, \
          agent_id, queue, CASE WHEN broker_attempt = attempt THEN broker_user END AS broker_user, \
          progress, output, diff, changed, error, ready_at, dispatched_at, \
-         deadline_at, finished_at, not_before"
+         deadline_at, finished_at, not_before, preview"
     };
 }
 
@@ -277,6 +277,7 @@ fn step_from_row(row: &SqliteRow) -> Result<Step, StoreError> {
         deadline_at: opt_ts_col(row, "deadline_at")?,
         finished_at: opt_ts_col(row, "finished_at")?,
         not_before: opt_ts_col(row, "not_before")?,
+        preview: col::<Option<Json<StepPreview>>>(row, "preview")?.map(|j| j.0),
     })
 }
 
@@ -768,6 +769,60 @@ impl Store for SqliteStore {
         .bind(task_id)
         .bind(i64::from(attempt))
         .bind(broker_user)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn start_step_preview(
+        &self,
+        task_id: Uuid,
+        preview: &StepPreview,
+    ) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE plan_steps SET preview_task_id = ?2, preview_status = ?3, preview = ?4 \
+             WHERE task_id = ?1",
+        )
+        .bind(task_id)
+        .bind(preview.task_id)
+        .bind(preview_status_str(preview.status))
+        .bind(Json(preview))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::not_found(format!("step {task_id}")));
+        }
+        Ok(())
+    }
+
+    async fn step_by_preview(&self, preview_task_id: Uuid) -> Result<Option<Step>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            step_cols!(),
+            " FROM plan_steps WHERE preview_task_id = ?1"
+        ))
+        .bind(preview_task_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(step_from_row).transpose()
+    }
+
+    async fn finish_step_preview(
+        &self,
+        task_id: Uuid,
+        preview: &StepPreview,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE plan_steps SET preview_status = ?3, preview = ?4 \
+             WHERE task_id = ?1 AND preview_task_id = ?2 AND preview_status = 'pending'",
+        )
+        .bind(task_id)
+        .bind(preview.task_id)
+        .bind(preview_status_str(preview.status))
+        .bind(Json(preview))
         .execute(&self.pool)
         .await
         .map_err(db_err)?;
