@@ -523,6 +523,8 @@ pub struct HealthDto {
     /// `ok` or the error.
     pub store: String,
     pub bus: String,
+    /// The git audit trail: `ok`, or the last commit's failure until one succeeds.
+    pub audit: String,
     pub store_backend: String,
     pub bus_backend: String,
     pub instance_id: String,
@@ -537,6 +539,7 @@ impl HealthDto {
             status: h.status,
             store: h.store,
             bus: h.bus,
+            audit: h.audit,
             store_backend: h.store_backend,
             bus_backend: h.bus_backend,
             instance_id: h.instance_id,

@@ -331,6 +331,8 @@ pub struct Health {
     pub status: String,
     pub store: String,
     pub bus: String,
+    /// The git audit trail: `ok`, or the last commit's failure until one succeeds.
+    pub audit: String,
     pub store_backend: String,
     pub bus_backend: String,
     pub instance_id: String,

@@ -148,6 +148,10 @@ pub trait Store: Send + Sync + 'static {
         attempt: u32,
         broker_user: &str,
     ) -> Result<bool, StoreError>;
+    /// The audit chain's head: the last sequence number and its hash.
+    async fn audit_head(&self) -> Result<(i64, String), StoreError>;
+    /// The hash of audit entry `seq`, if it exists.
+    async fn audit_hash_at(&self, seq: i64) -> Result<Option<String>, StoreError>;
     /// Records that the step's automatic dry run was published (`preview.task_id`,
     /// status `pending`), replacing an earlier one.
     async fn start_step_preview(

@@ -829,6 +829,23 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn audit_head(&self) -> Result<(i64, String), StoreError> {
+        let head = sqlx::query("SELECT last_seq, last_hash FROM audit_head WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| StoreError::Corrupt("the audit head row is missing".into()))?;
+        Ok((col(&head, "last_seq")?, col(&head, "last_hash")?))
+    }
+
+    async fn audit_hash_at(&self, seq: i64) -> Result<Option<String>, StoreError> {
+        sqlx::query_scalar("SELECT hash FROM audit_log WHERE seq = ?1")
+            .bind(seq)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)
+    }
+
     // ---- agents and resource metrics ----
 
     async fn record_heartbeat(
