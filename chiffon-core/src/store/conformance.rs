@@ -102,6 +102,7 @@ macro_rules! store_conformance_tests {
             heartbeats_and_agents,
             identities_and_step_binding,
             step_previews,
+            planning_leases,
             llm_reserve_over_budget,
             llm_concurrent_reservations,
             llm_settle_and_monthly_spend,
@@ -1262,6 +1263,51 @@ pub async fn step_previews(h: &Harness) {
         s.start_step_preview(Uuid::new_v4(), &p).await,
         Err(StoreError::NotFound { .. })
     ));
+}
+
+pub async fn planning_leases(h: &Harness) {
+    let s = &*h.store;
+    let r = s.create_request(&new_request("x")).await.unwrap();
+    let long = Duration::from_secs(60);
+    // Never claimed and fresh: nobody resumes it yet.
+    let long_ago = Utc::now() - ChronoDuration::minutes(5);
+    assert!(s.planning_to_resume(long_ago, 10).await.unwrap().is_empty());
+    // Never claimed and stale: resumed.
+    let soon = Utc::now() + ChronoDuration::seconds(1);
+    assert_eq!(s.planning_to_resume(soon, 10).await.unwrap()[0].id, r.id);
+    assert!(s.claim_planning(r.id, "a", long).await.unwrap());
+    assert!(
+        !s.claim_planning(r.id, "b", long).await.unwrap(),
+        "held by a"
+    );
+    assert!(s.claim_planning(r.id, "a", long).await.unwrap(), "a renews");
+    assert!(
+        s.planning_to_resume(soon, 10).await.unwrap().is_empty(),
+        "leased"
+    );
+    // a's lease lapses (a died): b may take it, and it is listed to resume.
+    assert!(s
+        .claim_planning(r.id, "a", Duration::from_millis(1))
+        .await
+        .unwrap());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        s.planning_to_resume(long_ago, 10).await.unwrap()[0].id,
+        r.id
+    );
+    assert!(s.claim_planning(r.id, "b", long).await.unwrap());
+    assert!(!s.claim_planning(r.id, "a", long).await.unwrap());
+    // Out of planning: nobody claims it.
+    s.transition(
+        r.id,
+        RequestStatus::Planning,
+        RequestStatus::Failed,
+        &RequestPatch::default(),
+    )
+    .await
+    .unwrap();
+    assert!(!s.claim_planning(r.id, "b", long).await.unwrap());
+    assert!(s.planning_to_resume(soon, 10).await.unwrap().is_empty());
 }
 
 pub async fn llm_reserve_over_budget(h: &Harness) {
