@@ -680,6 +680,57 @@ pub async fn list_filter_order(h: &Harness) {
         next.iter().map(|r| r.id).collect::<Vec<_>>(),
         vec![made[2].id, made[1].id]
     );
+
+    // By id prefix: three ids that share their first 6 characters, two their first 34.
+    let mut bytes = *Uuid::new_v4().as_bytes();
+    bytes[15] = 0;
+    let a = Uuid::from_bytes(bytes);
+    bytes[15] = 1;
+    let b = Uuid::from_bytes(bytes);
+    bytes[3] ^= 0xff;
+    let c = Uuid::from_bytes(bytes);
+    for id in [a, b, c] {
+        s.create_request(&NewRequest {
+            id,
+            ..new_request("prefixed")
+        })
+        .await
+        .unwrap();
+    }
+    let by_prefix = |p: String, limit: Option<u32>| {
+        let s = h.store.clone();
+        async move {
+            let mut ids: Vec<Uuid> = s
+                .list_requests(&RequestFilter {
+                    id_prefix: Some(p),
+                    limit,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.id)
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    let text = a.to_string();
+    let mut abc = vec![a, b, c];
+    abc.sort();
+    assert_eq!(by_prefix(text[..6].to_string(), None).await, abc);
+    assert_eq!(by_prefix(text[..6].to_uppercase(), None).await, abc);
+    assert_eq!(by_prefix(text[..6].to_string(), Some(2)).await.len(), 2);
+    assert_eq!(by_prefix(text[..34].to_string(), None).await, vec![a, b]);
+    assert_eq!(by_prefix(text.clone(), None).await, vec![a]);
+    assert_eq!(
+        by_prefix(text[..9].to_string(), None).await.len(),
+        2,
+        "a hyphen in its place"
+    );
+    assert!(by_prefix(format!("{}-{}", &text[..4], &text[4..8]), None)
+        .await
+        .is_empty());
 }
 
 pub async fn step_updates(h: &Harness) {

@@ -368,6 +368,17 @@ impl Store for PgStore {
         if let Some(before) = filter.created_before {
             q.push(" AND created_at < ").push_bind(ts(trunc(before)));
         }
+        if let Some(prefix) = &filter.id_prefix {
+            match id_prefix_range(prefix) {
+                Some((low, high)) => {
+                    q.push(" AND id BETWEEN ").push_bind(low);
+                    q.push(" AND ").push_bind(high);
+                }
+                None => {
+                    q.push(" AND 1 = 0");
+                }
+            }
+        }
         q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
             .push_bind(i64::from(filter.limit.unwrap_or(DEFAULT_LIST_LIMIT)));
         let rows = q.build().fetch_all(&self.pool).await.map_err(db_err)?;
