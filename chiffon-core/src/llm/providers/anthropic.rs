@@ -12,13 +12,12 @@
 //! as a text block with `cache_control: {"type":"ephemeral"}`, so the tools and system
 //! prefix is cached between calls; cache writes and reads are priced apart.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
 use serde_json::{json, Value};
 
 use super::{build_client, join_url, parse_body, provider_redactor, secs, send, ApiKey, RAW_LIMIT};
@@ -72,9 +71,15 @@ impl Default for AnthropicConfig {
 }
 
 impl AnthropicConfig {
+    /// With the prompt cache on, cache writes and reads have their own prices (and the
+    /// reservation's worst case counts the prompt at the dearer write price).
     pub fn pricing(&self) -> Pricing {
-        Pricing::new(self.input_usd_per_mtok, self.output_usd_per_mtok)
-            .with_cache(self.cache_write_usd_per_mtok, self.cache_read_usd_per_mtok)
+        let p = Pricing::new(self.input_usd_per_mtok, self.output_usd_per_mtok);
+        if self.prompt_cache {
+            p.with_cache(self.cache_write_usd_per_mtok, self.cache_read_usd_per_mtok)
+        } else {
+            p
+        }
     }
 }
 

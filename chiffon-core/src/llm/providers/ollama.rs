@@ -5,13 +5,12 @@
 //! the answer to it); the answer is still `message.content`, a JSON string. A server that
 //! rejects `format` with a 400 is asked again for free text, and from then on only for it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
 use serde_json::{json, Value};
 
 use super::{build_client, join_url, parse_body, provider_redactor, secs, send, RAW_LIMIT};

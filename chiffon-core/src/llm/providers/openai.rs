@@ -10,13 +10,12 @@
 //! `message.refusal` when the model declines. A server that rejects `response_format` with
 //! a 400 is asked again for free text, and from then on only for free text.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
 use serde_json::{json, Value};
 
 use super::{build_client, join_url, parse_body, provider_redactor, secs, send, ApiKey, RAW_LIMIT};
