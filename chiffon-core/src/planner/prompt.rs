@@ -19,8 +19,8 @@ decline: if the catalog cannot do what is asked, or the request should not be do
 with an empty \"steps\" list and say why in \"refusal\" (and in one line in \"summary\"). \
 A person sees the reason; nobody guesses a plan for you.
 2. Give every required parameter. Each value must have the declared JSON type (string, \
-integer or boolean) and match the parameter's pattern and bounds. Leave out a parameter \
-whose default fits. Never add a parameter the action does not declare.
+integer or boolean) and match the parameter's pattern and bounds. Leave out (or set to null) a \
+parameter whose default fits. Never add a parameter the action does not declare.
 3. Host parameters name hosts from the inventory below, exactly as written there.
 4. Steps run one after the other, in the order given. Keep the plan as short as the request allows.
 5. In \"risks\", list what could go wrong (downtime, data loss, wrong host); an empty list if none.
