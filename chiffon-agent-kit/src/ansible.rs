@@ -369,10 +369,9 @@ pub fn reap_orphans(state_dir: &Path) -> Vec<u32> {
         let mut f = text.split_whitespace().map(|x| x.parse::<u64>().ok());
         let (owner, start) = (f.next().flatten(), f.next().flatten());
         let owner_alive = match (owner, start) {
-            (Some(pid), Some(start)) => u32::try_from(pid)
-                .ok()
-                .and_then(sys::process_start_time)
-                == Some(start),
+            (Some(pid), Some(start)) => {
+                u32::try_from(pid).ok().and_then(sys::process_start_time) == Some(start)
+            }
             _ => false,
         };
         if owner_alive {

@@ -54,7 +54,11 @@ pub struct AgentArgs {
     pub orchestrator_users: Vec<String>,
     /// Where the agent keeps its durable ledger of finished attempts (so a step finished
     /// just before a crash is answered, not run again).
-    #[arg(long, env = "CHIFFON_AGENT_STATE_DIR", default_value = ".chiffon/agent")]
+    #[arg(
+        long,
+        env = "CHIFFON_AGENT_STATE_DIR",
+        default_value = ".chiffon/agent"
+    )]
     pub state_dir: PathBuf,
 }
 

@@ -219,11 +219,19 @@ impl<A: Agent> Runner<A> {
                 let name: String = self
                     .queue
                     .chars()
-                    .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                            c
+                        } else {
+                            '_'
+                        }
+                    })
                     .collect();
                 let path = dir.join(format!("ledger-{name}.jsonl"));
-                let (ledger, kept) = crate::ledger::Ledger::open(&path, self.config.result_cache.max(1))
-                    .map_err(|e| RunnerError::Config(format!("ledger {}: {e}", path.display())))?;
+                let (ledger, kept) =
+                    crate::ledger::Ledger::open(&path, self.config.result_cache.max(1)).map_err(
+                        |e| RunnerError::Config(format!("ledger {}: {e}", path.display())),
+                    )?;
                 for env in kept {
                     if let Message::WorkResult(r) = &env.body {
                         let key = (r.task_id, r.attempt);
