@@ -558,3 +558,25 @@ impl From<&AuditReport> for VerifyView {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_step_preview_and_provenance_are_read_when_present() {
+        let step = json!({
+            "action": "write_config",
+            "parameters": { "path": "/tmp/x", "mode": "0644" },
+            "provenance": { "path": "text", "mode": "default" },
+            "preview": { "changed": true, "diff": "+++ after: /tmp/x" }
+        });
+        let p = preview(&step).unwrap();
+        assert_eq!(p.changed, "would change");
+        assert_eq!(p.diff, "+++ after: /tmp/x");
+        assert_eq!(text(&step["provenance"]["path"]), "text");
+        assert!(preview(&json!({ "action": "noop" })).is_none());
+        assert!(preview(&json!({ "preview": null })).is_none());
+    }
+}
