@@ -119,6 +119,8 @@ pub struct RequestPage {
     pub created: String,
     pub updated: String,
     pub error: String,
+    /// Why a queued request waits (`waiting_reason`), when the engine says.
+    pub waiting: String,
     pub commit: String,
     pub approver: String,
     pub approval_comment: String,
@@ -336,8 +338,14 @@ impl RequestPage {
         } else {
             String::new()
         };
+        // Read through JSON so the field shows up once the model carries it.
+        let waiting = serde_json::to_value(&r)
+            .ok()
+            .and_then(|v| v.get("waiting_reason").filter(|w| !w.is_null()).map(text))
+            .unwrap_or_default();
         RequestPage {
             nav,
+            waiting,
             id: r.id.to_string(),
             text: r.text.clone(),
             status: r.status.as_str().to_string(),
