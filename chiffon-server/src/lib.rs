@@ -20,7 +20,7 @@
 //! Module map: [`config`] (the one place configuration is read), [`app`] (composition and
 //! shutdown), [`http`] (the router and OpenAPI document), [`guard`] (the `Host` allow-list and
 //! the cross-site check), [`routes`] (handlers), [`dto`] (bodies), [`auth`] (tokens, roles,
-//! trace ids), [`error`] (the error body), [`metrics`].
+//! trace ids), [`error`] (the error body), [`metrics`], [`ui`] (the web console).
 //!
 //! Architecture invariant: frontends hold no business logic. Handlers parse, authorise,
 //! call [`chiffon_core::engine::Engine`] and render.
@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod routes;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+pub mod ui;
 pub mod webhooks;
 
 pub use app::{App, AppOptions, StartError};
