@@ -371,6 +371,18 @@ async fn approve_in_the_browser_and_watch_it_complete() {
     let plan = b.text("#plan").await;
     assert!(plan.contains("write_config"), "{plan}");
     assert!(plan.contains(&target.display().to_string()), "{plan}");
+    // Its automatic dry run, made while it awaits approval: what approving would change.
+    for _ in 0..120 {
+        b.goto(&format!("{server}/ui/request/{real}")).await;
+        if b.source().await.contains("dry run: would change") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let preview = b.text("#plan-step-1 .preview").await;
+    assert!(preview.contains("dry run: would change"), "{preview}");
+    assert!(preview.contains("managed by chiffon"), "{preview}");
+    assert!(!target.exists(), "the preview changed nothing");
     assert!(b.text("#planner").await.starts_with("offline"));
 
     // A page on another site posting the approval form is refused (Origin: null here).

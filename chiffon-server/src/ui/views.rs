@@ -212,6 +212,21 @@ pub struct LogView {
     pub message: String,
 }
 
+/// The engine's automatic dry run of a step awaiting approval.
+fn step_preview(p: &chiffon_core::model::StepPreview) -> PreviewView {
+    use chiffon_core::model::PreviewStatus;
+    PreviewView {
+        changed: match (p.status, &p.error, p.changed) {
+            (PreviewStatus::Pending, _, _) => "running…".into(),
+            (_, Some(e), _) => format!("failed ({} {}): {}", e.code.code(), e.code, e.message),
+            (_, None, Some(true)) => "would change".into(),
+            (_, None, Some(false)) => "no change".into(),
+            (_, None, None) => "done".into(),
+        },
+        diff: p.diff.clone().unwrap_or_default(),
+    }
+}
+
 fn preview(v: &Value) -> Option<PreviewView> {
     let p = v.get("preview")?;
     if p.is_null() {
@@ -243,6 +258,18 @@ impl RequestPage {
         logs: &[LogLine],
     ) -> Self {
         let r = view.request;
+        let step_previews: Vec<Option<PreviewView>> = (0..r
+            .plan
+            .as_ref()
+            .map_or(0, |p| p.steps.len()))
+            .map(|i| {
+                view.steps
+                    .iter()
+                    .find(|st| st.seq as usize == i)
+                    .and_then(|st| st.preview.as_ref())
+                    .map(step_preview)
+            })
+            .collect();
         let plan = r.plan.as_ref().map(|p| {
             let budget = costs
                 .iter()
@@ -293,7 +320,11 @@ impl RequestPage {
                                     source: provenance.get(k).map(text).unwrap_or_default(),
                                 })
                                 .collect(),
-                            preview: preview(&v),
+                            preview: step_previews
+                                .get(i)
+                                .cloned()
+                                .flatten()
+                                .or_else(|| preview(&v)),
                         }
                     })
                     .collect(),
