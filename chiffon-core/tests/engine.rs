@@ -55,6 +55,7 @@ impl PlanProvider for ListPlanner {
                 agent_type: spec.agent_type.clone(),
                 resources: spec.resources.clone(),
                 reason: "asked for".into(),
+                provenance: Default::default(),
             });
         }
         Ok(PlanOutcome {

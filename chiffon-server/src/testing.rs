@@ -50,6 +50,7 @@ impl PlanProvider for MockPlanner {
                         agent_type: "infrastructure".into(),
                         resources: Resources::default(),
                         reason: "the test asked for it".into(),
+                        provenance: Default::default(),
                     }
                 })
                 .collect(),

@@ -62,6 +62,11 @@ pub struct ActionSpec {
     pub agent_type: String,
     #[serde(default)]
     pub keywords: Vec<String>,
+    /// What the action does, as the verbs a request would use ("create", "set up"). A
+    /// request whose verb no action declares is refused by the offline planner. Unset: the
+    /// first word of the action's name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verbs: Vec<String>,
     #[serde(default)]
     pub auto_approve: bool,
     #[serde(default)]
@@ -108,6 +113,19 @@ impl CatalogError {
 }
 
 impl ActionSpec {
+    /// The verbs the action performs, lowercase: `verbs`, or the first word of its name.
+    pub fn performs(&self) -> Vec<String> {
+        if self.verbs.is_empty() {
+            self.name
+                .split('_')
+                .next()
+                .map(|w| vec![w.to_lowercase()])
+                .unwrap_or_default()
+        } else {
+            self.verbs.iter().map(|v| v.trim().to_lowercase()).collect()
+        }
+    }
+
     /// Checks `params` against the schema and returns them completed with defaults.
     /// Unknown parameters, missing required ones, wrong types, pattern or bound failures
     /// are errors.

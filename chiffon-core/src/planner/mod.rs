@@ -12,6 +12,7 @@
 //! Offline plans are not cached, so an LLM gets its chance again once one is back.
 
 pub mod cache;
+pub mod eval;
 pub mod offline;
 pub mod parse;
 pub mod prompt;
