@@ -6,6 +6,7 @@
 //! stdout. Errors are one line on stderr and a non-zero exit status.
 
 mod client;
+mod eval;
 mod local;
 mod render;
 
@@ -129,6 +130,18 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         limit: u32,
     },
+    /// Measure a planner on the evaluation corpus: accuracy, wrong plans, refusals.
+    EvalPlanner {
+        /// The corpus (default chiffon-core/tests/fixtures/planner_corpus.toml).
+        #[arg(long)]
+        corpus: Option<PathBuf>,
+        /// `offline` (the default) or a configured LLM provider (anthropic, openai, ollama).
+        #[arg(long)]
+        provider: Option<String>,
+        /// Action catalog folder.
+        #[arg(long)]
+        playbooks: Option<PathBuf>,
+    },
     /// Apply database migrations.
     Migrate {
         #[arg(long)]
@@ -224,6 +237,20 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 request,
                 after,
                 limit,
+                json,
+            )
+            .await
+        }
+        Command::EvalPlanner {
+            corpus,
+            provider,
+            playbooks,
+        } => {
+            eval::eval_planner(
+                cli.config.as_deref(),
+                local::overrides(None, None, playbooks),
+                corpus,
+                provider,
                 json,
             )
             .await
@@ -355,7 +382,8 @@ async fn remote(client: &Client, command: Command, json: bool) -> anyhow::Result
         Command::Up { .. }
         | Command::Run { .. }
         | Command::Audit { .. }
-        | Command::Migrate { .. } => bail!("this command runs locally"),
+        | Command::Migrate { .. }
+        | Command::EvalPlanner { .. } => bail!("this command runs locally"),
     }
 }
 

@@ -16,6 +16,7 @@ pub mod eval;
 pub mod offline;
 pub mod parse;
 pub mod prompt;
+pub mod provenance;
 
 use std::sync::Arc;
 
@@ -175,6 +176,7 @@ impl Planner {
                             tokens.1 += a.completion.output_tokens;
                             let llm_cost = micros_to_usd(spent_micros);
                             let mut plan = a.value;
+                            provenance::annotate(&mut plan, catalog, text);
                             plan.provider = a.provider.clone();
                             plan.model = a.model.clone();
                             plan.llm_cost_usd = llm_cost;
