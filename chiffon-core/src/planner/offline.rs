@@ -297,8 +297,10 @@ impl Tok {
     fn is_word(&self, w: &str) -> bool {
         self.kind == Kind::Word && self.lower == w
     }
+    /// A value that must land in a parameter: anything but a plain word, and words with
+    /// digits in them (`web-03`, `db1`), which are names.
     fn is_value(&self) -> bool {
-        self.kind != Kind::Word
+        self.kind != Kind::Word || self.lower.chars().any(|c| c.is_ascii_digit())
     }
 }
 
@@ -1194,6 +1196,36 @@ impl Reader<'_> {
                 out.push((idx, None, c.raw.clone()));
             }
         }
+        // The rest of a list of hosts: "on nas and web-03", "on nas, db1".
+        let mut k = 0;
+        while k < out.len() {
+            let last = *out[k].0.iter().max().unwrap_or(&0);
+            let mut j = last + 1;
+            let joined = if self.any_word(j, &["and", "or"]) {
+                j += 1;
+                true
+            } else {
+                toks[last].end == Some(',')
+            };
+            if joined && self.free(j) && !seen.contains(&j) {
+                if let Some(c) = toks.get(j) {
+                    let name_like = match c.kind {
+                        Kind::Address | Kind::Dotted => true,
+                        Kind::Word => {
+                            c.lower.chars().any(|ch| ch.is_ascii_digit() || ch == '-')
+                                || self.inventory_host(c).is_some()
+                        }
+                        _ => false,
+                    };
+                    if name_like {
+                        seen.push(j);
+                        let h = self.inventory_host(c);
+                        out.push((vec![j], h, c.raw.clone()));
+                    }
+                }
+            }
+            k += 1;
+        }
         out.sort_by_key(|m| m.0[0]);
         out
     }
@@ -1838,6 +1870,7 @@ fn paths(r: &Reader, name: &str, spec: &ActionSpec) -> Option<Found> {
         };
         let into = matches!(before, "to" | "into" | "in" | "under" | "inside" | "at");
         let from = before == "from";
+        let called = matches!(before, "called" | "named");
         let ok = if path_params.len() <= 1 {
             true
         } else if dest_like(name) {
@@ -1853,7 +1886,7 @@ fn paths(r: &Reader, name: &str, spec: &ActionSpec) -> Option<Found> {
         }
         values.push(Value::String(toks[i].value.trim().to_string()));
         idx.push(i);
-        if into || from {
+        if into || from || called {
             idx.push(i - 1);
         }
         let and_next = r.any_word(i + 1, &["and", "or"])
@@ -2381,6 +2414,36 @@ impl OfflinePlanner {
                     parameter: None,
                     details: json!({ "reason": "no_object", "verb": choice.verb, "object": w, "catalog": can_do(catalog) }),
                 });
+            }
+        }
+        // A proper name in the object that the action does not know ("Deploy *Prometheus*
+        // monitoring", "Install *Docker*") is another product, not this action's object.
+        if let Some((h, _)) = &choice.head {
+            let kw = object_words(spec, &choice.verb);
+            for i in choice.after_verb..*h {
+                let t = &toks[i];
+                let proper = t.kind == Kind::Word
+                    && t.raw.chars().next().is_some_and(char::is_uppercase)
+                    && !is_stopword(&t.lower);
+                let known = kw
+                    .iter()
+                    .any(|k| k.split_whitespace().any(|p| similar(p, &t.lower)));
+                if proper && !known && !r.used[i] && r.inventory_host(t).is_none() {
+                    return Err(OfflineError {
+                        message: format!(
+                            "no catalog action performs '{}' on '{}': `{}` {}s {}; the catalog can: {}",
+                            choice.verb,
+                            t.raw,
+                            spec.name,
+                            choice.verb,
+                            kw.join(", "),
+                            capabilities(catalog)
+                        ),
+                        action: None,
+                        parameter: None,
+                        details: json!({ "reason": "no_object", "verb": choice.verb, "object": t.raw, "catalog": can_do(catalog) }),
+                    });
+                }
             }
         }
         // Every value the clause gives must have landed somewhere.
