@@ -32,6 +32,7 @@ impl PlanProvider for MockPlanner {
                 code: ErrorCode::NoPlan,
                 message: "the mock planner was told not to plan".into(),
                 events: vec![],
+                details: serde_json::json!({}),
             });
         }
         let steps: usize = arg(&input.text, "steps").unwrap_or(1);

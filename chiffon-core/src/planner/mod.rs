@@ -96,6 +96,9 @@ pub struct PlanError {
     pub message: String,
     /// Every provider skipped or failed, in order (the offline planner's failure included).
     pub events: Vec<FallbackEvent>,
+    /// The offline planner's refusal, when it had the last word: what it refused and why
+    /// (`reason`, and `verb`, `value`, `host`, `hosts`… as they apply); `{}` otherwise.
+    pub details: serde_json::Value,
 }
 
 /// Plans requests. Cheap to clone.
@@ -145,6 +148,7 @@ impl Planner {
                 code: ErrorCode::NoPlan,
                 message: "the request text is empty".into(),
                 events: Vec::new(),
+                details: serde_json::json!({}),
             });
         }
         let key = cache::cache_key(text, &catalog.fingerprint, options.dry_run);
@@ -164,6 +168,7 @@ impl Planner {
         let mut events: Vec<FallbackEvent> = Vec::new();
         let mut spent_micros = 0i64;
         let mut tokens = (0u64, 0u64);
+        let mut refusal: Option<(ErrorCode, serde_json::Value)> = None;
         for link in self.router.links() {
             match link {
                 Link::Llm(provider) => {
@@ -233,15 +238,18 @@ impl Planner {
                                 usage,
                             });
                         }
-                        Err(e) => events.push(FallbackEvent {
-                            provider: offline::PROVIDER.into(),
-                            model: offline::MODEL.into(),
-                            code: e.code(),
-                            reason: e.message,
-                            cost_usd: 0.0,
-                            input_tokens: 0,
-                            output_tokens: 0,
-                        }),
+                        Err(e) => {
+                            refusal = Some((e.code(), e.details.clone()));
+                            events.push(FallbackEvent {
+                                provider: offline::PROVIDER.into(),
+                                model: offline::MODEL.into(),
+                                code: e.code(),
+                                reason: e.message,
+                                cost_usd: 0.0,
+                                input_tokens: 0,
+                                output_tokens: 0,
+                            })
+                        }
                     }
                 }
             }
@@ -255,10 +263,14 @@ impl Planner {
                 .collect();
             format!("no provider could plan the request: {}", reasons.join("; "))
         };
+        // The offline planner's refusal is the last word: its code (5207, or 5206 for a value
+        // that fails the schema) and what it refused.
+        let (code, details) = refusal.unwrap_or((ErrorCode::NoPlan, serde_json::json!({})));
         Err(PlanError {
-            code: ErrorCode::NoPlan,
+            code,
             message,
             events,
+            details,
         })
     }
 
