@@ -174,7 +174,7 @@ const HOST_NOUNS: &[&str] = &["host", "server", "machine", "node", "box", "compu
 const NOT_HOSTS: &[&str] = &[
     "port", "ports", "startup", "boot", "reboot", "demand", "it", "them", "disk", "top",
     "success", "failure", "error", "mode", "permissions", "version", "tag", "release", "be",
-    "read", "write", "everyone", "all", "default", "defaults", "tcp", "http", "https", "path",
+    "read", "write", "everyone", "all", "default", "defaults", "tcp", "path",
     "folder", "directory", "file", "files", "wait", "localhost", "least", "most", "once",
     "otherwise", "open", "closed", "listen", "listening", "seconds", "minutes", "content",
 ];
@@ -192,6 +192,63 @@ const PREPOSITIONS: &[&str] = &[
     "that", "which", "as", "using", "containing", "owned", "by", "mode", "via", "inside",
     "within", "whose", "listening", "running", "runs", "where", "so", "if", "and", "of",
 ];
+
+/// Words that change nothing in a request: politeness, conditions the actions meet anyway
+/// (they are idempotent), the nouns of the catalog's things.
+#[rustfmt::skip]
+const HARMLESS: &[&str] = &[
+    "quickly", "today", "exists", "missing", "unless", "otherwise", "already", "twice",
+    "anyway", "still", "afterwards", "there", "thing", "things", "whatever", "fine", "good",
+    "again", "exactly", "please", "thanks", "kindly", "new", "private", "shared", "empty",
+    "temporary", "temp", "local", "main", "default", "public", "fresh", "another", "extra",
+    "separate", "dedicated", "single", "little", "simple", "basic", "small", "custom", "data",
+    "docker", "compose", "container", "instance", "stack", "web", "page", "interface", "ui",
+    "project", "it", "one", "answer", "answers", "responds", "respond", "accepting",
+    "connections", "something", "anything", "listens", "listening", "reachable", "running",
+    "up", "live", "alive", "work", "works", "working", "me", "us", "for", "file", "files",
+    "folder", "directory", "config", "configuration", "settings", "name", "path", "location",
+    "place", "called", "named", "exist", "present", "all", "agents", "pipeline", "app",
+    "application", "wait", "waiting", "seconds", "second", "minutes", "minute", "hour",
+    "hours", "sec", "secs", "min", "mins", "s", "ms", "number", "tcp", "command", "unit",
+    "service", "systemd", "status", "monitoring", "monitor", "uptime", "kuma", "version",
+    "tag", "release", "latest", "port", "ports", "mode", "permissions", "owner", "host",
+    "machine", "server", "box", "node", "computer", "local", "locally", "nothing", "closed",
+    "open", "whether", "check", "checking", "is", "are", "was", "able", "make", "sure",
+    "exists", "ensure", "ready", "before", "after", "first", "last", "next", "both",
+];
+
+/// A word the planner knows: a stopword, a verb, a catalog keyword or name word, a
+/// parameter's name word, or a harmless one. Any other word may carry meaning the plan
+/// would drop ("behind nginx", "with https"), so a clause holding one is refused.
+fn known_word(w: &str, catalog: &Catalog, verbs: &Verbs) -> bool {
+    let w = w.trim_matches('\'');
+    if w.is_empty()
+        || is_stopword(w)
+        || HARMLESS.contains(&w)
+        || PREPOSITIONS.contains(&w)
+        || HOST_NOUNS.contains(&w)
+        || NOT_HOSTS.contains(&w)
+        || HEAD_STOPS.contains(&w)
+        || NEGATIONS.contains(&w)
+        || INTRODUCERS.contains(&w)
+        || unit(w).is_some()
+        || number_word(w).is_some()
+        || verbs
+            .all
+            .iter()
+            .any(|(words, _)| words.iter().any(|v| verb_forms(v).iter().any(|f| f == w)))
+    {
+        return true;
+    }
+    catalog.actions.values().any(|a| {
+        a.keywords
+            .iter()
+            .flat_map(|k| k.split_whitespace())
+            .chain(a.name.split('_'))
+            .chain(a.parameters.keys().flat_map(|p| p.split('_')))
+            .any(|k| similar(&k.to_lowercase(), w))
+    })
+}
 
 fn is_stopword(w: &str) -> bool {
     STOPWORDS.contains(&w)
@@ -1220,7 +1277,11 @@ impl Reader<'_> {
                     if name_like {
                         seen.push(j);
                         let h = self.inventory_host(c);
-                        out.push((vec![j], h, c.raw.clone()));
+                        let mut idx = vec![j];
+                        if j > last + 1 {
+                            idx.push(j - 1);
+                        }
+                        out.push((idx, h, c.raw.clone()));
                     }
                 }
             }
@@ -1445,7 +1506,17 @@ fn hosts(r: &Reader, name: &str, spec: &ActionSpec) -> Read {
     let toks = r.toks;
     let mut values = Vec::new();
     let mut idx = Vec::new();
-    for (ix, h, written) in r.host_mentions() {
+    let mentions = r.host_mentions();
+    // "nas or localhost": alternatives, which the caller refuses.
+    for w in mentions.windows(2) {
+        let (a, b) = (w[0].0.iter().max(), w[1].0.iter().min());
+        if let (Some(&a), Some(&b)) = (a, b) {
+            if b == a + 2 && toks[a + 1].is_word("or") {
+                idx.push(a + 1);
+            }
+        }
+    }
+    for (ix, h, written) in mentions {
         match h {
             Some(h) => values.push(Value::String(h)),
             None if is_target_param(name) && toks[ix[0]].kind != Kind::Word => {
@@ -2368,6 +2439,25 @@ impl OfflinePlanner {
                 Some(f) => {
                     r.take(&f.toks);
                     if f.values.len() > 1 {
+                        let either = f.toks.iter().any(|&i| toks[i].is_word("or"));
+                        let object = p.required
+                            || is_path_param(name, p)
+                            || is_host_param(name)
+                            || is_target_param(name);
+                        if either || !object {
+                            let list: Vec<String> = f.values.iter().map(Value::to_string).collect();
+                            return Err(OfflineError {
+                                message: format!(
+                                    "the request gives {} for `{name}` of `{}`{}; ask for one value per request",
+                                    list.join(if either { " or " } else { " and " }),
+                                    spec.name,
+                                    if either { ", as alternatives" } else { ", which takes one" }
+                                ),
+                                action: Some(spec.name.clone()),
+                                parameter: Some(name.clone()),
+                                details: json!({ "reason": "several_objects", "parameter": name, "value": list }),
+                            });
+                        }
                         if let Some((other, _)) = &fan {
                             return Err(OfflineError {
                                 message: format!(
@@ -2385,7 +2475,10 @@ impl OfflinePlanner {
                     }
                 }
                 None if is_host_param(name) => hostless.push(name.clone()),
-                None if p.required && p.default.is_none() => {
+                // The thing acted on is never a default: "Create a directory" names none.
+                None if (p.required && p.default.is_none())
+                    || (name == "path" && is_path_param(name, p)) =>
+                {
                     return Err(missing(spec, name, p, &catalog.hosts));
                 }
                 None => {}
@@ -2458,7 +2551,8 @@ impl OfflinePlanner {
                 continue;
             }
             let introduced = t.kind == Kind::Word && INTRODUCERS.contains(&t.lower.as_str());
-            if !(t.is_value() || introduced) {
+            let unknown = t.kind == Kind::Word && !known_word(&t.lower, catalog, verbs);
+            if !(t.is_value() || introduced || unknown) {
                 continue;
             }
             let what = if introduced {
