@@ -279,6 +279,9 @@ pub struct Catalog {
     pub actions: BTreeMap<String, ActionSpec>,
     /// Host names from `inventory.ini` (without group headers or variables).
     pub hosts: Vec<String>,
+    /// `ansible_host` of the inventory's hosts that set one (`nas` → `nas.lan`), so a
+    /// request may name a host by its address.
+    pub addresses: BTreeMap<String, String>,
     /// sha256 over every `action.toml` and the inventory: the plan cache's catalog key.
     pub fingerprint: String,
 }
@@ -350,17 +353,21 @@ impl Catalog {
             actions.insert(spec.name.clone(), spec);
         }
         let inv = root.join("inventory.ini");
-        let hosts = match std::fs::read_to_string(&inv) {
+        let (hosts, addresses) = match std::fs::read_to_string(&inv) {
             Ok(text) => {
                 hasher.update(text.as_bytes());
-                parse_inventory_hosts(&text)
+                (
+                    parse_inventory_hosts(&text),
+                    parse_inventory_addresses(&text),
+                )
             }
-            Err(_) => Vec::new(),
+            Err(_) => (Vec::new(), BTreeMap::new()),
         };
         Ok(Catalog {
             root,
             actions,
             hosts,
+            addresses,
             fingerprint: hex::encode(hasher.finalize()),
         })
     }
@@ -370,6 +377,29 @@ impl Catalog {
             .get(action)
             .ok_or_else(|| CatalogError::UnknownAction(action.to_string()))
     }
+}
+
+/// `host ansible_host=ADDRESS …` lines: host → address.
+fn parse_inventory_addresses(text: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut in_vars = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_vars = line.contains(":vars") || line.contains(":children");
+            continue;
+        }
+        if in_vars || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        let Some(host) = words.next() else { continue };
+        for w in words {
+            if let Some(a) = w.strip_prefix("ansible_host=") {
+                out.insert(host.to_string(), a.trim_matches(['"', '\'']).to_string());
+            }
+        }
+    }
+    out
 }
 
 fn parse_inventory_hosts(text: &str) -> Vec<String> {
@@ -740,5 +770,7 @@ mod tests {
             "[local]\nlocalhost ansible_connection=local\n[nas]\nnas.lan\n[all:vars]\nx=1\n",
         );
         assert_eq!(h, vec!["localhost", "nas.lan"]);
+        let a = parse_inventory_addresses("[remote]\nnas ansible_host=nas.lan ansible_user=a\n");
+        assert_eq!(a.get("nas").map(String::as_str), Some("nas.lan"));
     }
 }

@@ -1088,6 +1088,8 @@ struct Reader<'a> {
     toks: &'a [Tok],
     used: Vec<bool>,
     hosts: &'a [String],
+    /// Inventory host → its `ansible_host`.
+    addresses: &'a BTreeMap<String, String>,
 }
 
 /// A parameter's values (several: one step each), with the tokens they came from.
@@ -1145,12 +1147,15 @@ impl Reader<'_> {
             let a = alpha(h);
             let a_unique =
                 !a.is_empty() && self.hosts.iter().filter(|o| alpha(o) == a).count() == 1;
+            // Its address, as the inventory gives it: `nas.lan` for `nas`.
+            let address = self
+                .addresses
+                .get(h)
+                .is_some_and(|a| a.eq_ignore_ascii_case(l));
             if l == hl
-                || l == first
+                || (l == first && kind == Kind::Word)
                 || (a_unique && a.len() >= 3 && l == a && a != "localhost")
-                || (!hl.contains('.')
-                    && kind == Kind::Dotted
-                    && l.split('.').next() == Some(hl.as_str()))
+                || address
             {
                 return Some(h.clone());
             }
@@ -1518,6 +1523,10 @@ fn hosts(r: &Reader, name: &str, spec: &ActionSpec) -> Read {
     }
     for (ix, h, written) in mentions {
         match h {
+            // A probe target is an address: as written ("nas.lan" stays "nas.lan").
+            Some(_) if is_target_param(name) && toks[ix[0]].kind != Kind::Word => {
+                values.push(Value::String(written))
+            }
             Some(h) => values.push(Value::String(h)),
             None if is_target_param(name) && toks[ix[0]].kind != Kind::Word => {
                 values.push(Value::String(written))
@@ -2398,6 +2407,7 @@ impl OfflinePlanner {
             toks,
             used: vec![false; toks.len()],
             hosts: &catalog.hosts,
+            addresses: &catalog.addresses,
         };
         for i in choice.verb_at..choice.after_verb {
             r.used[i] = true;
