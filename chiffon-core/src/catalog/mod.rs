@@ -329,6 +329,16 @@ impl Catalog {
             {
                 return Err(invalid(&file, "agent_type is [a-z0-9_-]+".into()));
             }
+            for v in &spec.verbs {
+                let plain = v.split_whitespace().count() >= 1
+                    && v.chars().all(|c| c.is_alphabetic() || c == ' ' || c == '-');
+                if !plain {
+                    return Err(invalid(
+                        &file,
+                        format!("verb {v:?}: verbs are words (letters, spaces, hyphens)"),
+                    ));
+                }
+            }
             for (pname, p) in &spec.parameters {
                 check_parameter_name(pname)
                     .map_err(|m| invalid(&file, format!("parameter {pname}: {m}")))?;
@@ -753,11 +763,38 @@ mod tests {
     }
 
     #[test]
+    fn verbs_are_words_and_default_to_the_name() {
+        let spec: ActionSpec = toml::from_str(
+            "description = \"d\"\nagent_type = \"infrastructure\"\nverbs = [\"Set up\", \"make\"]\n",
+        )
+        .unwrap();
+        assert_eq!(spec.performs(), vec!["set up", "make"]);
+        let unnamed = ActionSpec {
+            name: "ensure_directory".into(),
+            verbs: vec![],
+            ..spec
+        };
+        assert_eq!(unnamed.performs(), vec!["ensure"]);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("a")).unwrap();
+        std::fs::write(
+            dir.path().join("a/action.toml"),
+            "description = \"d\"\nagent_type = \"infrastructure\"\nverbs = [\"rm; x\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            Catalog::load(dir.path()).unwrap_err().code(),
+            ErrorCode::InvalidCatalog
+        );
+    }
+
+    #[test]
     fn the_shipped_catalog_loads_and_declares_no_raw_parameter() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../playbooks");
         let catalog = Catalog::load(&root).unwrap();
         assert!(catalog.actions.len() >= 6);
         for a in catalog.actions.values() {
+            assert!(!a.verbs.is_empty(), "{} declares no verbs", a.name);
             for (n, p) in &a.parameters {
                 assert!(!p.raw, "{}.{n} declares raw = true", a.name);
             }
