@@ -227,7 +227,6 @@ fn known_word(w: &str, catalog: &Catalog, verbs: &Verbs) -> bool {
         || HARMLESS.contains(&w)
         || PREPOSITIONS.contains(&w)
         || HOST_NOUNS.contains(&w)
-        || NOT_HOSTS.contains(&w)
         || HEAD_STOPS.contains(&w)
         || NEGATIONS.contains(&w)
         || INTRODUCERS.contains(&w)
@@ -246,7 +245,9 @@ fn known_word(w: &str, catalog: &Catalog, verbs: &Verbs) -> bool {
             .flat_map(|k| k.split_whitespace())
             .chain(a.name.split('_'))
             .chain(a.parameters.keys().flat_map(|p| p.split('_')))
-            .any(|k| similar(&k.to_lowercase(), w))
+            .map(str::to_lowercase)
+            // Exactly the word or its plural: "startup" is not "start".
+            .any(|k| k == w || format!("{k}s") == w || format!("{k}es") == w)
     })
 }
 
@@ -1848,10 +1849,23 @@ fn a_name(
         if !r.free(i) {
             continue;
         }
+        // "called web", but not "called Web Server": a name of several words is no name.
+        let one_word = |j: usize| {
+            toks[j].end.is_some()
+                || toks.get(j + 1).is_none_or(|n| {
+                    n.kind != Kind::Word
+                        || is_stopword(&n.lower)
+                        || PREPOSITIONS.contains(&n.lower.as_str())
+                        || ["run", "exec", "start", "launch"]
+                            .iter()
+                            .any(|v| n.lower.starts_with(v))
+                })
+        };
         if r.any_word(i, &["named", "called"])
             && toks
                 .get(i + 1)
                 .is_some_and(|n| r.free(i + 1) && name_value_ok(n))
+            && one_word(i + 1)
         {
             return one(strip_unit_suffix(&toks[i + 1].value), vec![i, i + 1]);
         }
@@ -2342,7 +2356,7 @@ impl OfflinePlanner {
         for c in &planned {
             for (params, prov) in &c.steps {
                 for (k, src) in prov {
-                    if *src == ParamSource::Text && is_host_param(k) {
+                    if *src == ParamSource::Text && (is_host_param(k) || is_target_param(k)) {
                         if let Some(h) = params.get(k) {
                             named.push(h.clone());
                         }
@@ -2484,7 +2498,7 @@ impl OfflinePlanner {
                         single.insert(name.clone(), v);
                     }
                 }
-                None if is_host_param(name) => hostless.push(name.clone()),
+                None if is_host_param(name) || is_target_param(name) => hostless.push(name.clone()),
                 // The thing acted on is never a default: "Create a directory" names none.
                 None if (p.required && p.default.is_none())
                     || (name == "path" && is_path_param(name, p)) =>
