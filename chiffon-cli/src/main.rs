@@ -9,6 +9,7 @@
 
 mod client;
 mod errors;
+mod eval;
 mod local;
 mod render;
 
@@ -156,6 +157,18 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         limit: u32,
     },
+    /// Measure a planner on the evaluation corpus: accuracy, wrong plans, refusals.
+    EvalPlanner {
+        /// The corpus (default chiffon-core/tests/fixtures/planner_corpus.toml).
+        #[arg(long)]
+        corpus: Option<PathBuf>,
+        /// `offline` (the default) or a configured LLM provider (anthropic, openai, ollama).
+        #[arg(long)]
+        provider: Option<String>,
+        /// Action catalog folder.
+        #[arg(long)]
+        playbooks: Option<PathBuf>,
+    },
     /// Apply database migrations.
     Migrate {
         #[arg(long)]
@@ -273,6 +286,20 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             local::overrides(None, None, playbooks),
             json,
         ),
+        Command::EvalPlanner {
+            corpus,
+            provider,
+            playbooks,
+        } => {
+            eval::eval_planner(
+                cli.config.as_deref(),
+                local::overrides(None, None, playbooks),
+                corpus,
+                provider,
+                json,
+            )
+            .await
+        }
         Command::Migrate { database_url } => {
             local::migrate(
                 cli.config.as_deref(),
@@ -416,7 +443,8 @@ async fn remote(client: &Client, command: Command, json: bool) -> anyhow::Result
         | Command::Run { .. }
         | Command::Audit { .. }
         | Command::Actions { .. }
-        | Command::Migrate { .. } => bail!("this command runs locally"),
+        | Command::Migrate { .. }
+        | Command::EvalPlanner { .. } => bail!("this command runs locally"),
     }
 }
 

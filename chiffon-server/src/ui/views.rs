@@ -258,18 +258,16 @@ impl RequestPage {
         logs: &[LogLine],
     ) -> Self {
         let r = view.request;
-        let step_previews: Vec<Option<PreviewView>> = (0..r
-            .plan
-            .as_ref()
-            .map_or(0, |p| p.steps.len()))
-            .map(|i| {
-                view.steps
-                    .iter()
-                    .find(|st| st.seq as usize == i)
-                    .and_then(|st| st.preview.as_ref())
-                    .map(step_preview)
-            })
-            .collect();
+        let step_previews: Vec<Option<PreviewView>> =
+            (0..r.plan.as_ref().map_or(0, |p| p.steps.len()))
+                .map(|i| {
+                    view.steps
+                        .iter()
+                        .find(|st| st.seq as usize == i)
+                        .and_then(|st| st.preview.as_ref())
+                        .map(step_preview)
+                })
+                .collect();
         let plan = r.plan.as_ref().map(|p| {
             let budget = costs
                 .iter()
