@@ -498,7 +498,8 @@ async fn request_plan_approve_ansible_completed() {
         )),
         "{log}"
     );
-    let record = sys.git(&["show", &format!("HEAD:requests/{}/{id}.json", &id[..2])]);
+    let path = chiffon_core::audit::git::record_path(id.parse().unwrap());
+    let record = sys.git(&["show", &format!("HEAD:{path}")]);
     let record: Value = serde_json::from_str(&record).unwrap();
     assert_eq!(record["outcome"], "completed");
     assert_eq!(record["approver"], "alex");

@@ -161,6 +161,14 @@ async fn a_killed_agents_playbook_is_stopped_by_the_next_agent() {
         .rsplit_once("(pid ")
         .and_then(|(_, p)| p.trim_end_matches(')').parse().ok())
         .unwrap();
+    // Killed while ansible waits silently on the port: a playbook that prints would die of
+    // SIGPIPE on its own once its reader is gone; a silent one runs on.
+    results
+        .wait_for("ansible is in its long task", 60, |e| {
+            matches!(&e.body, Message::WorkStatus(s) if s.task_id == w.task_id && s.message.contains("Wait for the port"))
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     child.start_kill().unwrap(); // SIGKILL: the agent dies, its playbook does not.
     child.wait().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
