@@ -609,10 +609,39 @@ pub fn outcome_line(r: &RequestDto, out: &mut impl Write) -> std::io::Result<()>
     if let Some(e) = &r.error {
         write!(out, " ({} {}: {})", e.code, e.name, e.message)?;
     }
+    // What the last step answered ("127.0.0.1:9 is closed"), not only that it ran.
+    let answer = r
+        .steps
+        .iter()
+        .flatten()
+        .rev()
+        .filter_map(|s| s.output.as_deref())
+        .find_map(step_answer);
+    if let Some(a) = answer {
+        let a: String = a.chars().take(200).collect();
+        write!(out, "; answer: {a}")?;
+    }
     if let Some(c) = &r.commit_id {
         write!(out, "; audit commit {c}")?;
     }
     writeln!(out)
+}
+
+/// A step's answer in its output: the last `"msg": "…"` Ansible printed (a debug task's
+/// report), or a one-line output as it is (an agent's own answer); not the play recap.
+fn step_answer(output: &str) -> Option<String> {
+    for line in output.lines().rev() {
+        if let Some((_, rest)) = line.split_once("\"msg\": ") {
+            if let Ok(serde_json::Value::String(m)) = serde_json::from_str(rest.trim()) {
+                return Some(m);
+            }
+        }
+    }
+    let mut lines = output.lines().map(str::trim).filter(|l| !l.is_empty());
+    match (lines.next(), lines.next()) {
+        (Some(one), None) => Some(one.to_string()),
+        _ => None,
+    }
 }
 
 /// 0 when the request completed, 1 otherwise.
@@ -634,4 +663,18 @@ fn urlencode(s: &str) -> String {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod answer_tests {
+    use super::step_answer;
+
+    #[test]
+    fn the_answer_is_the_last_message_not_the_recap() {
+        let out = "TASK [Report] ***\nok: [localhost] => {\n    \"msg\": \"127.0.0.1:9 is closed\"\n}\n\nPLAY RECAP ***\nlocalhost : ok=2 changed=0\n";
+        assert_eq!(step_answer(out).as_deref(), Some("127.0.0.1:9 is closed"));
+        assert_eq!(step_answer("noop done").as_deref(), Some("noop done"));
+        assert_eq!(step_answer("a\nb"), None);
+        assert_eq!(step_answer(""), None);
+    }
 }

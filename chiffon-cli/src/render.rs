@@ -40,6 +40,13 @@ pub fn plan(p: &PlanDto, out: &mut impl Write) -> std::io::Result<()> {
         p.estimated_cost_usd,
         p.llm_cost_usd
     )?;
+    for k in &p.skipped {
+        writeln!(
+            out,
+            "  skipped {} / {} ({}): {}",
+            k.provider, k.model, k.code, k.reason
+        )?;
+    }
     for (i, s) in p.steps.iter().enumerate() {
         let reason = if s.reason.is_empty() {
             String::new()

@@ -142,6 +142,19 @@ pub struct Plan {
     /// Taken from the plan cache (no LLM call).
     #[serde(default)]
     pub cached: bool,
+    /// Providers tried before the one that planned it, and why each was passed over (over
+    /// budget, unreachable, an invalid answer…).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<SkippedProvider>,
+}
+
+/// A provider the planner passed over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SkippedProvider {
+    pub provider: String,
+    pub model: String,
+    pub code: chiffon_protocol::ErrorCode,
+    pub reason: String,
 }
 
 /// A request (a row of `tasks`).

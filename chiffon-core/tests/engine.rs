@@ -69,6 +69,7 @@ impl PlanProvider for ListPlanner {
                 provider: "test".into(),
                 model: "list".into(),
                 cached: false,
+                skipped: Vec::new(),
             },
             events: vec![PlanEvent {
                 event: "fallback".into(),

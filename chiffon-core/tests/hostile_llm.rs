@@ -90,6 +90,11 @@ async fn nul_plan_falls_back(store: Arc<dyn Store>) {
     let plan = planned.plan.unwrap();
     assert_eq!(plan.provider, "openai");
     assert!(!plan.summary.contains('\0'));
+    // The person approving sees who was passed over, and why.
+    assert_eq!(plan.skipped.len(), 1, "{:?}", plan.skipped);
+    assert_eq!(plan.skipped[0].provider, "anthropic");
+    assert_eq!(plan.skipped[0].code, ErrorCode::LlmInvalidResponse);
+    assert!(plan.skipped[0].reason.contains("NUL"), "{:?}", plan.skipped);
     let audit = store.audit_log(Some(r.id), 0, 100).await.unwrap();
     let fallback = audit.iter().find(|e| e.event == "fallback").unwrap();
     assert_eq!(fallback.details["provider"], "anthropic");

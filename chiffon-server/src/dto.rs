@@ -230,6 +230,20 @@ pub struct PlanDto {
     pub provider: String,
     pub model: String,
     pub cached: bool,
+    /// Providers tried first and passed over, with why (over budget, unreachable, an
+    /// invalid answer…).
+    #[serde(default)]
+    pub skipped: Vec<SkippedDto>,
+}
+
+/// A provider the planner passed over.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SkippedDto {
+    pub provider: String,
+    pub model: String,
+    /// The 5xxx code of why.
+    pub code: u16,
+    pub reason: String,
 }
 
 impl From<Plan> for PlanDto {
@@ -243,6 +257,16 @@ impl From<Plan> for PlanDto {
             provider: p.provider,
             model: p.model,
             cached: p.cached,
+            skipped: p
+                .skipped
+                .into_iter()
+                .map(|k| SkippedDto {
+                    provider: k.provider,
+                    model: k.model,
+                    code: k.code.code(),
+                    reason: k.reason,
+                })
+                .collect(),
         }
     }
 }

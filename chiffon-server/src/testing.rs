@@ -61,6 +61,7 @@ impl PlanProvider for MockPlanner {
             provider: "mock".into(),
             model: "mock-1".into(),
             cached: false,
+            skipped: Vec::new(),
         };
         Ok(PlanOutcome {
             plan,

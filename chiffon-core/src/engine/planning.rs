@@ -47,8 +47,19 @@ impl PlanProvider for CatalogPlanner {
             request_id: Some(input.request_id),
         };
         match self.planner.plan(&self.catalog, &input.text, &opts).await {
-            Ok(o) => {
+            Ok(mut o) => {
                 let mut events: Vec<PlanEvent> = o.events.iter().map(fallback).collect();
+                // The person approving sees who was passed over, and why.
+                o.plan.skipped = o
+                    .events
+                    .iter()
+                    .map(|e| crate::model::SkippedProvider {
+                        provider: e.provider.clone(),
+                        model: e.model.clone(),
+                        code: e.code,
+                        reason: e.reason.clone(),
+                    })
+                    .collect();
                 if o.usage.cached {
                     events.push(PlanEvent {
                         event: "cache_hit".into(),

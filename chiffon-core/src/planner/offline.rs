@@ -2683,6 +2683,7 @@ impl OfflinePlanner {
             provider: PROVIDER.into(),
             model: MODEL.into(),
             cached: false,
+            skipped: Vec::new(),
         }
     }
 }

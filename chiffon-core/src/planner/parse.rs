@@ -318,6 +318,7 @@ pub fn parse_plan(answer: &str, catalog: &Catalog) -> Result<Plan, LlmError> {
         provider: String::new(),
         model: String::new(),
         cached: false,
+        skipped: Vec::new(),
     })
 }
 

@@ -85,6 +85,7 @@ mod tests {
             provider: "openai".into(),
             model: "m".into(),
             cached: false,
+            skipped: Vec::new(),
         };
         annotate(&mut plan, &catalog, "Create /srv/x with mode 700");
         let p = &plan.steps[0].provenance;

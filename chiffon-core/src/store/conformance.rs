@@ -165,6 +165,7 @@ fn plan(steps: usize) -> Plan {
         provider: "anthropic".into(),
         model: "claude".into(),
         cached: false,
+        skipped: Vec::new(),
     }
 }
 
