@@ -37,7 +37,7 @@ pub mod routes;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
-pub use app::{App, AppOptions, StartError};
+pub use app::{App, AppOptions, HostedAgent, StartError};
 pub use config::{Config, ConfigError, ConfigOverrides, Role};
 pub use http::{openapi, openapi_document, router, AppState};
 
