@@ -66,8 +66,13 @@ pub fn request(r: &RequestDto, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(out, "  text: {}", r.text)?;
     writeln!(
         out,
-        "  requester: {}{}",
+        "  requester: {}{}{}",
         r.requester,
+        if r.submitted_by != r.requester {
+            format!(" (submitted by {})", r.submitted_by)
+        } else {
+            String::new()
+        },
         if r.dry_run { "  (dry run)" } else { "" }
     )?;
     if let Some(a) = &r.approver {
@@ -117,6 +122,9 @@ pub fn request(r: &RequestDto, out: &mut impl Write) -> std::io::Result<()> {
                 }
             }
         }
+    }
+    if let Some(w) = &r.waiting_reason {
+        writeln!(out, "  waiting: {w}")?;
     }
     if let Some(e) = &r.error {
         writeln!(out, "  error {} {}: {}", e.code, e.name, e.message)?;

@@ -760,10 +760,17 @@ async fn waits_for_capacity_then_dispatches(backend: &str) {
         h.engine.approve(id, "bob", None).await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let waiting = h.engine.get(first).await.unwrap();
     assert_eq!(
-        h.engine.get(first).await.unwrap().request.status,
+        waiting.request.status,
         RequestStatus::Queued,
         "2 GiB free is not enough"
+    );
+    // The person sees why.
+    let why = waiting.waiting_reason.expect("a queued request says why");
+    assert!(
+        why.contains("infra-1 has 2.0 GiB of memory free, the step needs"),
+        "{why}"
     );
     assert_eq!(h.agent.as_ref().unwrap().started.load(Ordering::SeqCst), 0);
     // Room for one: the older request goes first.

@@ -296,6 +296,16 @@ impl App {
                 }
             });
         }
+        if !app.config.webhooks.is_empty() {
+            let console = app.config.console_url();
+            app.tasks.spawn(crate::webhooks::run(
+                app.engine.clone(),
+                app.config.webhooks.clone(),
+                console,
+                crate::webhooks::METRICS.clone(),
+                app.shutdown.clone(),
+            ));
+        }
         if in_process_bus && app.config.agents.in_process && !options.no_agents {
             app.start_agents(transport.clone())?;
         }

@@ -119,6 +119,9 @@ pub struct ServerConfig {
     pub sse_keepalive_secs: u64,
     /// Largest page `GET /requests` and `GET /request/{id}/logs` return.
     pub max_page: u32,
+    /// The server's address as people reach it (`https://chiffon.example.com`), for links
+    /// to the console in webhooks; unset: `http://` + the bind address.
+    pub public_url: Option<String>,
     /// Host names the server answers besides the loopback names and the bind address
     /// (`CHIFFON_ALLOWED_HOSTS`, comma-separated): the names clients and proxies use to reach
     /// it. Any other `Host` gets 421 (5507), which stops DNS-rebinding pages.
@@ -131,6 +134,7 @@ impl Default for ServerConfig {
             body_limit_bytes: 64 * 1024,
             sse_keepalive_secs: 15,
             max_page: 1000,
+            public_url: None,
             allowed_hosts: Vec::new(),
         }
     }
@@ -182,6 +186,8 @@ pub struct Config {
     pub engine: EngineConfig,
     /// API tokens; none: the server binds loopback only and runs without auth.
     pub tokens: Vec<TokenConfig>,
+    /// `[[webhooks]]`: where status changes are POSTed (see [`crate::webhooks`]).
+    pub webhooks: Vec<crate::webhooks::WebhookConfig>,
     /// `CHIFFON_AUDIT_KEY` (environment only, never in the file): the audit chain's HMAC
     /// key. Kept so the redactor strikes it.
     #[serde(skip)]
@@ -202,6 +208,7 @@ impl Default for Config {
             planner: PlannerConfig::default(),
             engine: EngineConfig::default(),
             tokens: Vec::new(),
+            webhooks: Vec::new(),
             audit_key: None,
         }
     }
@@ -413,6 +420,9 @@ impl Config {
                 )));
             }
         }
+        for hook in &self.webhooks {
+            hook.validate().map_err(ConfigError::Invalid)?;
+        }
         if let Some(limit) = self.engine.approval.cost_limit_usd {
             if !(limit.is_finite() && limit >= 0.0) {
                 return Err(ConfigError::Invalid(
@@ -488,11 +498,20 @@ impl Config {
             urls.push(&o.host);
         }
         secrets.extend(self.tokens.iter().map(|t| t.token.clone()));
+        secrets.extend(self.webhooks.iter().map(|w| w.secret.clone()));
         secrets.extend(self.audit_key.iter().map(|k| k.expose().to_string()));
         for url in urls {
             secrets.extend(url_password(url));
         }
         Redactor::new(secrets)
+    }
+
+    /// Where people open the console: `server.public_url`, else `http://BIND`.
+    pub fn console_url(&self) -> String {
+        match &self.server.public_url {
+            Some(u) => u.trim_end_matches('/').to_string(),
+            None => format!("http://{}", self.bind),
+        }
     }
 
     /// Whether API tokens are configured (otherwise: loopback only, no auth).
@@ -787,6 +806,35 @@ role = "approver"
         )
         .unwrap();
         assert_eq!(c.server.allowed_hosts, vec!["ops.example.com", "[fd00::1]"]);
+    }
+
+    #[test]
+    fn webhooks_parse_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[server]\npublic_url = \"https://c.example/\"\n\
+             [[webhooks]]\nurl = \"https://h.example/x\"\nsecret = \"s3cr3t-webhook-key\"\n\
+             events = [\"request.failed\"]\nformat = \"slack\"\n",
+        )
+        .unwrap();
+        let c = Config::load_with(Some(&path), &ConfigOverrides::default(), env(&[])).unwrap();
+        assert_eq!(c.webhooks.len(), 1);
+        assert_eq!(c.console_url(), "https://c.example");
+        assert!(c
+            .redactor()
+            .redact("x s3cr3t-webhook-key")
+            .contains("[REDACTED]"));
+        std::fs::write(
+            &path,
+            "[[webhooks]]\nurl = \"https://h.example/x\"\nsecret = \"s3cr3t-webhook-key\"\nevents = [\"request.nope\"]\n",
+        )
+        .unwrap();
+        let e = Config::load_with(Some(&path), &ConfigOverrides::default(), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("request.nope") && !e.contains("s3cr3t"), "{e}");
     }
 
     #[test]

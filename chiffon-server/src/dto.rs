@@ -275,6 +275,10 @@ pub struct RequestDto {
     pub updated_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps: Option<Vec<StepDto>>,
+    /// Why a `queued` or `running` request is not moving (no agent of the type, none alive,
+    /// none with the resources it needs…); only in `GET /request/{id}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_reason: Option<String>,
 }
 
 impl From<Request> for RequestDto {
@@ -295,6 +299,7 @@ impl From<Request> for RequestDto {
             created_at: r.created_at,
             updated_at: r.updated_at,
             steps: None,
+            waiting_reason: None,
         }
     }
 }
@@ -303,6 +308,7 @@ impl From<RequestView> for RequestDto {
     fn from(v: RequestView) -> Self {
         let mut dto = RequestDto::from(v.request);
         dto.steps = Some(v.steps.into_iter().map(Into::into).collect());
+        dto.waiting_reason = v.waiting_reason;
         dto
     }
 }

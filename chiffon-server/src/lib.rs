@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod routes;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+pub mod webhooks;
 
 pub use app::{App, AppOptions, HostedAgent, StartError};
 pub use config::{Config, ConfigError, ConfigOverrides, Role};

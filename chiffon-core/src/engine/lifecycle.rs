@@ -17,6 +17,9 @@ use crate::model::{
     NewRequest, RequestFilter, RequestPatch, RequestStatus, StepPatch, StepStatus,
 };
 
+/// Status changes kept for a slow notifier.
+const STATUS_CHANGES_BACKLOG: usize = 1024;
+
 /// Longest request text accepted.
 pub const MAX_TEXT_LEN: usize = 10_000;
 
@@ -118,6 +121,9 @@ pub(super) struct Inner {
     /// Requests this instance is planning now.
     pub planning_now: Mutex<std::collections::HashSet<Uuid>>,
     pub reservations: Mutex<std::collections::HashMap<String, Vec<Reservation>>>,
+    /// Every request status change this instance made, for notifiers (webhooks). Bounded:
+    /// a receiver that falls behind loses the oldest, never slows the engine.
+    pub status_changes: broadcast::Sender<Request>,
 }
 
 /// The result of verifying the audit trail: the hash chain and the git commits.
@@ -152,6 +158,7 @@ impl Engine {
                 reservations: Mutex::new(Default::default()),
                 planning_now: Mutex::new(Default::default()),
                 audit_appender: std::sync::OnceLock::new(),
+                status_changes: broadcast::channel(STATUS_CHANGES_BACKLOG).0,
             }),
         }
     }
@@ -649,7 +656,27 @@ impl Engine {
     pub async fn get(&self, id: Uuid) -> Result<RequestView, EngineError> {
         let request = self.get_request(id).await?;
         let steps = self.inner.store.steps(id).await?;
-        Ok(RequestView { request, steps })
+        let waiting_reason = if matches!(
+            request.status,
+            RequestStatus::Queued | RequestStatus::Running
+        ) {
+            let agents = self.inner.store.agents().await?;
+            super::waiting::waiting_reason(
+                &request,
+                &steps,
+                &agents,
+                chrono::TimeDelta::from_std(self.inner.config.dispatch.heartbeat_max_age)
+                    .unwrap_or(chrono::TimeDelta::MAX),
+                chrono::Utc::now(),
+            )
+        } else {
+            None
+        };
+        Ok(RequestView {
+            request,
+            steps,
+            waiting_reason,
+        })
     }
 
     /// Requests, newest first.
@@ -671,6 +698,13 @@ impl Engine {
     /// Live events of a request from now on (status changes, progress, output lines).
     pub fn subscribe(&self, id: Uuid) -> broadcast::Receiver<EngineEvent> {
         self.inner.events.subscribe(id)
+    }
+
+    /// Every status change this instance makes from now on (the request as it is after
+    /// the change). Each change is made by exactly one instance (the transition is
+    /// conditional), so a notifier on every instance notifies each change once.
+    pub fn subscribe_status_changes(&self) -> broadcast::Receiver<Request> {
+        self.inner.status_changes.subscribe()
     }
 
     /// Known agents with their last heartbeat.
@@ -886,6 +920,8 @@ impl Engine {
             self.inner.config.redactor.redact_error(e);
         }
         let updated = self.inner.store.transition(id, from, to, &patch).await?;
+        // No receiver (no notifier configured) is fine.
+        let _ = self.inner.status_changes.send(updated.clone());
         self.inner.events.publish(EngineEvent::Status {
             request_id: id,
             status: to,

@@ -17,6 +17,7 @@ mod events;
 mod lifecycle;
 mod planning;
 mod runtime;
+pub mod waiting;
 pub use runtime::MAX_FAILED_DELIVERIES;
 
 pub use events::{EngineEvent, EventHub, Subscription};
@@ -66,6 +67,10 @@ pub struct RequestView {
     #[serde(flatten)]
     pub request: Request,
     pub steps: Vec<Step>,
+    /// Why a `queued` (or `running`) request is not moving: no agent of the type, none
+    /// alive, none with the resources (which), a retry backing off, a step nobody took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_reason: Option<String>,
 }
 
 /// Input of planning.
