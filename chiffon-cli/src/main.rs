@@ -1,12 +1,14 @@
 //! `chiffon`: the command line of Chiffon.
 //!
 //! Commands that talk to a server (`request`, `status`, `list`, `approve`, `reject`,
-//! `cancel`, `watch`, `logs`, `agents`, `costs`) use its HTTP API; `up`, `run`, `audit` and
+//! `cancel`, `watch`, `logs`, `agents`, `costs`, and `mcp`, an MCP server on stdio) use its
+//! HTTP API; `up`, `run`, `audit` and
 //! `migrate` run locally through the `chiffon-server` library. `--json` prints only JSON on
 //! stdout. Errors are one line on stderr and a non-zero exit status.
 
 mod client;
 mod local;
+mod mcp;
 mod render;
 
 use std::io::Write;
@@ -116,6 +118,9 @@ enum Command {
     Agents,
     /// LLM spend this month.
     Costs,
+    /// An MCP server on stdin/stdout for AI assistants: its tools call this server's HTTP
+    /// API (`--server`, `--token`). No tool approves.
+    Mcp,
     /// The audit log; `verify` checks its hash chain and the git trail.
     Audit {
         #[command(subcommand)]
@@ -236,6 +241,14 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             )
             .await
         }
+        Command::Mcp => {
+            // stdout carries the protocol only; nothing else may print there.
+            let client = Client::new(&cli.server, cli.token)?;
+            chiffon_server::mcp::serve_stdio(mcp::RemoteApi::new(client))
+                .await
+                .map_err(|e| anyhow::anyhow!("mcp: {e}"))?;
+            Ok(0)
+        }
         other => {
             let client = Client::new(&cli.server, cli.token)?;
             remote(&client, other, json).await
@@ -355,7 +368,8 @@ async fn remote(client: &Client, command: Command, json: bool) -> anyhow::Result
         Command::Up { .. }
         | Command::Run { .. }
         | Command::Audit { .. }
-        | Command::Migrate { .. } => bail!("this command runs locally"),
+        | Command::Migrate { .. }
+        | Command::Mcp => bail!("this command runs locally"),
     }
 }
 

@@ -608,3 +608,86 @@ impl From<EngineEvent> for EventDto {
         }
     }
 }
+
+/// `GET /actions`: the action catalog, by name.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ActionsDto {
+    pub actions: Vec<ActionDto>,
+}
+
+/// One catalog action, as a planner (or an MCP client) sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ActionDto {
+    pub name: String,
+    pub description: String,
+    /// The agents that run it consume `agent.{agent_type}`.
+    pub agent_type: String,
+    pub keywords: Vec<String>,
+    /// Whether an approval policy may skip the gate for it.
+    pub auto_approve: bool,
+    /// Whether it can run as a dry run (check mode).
+    pub check_mode: bool,
+    pub timeout_seconds: Option<u64>,
+    /// The parameters as a JSON Schema object (`properties`, `required`).
+    #[schema(value_type = Object)]
+    pub parameters: Value,
+    #[schema(value_type = Object)]
+    pub resources: Value,
+}
+
+impl From<&chiffon_core::catalog::ActionSpec> for ActionDto {
+    fn from(a: &chiffon_core::catalog::ActionSpec) -> Self {
+        use chiffon_core::catalog::ParamType;
+        let mut properties = Map::new();
+        let mut required = Vec::new();
+        for (name, p) in &a.parameters {
+            let mut s = Map::new();
+            let kind = match p.kind {
+                ParamType::String => "string",
+                ParamType::Integer => "integer",
+                ParamType::Boolean => "boolean",
+            };
+            s.insert("type".into(), kind.into());
+            if let Some(d) = &p.description {
+                s.insert("description".into(), d.clone().into());
+            }
+            if let Some(pat) = &p.pattern {
+                s.insert("pattern".into(), pat.clone().into());
+            }
+            if let Some(d) = &p.default {
+                if let Ok(v) = serde_json::to_value(d) {
+                    s.insert("default".into(), v);
+                }
+            }
+            if let Some(n) = p.max_length {
+                s.insert("maxLength".into(), n.into());
+            }
+            if let Some(n) = p.min {
+                s.insert("minimum".into(), n.into());
+            }
+            if let Some(n) = p.max {
+                s.insert("maximum".into(), n.into());
+            }
+            if p.required {
+                required.push(Value::from(name.clone()));
+            }
+            properties.insert(name.clone(), Value::Object(s));
+        }
+        ActionDto {
+            name: a.name.clone(),
+            description: a.description.clone(),
+            agent_type: a.agent_type.clone(),
+            keywords: a.keywords.clone(),
+            auto_approve: a.auto_approve,
+            check_mode: a.check_mode,
+            timeout_seconds: a.timeout_seconds,
+            parameters: serde_json::json!({
+                "type": "object",
+                "properties": properties,
+                "required": required,
+                "additionalProperties": false,
+            }),
+            resources: serde_json::to_value(&a.resources).unwrap_or_default(),
+        }
+    }
+}
