@@ -5,7 +5,7 @@
 //! `chiffon_server::AppOptions::with_agent(HealthCheckAgent)` (README.md).
 use chiffon_agent_kit::{Agent, AgentError, TaskContext, TaskOutcome};
 use chiffon_protocol::WorkRequest;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 pub struct HealthCheckAgent;
 
@@ -14,15 +14,8 @@ async fn get_status(host: &str, path: &str) -> std::io::Result<u16> {
     let mut s = tokio::net::TcpStream::connect(host).await?;
     let req = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await?;
-    let (mut head, mut buf) = (Vec::new(), [0; 256]);
-    while !head.contains(&b'\n') && head.len() < 1024 {
-        let n = s.read(&mut buf).await?; // the status line is all we need
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let line = String::from_utf8_lossy(&head);
+    let mut line = String::new(); // the status line is all we need
+    BufReader::new(s).take(1024).read_line(&mut line).await?;
     let code = line.split(' ').nth(1).and_then(|c| c.parse().ok());
     code.ok_or_else(|| std::io::Error::other("not an HTTP answer"))
 }
@@ -44,11 +37,7 @@ impl Agent for HealthCheckAgent {
             return Err(AgentError::InvalidParameters(format!("bad url `{url}`")));
         };
         let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let host = if host.contains(':') {
-            host.to_string()
-        } else {
-            format!("{host}:80")
-        };
+        let host = format!("{host}{}", if host.contains(':') { "" } else { ":80" });
         ctx.progress(10, format!("connecting to {host}"));
         let code = tokio::select! {
             r = get_status(&host, path) => r.map_err(|e| AgentError::failed(format!("{url}: {e}")))?,
