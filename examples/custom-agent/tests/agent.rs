@@ -1,9 +1,12 @@
-//! The custom agent on the in-process bus, fed `work_request`s as the engine would send them.
+//! The custom agent on the in-process bus and on RabbitMQ (`CHIFFON_TEST_AMQP_URL`, default
+//! the local guest; its own queue names; under `CI=true` an unreachable broker fails), fed
+//! `work_request`s as the engine would send them.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chiffon_agent_kit::{Runner, RunnerConfig};
+use chiffon_core::transport::amqp::AmqpTransport;
 use chiffon_core::transport::memory::MemoryTransport;
 use chiffon_core::transport::{ConsumeOptions, Consumer, Topology, Transport};
 use chiffon_protocol::{Envelope, ErrorCode, Message, TaskState, WorkRequest, WorkResult};
@@ -39,19 +42,17 @@ fn work(url: String) -> WorkRequest {
     }
 }
 
-/// Sends `w` to `agent.http_check` and waits for its result, with the progress seen.
+/// Sends `w` to `agent.http_check` (under the bus's prefix) and waits for its result, with the progress seen.
 async fn run(
     bus: &Arc<dyn Transport>,
     results: &mut Consumer,
     w: WorkRequest,
 ) -> (WorkResult, Vec<u32>) {
     let id = w.task_id;
-    bus.publish(
-        "agent.http_check",
-        &Envelope::new("t", None, Message::WorkRequest(w)),
-    )
-    .await
-    .unwrap();
+    let queue = bus.topology().agent_queue("http_check");
+    bus.publish(&queue, &Envelope::new("t", None, Message::WorkRequest(w)))
+        .await
+        .unwrap();
     let mut progress = Vec::new();
     loop {
         let d = tokio::time::timeout(Duration::from_secs(30), results.next())
@@ -71,10 +72,34 @@ async fn run(
 #[tokio::test]
 async fn checks_endpoints_on_the_in_process_bus() {
     let bus: Arc<dyn Transport> = Arc::new(MemoryTransport::new(Topology::contract()));
+    exercise(bus).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_endpoints_over_rabbitmq() {
+    let url = std::env::var("CHIFFON_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let prefix = format!("t{}.", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let amqp = match AmqpTransport::connect(&url, Topology::with_prefix(&prefix)).await {
+        Ok(t) => t,
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("RabbitMQ unreachable under CI=true: {e}")
+        }
+        Err(e) => return eprintln!("SKIPPED: RabbitMQ unreachable: {e}"),
+    };
+    exercise(Arc::new(amqp.clone())).await;
+    let _ = amqp.delete_topology().await;
+    amqp.close().await;
+}
+
+/// The agent served on `bus`: a healthy endpoint, a failing one, a bad URL.
+async fn exercise(bus: Arc<dyn Transport>) {
     bus.declare_topology().await.unwrap();
-    bus.declare_queue("agent.http_check").await.unwrap();
+    let queue = bus.topology().agent_queue("http_check");
+    bus.declare_queue(&queue).await.unwrap();
+    let results_queue = bus.topology().results_queue.clone();
     let mut results = bus
-        .consume("orchestrator.results", ConsumeOptions::default())
+        .consume(&results_queue, ConsumeOptions::default())
         .await
         .unwrap();
     let stop = CancellationToken::new();
