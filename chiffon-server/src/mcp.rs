@@ -410,6 +410,13 @@ impl<A: HttpApi> ServerHandler for ChiffonMcp<A> {
                 }
             }
         }
+        // An unknown tool (say, an approval tool a client hoped for) is a protocol error.
+        if !Self::tools().iter().any(|t| t.name == request.name) {
+            return Err(ErrorData::invalid_params(
+                format!("unknown tool `{}`", request.name),
+                None,
+            ));
+        }
         let args = request.arguments.unwrap_or_default();
         Ok(self.run_tool(&request.name, &args, caller).await.into())
     }
