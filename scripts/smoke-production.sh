@@ -35,8 +35,8 @@ export CHIFFON_AGENT_USERS=chiffon-agent-infra,chiffon-agent-desktop
 export CHIFFON_ORCHESTRATOR_USERS=chiffon-orchestrator
 "$bin/chiffon" migrate
 CHIFFON_AMQP_URL=$CHIFFON_BROKER_ORCHESTRATOR_URL "$bin/chiffon-server" >"$state/server.log" 2>&1 & pids+=($!)
-CHIFFON_AMQP_URL=$CHIFFON_BROKER_INFRA_AGENT_URL "$bin/chiffon-infra-agent" --heartbeat-seconds 2 >"$state/infra.log" 2>&1 & pids+=($!)
-CHIFFON_AMQP_URL=$CHIFFON_BROKER_DESKTOP_AGENT_URL "$bin/chiffon-desktop-agent" --heartbeat-seconds 2 >"$state/desktop.log" 2>&1 & pids+=($!)
+CHIFFON_AMQP_URL=$CHIFFON_BROKER_INFRA_AGENT_URL "$bin/chiffon-infra-agent" --heartbeat-seconds 2 --state-dir "$state/infra" >"$state/infra.log" 2>&1 & pids+=($!)
+CHIFFON_AMQP_URL=$CHIFFON_BROKER_DESKTOP_AGENT_URL "$bin/chiffon-desktop-agent" --heartbeat-seconds 2 --state-dir "$state/desktop" >"$state/desktop.log" 2>&1 & pids+=($!)
 for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/18080) 2>/dev/null && break; sleep 0.2; done
 
 target="$state/www"
@@ -54,7 +54,7 @@ import json, sys
 r = json.load(sys.stdin)
 assert r["status"] == "completed", r
 assert r["commit_id"], r
-print("smoke: request", r["id"], "completed, audit commit", r["commit_id"])'
+print("smoke: request", r["request_id"], "completed, audit commit", r["commit_id"])'
 [ -d "$target" ] || { echo "smoke: $target was not created" >&2; exit 1; }
 agents=$("$bin/chiffon" --json agents)
 echo "$agents" | python3 -c '

@@ -242,6 +242,8 @@ async fn system(tune: impl FnOnce(&mut Config)) -> Option<System> {
         .arg(repo().join("playbooks"))
         .arg("--ansible-playbook")
         .arg(ansible())
+        .arg("--state-dir")
+        .arg(dir.path().join("agent-state"))
         .env("ANSIBLE_LOCAL_TEMP", dir.path().join("ansible-tmp"))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

@@ -305,6 +305,11 @@ async fn sigkilled_agent_binary_task_is_redelivered_and_completed_once() {
         ])
         .arg("--playbooks")
         .arg(common::playbooks())
+        .arg("--state-dir")
+        .arg(std::env::temp_dir().join(format!(
+            "chiffon-agent-test-{}",
+            uuid::Uuid::new_v4().simple()
+        )))
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -350,6 +355,11 @@ async fn sigterm_lets_the_agent_binary_finish_its_task() {
         .args(["--agent-id", "polite", "--shutdown-grace", "30"])
         .arg("--playbooks")
         .arg(common::playbooks())
+        .arg("--state-dir")
+        .arg(std::env::temp_dir().join(format!(
+            "chiffon-agent-test-{}",
+            uuid::Uuid::new_v4().simple()
+        )))
         .kill_on_drop(true)
         .spawn()
         .unwrap();

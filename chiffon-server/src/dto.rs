@@ -155,6 +155,38 @@ pub struct PlanStepDto {
     pub agent_type: String,
     pub resources: ResourcesDto,
     pub reason: String,
+    /// The automatic dry run of this step, run while the plan awaits approval (check-mode
+    /// actions only); only in `GET /request/{id}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<PreviewDto>,
+}
+
+/// What a step would change, from its check-mode run before approval.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PreviewDto {
+    /// `pending`, `completed` or `failed` (a failed preview blocks nothing).
+    pub status: String,
+    /// Whether the step would change anything.
+    pub changed: Option<bool>,
+    /// Unified diff of what it would change.
+    pub diff: Option<String>,
+    pub error: Option<ErrorDto>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl From<chiffon_core::model::StepPreview> for PreviewDto {
+    fn from(p: chiffon_core::model::StepPreview) -> Self {
+        PreviewDto {
+            status: serde_json::to_value(p.status)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            changed: p.changed,
+            diff: p.diff,
+            error: p.error.map(Into::into),
+            finished_at: p.finished_at,
+        }
+    }
 }
 
 impl From<PlanStep> for PlanStepDto {
@@ -168,6 +200,7 @@ impl From<PlanStep> for PlanStepDto {
                 memory_gb: s.resources.memory_gb,
             },
             reason: s.reason,
+            preview: None,
         }
     }
 }
@@ -257,6 +290,9 @@ impl From<Step> for StepDto {
 /// (without).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RequestDto {
+    /// The request's id, under the name every answer gives it.
+    pub request_id: Uuid,
+    /// The same as `request_id` (an alias kept for compatibility).
     pub id: Uuid,
     pub trace_id: String,
     pub text: String,
@@ -284,6 +320,7 @@ pub struct RequestDto {
 impl From<Request> for RequestDto {
     fn from(r: Request) -> Self {
         RequestDto {
+            request_id: r.id,
             id: r.id,
             trace_id: r.trace_id,
             text: r.text,
@@ -307,6 +344,16 @@ impl From<Request> for RequestDto {
 impl From<RequestView> for RequestDto {
     fn from(v: RequestView) -> Self {
         let mut dto = RequestDto::from(v.request);
+        if let Some(plan) = dto.plan.as_mut() {
+            for (i, ps) in plan.steps.iter_mut().enumerate() {
+                ps.preview = v
+                    .steps
+                    .iter()
+                    .find(|s| s.seq as usize == i)
+                    .and_then(|s| s.preview.clone())
+                    .map(Into::into);
+            }
+        }
         dto.steps = Some(v.steps.into_iter().map(Into::into).collect());
         dto.waiting_reason = v.waiting_reason;
         dto
@@ -326,7 +373,15 @@ pub struct ListQuery {
     /// Only requests created before this instant (RFC 3339, years 0000-9999): the next page
     /// starts before the oldest `created_at` of the page before.
     pub before: Option<DateTime<Utc>>,
+    /// Only requests whose id starts with this (6 to 36 characters, hex digits and `-`,
+    /// case-insensitive, hyphens where the canonical form has them). With `limit=2`, how a
+    /// client resolves a short id: one match is the request, two mean ambiguous.
+    #[param(min_length = 6, max_length = 36, pattern = "^[0-9A-Fa-f-]{6,36}$")]
+    pub id_prefix: Option<String>,
 }
+
+/// Shortest `id_prefix` accepted.
+pub const MIN_ID_PREFIX_LEN: usize = 6;
 
 /// `GET /requests`: newest first.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -386,6 +441,13 @@ pub struct AgentDto {
     pub agent_type: String,
     pub hostname: String,
     pub last_seen: DateTime<Utc>,
+    /// Seconds since its last heartbeat, when this answer was made.
+    pub heartbeat_age_secs: i64,
+    /// `fresh`, `stale` (beats are being missed) or `offline` (silent for longer than
+    /// `heartbeat_max_age_secs`: no work is sent to it).
+    pub liveness: String,
+    /// The engine's `dispatch.heartbeat_max_age`.
+    pub heartbeat_max_age_secs: u64,
     pub running_tasks: u32,
     pub max_tasks: Option<u32>,
     pub queue: Option<String>,
@@ -399,10 +461,20 @@ pub struct AgentDto {
     pub gpus: Vec<Value>,
 }
 
-impl From<AgentRecord> for AgentDto {
-    fn from(a: AgentRecord) -> Self {
+impl AgentDto {
+    /// The agent as seen at `now` by an engine that stops counting heartbeats older than
+    /// `heartbeat_max_age`.
+    pub fn new(a: AgentRecord, now: DateTime<Utc>, heartbeat_max_age: std::time::Duration) -> Self {
+        let max_age =
+            chrono::TimeDelta::from_std(heartbeat_max_age).unwrap_or(chrono::TimeDelta::MAX);
+        let age = (now - a.last_seen).max(chrono::TimeDelta::zero());
         let hb = a.heartbeat;
         AgentDto {
+            heartbeat_age_secs: age.num_seconds(),
+            liveness: chiffon_core::engine::waiting::liveness(age, max_age)
+                .as_str()
+                .to_string(),
+            heartbeat_max_age_secs: heartbeat_max_age.as_secs(),
             agent_id: a.agent_id,
             broker_user: a.broker_user,
             agent_type: a.agent_type,
@@ -420,6 +492,17 @@ impl From<AgentRecord> for AgentDto {
                 .map(|g| serde_json::to_value(g).unwrap_or(Value::Null))
                 .collect(),
         }
+    }
+}
+
+impl From<AgentRecord> for AgentDto {
+    /// As seen now, against the default `dispatch.heartbeat_max_age`.
+    fn from(a: AgentRecord) -> Self {
+        AgentDto::new(
+            a,
+            Utc::now(),
+            chiffon_core::engine::DispatchConfig::default().heartbeat_max_age,
+        )
     }
 }
 
@@ -480,6 +563,8 @@ pub struct HealthDto {
     /// `ok` or the error.
     pub store: String,
     pub bus: String,
+    /// The git audit trail: `ok`, or the last commit's failure until one succeeds.
+    pub audit: String,
     pub store_backend: String,
     pub bus_backend: String,
     pub instance_id: String,
@@ -494,6 +579,7 @@ impl HealthDto {
             status: h.status,
             store: h.store,
             bus: h.bus,
+            audit: h.audit,
             store_backend: h.store_backend,
             bus_backend: h.bus_backend,
             instance_id: h.instance_id,
@@ -637,42 +723,6 @@ pub struct ActionDto {
 
 impl From<&chiffon_core::catalog::ActionSpec> for ActionDto {
     fn from(a: &chiffon_core::catalog::ActionSpec) -> Self {
-        use chiffon_core::catalog::ParamType;
-        let mut properties = Map::new();
-        let mut required = Vec::new();
-        for (name, p) in &a.parameters {
-            let mut s = Map::new();
-            let kind = match p.kind {
-                ParamType::String => "string",
-                ParamType::Integer => "integer",
-                ParamType::Boolean => "boolean",
-            };
-            s.insert("type".into(), kind.into());
-            if let Some(d) = &p.description {
-                s.insert("description".into(), d.clone().into());
-            }
-            if let Some(pat) = &p.pattern {
-                s.insert("pattern".into(), pat.clone().into());
-            }
-            if let Some(d) = &p.default {
-                if let Ok(v) = serde_json::to_value(d) {
-                    s.insert("default".into(), v);
-                }
-            }
-            if let Some(n) = p.max_length {
-                s.insert("maxLength".into(), n.into());
-            }
-            if let Some(n) = p.min {
-                s.insert("minimum".into(), n.into());
-            }
-            if let Some(n) = p.max {
-                s.insert("maximum".into(), n.into());
-            }
-            if p.required {
-                required.push(Value::from(name.clone()));
-            }
-            properties.insert(name.clone(), Value::Object(s));
-        }
         ActionDto {
             name: a.name.clone(),
             description: a.description.clone(),
@@ -681,12 +731,7 @@ impl From<&chiffon_core::catalog::ActionSpec> for ActionDto {
             auto_approve: a.auto_approve,
             check_mode: a.check_mode,
             timeout_seconds: a.timeout_seconds,
-            parameters: serde_json::json!({
-                "type": "object",
-                "properties": properties,
-                "required": required,
-                "additionalProperties": false,
-            }),
+            parameters: a.parameters_schema(false),
             resources: serde_json::to_value(&a.resources).unwrap_or_default(),
         }
     }

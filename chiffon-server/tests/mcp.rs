@@ -149,7 +149,7 @@ async fn tools_behind_tokens_and_roles() {
         &router,
         REQUESTER,
         "submit_request",
-        json!({"text": "steps=1 sleep=60000", "dry_run": false}),
+        json!({"text": "steps=1", "dry_run": false}),
     )
     .await;
     assert_eq!(submitted["isError"], false, "{submitted}");

@@ -17,6 +17,9 @@ use crate::model::{
     NewRequest, RequestFilter, RequestPatch, RequestStatus, StepPatch, StepStatus,
 };
 
+/// A git lock file older than this was left by a crashed writer.
+const STALE_GIT_LOCK: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Status changes kept for a slow notifier.
 const STATUS_CHANGES_BACKLOG: usize = 1024;
 
@@ -124,6 +127,9 @@ pub(super) struct Inner {
     /// Every request status change this instance made, for notifiers (webhooks). Bounded:
     /// a receiver that falls behind loses the oldest, never slows the engine.
     pub status_changes: broadcast::Sender<Request>,
+    /// The last git trail failure, cleared by the next commit that succeeds: `/health` is
+    /// degraded while it is set.
+    pub git_error: Mutex<Option<String>>,
 }
 
 /// The result of verifying the audit trail: the hash chain and the git commits.
@@ -132,6 +138,16 @@ pub struct AuditReport {
     pub chain: AuditVerification,
     /// Terminal requests that were approved and have no audit commit.
     pub missing_commits: Vec<Uuid>,
+    /// Finished requests whose git record does not verify: missing at the tip, changed
+    /// after it was written, its commit not in the branch's history, or no audit entries.
+    #[serde(default)]
+    pub record_problems: Vec<crate::audit::git::RecordProblem>,
+    /// The newest chain head anchored in git, and whether the log still agrees with it.
+    #[serde(default)]
+    pub anchor: Option<String>,
+    /// Everything wrong, in words.
+    #[serde(default)]
+    pub problems: Vec<String>,
     pub ok: bool,
 }
 
@@ -159,6 +175,7 @@ impl Engine {
                 planning_now: Mutex::new(Default::default()),
                 audit_appender: std::sync::OnceLock::new(),
                 status_changes: broadcast::channel(STATUS_CHANGES_BACKLOG).0,
+                git_error: Mutex::new(None),
             }),
         }
     }
@@ -269,6 +286,52 @@ impl Engine {
         let Ok(_permit) = self.inner.planning.clone().acquire_owned().await else {
             return;
         };
+        // Planning is claimed with a lease, renewed while it runs: another instance (or
+        // this one after a restart) resumes a request whose planner died once the lease
+        // lapses, and never plans one someone else is planning.
+        let lease = self.inner.config.dispatch.planning_lease;
+        let owner = self.inner.config.instance_id.clone();
+        match self
+            .inner
+            .store
+            .claim_planning(request.id, &owner, lease)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!(request = %request.id, "planned elsewhere (or no longer planning)");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(request = %request.id, error = %e, "planning not claimed; the sweeper retries");
+                return;
+            }
+        }
+        let renewing = {
+            let store = self.inner.store.clone();
+            let id = request.id;
+            let owner = owner.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(lease / 3).await;
+                    match store.claim_planning(id, &owner, lease).await {
+                        Ok(true) => {}
+                        // Ended (no longer planning) or taken over: stop renewing.
+                        Ok(false) => break,
+                        Err(e) => {
+                            tracing::warn!(request = %id, error = %e, "planning lease not renewed")
+                        }
+                    }
+                }
+            })
+        };
+        struct Abort(tokio::task::JoinHandle<()>);
+        impl Drop for Abort {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _renewing = Abort(renewing);
         let input = PlanInput {
             request_id: request.id,
             text: request.text.clone(),
@@ -425,14 +488,17 @@ impl Engine {
             plan: Some(plan),
             ..Default::default()
         };
-        self.set_status(
-            request.id,
-            RequestStatus::Planning,
-            RequestStatus::AwaitingApproval,
-            patch,
-        )
-        .await
-        .ok();
+        if let Ok(waiting) = self
+            .set_status(
+                request.id,
+                RequestStatus::Planning,
+                RequestStatus::AwaitingApproval,
+                patch,
+            )
+            .await
+        {
+            self.start_previews(&waiting).await;
+        }
     }
 
     /// The auto-approval rule that lets this plan skip the gate, if any.
@@ -655,7 +721,11 @@ impl Engine {
     /// A request with its steps.
     pub async fn get(&self, id: Uuid) -> Result<RequestView, EngineError> {
         let request = self.get_request(id).await?;
-        let steps = self.inner.store.steps(id).await?;
+        let mut steps = self.inner.store.steps(id).await?;
+        let now = chrono::Utc::now();
+        for s in &mut steps {
+            super::preview::settle_overdue(s, now);
+        }
         let waiting_reason = if matches!(
             request.status,
             RequestStatus::Queued | RequestStatus::Running
@@ -764,7 +834,40 @@ impl Engine {
     /// git commit.
     pub async fn verify_audit(&self) -> Result<AuditReport, EngineError> {
         let chain = self.inner.store.verify_audit().await?;
+        let mut problems = Vec::new();
+        if !chain.ok {
+            problems.push(format!(
+                "the audit chain is broken at entry {}: {}",
+                chain
+                    .first_bad_seq
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "?".into()),
+                chain.problem.as_deref().unwrap_or("mismatch")
+            ));
+        }
+        // One pass over the log: which requests have entries, and each record's hash.
+        let mut with_entries = std::collections::HashSet::new();
+        let mut digests = std::collections::HashMap::new();
+        let mut after = 0i64;
+        loop {
+            let page = self.inner.store.audit_log(None, after, 1000).await?;
+            for e in &page {
+                if let Some(id) = e.request_id {
+                    with_entries.insert(id);
+                    if e.event == "committed" {
+                        if let Some(d) = e.details.get("record_sha256").and_then(|d| d.as_str()) {
+                            digests.insert(id, d.to_string());
+                        }
+                    }
+                }
+            }
+            match page.last() {
+                Some(last) if page.len() == 1000 => after = last.seq,
+                _ => break,
+            }
+        }
         let mut missing = Vec::new();
+        let mut record_problems = Vec::new();
         for status in [
             RequestStatus::Completed,
             RequestStatus::Failed,
@@ -779,21 +882,37 @@ impl Engine {
                     ..Default::default()
                 };
                 let page = self.inner.store.list_requests(&filter).await?;
-                let mut committed = Vec::new();
+                let mut expected = Vec::new();
                 for r in page.iter().filter(|r| r.approver.is_some()) {
-                    match r.commit_id {
-                        Some(_) => committed.push(r.id),
+                    if !with_entries.contains(&r.id) {
+                        record_problems.push(crate::audit::git::RecordProblem {
+                            id: r.id,
+                            reason: "it ended after approval but the audit log has no entry for it (rows deleted?)".into(),
+                        });
+                    }
+                    match &r.commit_id {
+                        Some(c) => expected.push(crate::audit::git::ExpectedRecord {
+                            id: r.id,
+                            commit: c.clone(),
+                            digest: digests.get(&r.id).cloned(),
+                        }),
                         None => missing.push(r.id),
                     }
                 }
                 // One look at the tip's tree per page: O(n) for the whole trail.
-                if let (Some(git), false) = (&self.inner.git, committed.is_empty()) {
+                if let (Some(git), false) = (&self.inner.git, expected.is_empty()) {
                     let git = git.clone();
-                    let absent = tokio::task::spawn_blocking(move || git.verify(&committed))
+                    let found = tokio::task::spawn_blocking(move || git.verify_records(&expected))
                         .await
                         .map_err(|e| EngineError::Invalid(format!("git verify task failed: {e}")))?
                         .map_err(|e| EngineError::Invalid(format!("git verify: {e}")))?;
-                    missing.extend(absent);
+                    for p in found {
+                        if p.reason.contains("missing at the branch tip") {
+                            missing.push(p.id);
+                        } else {
+                            record_problems.push(p);
+                        }
+                    }
                 }
                 if page.len() < 1000 {
                     break;
@@ -801,10 +920,52 @@ impl Engine {
                 before = page.last().map(|r| r.created_at);
             }
         }
-        let ok = chain.ok && missing.is_empty();
+        for id in &missing {
+            problems.push(format!(
+                "request {id} ended after approval and has no audit commit"
+            ));
+        }
+        for p in &record_problems {
+            problems.push(format!("request {}: {}", p.id, p.reason));
+        }
+        // The newest chain head anchored in git must still be in the log, unchanged: a log
+        // truncated, rewritten and re-chained, or emptied, no longer has it.
+        let mut anchor = None;
+        if let Some(git) = &self.inner.git {
+            let git = git.clone();
+            let latest = tokio::task::spawn_blocking(move || git.latest_anchor(1000))
+                .await
+                .map_err(|e| EngineError::Invalid(format!("git verify task failed: {e}")))?
+                .map_err(|e| EngineError::Invalid(format!("git verify: {e}")))?;
+            if let Some(a) = latest {
+                let now = self.inner.store.audit_hash_at(a.seq).await?;
+                let agrees = now.as_deref() == Some(a.hash.as_str());
+                anchor = Some(format!(
+                    "entry {} anchored in git {}",
+                    a.seq,
+                    if agrees { "matches" } else { "DIFFERS" }
+                ));
+                if !agrees {
+                    problems.push(match now {
+                        None => format!(
+                            "the audit log no longer has entry {} that git anchored: it was truncated or emptied",
+                            a.seq
+                        ),
+                        Some(_) => format!(
+                            "audit entry {} differs from the hash anchored in git: the log was rewritten",
+                            a.seq
+                        ),
+                    });
+                }
+            }
+        }
+        let ok = problems.is_empty();
         Ok(AuditReport {
             chain,
             missing_commits: missing,
+            record_problems,
+            anchor,
+            problems,
             ok,
         })
     }
@@ -819,8 +980,19 @@ impl Engine {
             Ok(()) => "ok".to_string(),
             Err(e) => format!("error: {e}"),
         };
+        let audit = match self
+            .inner
+            .git_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            None => "ok".to_string(),
+            Some(e) => format!("error: the last audit commit failed: {e}"),
+        };
         Health {
-            status: if store == "ok" && bus == "ok" {
+            audit: audit.clone(),
+            status: if store == "ok" && bus == "ok" && audit == "ok" {
                 "ok"
             } else {
                 "degraded"
@@ -1002,7 +1174,9 @@ impl Engine {
         let commit = self.commit_record(&request, to, error.as_ref()).await;
         let patch = RequestPatch {
             error: error.clone(),
-            commit_id: commit.as_ref().and_then(|c| c.as_ref().ok().cloned()),
+            commit_id: commit
+                .as_ref()
+                .and_then(|c| c.as_ref().ok().map(|(c, _)| c.clone())),
             ..Default::default()
         };
         match self.set_status(id, from, to, patch).await {
@@ -1020,11 +1194,11 @@ impl Engine {
             },
         }];
         match commit {
-            Some(Ok(c)) => audit.push(NewAuditEntry {
+            Some(Ok((c, digest))) => audit.push(NewAuditEntry {
                 request_id: Some(id),
                 actor: "engine".into(),
                 event: "committed".into(),
-                details: json!({ "commit": c }),
+                details: json!({ "commit": c, "record_sha256": digest }),
             }),
             Some(Err(message)) => audit.push(NewAuditEntry {
                 request_id: Some(id),
@@ -1046,7 +1220,7 @@ impl Engine {
         request: &Request,
         to: RequestStatus,
         error: Option<&ErrorPayload>,
-    ) -> Option<Result<String, String>> {
+    ) -> Option<Result<(String, String), String>> {
         let (Some(git), Some(approver)) = (&self.inner.git, &request.approver) else {
             return None;
         };
@@ -1088,6 +1262,13 @@ impl Engine {
             } else {
                 summary
             },
+            anchor: self
+                .inner
+                .store
+                .audit_head()
+                .await
+                .ok()
+                .map(|(seq, hash)| crate::audit::git::ChainAnchor { seq, hash }),
             author_name: approver.clone(),
             author_email: format!(
                 "{}@chiffon",
@@ -1098,15 +1279,42 @@ impl Engine {
             ),
             document,
         };
+        let digest = match crate::audit::git::record_digest(&record) {
+            Ok(d) => d,
+            Err(e) => return Some(Err(e.to_string())),
+        };
         let git = git.clone();
-        match tokio::task::spawn_blocking(move || git.commit_request(&record)).await {
-            Ok(Ok(commit)) => Some(Ok(commit)),
+        let outcome = tokio::task::spawn_blocking(move || {
+            match git.commit_request(&record) {
+                Err(e) if e.is_transient() => {
+                    // A ref lock left by a crashed writer stops the trail for good unless it
+                    // goes: clear stale ones and try once more.
+                    if !git.clear_stale_locks(STALE_GIT_LOCK).is_empty() {
+                        return git.commit_request(&record);
+                    }
+                    Err(e)
+                }
+                other => other,
+            }
+        })
+        .await;
+        let outcome = match outcome {
+            Ok(Ok(commit)) => Some(Ok((commit, digest))),
             Ok(Err(e)) => {
                 tracing::error!(request = %request.id, error = %e, "audit commit failed; `chiffon audit verify` will report it");
                 Some(Err(e.to_string()))
             }
             Err(e) => Some(Err(format!("audit commit task failed: {e}"))),
-        }
+        };
+        *self
+            .inner
+            .git_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = match &outcome {
+            Some(Err(e)) => Some(e.clone()),
+            _ => None,
+        };
+        outcome
     }
 
     /// Appends to the audit log. A failure is logged, never swallowed silently: the

@@ -16,6 +16,7 @@
 mod events;
 mod lifecycle;
 mod planning;
+mod preview;
 mod runtime;
 pub mod waiting;
 pub use runtime::MAX_FAILED_DELIVERIES;
@@ -130,6 +131,9 @@ pub struct ApprovalConfig {
     pub expire_after: Option<Duration>,
     /// Dry runs change nothing, so they skip the gate (audited as rule `dry_run`).
     pub dry_run_skips_approval: bool,
+    /// While a plan awaits approval, run each check-mode step in check mode and show what
+    /// it would change (`plan.steps[i].preview`).
+    pub preview: bool,
 }
 
 impl Default for ApprovalConfig {
@@ -140,6 +144,7 @@ impl Default for ApprovalConfig {
             auto_approve_max_cost_usd: None,
             expire_after: Some(Duration::from_secs(24 * 3600)),
             dry_run_skips_approval: true,
+            preview: true,
         }
     }
 }
@@ -171,6 +176,13 @@ pub struct DispatchConfig {
     pub planning_concurrency: usize,
     /// Unacked deliveries held per consumer.
     pub prefetch: u16,
+    /// The lease on a request being planned, renewed every third of it while planning
+    /// runs; a request whose planner died is resumed once it lapses.
+    #[serde(with = "secs")]
+    pub planning_lease: Duration,
+    /// How long an automatic dry run before approval may take before it shows as failed.
+    #[serde(with = "secs")]
+    pub preview_timeout: Duration,
 }
 
 impl Default for DispatchConfig {
@@ -185,6 +197,8 @@ impl Default for DispatchConfig {
             tick: Duration::from_millis(500),
             planning_concurrency: 8,
             prefetch: 64,
+            preview_timeout: Duration::from_secs(120),
+            planning_lease: Duration::from_secs(30),
         }
     }
 }
@@ -322,6 +336,8 @@ pub struct Health {
     pub status: String,
     pub store: String,
     pub bus: String,
+    /// The git audit trail: `ok`, or the last commit's failure until one succeeds.
+    pub audit: String,
     pub store_backend: String,
     pub bus_backend: String,
     pub instance_id: String,

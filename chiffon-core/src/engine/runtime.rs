@@ -498,6 +498,10 @@ impl Engine {
         let step = match self.inner.store.get_step(r.task_id).await {
             Ok(step) => step,
             Err(StoreError::NotFound { .. }) => {
+                // The dry run of a step awaiting approval?
+                if let Some(step) = self.inner.store.step_by_preview(r.task_id).await? {
+                    return self.on_preview_result(step, r, publisher).await;
+                }
                 tracing::warn!(task = %r.task_id, "result for an unknown task ignored");
                 return Ok(());
             }
@@ -952,7 +956,11 @@ impl Engine {
 
     /// Publishes to a queue, declaring it first (once per process) so a direct exchange
     /// never drops the message for want of a binding.
-    async fn publish_to(&self, queue: &str, env: &Envelope) -> Result<(), TransportError> {
+    pub(super) async fn publish_to(
+        &self,
+        queue: &str,
+        env: &Envelope,
+    ) -> Result<(), TransportError> {
         let known = self
             .inner
             .declared
@@ -1007,15 +1015,15 @@ impl Engine {
                 }
             }
         }
-        // Planning interrupted by a crash (or a lost instance): plan it again. Transitions
-        // are conditional, so a planning that was only slow cannot apply twice.
-        let filter = RequestFilter {
-            status: Some(RequestStatus::Planning),
-            updated_before: Some(now - STALE_PLANNING),
-            limit: Some(20),
-            ..Default::default()
-        };
-        for r in self.inner.store.list_requests(&filter).await? {
+        // Planning interrupted by a crash (or a lost instance): its lease lapsed, so plan it
+        // again (a claim that was never made: after 5 minutes). Transitions are conditional,
+        // and the lease keeps two instances from planning one request at once.
+        for r in self
+            .inner
+            .store
+            .planning_to_resume(now - STALE_PLANNING, 20)
+            .await?
+        {
             let engine = self.clone();
             self.inner
                 .tasks

@@ -71,6 +71,15 @@ impl StoreError {
 }
 
 /// Persistence for the engine. Object-safe: the engine holds an `Arc<dyn Store>`.
+/// `plan_steps.preview_status` of a preview.
+pub(crate) fn preview_status_str(s: crate::model::PreviewStatus) -> &'static str {
+    match s {
+        crate::model::PreviewStatus::Pending => "pending",
+        crate::model::PreviewStatus::Completed => "completed",
+        crate::model::PreviewStatus::Failed => "failed",
+    }
+}
+
 /// How long an agent must be silent before another broker user may register its id.
 pub const AGENT_TAKEOVER_AFTER: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
 
@@ -138,6 +147,42 @@ pub trait Store: Send + Sync + 'static {
         task_id: Uuid,
         attempt: u32,
         broker_user: &str,
+    ) -> Result<bool, StoreError>;
+    /// Claims (or renews) the planning of request `id` for `owner` until now + `lease`:
+    /// only while it is `planning` and nobody else holds an unexpired claim. Returns whether
+    /// `owner` holds it now.
+    async fn claim_planning(
+        &self,
+        id: Uuid,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError>;
+    /// Requests in `planning` nobody is planning: their claim lapsed, or they were never
+    /// claimed and last changed before `stale_unleased`. Oldest first.
+    async fn planning_to_resume(
+        &self,
+        stale_unleased: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Request>, StoreError>;
+    /// The audit chain's head: the last sequence number and its hash.
+    async fn audit_head(&self) -> Result<(i64, String), StoreError>;
+    /// The hash of audit entry `seq`, if it exists.
+    async fn audit_hash_at(&self, seq: i64) -> Result<Option<String>, StoreError>;
+    /// Records that the step's automatic dry run was published (`preview.task_id`,
+    /// status `pending`), replacing an earlier one.
+    async fn start_step_preview(
+        &self,
+        task_id: Uuid,
+        preview: &StepPreview,
+    ) -> Result<(), StoreError>;
+    /// The step whose dry-run task is `preview_task_id`, if any.
+    async fn step_by_preview(&self, preview_task_id: Uuid) -> Result<Option<Step>, StoreError>;
+    /// Stores the dry run's outcome, once: only while that preview task is still pending.
+    /// Returns whether it was stored.
+    async fn finish_step_preview(
+        &self,
+        task_id: Uuid,
+        preview: &StepPreview,
     ) -> Result<bool, StoreError>;
     /// Steps `dispatched` or `running` whose `deadline_at` is before `now`.
     async fn overdue_steps(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Step>, StoreError>;

@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use chiffon_protocol::{ErrorPayload, Heartbeat, Resources};
 
-use super::{fits_budget, lease_end, Store, StoreError, AGENT_TAKEOVER_AFTER};
+use super::{fits_budget, lease_end, preview_status_str, Store, StoreError, AGENT_TAKEOVER_AFTER};
 use crate::audit::chain;
 use crate::model::*;
 
@@ -52,7 +52,7 @@ macro_rules! step_cols {
         "task_id, request_id, seq, action, parameters, agent_type, resources, status, attempt, \
          agent_id, queue, CASE WHEN broker_attempt = attempt THEN broker_user END AS broker_user, \
          progress, output, diff, changed, error, ready_at, dispatched_at, \
-         deadline_at, finished_at, not_before"
+         deadline_at, finished_at, not_before, preview"
     };
 }
 
@@ -277,6 +277,7 @@ fn step_from_row(row: &SqliteRow) -> Result<Step, StoreError> {
         deadline_at: opt_ts_col(row, "deadline_at")?,
         finished_at: opt_ts_col(row, "finished_at")?,
         not_before: opt_ts_col(row, "not_before")?,
+        preview: col::<Option<Json<StepPreview>>>(row, "preview")?.map(|j| j.0),
     })
 }
 
@@ -408,6 +409,17 @@ impl Store for SqliteStore {
         }
         if let Some(before) = filter.created_before {
             q.push(" AND created_at < ").push_bind(ts(trunc(before)));
+        }
+        if let Some(prefix) = &filter.id_prefix {
+            match id_prefix_range(prefix) {
+                Some((low, high)) => {
+                    q.push(" AND id BETWEEN ").push_bind(low);
+                    q.push(" AND ").push_bind(high);
+                }
+                None => {
+                    q.push(" AND 1 = 0");
+                }
+            }
         }
         q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
             .push_bind(i64::from(filter.limit.unwrap_or(DEFAULT_LIST_LIMIT)));
@@ -772,6 +784,127 @@ impl Store for SqliteStore {
         .await
         .map_err(db_err)?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn start_step_preview(
+        &self,
+        task_id: Uuid,
+        preview: &StepPreview,
+    ) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE plan_steps SET preview_task_id = ?2, preview_status = ?3, preview = ?4 \
+             WHERE task_id = ?1",
+        )
+        .bind(task_id)
+        .bind(preview.task_id)
+        .bind(preview_status_str(preview.status))
+        .bind(Json(preview))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::not_found(format!("step {task_id}")));
+        }
+        Ok(())
+    }
+
+    async fn step_by_preview(&self, preview_task_id: Uuid) -> Result<Option<Step>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            step_cols!(),
+            " FROM plan_steps WHERE preview_task_id = ?1"
+        ))
+        .bind(preview_task_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(step_from_row).transpose()
+    }
+
+    async fn finish_step_preview(
+        &self,
+        task_id: Uuid,
+        preview: &StepPreview,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE plan_steps SET preview_status = ?3, preview = ?4 \
+             WHERE task_id = ?1 AND preview_task_id = ?2 AND preview_status = 'pending'",
+        )
+        .bind(task_id)
+        .bind(preview.task_id)
+        .bind(preview_status_str(preview.status))
+        .bind(Json(preview))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn audit_head(&self) -> Result<(i64, String), StoreError> {
+        let head = sqlx::query("SELECT last_seq, last_hash FROM audit_head WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| StoreError::Corrupt("the audit head row is missing".into()))?;
+        Ok((col(&head, "last_seq")?, col(&head, "last_hash")?))
+    }
+
+    async fn audit_hash_at(&self, seq: i64) -> Result<Option<String>, StoreError> {
+        sqlx::query_scalar("SELECT hash FROM audit_log WHERE seq = ?1")
+            .bind(seq)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)
+    }
+
+    async fn claim_planning(
+        &self,
+        id: Uuid,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let now = chrono::Utc::now();
+        let until = ts(trunc(
+            now + chrono::TimeDelta::from_std(lease).unwrap_or(chrono::TimeDelta::MAX),
+        ));
+        let now = ts(trunc(now));
+        let done = sqlx::query(
+            "UPDATE tasks SET planning_owner = ?2, planning_until = ?3 \
+             WHERE id = ?1 AND status = 'planning' \
+             AND (planning_until IS NULL OR planning_until < ?4 OR planning_owner = ?2)",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(&until)
+        .bind(&now)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn planning_to_resume(
+        &self,
+        stale_unleased: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Request>, StoreError> {
+        let now = ts(trunc(chrono::Utc::now()));
+        let stale = ts(trunc(stale_unleased));
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            req_cols!(),
+            " FROM tasks WHERE status = 'planning' AND \
+             ((planning_until IS NOT NULL AND planning_until < ?1) \
+              OR (planning_until IS NULL AND updated_at < ?2)) \
+             ORDER BY created_at LIMIT ?3"
+        ))
+        .bind(&now)
+        .bind(&stale)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(request_from_row).collect()
     }
 
     // ---- agents and resource metrics ----

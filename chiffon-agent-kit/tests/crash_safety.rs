@@ -1,0 +1,186 @@
+//! What survives an agent's death.
+//!
+//! - A step finished just before the agent died (its result written to the durable ledger,
+//!   the request not yet acked) is answered from the ledger when the request comes again,
+//!   by a new runner in a new process memory: it does not run twice.
+//! - A playbook an agent was running when it was killed (kill -9) does not run on beside
+//!   the re-run: the next agent on the host kills the orphaned process group at start.
+
+mod common;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chiffon_agent_kit::{
+    process_group_alive, Agent, AgentError, AnsibleConfig, InfraAgent, InfraConfig, Runner,
+    RunnerConfig, TaskContext, TaskOutcome,
+};
+use chiffon_core::transport::memory::MemoryTransport;
+use chiffon_core::transport::{ConsumeOptions, Topology, Transport};
+use chiffon_protocol::{Envelope, Message, TaskState, WorkRequest};
+use common::{bus, work, Kind};
+use futures::StreamExt;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+async fn next_result(
+    results: &mut chiffon_core::transport::Consumer,
+) -> chiffon_protocol::WorkResult {
+    let fut = async {
+        loop {
+            let d = results.next().await.unwrap().unwrap();
+            d.ack().await.unwrap();
+            if let Message::WorkResult(r) = d.parse().unwrap().body {
+                return r;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .expect("a result")
+}
+
+struct Counting(Arc<AtomicU32>);
+
+impl Agent for Counting {
+    fn agent_type(&self) -> &str {
+        "counting"
+    }
+    fn actions(&self) -> Vec<String> {
+        vec!["count".into()]
+    }
+    async fn handle(&self, _w: WorkRequest, _ctx: TaskContext) -> Result<TaskOutcome, AgentError> {
+        let n = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok(TaskOutcome::output(format!("run {n}")))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_attempt_is_answered_from_the_ledger_after_a_restart() {
+    let ledger = tempfile::tempdir().unwrap();
+    let topology = Topology::with_prefix(&format!(
+        "l{}.",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    ));
+    let bus = MemoryTransport::new(topology.clone());
+    bus.declare_topology().await.unwrap();
+    let queue = topology.agent_queue("counting");
+    bus.declare_queue(&queue).await.unwrap();
+    let mut results = bus
+        .consume(&topology.results_queue, ConsumeOptions { prefetch: 64 })
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicU32::new(0));
+    let start = |runs: Arc<AtomicU32>| {
+        let cfg = RunnerConfig {
+            agent_id: Some("ledgered".into()),
+            ledger_dir: Some(ledger.path().to_path_buf()),
+            heartbeat_interval: Duration::from_secs(3600),
+            ..RunnerConfig::default()
+        };
+        let runner = Runner::new(Arc::new(bus.clone()), Counting(runs), cfg);
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        (
+            stop,
+            tokio::spawn(async move { runner.run(s).await.unwrap() }),
+        )
+    };
+    let w = work("counting", "count", json!({}));
+    let env = Envelope::new("t", None, Message::WorkRequest(w.clone()));
+    let (stop, h) = start(runs.clone());
+    bus.publish(&queue, &env).await.unwrap();
+    let first = next_result(&mut results).await;
+    assert_eq!(first.output, "run 1");
+    stop.cancel();
+    h.await.unwrap();
+    // A new runner (a restarted agent: nothing in memory) gets the same request again, as
+    // the broker redelivers one that was never acked.
+    let (stop, h) = start(runs.clone());
+    bus.publish(&queue, &env).await.unwrap();
+    let again = next_result(&mut results).await;
+    assert_eq!(again.task_id, w.task_id);
+    assert_eq!(again.status, TaskState::Completed);
+    assert_eq!(
+        again.output, "run 1",
+        "the recorded result, not a second run"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the step ran once");
+    stop.cancel();
+    h.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agents_playbook_is_stopped_by_the_next_agent() {
+    let Some(bus) = bus(Kind::Amqp).await else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let mut results = bus.collect_results().await;
+    let queue = bus.transport.topology().agent_queue("infrastructure");
+    bus.transport.declare_queue(&queue).await.unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_chiffon-infra-agent"))
+        .args([
+            "--amqp-url",
+            &common::amqp_url(),
+            "--queue-prefix",
+            &bus.prefix,
+            "--agent-id",
+            "doomed",
+        ])
+        .arg("--playbooks")
+        .arg(common::playbooks())
+        .arg("--state-dir")
+        .arg(state.path().join("agent"))
+        .env("CHIFFON_ANSIBLE_PLAYBOOK", common::ansible_playbook())
+        .env("TMPDIR", state.path())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // A playbook that runs for a while: waiting on a port nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let w = work(
+        "infrastructure",
+        "probe_port",
+        json!({"tcp_port": port, "wait_seconds": 60}),
+    );
+    bus.send(&queue, &w).await;
+    let started = results
+        .wait_for("the playbook started", 60, |e| {
+            matches!(&e.body, Message::WorkStatus(s) if s.task_id == w.task_id && s.message.contains("(pid "))
+        })
+        .await;
+    let Message::WorkStatus(s) = started.body else {
+        unreachable!()
+    };
+    let pid: u32 = s
+        .message
+        .rsplit_once("(pid ")
+        .and_then(|(_, p)| p.trim_end_matches(')').parse().ok())
+        .unwrap();
+    child.start_kill().unwrap(); // SIGKILL: the agent dies, its playbook does not.
+    child.wait().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(process_group_alive(pid), "the orphaned playbook still runs");
+    // The next agent on this host (same state folder) stops it when it starts.
+    let _next = InfraAgent::new(InfraConfig {
+        playbooks: common::playbooks(),
+        ansible: AnsibleConfig {
+            playbook_bin: Some(common::ansible_playbook()),
+            state_dir: Some(state.path().join("chiffon-ansible")),
+        },
+    })
+    .unwrap();
+    let gone = async {
+        while process_group_alive(pid) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), gone)
+        .await
+        .expect("the orphaned playbook was killed");
+    bus.cleanup().await;
+}
