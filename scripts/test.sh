@@ -4,13 +4,16 @@
 #
 #   scripts/test.sh
 #
-# Services are started (or installed) by scripts/services.sh and ansible-core is bootstrapped
-# into ./.venv by scripts/ansible.sh. Under CI=true a real-service test that cannot reach its
-# service fails instead of skipping.
+# Services are started (or installed) by scripts/services.sh, Chromium and chromedriver by
+# scripts/chromium.sh, and ansible-core is bootstrapped into ./.venv by scripts/ansible.sh.
+# Under CI=true a real-service test that cannot reach its service (or find its browser)
+# fails instead of skipping.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/services.sh
+# Chromium and chromedriver for the web console's browser tests.
+scripts/chromium.sh >/dev/null
 if [ -x scripts/ansible.sh ]; then
   scripts/ansible.sh
   export CHIFFON_ANSIBLE_PLAYBOOK="$PWD/.venv/bin/ansible-playbook"

@@ -10,6 +10,7 @@
 
 mod client;
 mod errors;
+mod eval;
 mod local;
 mod mcp;
 mod render;
@@ -161,6 +162,18 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         limit: u32,
     },
+    /// Measure a planner on the evaluation corpus: accuracy, wrong plans, refusals.
+    EvalPlanner {
+        /// The corpus (default chiffon-core/tests/fixtures/planner_corpus.toml).
+        #[arg(long)]
+        corpus: Option<PathBuf>,
+        /// `offline` (the default) or a configured LLM provider (anthropic, openai, ollama).
+        #[arg(long)]
+        provider: Option<String>,
+        /// Action catalog folder.
+        #[arg(long)]
+        playbooks: Option<PathBuf>,
+    },
     /// Apply database migrations.
     Migrate {
         #[arg(long)]
@@ -278,6 +291,20 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             local::overrides(None, None, playbooks),
             json,
         ),
+        Command::EvalPlanner {
+            corpus,
+            provider,
+            playbooks,
+        } => {
+            eval::eval_planner(
+                cli.config.as_deref(),
+                local::overrides(None, None, playbooks),
+                corpus,
+                provider,
+                json,
+            )
+            .await
+        }
         Command::Migrate { database_url } => {
             local::migrate(
                 cli.config.as_deref(),
@@ -430,6 +457,7 @@ async fn remote(client: &Client, command: Command, json: bool) -> anyhow::Result
         | Command::Audit { .. }
         | Command::Actions { .. }
         | Command::Migrate { .. }
+        | Command::EvalPlanner { .. }
         | Command::Mcp => bail!("this command runs locally"),
     }
 }

@@ -41,20 +41,34 @@ pub fn plan(p: &PlanDto, out: &mut impl Write) -> std::io::Result<()> {
         p.llm_cost_usd
     )?;
     for (i, s) in p.steps.iter().enumerate() {
-        let params = serde_json::to_string(&s.parameters).unwrap_or_default();
-        writeln!(
-            out,
-            "  {}. {} {} on {}{}",
-            i + 1,
-            s.action,
-            params,
-            s.agent_type,
-            if s.reason.is_empty() {
-                String::new()
-            } else {
-                format!("  ({})", s.reason)
+        let reason = if s.reason.is_empty() {
+            String::new()
+        } else {
+            format!("  ({})", s.reason)
+        };
+        if s.provenance.is_empty() {
+            let params = serde_json::to_string(&s.parameters).unwrap_or_default();
+            writeln!(
+                out,
+                "  {}. {} {} on {}{reason}",
+                i + 1,
+                s.action,
+                params,
+                s.agent_type
+            )?;
+        } else {
+            // One line per parameter, saying whether the request gave it or it is a default.
+            writeln!(out, "  {}. {} on {}{reason}", i + 1, s.action, s.agent_type)?;
+            for (k, v) in &s.parameters {
+                let from = match s.provenance.get(k).map(String::as_str) {
+                    Some("text") => "from the request",
+                    Some("default") => "default, not in the request",
+                    Some("inferred") => "chosen by the planner, not in the request",
+                    _ => "",
+                };
+                writeln!(out, "       {k} = {v}  [{from}]")?;
             }
-        )?;
+        }
         if let Some(pv) = &s.preview {
             match (pv.status.as_str(), &pv.error) {
                 ("pending", _) => writeln!(out, "     dry run: running…")?,

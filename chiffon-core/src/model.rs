@@ -5,6 +5,7 @@ use chiffon_protocol::{ErrorPayload, Heartbeat, Resources};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 use uuid::Uuid;
 
 /// A request's status, as stored and as returned everywhere (see CONTRACT.md).
@@ -94,6 +95,33 @@ pub struct PlanStep {
     pub resources: Resources,
     #[serde(default)]
     pub reason: String,
+    /// Where each parameter's value came from: the request's text, or the catalog's
+    /// default (an LLM's value not found in the text is `inferred`). Empty in plans stored
+    /// before it existed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub provenance: BTreeMap<String, ParamSource>,
+}
+
+/// Where a plan step's parameter value came from, shown to the person who approves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamSource {
+    /// Written in the request.
+    Text,
+    /// The catalog's default: the request said nothing about it.
+    Default,
+    /// Neither in the text nor the default: an LLM's choice.
+    Inferred,
+}
+
+impl ParamSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParamSource::Text => "text",
+            ParamSource::Default => "default",
+            ParamSource::Inferred => "inferred",
+        }
+    }
 }
 
 /// A validated plan: only catalog actions with schema-valid parameters.

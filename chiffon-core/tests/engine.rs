@@ -46,6 +46,7 @@ impl PlanProvider for ListPlanner {
                 code: e.code(),
                 message: e.to_string(),
                 events: vec![],
+                details: serde_json::json!({}),
             })?;
             let parameters = spec.validate(&Map::new()).unwrap();
             cost += spec.cost_usd;
@@ -55,6 +56,7 @@ impl PlanProvider for ListPlanner {
                 agent_type: spec.agent_type.clone(),
                 resources: spec.resources.clone(),
                 reason: "asked for".into(),
+                provenance: Default::default(),
             });
         }
         Ok(PlanOutcome {

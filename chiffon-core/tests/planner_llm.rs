@@ -460,6 +460,9 @@ async fn all_down_plans_offline_and_says_what_it_could_not_do() {
         ("offline", ErrorCode::NoPlan)
     );
     assert!(e.message.contains("`host`"), "{}", e.message);
+    // The offline planner's refusal travels as the error's details.
+    assert_eq!(e.details["reason"], "missing_parameter", "{}", e.details);
+    assert_eq!(e.details["parameter"], "host");
 
     let e = planner
         .plan(&fixture_catalog(), "   ", &PlanOptions::default())

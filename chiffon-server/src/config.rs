@@ -126,6 +126,9 @@ pub struct ServerConfig {
     /// (`CHIFFON_ALLOWED_HOSTS`, comma-separated): the names clients and proxies use to reach
     /// it. Any other `Host` gets 421 (5507), which stops DNS-rebinding pages.
     pub allowed_hosts: Vec<String>,
+    /// Mark the web console's cookies `Secure` (browsers then send them over HTTPS only):
+    /// turn on when TLS terminates in front of the server.
+    pub secure_cookies: bool,
 }
 
 impl Default for ServerConfig {
@@ -136,6 +139,7 @@ impl Default for ServerConfig {
             max_page: 1000,
             public_url: None,
             allowed_hosts: Vec::new(),
+            secure_cookies: false,
         }
     }
 }

@@ -2,6 +2,8 @@
 //! derived from them, so the two cannot drift. They mirror chiffon-core's model (which stays
 //! free of utoipa) and are built from it with `From`.
 
+use std::collections::BTreeMap;
+
 use chiffon_core::engine::{CostLine, EngineEvent, Health, RequestView};
 use chiffon_core::model::{AgentRecord, LogLine, Plan, PlanStep, Request, RequestStatus, Step};
 use chiffon_protocol::ErrorPayload;
@@ -155,6 +157,11 @@ pub struct PlanStepDto {
     pub agent_type: String,
     pub resources: ResourcesDto,
     pub reason: String,
+    /// Where each parameter's value came from: `text` (the request says it), `default`
+    /// (the catalog's default) or `inferred` (an LLM's choice the text does not show).
+    /// Empty for plans made before it was recorded.
+    #[serde(default)]
+    pub provenance: BTreeMap<String, String>,
     /// The automatic dry run of this step, run while the plan awaits approval (check-mode
     /// actions only); only in `GET /request/{id}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -201,6 +208,11 @@ impl From<PlanStep> for PlanStepDto {
             },
             reason: s.reason,
             preview: None,
+            provenance: s
+                .provenance
+                .into_iter()
+                .map(|(k, v)| (k, v.as_str().to_string()))
+                .collect(),
         }
     }
 }

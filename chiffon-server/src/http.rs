@@ -32,6 +32,8 @@ pub struct AppState {
     pub hosts: Arc<HostPolicy>,
     /// `GET /openapi.json`, built once for this configuration.
     pub openapi: Arc<Value>,
+    /// The web console's sessions.
+    pub sessions: Arc<crate::ui::session::Sessions>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -49,7 +51,9 @@ impl AppState {
     /// [`AppState::with_bind`].
     pub fn new(engine: Engine, auth: Auth, server: ServerConfig) -> Self {
         let openapi = Arc::new(openapi_document(auth.enabled(), &server));
+        let sessions = Arc::new(crate::ui::session::Sessions::new(server.secure_cookies));
         AppState {
+            sessions,
             engine,
             auth: Arc::new(auth),
             hosts: Arc::new(HostPolicy::new(None, &server.allowed_hosts)),
@@ -72,7 +76,7 @@ impl AppState {
     }
 }
 
-/// The HTTP API, with the MCP server at `/mcp` ([`crate::mcp`]).
+/// The HTTP API, the web console ([`crate::ui`]) and the MCP server at `/mcp` ([`crate::mcp`]).
 pub fn router(state: AppState) -> Router {
     // The MCP tools call the API in process, through the same layers, with the caller's token.
     let mcp = crate::mcp::service(
@@ -115,6 +119,7 @@ fn build(state: AppState, mcp: Option<McpService>) -> Router {
     Router::new()
         .route("/health", get(routes::health))
         .merge(protected)
+        .merge(crate::ui::router(&state))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.server.body_limit_bytes))

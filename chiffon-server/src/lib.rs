@@ -20,8 +20,8 @@
 //! Module map: [`config`] (the one place configuration is read), [`app`] (composition and
 //! shutdown), [`http`] (the router and OpenAPI document), [`guard`] (the `Host` allow-list and
 //! the cross-site check), [`routes`] (handlers), [`dto`] (bodies), [`auth`] (tokens, roles,
-//! trace ids), [`error`] (the error body), [`metrics`], [`mcp`] (the MCP server: `/mcp` and
-//! `chiffon mcp`, the only module that uses `rmcp`).
+//! trace ids), [`error`] (the error body), [`metrics`], [`ui`] (the web console), [`mcp`] (the
+//! MCP server: `/mcp` and `chiffon mcp`, the only module that uses `rmcp`).
 //!
 //! Architecture invariant: frontends hold no business logic. Handlers parse, authorise,
 //! call [`chiffon_core::engine::Engine`] and render.
@@ -38,6 +38,7 @@ pub mod metrics;
 pub mod routes;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+pub mod ui;
 pub mod webhooks;
 
 pub use app::{App, AppOptions, HostedAgent, StartError};

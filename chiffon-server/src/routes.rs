@@ -434,9 +434,17 @@ pub async fn openapi(
     Ok(axum::Json(state.openapi.clone()).into_response())
 }
 
-/// Any route that does not exist.
-pub async fn not_found(uri: axum::http::Uri) -> AppError {
-    AppError::new(ErrorCode::RouteNotFound, format!("no route {}", uri.path()))
+/// Any route that does not exist; `GET /` from a browser (`Accept: text/html`) is
+/// redirected to the web console.
+pub async fn not_found(
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if method == axum::http::Method::GET && uri.path() == "/" && crate::ui::wants_html(&headers) {
+        return crate::ui::root_redirect();
+    }
+    AppError::new(ErrorCode::RouteNotFound, format!("no route {}", uri.path())).into_response()
 }
 
 /// A known route with the wrong method (axum adds the `Allow` header).

@@ -32,6 +32,7 @@ impl PlanProvider for MockPlanner {
                 code: ErrorCode::NoPlan,
                 message: "the mock planner was told not to plan".into(),
                 events: vec![],
+                details: serde_json::json!({}),
             });
         }
         let steps: usize = arg(&input.text, "steps").unwrap_or(1);
@@ -50,6 +51,7 @@ impl PlanProvider for MockPlanner {
                         agent_type: "infrastructure".into(),
                         resources: Resources::default(),
                         reason: "the test asked for it".into(),
+                        provenance: Default::default(),
                     }
                 })
                 .collect(),

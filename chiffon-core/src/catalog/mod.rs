@@ -64,6 +64,11 @@ pub struct ActionSpec {
     pub agent_type: String,
     #[serde(default)]
     pub keywords: Vec<String>,
+    /// What the action does, as the verbs a request would use ("create", "set up"). A
+    /// request whose verb no action declares is refused by the offline planner. Unset: the
+    /// first word of the action's name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verbs: Vec<String>,
     #[serde(default)]
     pub auto_approve: bool,
     #[serde(default)]
@@ -110,6 +115,19 @@ impl CatalogError {
 }
 
 impl ActionSpec {
+    /// The verbs the action performs, lowercase: `verbs`, or the first word of its name.
+    pub fn performs(&self) -> Vec<String> {
+        if self.verbs.is_empty() {
+            self.name
+                .split('_')
+                .next()
+                .map(|w| vec![w.to_lowercase()])
+                .unwrap_or_default()
+        } else {
+            self.verbs.iter().map(|v| v.trim().to_lowercase()).collect()
+        }
+    }
+
     /// Checks `params` against the schema and returns them completed with defaults.
     /// Unknown parameters, missing required ones, wrong types, pattern or bound failures
     /// are errors.
@@ -263,6 +281,9 @@ pub struct Catalog {
     pub actions: BTreeMap<String, ActionSpec>,
     /// Host names from `inventory.ini` (without group headers or variables).
     pub hosts: Vec<String>,
+    /// `ansible_host` of the inventory's hosts that set one (`nas` → `nas.lan`), so a
+    /// request may name a host by its address.
+    pub addresses: BTreeMap<String, String>,
     /// sha256 over every `action.toml` and the inventory: the plan cache's catalog key.
     pub fingerprint: String,
 }
@@ -310,6 +331,16 @@ impl Catalog {
             {
                 return Err(invalid(&file, "agent_type is [a-z0-9_-]+".into()));
             }
+            for v in &spec.verbs {
+                let plain = v.split_whitespace().count() >= 1
+                    && v.chars().all(|c| c.is_alphabetic() || c == ' ' || c == '-');
+                if !plain {
+                    return Err(invalid(
+                        &file,
+                        format!("verb {v:?}: verbs are words (letters, spaces, hyphens)"),
+                    ));
+                }
+            }
             for (pname, p) in &spec.parameters {
                 check_parameter_name(pname)
                     .map_err(|m| invalid(&file, format!("parameter {pname}: {m}")))?;
@@ -334,17 +365,21 @@ impl Catalog {
             actions.insert(spec.name.clone(), spec);
         }
         let inv = root.join("inventory.ini");
-        let hosts = match std::fs::read_to_string(&inv) {
+        let (hosts, addresses) = match std::fs::read_to_string(&inv) {
             Ok(text) => {
                 hasher.update(text.as_bytes());
-                parse_inventory_hosts(&text)
+                (
+                    parse_inventory_hosts(&text),
+                    parse_inventory_addresses(&text),
+                )
             }
-            Err(_) => Vec::new(),
+            Err(_) => (Vec::new(), BTreeMap::new()),
         };
         Ok(Catalog {
             root,
             actions,
             hosts,
+            addresses,
             fingerprint: hex::encode(hasher.finalize()),
         })
     }
@@ -354,6 +389,29 @@ impl Catalog {
             .get(action)
             .ok_or_else(|| CatalogError::UnknownAction(action.to_string()))
     }
+}
+
+/// `host ansible_host=ADDRESS …` lines: host → address.
+fn parse_inventory_addresses(text: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut in_vars = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_vars = line.contains(":vars") || line.contains(":children");
+            continue;
+        }
+        if in_vars || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        let Some(host) = words.next() else { continue };
+        for w in words {
+            if let Some(a) = w.strip_prefix("ansible_host=") {
+                out.insert(host.to_string(), a.trim_matches(['"', '\'']).to_string());
+            }
+        }
+    }
+    out
 }
 
 fn parse_inventory_hosts(text: &str) -> Vec<String> {
@@ -707,11 +765,38 @@ mod tests {
     }
 
     #[test]
+    fn verbs_are_words_and_default_to_the_name() {
+        let spec: ActionSpec = toml::from_str(
+            "description = \"d\"\nagent_type = \"infrastructure\"\nverbs = [\"Set up\", \"make\"]\n",
+        )
+        .unwrap();
+        assert_eq!(spec.performs(), vec!["set up", "make"]);
+        let unnamed = ActionSpec {
+            name: "ensure_directory".into(),
+            verbs: vec![],
+            ..spec
+        };
+        assert_eq!(unnamed.performs(), vec!["ensure"]);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("a")).unwrap();
+        std::fs::write(
+            dir.path().join("a/action.toml"),
+            "description = \"d\"\nagent_type = \"infrastructure\"\nverbs = [\"rm; x\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            Catalog::load(dir.path()).unwrap_err().code(),
+            ErrorCode::InvalidCatalog
+        );
+    }
+
+    #[test]
     fn the_shipped_catalog_loads_and_declares_no_raw_parameter() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../playbooks");
         let catalog = Catalog::load(&root).unwrap();
         assert!(catalog.actions.len() >= 6);
         for a in catalog.actions.values() {
+            assert!(!a.verbs.is_empty(), "{} declares no verbs", a.name);
             for (n, p) in &a.parameters {
                 assert!(!p.raw, "{}.{n} declares raw = true", a.name);
             }
@@ -724,5 +809,7 @@ mod tests {
             "[local]\nlocalhost ansible_connection=local\n[nas]\nnas.lan\n[all:vars]\nx=1\n",
         );
         assert_eq!(h, vec!["localhost", "nas.lan"]);
+        let a = parse_inventory_addresses("[remote]\nnas ansible_host=nas.lan ansible_user=a\n");
+        assert_eq!(a.get("nas").map(String::as_str), Some("nas.lan"));
     }
 }

@@ -358,11 +358,14 @@ impl Engine {
                     request_id: Some(request.id),
                     actor: "planner".into(),
                     event: "plan_failed".into(),
-                    details: json!({ "code": f.code.code(), "message": f.message }),
+                    details: json!({ "code": f.code.code(), "message": f.message, "details": f.details }),
                 });
                 self.audit(audit).await;
                 let patch = RequestPatch {
-                    error: Some(ErrorPayload::new(f.code, f.message)),
+                    error: Some(ErrorPayload {
+                        details: f.details,
+                        ..ErrorPayload::new(f.code, f.message)
+                    }),
                     ..Default::default()
                 };
                 self.set_status(

@@ -106,6 +106,8 @@ pub struct PlanFailure {
     pub code: ErrorCode,
     pub message: String,
     pub events: Vec<PlanEvent>,
+    /// What the planner refused (the request's error `details`); `{}` when it says nothing.
+    pub details: serde_json::Value,
 }
 
 /// What the engine needs from the planner: implemented by [`crate::planner`]'s planner and by

@@ -66,6 +66,7 @@ impl PlanProvider for CatalogPlanner {
                 code: e.code,
                 message: e.message,
                 events: e.events.iter().map(fallback).collect(),
+                details: e.details,
             }),
         }
     }

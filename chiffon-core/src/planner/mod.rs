@@ -16,9 +16,11 @@
 //! Offline plans are not cached, so an LLM gets its chance again once one is back.
 
 pub mod cache;
+pub mod eval;
 pub mod offline;
 pub mod parse;
 pub mod prompt;
+pub mod provenance;
 pub mod schema;
 
 use std::sync::Arc;
@@ -101,6 +103,9 @@ pub struct PlanError {
     /// Every provider skipped or failed, in order (the offline planner's failure included;
     /// for a refusal, last, the refusing provider's with its cost).
     pub events: Vec<FallbackEvent>,
+    /// The offline planner's refusal, when it had the last word: what it refused and why
+    /// (`reason`, and `verb`, `value`, `host`, `hosts`… as they apply); `{}` otherwise.
+    pub details: serde_json::Value,
 }
 
 /// Plans requests. Cheap to clone.
@@ -150,6 +155,7 @@ impl Planner {
                 code: ErrorCode::NoPlan,
                 message: "the request text is empty".into(),
                 events: Vec::new(),
+                details: serde_json::json!({}),
             });
         }
         let key = cache::cache_key(text, &catalog.fingerprint, options.dry_run);
@@ -169,6 +175,7 @@ impl Planner {
         let mut events: Vec<FallbackEvent> = Vec::new();
         let mut spent_micros = 0i64;
         let mut tokens = (0u64, 0u64);
+        let mut refusal: Option<(ErrorCode, serde_json::Value)> = None;
         for link in self.router.links() {
             match link {
                 Link::Llm(provider) => {
@@ -181,6 +188,7 @@ impl Planner {
                             tokens.1 += a.completion.output_tokens;
                             let llm_cost = micros_to_usd(spent_micros);
                             let mut plan = a.value;
+                            provenance::annotate(&mut plan, catalog, text);
                             plan.provider = a.provider.clone();
                             plan.model = a.model.clone();
                             plan.llm_cost_usd = llm_cost;
@@ -211,10 +219,15 @@ impl Planner {
                                 event.provider, event.model
                             );
                             tracing::info!(provider = %event.provider, %reason, "the model declined to plan");
+                            let event_provider = event.provider.clone();
                             events.push(event);
                             return Err(PlanError {
                                 code: ErrorCode::LlmRefused,
                                 message,
+                                details: serde_json::json!({
+                                    "reason": reason,
+                                    "provider": event_provider,
+                                }),
                                 events,
                             });
                         }
@@ -250,15 +263,18 @@ impl Planner {
                                 usage,
                             });
                         }
-                        Err(e) => events.push(FallbackEvent {
-                            provider: offline::PROVIDER.into(),
-                            model: offline::MODEL.into(),
-                            code: e.code(),
-                            reason: e.message,
-                            cost_usd: 0.0,
-                            input_tokens: 0,
-                            output_tokens: 0,
-                        }),
+                        Err(e) => {
+                            refusal = Some((e.code(), e.details.clone()));
+                            events.push(FallbackEvent {
+                                provider: offline::PROVIDER.into(),
+                                model: offline::MODEL.into(),
+                                code: e.code(),
+                                reason: e.message,
+                                cost_usd: 0.0,
+                                input_tokens: 0,
+                                output_tokens: 0,
+                            })
+                        }
                     }
                 }
             }
@@ -272,10 +288,14 @@ impl Planner {
                 .collect();
             format!("no provider could plan the request: {}", reasons.join("; "))
         };
+        // The offline planner's refusal is the last word: its code (5207, or 5206 for a value
+        // that fails the schema) and what it refused.
+        let (code, details) = refusal.unwrap_or((ErrorCode::NoPlan, serde_json::json!({})));
         Err(PlanError {
-            code: ErrorCode::NoPlan,
+            code,
             message,
             events,
+            details,
         })
     }
 

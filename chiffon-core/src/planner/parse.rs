@@ -306,6 +306,7 @@ pub fn parse_plan(answer: &str, catalog: &Catalog) -> Result<Plan, LlmError> {
             agent_type: spec.agent_type.clone(),
             resources: spec.resources.clone(),
             reason: s.reason,
+            provenance: Default::default(),
         });
     }
     Ok(Plan {

@@ -156,6 +156,7 @@ fn plan(steps: usize) -> Plan {
                     memory_gb: 1.5,
                 },
                 reason: format!("because {i}"),
+                provenance: Default::default(),
             })
             .collect(),
         risks: vec!["downtime".into()],
