@@ -14,7 +14,7 @@
 //! - [`DesktopAgent`] (`chiffon-desktop-agent`): host and GPU metrics, local playbooks.
 //!
 //! A complete agent, served on the in-process bus (the template with more detail is
-//! `chiffon-agent-kit/examples/custom_agent.rs`):
+//! `examples/custom-agent` in the repository):
 //!
 //! ```
 //! use std::sync::Arc;

@@ -1,16 +1,18 @@
 //! `chiffon`: the command line of Chiffon.
 //!
 //! Commands that talk to a server (`request`, `status`, `list`, `approve`, `reject`,
-//! `cancel`, `watch`, `logs`, `agents`, `costs`) use its HTTP API; `up`, `run`, `audit`,
-//! `migrate` and `actions` run locally through the `chiffon-server` library. `--json` prints
-//! only JSON on stdout. Errors are one line on stderr (each cause once, and a hint where one
-//! helps) and a non-zero exit status. A reader that goes away (`chiffon list | head`) ends
-//! the command quietly with status 141, as a shell reports a program killed by SIGPIPE.
+//! `cancel`, `watch`, `logs`, `agents`, `costs`, and `mcp`, an MCP server on stdio) use its
+//! HTTP API; `up`, `run`, `audit`, `migrate` and `actions` run locally through the
+//! `chiffon-server` library. `--json` prints only JSON on stdout. Errors are one line on
+//! stderr (each cause once, and a hint where one helps) and a non-zero exit status. A reader
+//! that goes away (`chiffon list | head`) ends the command quietly with status 141, as a
+//! shell reports a program killed by SIGPIPE.
 
 mod client;
 mod errors;
 mod eval;
 mod local;
+mod mcp;
 mod render;
 
 use std::io::Write;
@@ -144,6 +146,9 @@ enum Command {
     },
     /// LLM spend this month.
     Costs,
+    /// An MCP server on stdin/stdout for AI assistants: its tools call this server's HTTP
+    /// API (`--server`, `--token`). No tool approves.
+    Mcp,
     /// The audit log; `verify` checks its hash chain and the git trail.
     Audit {
         #[command(subcommand)]
@@ -308,6 +313,14 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             )
             .await
         }
+        Command::Mcp => {
+            // stdout carries the protocol only; nothing else may print there.
+            let client = Client::new(&cli.server, cli.token)?;
+            chiffon_server::mcp::serve_stdio(mcp::RemoteApi::new(client))
+                .await
+                .map_err(|e| anyhow::anyhow!("mcp: {e}"))?;
+            Ok(0)
+        }
         other => {
             let client = Client::new(&cli.server, cli.token)?;
             remote(&client, other, json).await
@@ -444,7 +457,8 @@ async fn remote(client: &Client, command: Command, json: bool) -> anyhow::Result
         | Command::Audit { .. }
         | Command::Actions { .. }
         | Command::Migrate { .. }
-        | Command::EvalPlanner { .. } => bail!("this command runs locally"),
+        | Command::EvalPlanner { .. }
+        | Command::Mcp => bail!("this command runs locally"),
     }
 }
 

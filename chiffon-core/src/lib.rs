@@ -18,16 +18,28 @@
 //! - [`planner`]: request text to a validated plan (LLM or offline), with a plan cache.
 //! - [`redact`]: the `Redactor` that keeps configured secrets out of stored and shown text.
 //!
+//! Features: `engine` (in the default set, through `postgres` and `sqlite`) is the
+//! orchestrator: [`engine`], [`store`], [`llm`], [`planner`], [`scheduler`], [`audit`], with
+//! sqlx, git2 and reqwest. Without it (`default-features = false`) the crate is what an agent
+//! needs: [`model`], [`catalog`], [`transport`] (in-process; RabbitMQ with `amqp`) and
+//! [`redact`], which is how `chiffon-agent-kit` depends on it.
+//!
 //! Architecture invariant: this crate never reads environment variables or argv; the
 //! binaries build its configuration types and hand them in.
 
+#[cfg(feature = "engine")]
 pub mod audit;
 pub mod catalog;
+#[cfg(feature = "engine")]
 pub mod engine;
+#[cfg(feature = "engine")]
 pub mod llm;
 pub mod model;
+#[cfg(feature = "engine")]
 pub mod planner;
 pub mod redact;
+#[cfg(feature = "engine")]
 pub mod scheduler;
+#[cfg(feature = "engine")]
 pub mod store;
 pub mod transport;

@@ -6,6 +6,9 @@
 //! background work. `chiffon-server`, `chiffon up` and `chiffon run` all go through here;
 //! [`App::serve`] adds the HTTP API. [`App::shutdown`] stops everything gracefully
 //! (a `CancellationToken` and a `TaskTracker`).
+//!
+//! Custom agents can live in the same process: [`AppOptions::with_agent`] hosts any
+//! [`Agent`] on the app's bus (see `examples/custom-agent`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,7 +16,7 @@ use std::time::Duration;
 
 use axum::Router;
 use chiffon_agent_kit::{
-    AnsibleConfig, DesktopAgent, InfraAgent, InfraConfig, Runner, RunnerConfig,
+    Agent, AnsibleConfig, DesktopAgent, InfraAgent, InfraConfig, Runner, RunnerConfig, RunnerError,
 };
 use chiffon_core::audit::git::GitTrail;
 use chiffon_core::catalog::{Catalog, CatalogError};
@@ -24,6 +27,7 @@ use chiffon_core::transport::amqp::AmqpTransport;
 use chiffon_core::transport::memory::MemoryTransport;
 use chiffon_core::transport::{Topology, Transport, TransportError};
 use chiffon_protocol::ErrorCode;
+use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -93,8 +97,80 @@ pub struct AppOptions {
     /// Do not start the engine's background work (intake, dispatch, sweeps): for commands
     /// that only read (`audit`).
     pub no_engine: bool,
-    /// Never start in-process agents, whatever the configuration says.
+    /// Never start the built-in in-process agents, whatever the configuration says.
     pub no_agents: bool,
+    /// Agents to host in this process on the app's bus (in-process or RabbitMQ), whatever
+    /// `agents.in_process` and `no_agents` say: [`AppOptions::with_agent`].
+    pub agents: Vec<HostedAgent>,
+}
+
+impl AppOptions {
+    /// Hosts `agent` in this process: a [`Runner`] with the default [`RunnerConfig`] serves
+    /// its queue `agent.{agent_type}` on the app's bus and stops with the app. The catalog
+    /// entries whose `agent_type` is the agent's are dispatched to it.
+    ///
+    /// ```no_run
+    /// # use chiffon_agent_kit::{Agent, AgentError, TaskContext, TaskOutcome};
+    /// # struct HealthCheckAgent;
+    /// # impl Agent for HealthCheckAgent {
+    /// #     fn agent_type(&self) -> &str { "http_check" }
+    /// #     fn actions(&self) -> Vec<String> { vec!["http_check".into()] }
+    /// #     async fn handle(&self, _: chiffon_protocol::WorkRequest, _: TaskContext) -> Result<TaskOutcome, AgentError> { Ok(TaskOutcome::output("ok")) }
+    /// # }
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use chiffon_server::{App, AppOptions, Config, ConfigOverrides};
+    /// let config = Config::load(None, &ConfigOverrides::default())?;
+    /// let app = App::start_with(config, AppOptions::default().with_agent(HealthCheckAgent)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn with_agent<A: Agent>(self, agent: A) -> Self {
+        self.with_agent_config(agent, RunnerConfig::default())
+    }
+
+    /// [`AppOptions::with_agent`] with the runner's configuration given.
+    pub fn with_agent_config<A: Agent>(mut self, agent: A, config: RunnerConfig) -> Self {
+        self.agents.push(HostedAgent::new(agent, config));
+        self
+    }
+}
+
+/// One agent hosted in the app's process ([`AppOptions::with_agent`]). The agent's type is
+/// erased here so that agents of different types fit in one list.
+pub struct HostedAgent {
+    agent_type: String,
+    #[allow(clippy::type_complexity)]
+    start: Box<
+        dyn FnOnce(
+                Arc<dyn Transport>,
+                CancellationToken,
+            ) -> (String, BoxFuture<'static, Result<(), RunnerError>>)
+            + Send,
+    >,
+}
+
+impl HostedAgent {
+    pub fn new<A: Agent>(agent: A, config: RunnerConfig) -> Self {
+        HostedAgent {
+            agent_type: agent.agent_type().to_string(),
+            start: Box::new(move |transport, stop| {
+                let runner = Runner::new(transport, agent, config);
+                let id = runner.agent_id().to_string();
+                (id, Box::pin(runner.run(stop)))
+            }),
+        }
+    }
+
+    pub fn agent_type(&self) -> &str {
+        &self.agent_type
+    }
+}
+
+impl std::fmt::Debug for HostedAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostedAgent")
+            .field("agent_type", &self.agent_type)
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for AppOptions {
@@ -104,6 +180,7 @@ impl std::fmt::Debug for AppOptions {
             .field("transport", &self.transport.as_ref().map(|t| t.backend()))
             .field("no_engine", &self.no_engine)
             .field("no_agents", &self.no_agents)
+            .field("agents", &self.agents)
             .finish()
     }
 }
@@ -230,7 +307,18 @@ impl App {
             ));
         }
         if in_process_bus && app.config.agents.in_process && !options.no_agents {
-            app.start_agents(transport)?;
+            app.start_agents(transport.clone())?;
+        }
+        for hosted in options.agents {
+            let agent_type = hosted.agent_type.clone();
+            let (id, run) = (hosted.start)(transport.clone(), app.shutdown.clone());
+            tracing::info!(agent = %id, %agent_type, "hosting agent in process");
+            app.agents.push(id);
+            app.tasks.spawn(async move {
+                if let Err(e) = run.await {
+                    tracing::error!(error = %e, %agent_type, "in-process agent stopped");
+                }
+            });
         }
         Ok(app)
     }

@@ -340,6 +340,23 @@ impl Config {
                 format!("http://{host}")
             };
         }
+        // A model by environment applies to a provider that is enabled (by its key or
+        // address above, or by its section in the file); alone it enables nothing.
+        if let Some(m) = nonempty(&env, "CHIFFON_ANTHROPIC_MODEL") {
+            if let Some(c) = self.llm.anthropic.as_mut() {
+                c.model = m;
+            }
+        }
+        if let Some(m) = nonempty(&env, "CHIFFON_OPENAI_MODEL") {
+            if let Some(c) = self.llm.openai.as_mut() {
+                c.model = m;
+            }
+        }
+        if let Some(m) = nonempty(&env, "CHIFFON_OLLAMA_MODEL") {
+            if let Some(c) = self.llm.ollama.as_mut() {
+                c.model = m;
+            }
+        }
         if let Some(order) = nonempty(&env, "CHIFFON_LLM_ORDER") {
             self.llm.order = parse_order(&order).map_err(|_| {
                 ConfigError::Invalid(ORDER_PROBLEM.replace("{key}", "CHIFFON_LLM_ORDER"))
@@ -692,6 +709,45 @@ role = "approver"
         assert_eq!(c.tokens[0].identity(), "alice");
         assert_eq!(c.tokens[0].role, Role::Approver);
         assert!(!format!("{c:?}").contains("alice-token-0123456789"));
+    }
+
+    #[test]
+    fn models_by_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chiffon.toml");
+        std::fs::write(
+            &path,
+            "[llm.anthropic]\nmodel = \"from-file\"\n[llm.openai]\nmodel = \"gpt-file\"\n",
+        )
+        .unwrap();
+        let e = env(&[
+            ("ANTHROPIC_API_KEY", "sk-ant-test-key"),
+            ("OLLAMA_HOST", "127.0.0.1:11434"),
+            ("CHIFFON_ANTHROPIC_MODEL", "claude-env"),
+            ("CHIFFON_OPENAI_MODEL", "gpt-env"),
+            ("CHIFFON_OLLAMA_MODEL", "llama-env"),
+        ]);
+        let c = Config::load_with(Some(&path), &ConfigOverrides::default(), e).unwrap();
+        assert_eq!(c.llm.anthropic.as_ref().unwrap().model, "claude-env");
+        assert_eq!(c.llm.openai.as_ref().unwrap().model, "gpt-env");
+        assert_eq!(c.llm.ollama.as_ref().unwrap().model, "llama-env");
+
+        // Without the variables the file's models stand; a model alone enables nothing.
+        let c = Config::load_with(
+            Some(&path),
+            &ConfigOverrides::default(),
+            env(&[("ANTHROPIC_API_KEY", "sk-ant-test-key")]),
+        )
+        .unwrap();
+        assert_eq!(c.llm.anthropic.as_ref().unwrap().model, "from-file");
+        assert_eq!(c.llm.openai.as_ref().unwrap().model, "gpt-file");
+        let c = Config::load_with(
+            None,
+            &ConfigOverrides::default(),
+            env(&[("CHIFFON_OLLAMA_MODEL", "llama-env")]),
+        )
+        .unwrap();
+        assert!(c.llm.ollama.is_none());
     }
 
     #[test]

@@ -730,3 +730,45 @@ impl From<EngineEvent> for EventDto {
         }
     }
 }
+
+/// `GET /actions`: the action catalog, by name.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ActionsDto {
+    pub actions: Vec<ActionDto>,
+}
+
+/// One catalog action, as a planner (or an MCP client) sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ActionDto {
+    pub name: String,
+    pub description: String,
+    /// The agents that run it consume `agent.{agent_type}`.
+    pub agent_type: String,
+    pub keywords: Vec<String>,
+    /// Whether an approval policy may skip the gate for it.
+    pub auto_approve: bool,
+    /// Whether it can run as a dry run (check mode).
+    pub check_mode: bool,
+    pub timeout_seconds: Option<u64>,
+    /// The parameters as a JSON Schema object (`properties`, `required`).
+    #[schema(value_type = Object)]
+    pub parameters: Value,
+    #[schema(value_type = Object)]
+    pub resources: Value,
+}
+
+impl From<&chiffon_core::catalog::ActionSpec> for ActionDto {
+    fn from(a: &chiffon_core::catalog::ActionSpec) -> Self {
+        ActionDto {
+            name: a.name.clone(),
+            description: a.description.clone(),
+            agent_type: a.agent_type.clone(),
+            keywords: a.keywords.clone(),
+            auto_approve: a.auto_approve,
+            check_mode: a.check_mode,
+            timeout_seconds: a.timeout_seconds,
+            parameters: a.parameters_schema(false),
+            resources: serde_json::to_value(&a.resources).unwrap_or_default(),
+        }
+    }
+}

@@ -76,9 +76,24 @@ impl AppState {
     }
 }
 
-/// The HTTP API and the web console ([`crate::ui`]).
+/// The HTTP API, the web console ([`crate::ui`]) and the MCP server at `/mcp` ([`crate::mcp`]).
 pub fn router(state: AppState) -> Router {
-    let protected = Router::new()
+    // The MCP tools call the API in process, through the same layers, with the caller's token.
+    let mcp = crate::mcp::service(
+        build(state.clone(), None),
+        &state.server,
+        state.shutdown.clone(),
+    );
+    build(state, Some(mcp))
+}
+
+type McpService = rmcp::transport::streamable_http_server::StreamableHttpService<
+    crate::mcp::ChiffonMcp<crate::mcp::InProcessApi>,
+    rmcp::transport::streamable_http_server::session::never::NeverSessionManager,
+>;
+
+fn build(state: AppState, mcp: Option<McpService>) -> Router {
+    let mut protected = Router::new()
         .route("/request", post(routes::submit))
         .route("/request/{id}", get(routes::get_request))
         .route("/approve", post(routes::approve))
@@ -87,9 +102,15 @@ pub fn router(state: AppState) -> Router {
         .route("/request/{id}/events", get(routes::events))
         .route("/request/{id}/logs", get(routes::logs))
         .route("/agents", get(routes::agents))
+        .route("/actions", get(routes::actions))
         .route("/costs", get(routes::costs))
         .route("/metrics", get(routes::metrics))
-        .route("/openapi.json", get(routes::openapi))
+        .route("/openapi.json", get(routes::openapi));
+    if let Some(mcp) = mcp {
+        // Not in the OpenAPI document: MCP is JSON-RPC, described by its own protocol.
+        protected = protected.route_service("/mcp", mcp);
+    }
+    let protected = protected
         // `route_layer`: unknown routes answer 404 (5505) rather than 401.
         .route_layer(axum::middleware::from_fn_with_state(
             state.auth.clone(),
@@ -128,13 +149,14 @@ pub fn router(state: AppState) -> Router {
         routes::events,
         routes::logs,
         routes::agents,
+        routes::actions,
         routes::costs,
         routes::metrics,
         routes::openapi,
     ),
     tags(
         (name = "requests", description = "Submit, inspect, approve and cancel requests"),
-        (name = "fleet", description = "Agents and LLM spend"),
+        (name = "fleet", description = "Agents, the action catalog and LLM spend"),
         (name = "system", description = "Health, metrics and this document"),
     )
 )]

@@ -20,7 +20,8 @@
 //! Module map: [`config`] (the one place configuration is read), [`app`] (composition and
 //! shutdown), [`http`] (the router and OpenAPI document), [`guard`] (the `Host` allow-list and
 //! the cross-site check), [`routes`] (handlers), [`dto`] (bodies), [`auth`] (tokens, roles,
-//! trace ids), [`error`] (the error body), [`metrics`], [`ui`] (the web console).
+//! trace ids), [`error`] (the error body), [`metrics`], [`ui`] (the web console), [`mcp`] (the
+//! MCP server: `/mcp` and `chiffon mcp`, the only module that uses `rmcp`).
 //!
 //! Architecture invariant: frontends hold no business logic. Handlers parse, authorise,
 //! call [`chiffon_core::engine::Engine`] and render.
@@ -32,6 +33,7 @@ pub mod dto;
 pub mod error;
 pub mod guard;
 pub mod http;
+pub mod mcp;
 pub mod metrics;
 pub mod routes;
 #[cfg(any(test, feature = "test-utils"))]
@@ -39,7 +41,7 @@ pub mod testing;
 pub mod ui;
 pub mod webhooks;
 
-pub use app::{App, AppOptions, StartError};
+pub use app::{App, AppOptions, HostedAgent, StartError};
 pub use config::{Config, ConfigError, ConfigOverrides, Role};
 pub use http::{openapi, openapi_document, router, AppState};
 

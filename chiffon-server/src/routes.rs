@@ -327,6 +327,24 @@ fn sse_event(ev: &EventDto) -> Result<Event, Infallible> {
     Ok(Event::default().event(ev.name()).data(data))
 }
 
+/// The action catalog: every action a plan may name, with its parameters as a JSON Schema.
+#[utoipa::path(
+    get, path = "/actions", tag = "fleet",
+    responses(
+        (status = 200, body = ActionsDto),
+    )
+)]
+pub async fn actions(
+    State(state): State<AppState>,
+    Extension(who): Extension<Identity>,
+) -> Result<Json<ActionsDto>, AppError> {
+    who.require(Role::Viewer, "read the catalog")?;
+    let catalog = state.engine.catalog();
+    Ok(Json(ActionsDto {
+        actions: catalog.actions.values().map(Into::into).collect(),
+    }))
+}
+
 /// Known agents with their last heartbeat and resources.
 #[utoipa::path(
     get, path = "/agents", tag = "fleet",
