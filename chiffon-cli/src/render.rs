@@ -160,7 +160,7 @@ pub fn logs(l: &LogsDto, out: &mut impl Write) -> std::io::Result<()> {
 
 pub fn agents(a: &AgentsDto, out: &mut impl Write) -> std::io::Result<()> {
     if a.agents.is_empty() {
-        return writeln!(out, "no agents seen yet");
+        writeln!(out, "no agents seen yet")?;
     }
     for ag in &a.agents {
         writeln!(
@@ -172,6 +172,19 @@ pub fn agents(a: &AgentsDto, out: &mut impl Write) -> std::io::Result<()> {
             ag.last_seen.to_rfc3339(),
             ag.running_tasks,
             ag.max_tasks.map(|m| format!("/{m}")).unwrap_or_default()
+        )?;
+    }
+    for r in &a.rejected {
+        writeln!(
+            out,
+            "rejected: {} (broker user {}) {} x{}, last {}: {} {}",
+            r.agent_id.as_deref().unwrap_or("unknown agent"),
+            r.publisher.as_deref().unwrap_or("none"),
+            r.message_type.as_deref().unwrap_or("message"),
+            r.count,
+            r.last_at.to_rfc3339(),
+            r.code,
+            r.reason
         )?;
     }
     Ok(())

@@ -342,6 +342,12 @@ pub async fn agents(
     let agents = state.engine.agents().await?;
     Ok(Json(AgentsDto {
         agents: agents.into_iter().map(Into::into).collect(),
+        rejected: state
+            .engine
+            .rejected_messages()
+            .into_iter()
+            .map(Into::into)
+            .collect(),
     }))
 }
 

@@ -118,6 +118,8 @@ pub(super) struct Inner {
     /// Requests this instance is planning now.
     pub planning_now: Mutex<std::collections::HashSet<Uuid>>,
     pub reservations: Mutex<std::collections::HashMap<String, Vec<Reservation>>>,
+    /// Senders whose messages were dead-lettered, for `GET /agents` and quiet logs.
+    pub rejected: super::rejected::RejectedLog,
 }
 
 /// The result of verifying the audit trail: the hash chain and the git commits.
@@ -152,6 +154,7 @@ impl Engine {
                 reservations: Mutex::new(Default::default()),
                 planning_now: Mutex::new(Default::default()),
                 audit_appender: std::sync::OnceLock::new(),
+                rejected: Default::default(),
             }),
         }
     }

@@ -16,12 +16,14 @@
 mod events;
 mod lifecycle;
 mod planning;
+mod rejected;
 mod runtime;
 pub use runtime::MAX_FAILED_DELIVERIES;
 
 pub use events::{EngineEvent, EventHub, Subscription};
 pub use lifecycle::{AuditReport, MAX_TEXT_LEN};
 pub use planning::CatalogPlanner;
+pub use rejected::{RejectedMessage, REJECTION_LOG_INTERVAL};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
