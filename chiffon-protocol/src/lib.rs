@@ -47,6 +47,10 @@
 //! still rejected, since a receiver cannot act on a message it does not understand.
 //! Floats survive the wire exactly (serde_json's `float_roundtrip`).
 //!
+//! PROTOCOL.md at the repository root specifies all of this for implementers in other
+//! languages; with the `schema` feature, [`schema::schemas`] generates the JSON Schemas
+//! checked in under `chiffon-protocol/schema/`.
+//!
 //! ## Error codes
 //!
 //! Every error anywhere in Chiffon (bus, store, planner, agents, HTTP API, audit) carries a
@@ -56,6 +60,8 @@
 
 mod error;
 mod message;
+#[cfg(feature = "schema")]
+pub mod schema;
 
 pub use error::ErrorCode;
 pub use message::*;
