@@ -88,14 +88,17 @@ impl RejectedLog {
         }
     }
 
-    /// Forgets a sender whose message was just accepted.
-    fn forget(&self, agent_id: Option<&str>, publisher: Option<&str>) {
+    /// Forgets a sender's rejected heartbeats (and messages of no readable type) once one of
+    /// its heartbeats is accepted; a refused result stays listed until it is evicted.
+    fn forget_heartbeats(&self, agent_id: &str, publisher: &str) {
         let mut senders = self.senders.lock().unwrap_or_else(|e| e.into_inner());
         if senders.is_empty() {
             return;
         }
-        senders.retain(|(a, p), _| {
-            !(a.as_deref() == agent_id && (p.as_deref() == publisher || publisher.is_none()))
+        senders.retain(|(a, p), (m, _, _)| {
+            !(a.as_deref() == Some(agent_id)
+                && p.as_deref() == Some(publisher)
+                && matches!(m.message_type.as_deref(), None | Some("heartbeat")))
         });
     }
 
@@ -192,7 +195,7 @@ impl Engine {
 
     /// A heartbeat was accepted: its sender is no longer failing.
     pub(super) fn note_accepted(&self, agent_id: &str, publisher: &str) {
-        self.inner.rejected.forget(Some(agent_id), Some(publisher));
+        self.inner.rejected.forget_heartbeats(agent_id, publisher);
     }
 }
 
@@ -231,9 +234,15 @@ mod tests {
             .unwrap();
         assert_eq!(a.count, 30);
         assert!(a.first_at <= a.last_at);
-        // Accepted again: forgotten.
-        log.forget(Some("a"), Some("py"));
-        assert_eq!(log.list().len(), 1);
+        // Accepted again: forgotten; a refused result of the same sender stays listed.
+        let mut result = rejection("b");
+        result.message_type = Some("work_result".into());
+        log.note(result);
+        log.forget_heartbeats("a", "py");
+        log.forget_heartbeats("b", "py");
+        let left = log.list();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(left[0].message_type.as_deref(), Some("work_result"));
     }
 
     #[test]
