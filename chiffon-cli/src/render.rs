@@ -313,3 +313,34 @@ impl Progress {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agents_lists_rejected_senders() {
+        let a: AgentsDto = serde_json::from_value(serde_json::json!({
+            "agents": [],
+            "rejected": [{
+                "agent_id": "python-h", "publisher": "chiffon-agent-python",
+                "message_type": "heartbeat", "code": 5004, "field": "payload.memory.total_gb",
+                "reason": "invalid field `payload.memory.total_gb`: missing field `total_gb`",
+                "first_at": "2026-12-01T08:00:00Z", "last_at": "2026-12-01T08:01:00Z", "count": 31
+            }]
+        }))
+        .unwrap();
+        let mut out = Vec::new();
+        agents(&a, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("no agents seen yet\n"), "{text}");
+        assert!(
+            text.contains("rejected: python-h (broker user chiffon-agent-python) heartbeat x31")
+                && text.contains("5004 invalid field `payload.memory.total_gb`"),
+            "{text}"
+        );
+        // An older server without the list still renders.
+        let old: AgentsDto = serde_json::from_value(serde_json::json!({ "agents": [] })).unwrap();
+        assert!(old.rejected.is_empty());
+    }
+}
