@@ -48,7 +48,7 @@
 //! Floats survive the wire exactly (serde_json's `float_roundtrip`).
 //!
 //! PROTOCOL.md at the repository root specifies all of this for implementers in other
-//! languages; with the `schema` feature, [`schema::schemas`] generates the JSON Schemas
+//! languages; with the `schema` feature, `schema::schemas()` generates the JSON Schemas
 //! checked in under `chiffon-protocol/schema/`.
 //!
 //! ## Error codes
