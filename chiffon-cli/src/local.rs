@@ -287,23 +287,17 @@ pub async fn audit(
             print_json(&report)?;
         } else if report.ok {
             println!(
-                "audit log ok: {} entries verified, every approved request that ended has its git commit",
-                report.chain.entries_checked
+                "audit log ok: {} entries verified, every approved request that ended has its git commit with the recorded content{}",
+                report.chain.entries_checked,
+                report
+                    .anchor
+                    .as_deref()
+                    .map(|a| format!("; {a}"))
+                    .unwrap_or_default()
             );
         } else {
-            if !report.chain.ok {
-                println!(
-                    "audit chain BROKEN at entry {}: {}",
-                    report
-                        .chain
-                        .first_bad_seq
-                        .map(|s| s.to_string())
-                        .unwrap_or_else(|| "?".into()),
-                    report.chain.problem.as_deref().unwrap_or("mismatch")
-                );
-            }
-            for id in &report.missing_commits {
-                println!("missing audit commit for request {id}");
+            for p in &report.problems {
+                println!("audit: {p}");
             }
         }
         if report.ok {

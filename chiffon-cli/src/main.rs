@@ -164,7 +164,7 @@ fn main() {
     let code = match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            let line = format!("{e:#}").replace('\n', " ");
+            let line = chiffon_server::redact_for_logs(&format!("{e:#}").replace('\n', " "));
             eprintln!("chiffon: {line}");
             1
         }

@@ -54,6 +54,27 @@ pub fn plan(p: &PlanDto, out: &mut impl Write) -> std::io::Result<()> {
                 format!("  ({})", s.reason)
             }
         )?;
+        if let Some(pv) = &s.preview {
+            match (pv.status.as_str(), &pv.error) {
+                ("pending", _) => writeln!(out, "     dry run: running…")?,
+                (_, Some(e)) => writeln!(
+                    out,
+                    "     dry run failed ({} {}): {}",
+                    e.code, e.name, e.message
+                )?,
+                _ => {
+                    let what = match pv.changed {
+                        Some(true) => "would change:",
+                        Some(false) => "would change nothing",
+                        None => "done",
+                    };
+                    writeln!(out, "     dry run: {what}")?;
+                    for line in pv.diff.as_deref().unwrap_or_default().lines() {
+                        writeln!(out, "       {line}")?;
+                    }
+                }
+            }
+        }
     }
     for r in &p.risks {
         writeln!(out, "  risk: {r}")?;
@@ -66,8 +87,13 @@ pub fn request(r: &RequestDto, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(out, "  text: {}", r.text)?;
     writeln!(
         out,
-        "  requester: {}{}",
+        "  requester: {}{}{}",
         r.requester,
+        if r.submitted_by != r.requester {
+            format!(" (submitted by {})", r.submitted_by)
+        } else {
+            String::new()
+        },
         if r.dry_run { "  (dry run)" } else { "" }
     )?;
     if let Some(a) = &r.approver {
@@ -117,6 +143,9 @@ pub fn request(r: &RequestDto, out: &mut impl Write) -> std::io::Result<()> {
                 }
             }
         }
+    }
+    if let Some(w) = &r.waiting_reason {
+        writeln!(out, "  waiting: {w}")?;
     }
     if let Some(e) = &r.error {
         writeln!(out, "  error {} {}: {}", e.code, e.name, e.message)?;

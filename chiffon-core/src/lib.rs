@@ -16,6 +16,7 @@
 //! - [`scheduler`]: resource-aware choice of an agent for a step.
 //! - [`llm`]: LLM providers with budgets, retries, circuit breakers and fallback.
 //! - [`planner`]: request text to a validated plan (LLM or offline), with a plan cache.
+//! - [`redact`]: the `Redactor` that keeps configured secrets out of stored and shown text.
 //!
 //! Architecture invariant: this crate never reads environment variables or argv; the
 //! binaries build its configuration types and hand them in.
@@ -26,6 +27,7 @@ pub mod engine;
 pub mod llm;
 pub mod model;
 pub mod planner;
+pub mod redact;
 pub mod scheduler;
 pub mod store;
 pub mod transport;

@@ -265,6 +265,44 @@ pub struct Step {
     pub finished_at: Option<DateTime<Utc>>,
     /// Retry not before this instant (transient failures back off).
     pub not_before: Option<DateTime<Utc>>,
+    /// The automatic dry run shown before approval (check-mode actions only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<StepPreview>,
+}
+
+/// Where a step's automatic dry run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PreviewStatus {
+    /// Published; no answer yet.
+    Pending,
+    Completed,
+    /// The check run failed, or no agent answered in time, or none could take it.
+    Failed,
+}
+
+/// A step's automatic dry run: what running it would change, seen before approval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepPreview {
+    pub status: PreviewStatus,
+    /// The task id of the check run (not the step's).
+    pub task_id: Uuid,
+    /// Whether the check run would change anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed: Option<bool>,
+    /// Unified diff of what it would change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorPayload>,
+    /// The broker user whose result this is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_user: Option<String>,
+    pub requested_at: DateTime<Utc>,
+    /// No answer by then: failed.
+    pub deadline_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
 }
 
 /// Fields [`crate::store::Store::update_step`] may set along with the status. `None` leaves a
@@ -342,7 +380,15 @@ pub struct LlmReservation {
     pub amount_micros: i64,
     pub budget_micros: i64,
     pub request_id: Option<Uuid>,
+    /// How long the reservation counts against the budget unless settled: one left open
+    /// by a crashed process stops holding budget once its lease has passed. Longer than
+    /// the call can take (timeouts times attempts), so a live call never loses it.
+    pub lease: std::time::Duration,
 }
+
+/// The default [`LlmReservation::lease`]: longer than a hosted provider's default timeout
+/// times its attempts.
+pub const DEFAULT_RESERVATION_LEASE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The real cost of a reserved call (settles the reservation).
 #[derive(Debug, Clone)]
@@ -360,7 +406,7 @@ pub struct ProviderSpend {
     pub month: String,
     /// Settled spend, USD micro-dollars.
     pub spent_micros: i64,
-    /// Reserved and not yet settled.
+    /// Reserved, not yet settled and not expired (see [`LlmReservation::lease`]).
     pub reserved_micros: i64,
     pub calls: u64,
     pub input_tokens: u64,

@@ -34,6 +34,7 @@ fn record(id: Uuid, summary: &str) -> RequestRecord {
         summary: summary.into(),
         author_name: "Alice Approver".into(),
         author_email: "alice@example.org".into(),
+        anchor: None,
         document: json!({
             "id": id,
             "text": format!("{summary} please"),
@@ -122,7 +123,10 @@ fn a_commit_has_the_record_the_message_and_the_approver() {
 
     let path = record_path(id);
     let id_text = id.to_string();
-    assert_eq!(path, format!("requests/{}/{id_text}.json", &id_text[..2]));
+    // Sharded by a hash of the id (UUIDv7 prefixes are all alike).
+    use sha2::Digest;
+    let shard = hex::encode(&sha2::Sha256::digest(id_text.as_bytes())[..1]);
+    assert_eq!(path, format!("requests/{shard}/{id_text}.json"));
     assert_eq!(files(&repo), BTreeSet::from([path.clone()]));
     let stored = git(&repo, &["show", &format!("HEAD:{path}")]);
     assert!(
@@ -621,20 +625,130 @@ fn a_folder_with_other_content_is_not_turned_into_a_repository() {
 #[test]
 fn records_share_shard_folders_without_overwriting_each_other() {
     let (_dir, trail) = new_trail();
-    // Ids with the same first two hex digits land in one shard folder.
-    let same_shard: Vec<Uuid> = (0..4u128)
-        .map(|i| Uuid::from_u128((0xab_u128 << 120) | i))
-        .collect();
-    for id in &same_shard {
+    // Forty fixed ids over 256 hash shards: some share a folder.
+    let ids: Vec<Uuid> = (0..40u128).map(Uuid::from_u128).collect();
+    for id in &ids {
         trail.commit_request(&record(*id, "shard")).unwrap();
     }
     let listed = git(
         trail.path(),
         &["ls-tree", "--name-only", "HEAD", "requests/"],
     );
-    assert_eq!(listed.trim(), "requests/ab");
-    assert_eq!(files(trail.path()).len(), 4);
-    assert!(trail.verify(&same_shard).unwrap().is_empty());
+    let shards: Vec<&str> = listed.lines().collect();
+    assert!(shards.len() < 40, "some records share a shard: {shards:?}");
+    assert!(shards
+        .iter()
+        .all(|s| s.len() == "requests/ab".len() && s[9..].chars().all(|c| c.is_ascii_hexdigit())));
+    assert_eq!(files(trail.path()).len(), 40);
+    assert!(trail.verify(&ids).unwrap().is_empty());
+}
+
+#[test]
+fn a_stale_lock_is_cleared_and_a_fresh_one_kept() {
+    let (_dir, trail) = new_trail();
+    trail
+        .commit_request(&record(Uuid::new_v4(), "before"))
+        .unwrap();
+    let lock = trail.path().join("refs/heads/main.lock");
+    std::fs::write(&lock, "").unwrap();
+    // Young: a live writer may hold it.
+    assert!(trail
+        .clear_stale_locks(std::time::Duration::from_secs(3600))
+        .is_empty());
+    assert!(lock.exists());
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(120);
+    std::fs::File::options()
+        .write(true)
+        .open(&lock)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    assert_eq!(
+        trail.clear_stale_locks(std::time::Duration::from_secs(10)),
+        vec![lock.clone()]
+    );
+    trail
+        .commit_request(&record(Uuid::new_v4(), "after"))
+        .unwrap();
+    assert_eq!(commit_count(trail.path()), 2);
+}
+
+#[test]
+fn verify_records_catches_amends_and_rewritten_history() {
+    use chiffon_core::audit::git::{record_digest, ExpectedRecord};
+    let (_dir, trail) = new_trail();
+    let a = Uuid::new_v4();
+    let b = Uuid::new_v4();
+    let ra = record(a, "first");
+    let rb = record(b, "second");
+    let ca = trail.commit_request(&ra).unwrap();
+    let cb = trail.commit_request(&rb).unwrap();
+    let expect = |id, commit: &str, r: &RequestRecord| ExpectedRecord {
+        id,
+        commit: commit.to_string(),
+        digest: Some(record_digest(r).unwrap()),
+    };
+    let both = [expect(a, &ca, &ra), expect(b, &cb, &rb)];
+    assert!(trail.verify_records(&both).unwrap().is_empty());
+    // A writer of the repository amends `a`'s record in a new commit on top.
+    let repo = git2::Repository::open(trail.path()).unwrap();
+    let tip = repo.head().unwrap().peel_to_commit().unwrap();
+    let mut idx = git2::Index::new().unwrap();
+    idx.read_tree(&tip.tree().unwrap()).unwrap();
+    let blob = repo.blob(b"{\"id\": \"forged\"}\n").unwrap();
+    let mut entry = idx
+        .get_path(std::path::Path::new(&record_path(a)), 0)
+        .unwrap();
+    entry.id = blob;
+    idx.add(&entry).unwrap();
+    let tree = repo.find_tree(idx.write_tree_to(&repo).unwrap()).unwrap();
+    let sig = git2::Signature::now("mallory", "m@x").unwrap();
+    repo.commit(Some("HEAD"), &sig, &sig, "tidy", &tree, &[&tip])
+        .unwrap();
+    let problems = trail.verify_records(&both).unwrap();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].id, a);
+    assert!(
+        problems[0].reason.contains("changed after it was written"),
+        "{problems:?}"
+    );
+    // History rewritten: the branch reset to before `b` and `b` re-made elsewhere.
+    let first = repo.find_commit(git2::Oid::from_str(&ca).unwrap()).unwrap();
+    repo.reference("refs/heads/main", first.id(), true, "force")
+        .unwrap();
+    trail
+        .commit_request(&record(Uuid::new_v4(), "inserted"))
+        .unwrap();
+    let cb2 = trail.commit_request(&rb).unwrap();
+    assert_ne!(cb2, cb);
+    let problems = trail.verify_records(&[expect(b, &cb, &rb)]).unwrap();
+    assert!(
+        problems[0].reason.contains("not in the branch's history"),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn the_chain_head_is_anchored_in_commit_messages() {
+    use chiffon_core::audit::git::ChainAnchor;
+    let (_dir, trail) = new_trail();
+    assert_eq!(trail.latest_anchor(10).unwrap(), None);
+    let mut r = record(Uuid::new_v4(), "anchored");
+    let hash = "ab".repeat(32);
+    r.anchor = Some(ChainAnchor {
+        seq: 42,
+        hash: hash.clone(),
+    });
+    trail.commit_request(&r).unwrap();
+    trail
+        .commit_request(&record(Uuid::new_v4(), "plain"))
+        .unwrap();
+    let body = git(trail.path(), &["log", "-2", "--format=%B"]);
+    assert!(body.contains(&format!("Audit-Chain: 42 {hash}")), "{body}");
+    assert_eq!(
+        trail.latest_anchor(10).unwrap(),
+        Some(ChainAnchor { seq: 42, hash })
+    );
 }
 
 #[test]

@@ -225,6 +225,9 @@ fn test_config(f: impl FnOnce(&mut EngineConfig)) -> EngineConfig {
     c.dispatch.tick = Duration::from_millis(50);
     c.dispatch.retry_backoff = Duration::from_millis(20);
     c.dispatch.cancel_timeout = Duration::from_secs(2);
+    // Most tests count what the mock agent runs, or take work off the queue themselves:
+    // the automatic dry run is on only where a test asks for it.
+    c.approval.preview = false;
     f(&mut c);
     c
 }
@@ -323,14 +326,35 @@ impl Harness {
         r
     }
 
+    /// The request's audit events. An ended request's last entries are appended just
+    /// after its status changes: wait (briefly) for them.
     async fn events(&self, id: Uuid) -> Vec<String> {
-        self.engine
-            .audit_log(Some(id), 0, 1000)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| e.event)
-            .collect()
+        let ended = self.engine.get(id).await.is_ok_and(|v| {
+            v.request.approver.is_some()
+                && matches!(
+                    v.request.status,
+                    RequestStatus::Completed | RequestStatus::Failed | RequestStatus::Cancelled
+                )
+        });
+        for _ in 0..100 {
+            let events: Vec<String> = self
+                .engine
+                .audit_log(Some(id), 0, 1000)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.event)
+                .collect();
+            if !ended
+                || events
+                    .iter()
+                    .any(|e| e == "committed" || e == "commit_failed")
+            {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the audit of {id} never got its last entries")
     }
 
     fn git_log(&self) -> String {
@@ -391,6 +415,11 @@ both_backends!(
     forged_bus_messages_are_refused,
     a_message_that_keeps_failing_is_dead_lettered,
     rejected_heartbeats_are_listed_until_fixed,
+    agent_output_is_redacted_everywhere,
+    a_plan_awaiting_approval_shows_its_dry_run,
+    a_preview_nobody_answers_shows_as_failed,
+    audit_verify_catches_a_rechained_or_emptied_log,
+    a_failing_git_trail_degrades_health_and_a_stale_lock_is_cleared,
 );
 
 async fn approve_runs_to_completion_with_audit_and_commit(backend: &str) {
@@ -760,10 +789,17 @@ async fn waits_for_capacity_then_dispatches(backend: &str) {
         h.engine.approve(id, "bob", None).await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let waiting = h.engine.get(first).await.unwrap();
     assert_eq!(
-        h.engine.get(first).await.unwrap().request.status,
+        waiting.request.status,
         RequestStatus::Queued,
         "2 GiB free is not enough"
+    );
+    // The person sees why.
+    let why = waiting.waiting_reason.expect("a queued request says why");
+    assert!(
+        why.contains("infra-1 has 2.0 GiB of memory free, the step needs"),
+        "{why}"
     );
     assert_eq!(h.agent.as_ref().unwrap().started.load(Ordering::SeqCst), 0);
     // Room for one: the older request goes first.
@@ -1396,4 +1432,395 @@ async fn a_message_that_keeps_failing_is_dead_lettered(backend: &str) {
     .expect("the failing message was dead-lettered");
     assert_eq!(engine.metrics().dead_lettered_after_retries_total, 1);
     stop.cancel();
+}
+
+/// A configured secret echoed by an agent (in progress lines, the output, an error) is
+/// struck from the execution log, the step, and the git record.
+async fn agent_output_is_redacted_everywhere(backend: &str) {
+    const SECRET: &str = "s3cr3t-agent-echo-0123456789";
+    let config = test_config(|c| {
+        c.redactor = chiffon_core::redact::Redactor::new([SECRET]);
+    });
+    let Some(h) = harness(backend, false, config).await else {
+        return;
+    };
+    let t = h.transport.topology().clone();
+    let queue = t.agent_queue("infrastructure");
+    h.transport.declare_topology().await.unwrap();
+    h.transport.declare_queue(&queue).await.unwrap();
+    let mut work = h
+        .transport
+        .consume(&queue, ConsumeOptions { prefetch: 4 })
+        .await
+        .unwrap();
+    let id = h.submit("ok_action", "alice", false).await;
+    h.wait(id, RequestStatus::AwaitingApproval).await;
+    h.engine.approve(id, "bob", None).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(20), work.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let env = d.parse().unwrap();
+    let Message::WorkRequest(w) = env.body.clone() else {
+        panic!("not work")
+    };
+    d.ack().await.unwrap();
+    let status = env.reply(Message::WorkStatus(WorkStatus {
+        task_id: w.task_id,
+        status: TaskState::Running,
+        progress: 50,
+        message: format!("token={SECRET}"),
+        metrics: None,
+        lines: vec![format!("env: KEY={SECRET}")],
+        agent_id: None,
+        attempt: Some(w.attempt),
+    }));
+    h.transport
+        .publish(&t.results_queue, &status)
+        .await
+        .unwrap();
+    let result = env.reply(Message::WorkResult(WorkResult {
+        task_id: w.task_id,
+        status: TaskState::Failed,
+        output: format!("output {SECRET}"),
+        duration_seconds: 1.0,
+        resource_usage: Default::default(),
+        error: Some(ErrorPayload::new(
+            ErrorCode::ActionFailed,
+            format!("failed: {SECRET}"),
+        )),
+        changed: None,
+        diff: Some(format!("+{SECRET}")),
+        attempt: w.attempt,
+        agent_id: None,
+    }));
+    h.transport
+        .publish(&t.results_queue, &result)
+        .await
+        .unwrap();
+    h.wait(id, RequestStatus::Failed).await;
+    let view = h.engine.get(id).await.unwrap();
+    let everything = format!(
+        "{}\n{}\n{}",
+        serde_json::to_string(&view).unwrap(),
+        serde_json::to_string(&h.engine.logs(id, None, 1000).await.unwrap()).unwrap(),
+        h.git_log(),
+    );
+    assert!(!everything.contains(SECRET), "{everything}");
+    assert!(everything.contains("[REDACTED]"), "{everything}");
+    let show = std::process::Command::new("git")
+        .args([
+            "--git-dir",
+            &h.git_dir.path().display().to_string(),
+            "log",
+            "-p",
+            "--all",
+        ])
+        .output()
+        .unwrap();
+    let record = String::from_utf8_lossy(&show.stdout);
+    assert!(record.contains(&id.to_string()), "{record}");
+    assert!(!record.contains(SECRET), "{record}");
+}
+
+async fn preview_of(h: &Harness, id: Uuid, done: bool) -> StepPreview {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let v = h.engine.get(id).await.unwrap();
+            if let Some(p) = v.steps[0].preview.clone() {
+                if !done || p.status != PreviewStatus::Pending {
+                    return p;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the preview settles")
+}
+
+/// While a plan awaits approval, each check-mode step runs in check mode over the bus and
+/// the person sees what it would change; the step itself does not run until approved.
+async fn a_plan_awaiting_approval_shows_its_dry_run(backend: &str) {
+    let Some(h) = harness(backend, true, test_config(|c| c.approval.preview = true)).await else {
+        return;
+    };
+    let id = h.submit("ok_action", "alice", false).await;
+    h.wait(id, RequestStatus::AwaitingApproval).await;
+    let p = preview_of(&h, id, true).await;
+    assert_eq!(p.status, PreviewStatus::Completed, "{p:?}");
+    assert_eq!(p.changed, Some(true));
+    assert_eq!(p.diff.as_deref(), Some("--- before\n+++ after\n"));
+    let v = h.engine.get(id).await.unwrap();
+    assert_eq!(
+        v.steps[0].status,
+        StepStatus::Pending,
+        "the step itself did not run"
+    );
+    assert_eq!(v.steps[0].attempt, 0);
+    assert_eq!(h.agent.as_ref().unwrap().started.load(Ordering::SeqCst), 1);
+    assert!(h.events(id).await.contains(&"preview_finished".to_string()));
+    h.engine.approve(id, "bob", None).await.unwrap();
+    h.wait(id, RequestStatus::Completed).await;
+    assert_eq!(h.agent.as_ref().unwrap().started.load(Ordering::SeqCst), 2);
+    // The preview stays on record beside the real run.
+    let v = h.engine.get(id).await.unwrap();
+    assert_eq!(
+        v.steps[0].preview.as_ref().unwrap().status,
+        PreviewStatus::Completed
+    );
+    assert_eq!(v.steps[0].diff, None, "the real run is not a dry run");
+}
+
+/// No agent answers: the preview shows as failed once its time is up, and approval is not
+/// blocked.
+async fn a_preview_nobody_answers_shows_as_failed(backend: &str) {
+    let config = test_config(|c| {
+        c.approval.preview = true;
+        c.dispatch.preview_timeout = Duration::from_secs(1);
+    });
+    let Some(h) = harness(backend, false, config).await else {
+        return;
+    };
+    let id = h.submit("ok_action", "alice", false).await;
+    h.wait(id, RequestStatus::AwaitingApproval).await;
+    let p = preview_of(&h, id, false).await;
+    assert_eq!(p.status, PreviewStatus::Pending);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let p = preview_of(&h, id, true).await;
+    assert_eq!(p.status, PreviewStatus::Failed);
+    let e = p.error.unwrap();
+    assert_eq!(e.code, ErrorCode::AgentTimeout);
+    assert!(
+        e.message
+            .contains("no agent answered the dry run within 1 s"),
+        "{}",
+        e.message
+    );
+    h.engine.approve(id, "bob", None).await.unwrap();
+    assert_eq!(
+        h.engine.get(id).await.unwrap().request.status,
+        RequestStatus::Queued
+    );
+}
+
+/// A database superuser rewrites an audit row and recomputes the whole chain (the chain
+/// alone still verifies), or empties the log: the chain head anchored in git catches both,
+/// and a finished request without entries is reported.
+async fn audit_verify_catches_a_rechained_or_emptied_log(backend: &str) {
+    use chiffon_core::audit::chain::{entry_hash, GENESIS};
+    use sqlx::Connection;
+    type Setup = (
+        Arc<dyn Store>,
+        Arc<dyn Transport>,
+        String,
+        Box<dyn std::any::Any + Send>,
+    );
+    let (store, transport, raw_url, _guard): Setup = match backend {
+        "sqlite" => {
+            let (s, dir) = support::sqlite_store().await;
+            let url = format!("sqlite://{}", dir.path().join("chiffon.db").display());
+            (s, support::memory_transport(), url, Box::new(dir))
+        }
+        _ => {
+            let Some((s, db)) = support::pg_store().await else {
+                return;
+            };
+            let Some((t, cleanup)) = support::amqp_transport().await else {
+                return;
+            };
+            let url = db.url.clone();
+            (s, t, url, Box::new((cleanup, db)))
+        }
+    };
+    let stop = CancellationToken::new();
+    let git = tempfile::tempdir().unwrap();
+    let engine = start_engine(
+        store.clone(),
+        transport.clone(),
+        git.path(),
+        test_config(|_| {}),
+        &stop,
+    )
+    .await;
+    let _agent = MockAgent::spawn(transport.clone(), stop.clone());
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let r = engine
+            .submit(SubmitRequest {
+                text: "ok_action".into(),
+                requester: Some("alice".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            engine.wait_until(r.id, &[RequestStatus::AwaitingApproval]),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        engine.approve(r.id, "bob", None).await.unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            engine.wait_until(r.id, &[RequestStatus::Completed]),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        ids.push(r.id);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let report = engine.verify_audit().await.unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+    assert!(
+        report.anchor.as_deref().unwrap().contains("matches"),
+        "{report:?}"
+    );
+
+    // Rewrite entry 1 ("received" of the first request) and recompute every hash after it.
+    let entries = engine.audit_log(None, 0, 10_000).await.unwrap();
+    let mut prev = GENESIS.to_string();
+    let mut rows = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        let details = if i == 0 {
+            serde_json::json!({ "text": "something harmless", "dry_run": false })
+        } else {
+            e.details.clone()
+        };
+        let text = serde_json::to_string(&details).unwrap();
+        let hash = entry_hash(&prev, e.seq, e.at, e.request_id, &e.actor, &e.event, &text);
+        rows.push((e.seq, text, prev.clone(), hash.clone()));
+        prev = hash;
+    }
+    let last = entries.last().unwrap().seq;
+    let mut sql = String::new();
+    for (seq, text, p, h) in &rows {
+        sql.push_str(&format!(
+            "UPDATE audit_log SET details = '{}', prev_hash = '{p}', hash = '{h}' WHERE seq = {seq};\n",
+            text.replace('\'', "''")
+        ));
+    }
+    sql.push_str(&format!(
+        "UPDATE audit_head SET last_seq = {last}, last_hash = '{prev}' WHERE id = 1;\n"
+    ));
+    let run = |sql: String| {
+        let url = raw_url.clone();
+        async move {
+            if url.starts_with("sqlite") {
+                let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+            } else {
+                let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    run(sql).await;
+    let report = engine.verify_audit().await.unwrap();
+    assert!(report.chain.ok, "the recomputed chain verifies on its own");
+    assert!(!report.ok, "but git's anchor does not agree");
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("differs from the hash anchored in git")),
+        "{:?}",
+        report.problems
+    );
+
+    // Empty the log and reset the head: the anchor's entry is gone, and finished requests
+    // have no entries.
+    run(format!(
+        "DELETE FROM audit_log; UPDATE audit_head SET last_seq = 0, last_hash = '{GENESIS}' WHERE id = 1;"
+    ))
+    .await;
+    let report = engine.verify_audit().await.unwrap();
+    assert!(report.chain.ok && report.chain.entries_checked == 0);
+    assert!(!report.ok);
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("truncated or emptied")),
+        "{:?}",
+        report.problems
+    );
+    for id in &ids {
+        assert!(
+            report
+                .record_problems
+                .iter()
+                .any(|p| p.id == *id && p.reason.contains("no entry")),
+            "{:?}",
+            report.record_problems
+        );
+    }
+    stop.cancel();
+}
+
+/// A git trail that cannot commit shows in `/health` (degraded) until a commit succeeds; a
+/// lock left by a crashed writer is cleared once it is stale, so the trail recovers.
+async fn a_failing_git_trail_degrades_health_and_a_stale_lock_is_cleared(backend: &str) {
+    let Some(h) = harness(backend, true, test_config(|_| {})).await else {
+        return;
+    };
+    assert_eq!(h.engine.health().await.audit, "ok");
+    let run = |h: &Harness| {
+        let engine = h.engine.clone();
+        async move {
+            let r = engine
+                .submit(SubmitRequest {
+                    text: "ok_action".into(),
+                    requester: Some("alice".into()),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            tokio::time::timeout(
+                Duration::from_secs(20),
+                engine.wait_until(r.id, &[RequestStatus::AwaitingApproval]),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+            engine.approve(r.id, "bob", None).await.unwrap();
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                engine.wait_until(r.id, &[RequestStatus::Completed]),
+            )
+            .await
+            .unwrap()
+            .unwrap()
+        }
+    };
+    run(&h).await;
+    // A writer "crashed" just now while moving the branch: its lock is fresh, so it stays.
+    let lock = h.git_dir.path().join("refs/heads/main.lock");
+    std::fs::write(&lock, "").unwrap();
+    let r = run(&h).await;
+    assert_eq!(r.commit_id, None, "no commit while the branch is locked");
+    let health = h.engine.health().await;
+    assert_eq!(health.status, "degraded");
+    assert!(health.audit.contains("main.lock"), "{}", health.audit);
+    // Later the lock is stale: the next commit clears it and the trail recovers.
+    let old = std::time::SystemTime::now() - Duration::from_secs(60);
+    std::fs::File::options()
+        .write(true)
+        .open(&lock)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let r = run(&h).await;
+    assert!(r.commit_id.is_some());
+    assert!(!lock.exists());
+    assert_eq!(h.engine.health().await.audit, "ok");
 }

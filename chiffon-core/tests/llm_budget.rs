@@ -162,3 +162,317 @@ async fn unlimited_budget_still_records_calls() {
     assert_eq!(sp.calls, 3);
     assert_eq!((sp.input_tokens, sp.output_tokens), (30, 60));
 }
+
+// ---- the budget is a hard cap ----
+
+#[tokio::test]
+async fn every_provider_sends_the_max_tokens_it_reserved() {
+    let (_dir, store) = sqlite_store().await;
+    let a = MockLlm::start(
+        Wire::Anthropic,
+        vec![Reply::text(Wire::Anthropic, "x", 10, 20)],
+    )
+    .await;
+    let o = MockLlm::start(Wire::OpenAi, vec![Reply::text(Wire::OpenAi, "x", 10, 20)]).await;
+    let l = MockLlm::start(Wire::Ollama, vec![Reply::text(Wire::Ollama, "x", 10, 20)]).await;
+    let anthropic = AnthropicProvider::new(&AnthropicConfig {
+        base_url: a.base_url(),
+        api_key: KEY.into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let ollama = OllamaProvider::new(&OllamaConfig {
+        host: l.base_url(),
+        ..Default::default()
+    })
+    .unwrap();
+    let req = request();
+    Budget::new(anthropic, store.clone(), Some(1.0))
+        .complete(req.clone())
+        .await
+        .unwrap();
+    Budget::new(openai(&o.base_url()), store.clone(), Some(1.0))
+        .complete(req.clone())
+        .await
+        .unwrap();
+    Budget::new(ollama, store.clone(), Some(1.0))
+        .complete(req.clone())
+        .await
+        .unwrap();
+    assert_eq!(a.bodies()[0]["max_tokens"], req.max_tokens);
+    assert_eq!(o.bodies()[0]["max_tokens"], req.max_tokens);
+    assert_eq!(l.bodies()[0]["options"]["num_predict"], req.max_tokens);
+    // Newer OpenAI models take the cap as `max_completion_tokens`.
+    Budget::new(
+        OpenAiProvider::new(&OpenAiConfig {
+            base_url: o.base_url(),
+            api_key: KEY.into(),
+            max_tokens_field: MaxTokensField::MaxCompletionTokens,
+            ..Default::default()
+        })
+        .unwrap(),
+        store.clone(),
+        Some(1.0),
+    )
+    .complete(req.clone())
+    .await
+    .unwrap();
+    let body = &o.bodies()[1];
+    assert_eq!(body["max_completion_tokens"], req.max_tokens);
+    assert!(body.get("max_tokens").is_none());
+}
+
+/// An Anthropic-wire server that ignores `max_tokens` and bills 40 times the worst case
+/// of each call, against 40 concurrent plannings and a budget of three worst cases.
+async fn overbilling_provider_is_closed(store: Arc<dyn chiffon_core::store::Store>) {
+    use chiffon_core::planner::{prompt, PlanOptions, Planner, PlannerConfig};
+
+    let catalog = fixture_catalog();
+    let text = "Deploy Uptime Kuma on the NAS on port 8080";
+    let max_tokens = 500;
+    let pricing = Pricing::new(3.0, 15.0);
+    let worst = pricing.worst_case_micros(&prompt::planning_request(
+        &catalog, text, false, max_tokens, 0.0,
+    ));
+    let budget_micros = 3 * worst;
+    // The bill: what the prompt really took, and 40 worst cases' worth of output.
+    let output_tokens = (40 * worst / 15) as u64;
+    let billed = pricing.cost_micros(2000, output_tokens);
+    assert!(billed > 30 * worst);
+    let answer = plan_answer(serde_json::json!([{
+        "action": "deploy_kuma",
+        "parameters": {"host": "nas.lan", "port": 8080},
+        "reason": "asked for"
+    }]));
+    let s = MockLlm::start(
+        Wire::Anthropic,
+        vec![Reply::text(Wire::Anthropic, &answer, 2000, output_tokens)
+            .delayed(Duration::from_millis(200))],
+    )
+    .await;
+    let config = LlmConfig {
+        anthropic: Some(AnthropicConfig {
+            base_url: s.base_url(),
+            api_key: KEY.into(),
+            monthly_budget_usd: Some(budget_micros as f64 / 1e6),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let planner = Planner::new(
+        Router::from_config(&config, store.clone()).unwrap(),
+        store.clone(),
+        PlannerConfig {
+            cache: false,
+            max_tokens,
+            ..Default::default()
+        },
+    );
+    let catalog = Arc::new(catalog);
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let (planner, catalog) = (planner.clone(), catalog.clone());
+        tasks.push(tokio::spawn(async move {
+            planner
+                .plan(&catalog, text, &PlanOptions::default())
+                .await
+                .map(|o| (o.plan.provider, o.events))
+                .map_err(|e| e.events)
+        }));
+    }
+    let (mut by_llm, mut refused) = (0, 0);
+    for t in tasks {
+        let (provider, events) = match t.await.unwrap() {
+            Ok(x) => x,
+            Err(events) => (String::new(), events),
+        };
+        if provider == "anthropic" {
+            by_llm += 1;
+            assert!(events.is_empty());
+        } else {
+            // Refused before any HTTP call, and the fallback says why.
+            assert_eq!(events[0].provider, "anthropic");
+            assert_eq!(events[0].code, ErrorCode::LlmBudgetExhausted, "{events:?}");
+            refused += 1;
+        }
+    }
+    let calls = s.hits() as i64;
+    assert_eq!(calls, by_llm);
+    assert_eq!(by_llm + refused, 40);
+    // No call starts unless its worst case fits: at most three at once, then closed.
+    assert!((1..=3).contains(&calls), "{calls} calls");
+    for body in s.bodies() {
+        assert_eq!(
+            body["max_tokens"], max_tokens,
+            "the reserved max_tokens is sent"
+        );
+    }
+    let spend = store.llm_spend(&current_month()).await.unwrap();
+    let sp = spend.iter().find(|x| x.provider == "anthropic").unwrap();
+    // Every overbilled call is recorded in full...
+    assert_eq!(sp.spent_micros, calls * billed);
+    assert_eq!(sp.calls as i64, calls);
+    assert_eq!(sp.reserved_micros, 0);
+    // ...the spend passes the budget by no more than the overage of the calls in flight...
+    assert!(sp.spent_micros > budget_micros);
+    assert!(sp.spent_micros - budget_micros <= calls * (billed - worst));
+    // ...and the provider stays closed: refused with no HTTP call, whatever its size.
+    let e = Budget::new(
+        AnthropicProvider::new(config.anthropic.as_ref().unwrap()).unwrap(),
+        store.clone(),
+        config.anthropic.as_ref().unwrap().monthly_budget_usd,
+    )
+    .complete(CompletionRequest {
+        max_tokens: 1,
+        ..CompletionRequest::new("", "x")
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::LlmBudgetExhausted);
+    assert_eq!(s.hits() as i64, calls);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_overbilling_provider_is_closed_sqlite() {
+    let (_dir, store) = sqlite_store().await;
+    overbilling_provider_is_closed(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_overbilling_provider_is_closed_postgres() {
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let store = chiffon_core::store::connect(&db.url()).await.unwrap();
+    overbilling_provider_is_closed(store).await;
+}
+
+/// A process that crashed mid-call never settles its reservation: the reservation holds
+/// budget until its lease passes, then stops counting.
+async fn crashed_reservation_expires(store: Arc<dyn chiffon_core::store::Store>) {
+    let slow = MockLlm::start(
+        Wire::OpenAi,
+        vec![Reply::text(Wire::OpenAi, "x", 100, 250).delayed(Duration::from_secs(30))],
+    )
+    .await;
+    let fast = MockLlm::start(Wire::OpenAi, vec![Reply::text(Wire::OpenAi, "x", 100, 250)]).await;
+    // One worst case (about 3,100 micro-dollars) fits in $0.005, two do not.
+    let crashing = Budget::new(openai(&slow.base_url()), store.clone(), Some(0.005))
+        .with_lease(Duration::from_millis(1500));
+    let mut call = Box::pin(crashing.complete(request()));
+    // Run the call until it has reserved and is waiting for the answer, then "crash":
+    // the future is leaked, never dropped, so nothing settles the reservation.
+    tokio::select! {
+        _ = &mut call => panic!("the slow call answered"),
+        _ = async { while slow.hits() == 0 { tokio::time::sleep(Duration::from_millis(10)).await } } => {}
+    }
+    std::mem::forget(call);
+    let other = Budget::new(openai(&fast.base_url()), store.clone(), Some(0.005));
+    let e = other.complete(request()).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::LlmBudgetExhausted, "{e}");
+    let spend = store.llm_spend(&current_month()).await.unwrap();
+    assert!(spend[0].reserved_micros > 0);
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    let spend = store.llm_spend(&current_month()).await.unwrap();
+    assert_eq!(spend[0].reserved_micros, 0, "the lease has passed");
+    other.complete(request()).await.unwrap();
+    assert_eq!(fast.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crashed_reservation_expires_sqlite() {
+    let (_dir, store) = sqlite_store().await;
+    crashed_reservation_expires(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crashed_reservation_expires_postgres() {
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let store = chiffon_core::store::connect(&db.url()).await.unwrap();
+    crashed_reservation_expires(store).await;
+}
+
+/// A call whose answer times out may have been billed: it counts at its worst case, and
+/// each retry reserves again, so retries stop when the budget is spent.
+#[tokio::test]
+async fn timed_out_calls_count_at_their_worst_case_and_each_retry_reserves() {
+    let (_dir, store) = sqlite_store().await;
+    let s = MockLlm::start(
+        Wire::OpenAi,
+        vec![Reply::text(Wire::OpenAi, "x", 100, 250).delayed(Duration::from_secs(2))],
+    )
+    .await;
+    let worst = Pricing::new(2.5, 10.0).worst_case_micros(&request());
+    let budget_micros = worst * 5 / 2;
+    let config = LlmConfig {
+        retry: RetryConfig {
+            max_attempts: 3,
+            initial_backoff_ms: 10,
+            max_backoff_ms: 20,
+            max_retry_after_ms: 1000,
+        },
+        ..Default::default()
+    };
+    let provider = openai(&s.base_url())
+        .with_timeout(Duration::from_secs(1), Duration::from_millis(200))
+        .unwrap();
+    let Link::Llm(p) = Router::layered(
+        ProviderEntry {
+            provider,
+            monthly_budget_usd: Some(budget_micros as f64 / 1e6),
+            timeout: Duration::from_millis(200),
+        },
+        store.clone(),
+        &config,
+    ) else {
+        panic!("an llm link")
+    };
+    let e = p.complete(request()).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::LlmBudgetExhausted, "{e}");
+    assert_eq!(s.hits(), 2, "the third attempt found no budget");
+    let spend = store.llm_spend(&current_month()).await.unwrap();
+    let sp = spend.iter().find(|x| x.provider == "openai").unwrap();
+    assert_eq!(
+        (sp.spent_micros, sp.calls, sp.reserved_micros),
+        (2 * worst, 2, 0)
+    );
+}
+
+/// A call abandoned mid-flight (its request cancelled) may still be billed: its
+/// reservation is settled at the worst case at once, not left to its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_call_counts_at_its_worst_case() {
+    let (_dir, store) = sqlite_store().await;
+    let s = MockLlm::start(
+        Wire::OpenAi,
+        vec![Reply::text(Wire::OpenAi, "x", 100, 250).delayed(Duration::from_secs(30))],
+    )
+    .await;
+    let worst = Pricing::new(2.5, 10.0).worst_case_micros(&request());
+    let p = Arc::new(Budget::new(openai(&s.base_url()), store.clone(), Some(1.0)));
+    let task = tokio::spawn({
+        let p = p.clone();
+        async move { p.complete(request()).await }
+    });
+    while s.hits() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    task.abort();
+    let _ = task.await;
+    let mut sp = None;
+    for _ in 0..100 {
+        let spend = store.llm_spend(&current_month()).await.unwrap();
+        sp = spend.into_iter().find(|x| x.provider == "openai");
+        if sp.as_ref().is_some_and(|x| x.calls == 1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sp = sp.unwrap();
+    assert_eq!(
+        (sp.spent_micros, sp.reserved_micros, sp.calls),
+        (worst, 0, 1)
+    );
+}

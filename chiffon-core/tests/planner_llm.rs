@@ -549,3 +549,132 @@ async fn the_order_decides() {
         vec!["anthropic"]
     );
 }
+
+// ---- hostile answers ----
+
+/// Each provider in turn answers `answers[i]`; every answer must be refused as an invalid
+/// response with a reason naming `needles[i]`, and the offline planner plans instead.
+async fn hostile_answers_fall_back(answers: [String; 3], needles: [&str; 3]) {
+    let a = MockLlm::start(
+        Wire::Anthropic,
+        vec![Reply::text(Wire::Anthropic, &answers[0], 100, 10)],
+    )
+    .await;
+    let o = MockLlm::start(
+        Wire::OpenAi,
+        vec![Reply::text(Wire::OpenAi, &answers[1], 100, 10)],
+    )
+    .await;
+    let l = MockLlm::start(
+        Wire::Ollama,
+        vec![Reply::text(Wire::Ollama, &answers[2], 100, 10)],
+    )
+    .await;
+    let (_d, _s, planner) = planner(
+        &config(Some(a.base_url()), Some(o.base_url()), Some(l.base_url())),
+        true,
+    )
+    .await;
+    let out = planner
+        .plan(&fixture_catalog(), TEXT, &PlanOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(out.plan.provider, "offline");
+    let got: Vec<_> = out
+        .events
+        .iter()
+        .map(|e| (e.provider.as_str(), e.code))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("anthropic", ErrorCode::LlmInvalidResponse),
+            ("openai", ErrorCode::LlmInvalidResponse),
+            ("ollama", ErrorCode::LlmInvalidResponse),
+        ]
+    );
+    for (e, needle) in out.events.iter().zip(needles) {
+        assert!(e.reason.contains(needle), "{needle}: {}", e.reason);
+        assert!(!e.reason.contains('\0'), "{:?}", e.reason);
+        assert!(e.reason.len() < 600, "{}", e.reason.len());
+    }
+    assert_eq!((a.hits(), o.hits(), l.hits()), (1, 1, 1));
+}
+
+fn kuma_step(host: &str) -> serde_json::Value {
+    json!({"action": "deploy_kuma", "parameters": {"host": host, "port": 8080}, "reason": "x"})
+}
+
+#[tokio::test]
+async fn nul_characters_make_an_answer_invalid() {
+    let summary =
+        json!({"summary": "deploy\u{0} kuma", "steps": [kuma_step("nas.lan")], "risks": []});
+    let action = plan_answer(
+        json!([{"action": "deploy_kuma\u{0}", "parameters": {"host": "nas.lan"}, "reason": "x"}]),
+    );
+    let parameter = plan_answer(json!([{
+        "action": "write_file",
+        "parameters": {"path": "/tmp/x", "content": "line\u{0}"},
+        "reason": "x"
+    }]));
+    hostile_answers_fall_back(
+        [summary.to_string(), action, parameter],
+        [
+            "the answer.summary contains a NUL",
+            "the answer.steps[0].action contains a NUL",
+            "the answer.steps[0].parameters.content contains a NUL",
+        ],
+    )
+    .await;
+    // A raw NUL (not an escape) and one in a key are refused as well.
+    let raw = format!("{}\u{0}", good_plan());
+    let key = plan_answer(
+        json!([{"action": "deploy_kuma", "parameters": {"host\u{0}": "nas.lan"}, "reason": "x"}]),
+    );
+    let risk = json!({"summary": "s", "steps": [kuma_step("nas.lan")], "risks": ["ok", "\u{0}"]});
+    hostile_answers_fall_back(
+        [raw, key, risk.to_string()],
+        [
+            "the answer contains a NUL",
+            "(a key) contains a NUL",
+            "the answer.risks[1] contains a NUL",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn oversized_answers_are_invalid() {
+    use chiffon_core::planner::parse::{MAX_PARAMETER_CHARS, MAX_STEPS, MAX_SUMMARY_CHARS};
+    let long_summary = json!({
+        "summary": "s".repeat(MAX_SUMMARY_CHARS + 1),
+        "steps": [kuma_step("nas.lan")],
+        "risks": []
+    });
+    let many_steps = plan_answer(serde_json::Value::Array(
+        (0..=MAX_STEPS).map(|_| kuma_step("nas.lan")).collect(),
+    ));
+    let long_parameter = plan_answer(json!([{
+        "action": "write_file",
+        "parameters": {"path": "/tmp/x", "content": "c".repeat(MAX_PARAMETER_CHARS + 1)},
+        "reason": "x"
+    }]));
+    hostile_answers_fall_back(
+        [long_summary.to_string(), many_steps, long_parameter],
+        [
+            "summary has 501 characters, more than 500",
+            "the plan has 21 steps, more than 20",
+            "parameter `content` has 8193 characters, more than 8192",
+        ],
+    )
+    .await;
+    // Limits hold at their edge: the largest valid plan is accepted.
+    let at_limit = json!({
+        "summary": "s".repeat(MAX_SUMMARY_CHARS),
+        "steps": (0..MAX_STEPS).map(|_| kuma_step("nas.lan")).collect::<Vec<_>>(),
+        "risks": []
+    });
+    let plan = chiffon_core::planner::parse::parse_plan(&at_limit.to_string(), &fixture_catalog())
+        .unwrap();
+    assert_eq!(plan.steps.len(), MAX_STEPS);
+}

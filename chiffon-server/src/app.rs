@@ -134,6 +134,9 @@ impl App {
     }
 
     pub async fn start_with(config: Config, options: AppOptions) -> Result<App, StartError> {
+        // Every secret the configuration holds is struck from what is stored and logged.
+        let redactor = config.redactor();
+        crate::redact_logs(&redactor);
         let store = open_store(&config.database_url).await?;
         let catalog = match options.catalog {
             Some(c) => c,
@@ -184,13 +187,15 @@ impl App {
             Some(p) => p,
             None => build_planner(&config, store.clone(), catalog.clone())?,
         };
+        let mut engine_config = config.engine.clone();
+        engine_config.redactor = engine_config.redactor.merge(&redactor);
         let engine = Engine::new(EngineParts {
             store,
             transport: transport.clone(),
             planner,
             catalog,
             git: Some(git),
-            config: config.engine.clone(),
+            config: engine_config,
         });
 
         let shutdown = CancellationToken::new();
@@ -213,6 +218,16 @@ impl App {
                     stop.cancel();
                 }
             });
+        }
+        if !app.config.webhooks.is_empty() {
+            let console = app.config.console_url();
+            app.tasks.spawn(crate::webhooks::run(
+                app.engine.clone(),
+                app.config.webhooks.clone(),
+                console,
+                crate::webhooks::METRICS.clone(),
+                app.shutdown.clone(),
+            ));
         }
         if in_process_bus && app.config.agents.in_process && !options.no_agents {
             app.start_agents(transport)?;
@@ -374,7 +389,9 @@ pub fn build_planner(
     store: Arc<dyn Store>,
     catalog: Arc<Catalog>,
 ) -> Result<Arc<dyn PlanProvider>, StartError> {
-    let router = chiffon_core::llm::Router::from_config(&config.llm, store.clone())
+    let mut llm = config.llm.clone();
+    llm.redactor = llm.redactor.merge(&config.redactor());
+    let router = chiffon_core::llm::Router::from_config(&llm, store.clone())
         .map_err(|e| StartError::Planner(e.to_string()))?;
     tracing::info!(providers = ?router.names(), "planning chain");
     let planner = Planner::new(router, store, config.planner.clone());

@@ -13,6 +13,7 @@ use chiffon_core::llm::providers::ApiKey;
 use chiffon_core::llm::router::parse_order;
 use chiffon_core::llm::{AnthropicConfig, LlmConfig, OllamaConfig, OpenAiConfig};
 use chiffon_core::planner::PlannerConfig;
+use chiffon_core::redact::{url_password, Redactor};
 use chiffon_protocol::ErrorCode;
 use serde::{Deserialize, Serialize};
 
@@ -22,7 +23,8 @@ pub const DEFAULT_SERVER_URL: &str = "http://127.0.0.1:8080";
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://.chiffon/chiffon.db";
 pub const DEFAULT_BIND: &str = "127.0.0.1:8080";
 
-/// Configuration could not be read or is invalid (code 5601).
+/// Configuration could not be read or is invalid (code 5601). Messages name the key and the
+/// problem, never the value: a value may be a token, a key or a password.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
@@ -117,6 +119,9 @@ pub struct ServerConfig {
     pub sse_keepalive_secs: u64,
     /// Largest page `GET /requests` and `GET /request/{id}/logs` return.
     pub max_page: u32,
+    /// The server's address as people reach it (`https://chiffon.example.com`), for links
+    /// to the console in webhooks; unset: `http://` + the bind address.
+    pub public_url: Option<String>,
     /// Host names the server answers besides the loopback names and the bind address
     /// (`CHIFFON_ALLOWED_HOSTS`, comma-separated): the names clients and proxies use to reach
     /// it. Any other `Host` gets 421 (5507), which stops DNS-rebinding pages.
@@ -129,6 +134,7 @@ impl Default for ServerConfig {
             body_limit_bytes: 64 * 1024,
             sse_keepalive_secs: 15,
             max_page: 1000,
+            public_url: None,
             allowed_hosts: Vec::new(),
         }
     }
@@ -180,6 +186,12 @@ pub struct Config {
     pub engine: EngineConfig,
     /// API tokens; none: the server binds loopback only and runs without auth.
     pub tokens: Vec<TokenConfig>,
+    /// `[[webhooks]]`: where status changes are POSTed (see [`crate::webhooks`]).
+    pub webhooks: Vec<crate::webhooks::WebhookConfig>,
+    /// `CHIFFON_AUDIT_KEY` (environment only, never in the file): the audit chain's HMAC
+    /// key. Kept so the redactor strikes it.
+    #[serde(skip)]
+    pub audit_key: Option<ApiKey>,
 }
 
 impl Default for Config {
@@ -196,6 +208,8 @@ impl Default for Config {
             planner: PlannerConfig::default(),
             engine: EngineConfig::default(),
             tokens: Vec::new(),
+            webhooks: Vec::new(),
+            audit_key: None,
         }
     }
 }
@@ -252,7 +266,7 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: "<toml>".into(),
-            message: e.to_string().trim().to_string(),
+            message: describe_toml_error(text, &e),
         })
     }
 
@@ -323,9 +337,12 @@ impl Config {
             };
         }
         if let Some(order) = nonempty(&env, "CHIFFON_LLM_ORDER") {
-            self.llm.order = parse_order(&order)
-                .map_err(|e| ConfigError::Invalid(format!("CHIFFON_LLM_ORDER: {e}")))?;
+            self.llm.order = parse_order(&order).map_err(|_| {
+                ConfigError::Invalid(ORDER_PROBLEM.replace("{key}", "CHIFFON_LLM_ORDER"))
+            })?;
         }
+        // Not used by the engine yet; read so that the redactor strikes it everywhere.
+        self.audit_key = nonempty(&env, "CHIFFON_AUDIT_KEY").map(ApiKey::new);
         Ok(())
     }
 
@@ -356,20 +373,20 @@ impl Config {
             || self.database_url.starts_with("sqlite:"))
         {
             return Err(ConfigError::Invalid(format!(
-                "database url `{}` is neither postgres://… nor sqlite://PATH",
-                redact_url(&self.database_url)
+                "database_url (CHIFFON_DATABASE_URL): {}neither postgres://… nor sqlite://PATH",
+                scheme_of(&self.database_url)
             )));
         }
         if let Some(a) = &self.amqp_url {
             if !(a.starts_with("amqp://") || a.starts_with("amqps://")) {
                 return Err(ConfigError::Invalid(format!(
-                    "amqp url `{}` does not start with amqp:// or amqps://",
-                    redact_url(a)
+                    "amqp_url (CHIFFON_AMQP_URL): {}does not start with amqp:// or amqps://",
+                    scheme_of(a)
                 )));
             }
         }
         parse_order(&self.llm.order.join(","))
-            .map_err(|e| ConfigError::Invalid(format!("llm.order: {e}")))?;
+            .map_err(|_| ConfigError::Invalid(ORDER_PROBLEM.replace("{key}", "llm.order")))?;
         let mut seen = std::collections::HashSet::new();
         for (i, t) in self.tokens.iter().enumerate() {
             // Short tokens are guessable; the check also catches a forgotten placeholder.
@@ -385,6 +402,9 @@ impl Config {
                     t.identity()
                 )));
             }
+        }
+        for hook in &self.webhooks {
+            hook.validate().map_err(ConfigError::Invalid)?;
         }
         if let Some(limit) = self.engine.approval.cost_limit_usd {
             if !(limit.is_finite() && limit >= 0.0) {
@@ -437,18 +457,117 @@ impl Config {
 
     /// The listen address.
     pub fn bind_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.bind.parse().map_err(|e| {
-            ConfigError::Invalid(format!(
-                "bind address `{}` is not HOST:PORT ({e})",
-                self.bind
-            ))
+        self.bind.parse().map_err(|_| {
+            ConfigError::Invalid("bind (CHIFFON_BIND, --bind): not an IP:PORT address".into())
         })
+    }
+
+    /// Every secret this configuration holds (LLM API keys, API tokens, passwords in the
+    /// database, AMQP and LLM URLs, the audit key), as the [`Redactor`] that the engine,
+    /// the providers and the logs strike them with.
+    pub fn redactor(&self) -> Redactor {
+        let mut secrets: Vec<String> = Vec::new();
+        let mut urls: Vec<&str> = vec![&self.database_url];
+        urls.extend(self.amqp_url.as_deref());
+        if let Some(a) = &self.llm.anthropic {
+            secrets.push(a.api_key.expose().to_string());
+            urls.push(&a.base_url);
+        }
+        if let Some(o) = &self.llm.openai {
+            secrets.push(o.api_key.expose().to_string());
+            urls.push(&o.base_url);
+        }
+        if let Some(o) = &self.llm.ollama {
+            urls.push(&o.host);
+        }
+        secrets.extend(self.tokens.iter().map(|t| t.token.clone()));
+        secrets.extend(self.webhooks.iter().map(|w| w.secret.clone()));
+        secrets.extend(self.audit_key.iter().map(|k| k.expose().to_string()));
+        for url in urls {
+            secrets.extend(url_password(url));
+        }
+        Redactor::new(secrets)
+    }
+
+    /// Where people open the console: `server.public_url`, else `http://BIND`.
+    pub fn console_url(&self) -> String {
+        match &self.server.public_url {
+            Some(u) => u.trim_end_matches('/').to_string(),
+            None => format!("http://{}", self.bind),
+        }
     }
 
     /// Whether API tokens are configured (otherwise: loopback only, no auth).
     pub fn auth_enabled(&self) -> bool {
         !self.tokens.is_empty()
     }
+}
+
+/// `scheme `x`, ` for a URL-looking value, to say which scheme was refused: the scheme
+/// alone (letters, digits, `+.-`) holds no secret; anything else is not quoted.
+fn scheme_of(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, _))
+            if !scheme.is_empty()
+                && scheme.len() <= 16
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c)) =>
+        {
+            format!("scheme `{scheme}` is ")
+        }
+        _ => "the value is ".into(),
+    }
+}
+
+const ORDER_PROBLEM: &str =
+    "{key}: unknown or repeated provider name (expected anthropic, openai, ollama, offline)";
+
+/// A TOML error as the key and the problem, without the value or the offending line (which
+/// the parser's own message quotes, and which may hold a token).
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let problem = value_free(e.message());
+    let Some(span) = e.span() else {
+        return problem;
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    // The table the line is in: the last header above it.
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|h| h.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let key = line
+        .split_once('=')
+        .filter(|(k, _)| line_start + k.len() <= start)
+        .map(|(k, _)| k.trim().trim_matches('"').to_string())
+        .filter(|k| !k.is_empty() && k.chars().all(|c| c.is_alphanumeric() || "_-.".contains(c)));
+    let key = match (table, key) {
+        (Some(t), Some(k)) => format!(", key `{t}.{k}`"),
+        (None, Some(k)) => format!(", key `{k}`"),
+        (Some(t), None) => format!(", in [{t}]"),
+        (None, None) => String::new(),
+    };
+    format!("line {line_no}{key}: {problem}")
+}
+
+/// serde's messages quote the value they refused (`invalid type: string "…", expected …`,
+/// `unknown variant `…``); keep what was expected and leave the value out.
+fn value_free(message: &str) -> String {
+    let message = message.lines().next().unwrap_or("").trim();
+    for prefix in ["invalid type", "invalid value", "unknown variant"] {
+        if message.starts_with(prefix) {
+            return match message.find(", expected ") {
+                Some(i) => format!("{prefix}{}", &message[i..]),
+                None => prefix.to_string(),
+            };
+        }
+    }
+    message.to_string()
 }
 
 fn nonempty(env: &impl Fn(&str) -> Option<String>, key: &str) -> Option<String> {
@@ -631,6 +750,122 @@ role = "approver"
         )
         .unwrap();
         assert_eq!(c.server.allowed_hosts, vec!["ops.example.com", "[fd00::1]"]);
+    }
+
+    #[test]
+    fn webhooks_parse_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[server]\npublic_url = \"https://c.example/\"\n\
+             [[webhooks]]\nurl = \"https://h.example/x\"\nsecret = \"s3cr3t-webhook-key\"\n\
+             events = [\"request.failed\"]\nformat = \"slack\"\n",
+        )
+        .unwrap();
+        let c = Config::load_with(Some(&path), &ConfigOverrides::default(), env(&[])).unwrap();
+        assert_eq!(c.webhooks.len(), 1);
+        assert_eq!(c.console_url(), "https://c.example");
+        assert!(c
+            .redactor()
+            .redact("x s3cr3t-webhook-key")
+            .contains("[REDACTED]"));
+        std::fs::write(
+            &path,
+            "[[webhooks]]\nurl = \"https://h.example/x\"\nsecret = \"s3cr3t-webhook-key\"\nevents = [\"request.nope\"]\n",
+        )
+        .unwrap();
+        let e = Config::load_with(Some(&path), &ConfigOverrides::default(), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("request.nope") && !e.contains("s3cr3t"), "{e}");
+    }
+
+    #[test]
+    fn config_errors_never_print_values() {
+        let secret = "s3cr3t-VALUE-0123456789";
+        let files = [
+            ("[[tokens]]\ntoken = 12345678901\nrole = \"viewer\"\n".to_string(), "12345678901", "key `tokens.token`"),
+            (format!("[[tokens]]\ntoken = \"long-enough-token-1234\"\nrole = \"{secret}\"\n"), secret, "key `tokens.role`: unknown variant, expected one of"),
+            (format!("[llm.anthropic]\napi_key = \"{secret}\"\nmodel = \"m\"\ntimeout_secs = \"{secret}\"\n"), secret, "line 4, key `llm.anthropic.timeout_secs`: invalid type, expected u64"),
+            (format!("[llm.openai]\napi_key = \"{secret}\n"), secret, "line 2"),
+            (format!("database_url = [\"{secret}\"]\n"), secret, "key `database_url`: invalid type, expected a string"),
+            (format!("bind = \"{secret}\"\n"), secret, "bind (CHIFFON_BIND, --bind): not an IP:PORT address"),
+            (format!("database_url = \"mysql://u:{secret}@db/x\"\n"), secret, "database_url (CHIFFON_DATABASE_URL)"),
+            (format!("[llm]\norder = [\"{secret}\"]\n"), secret, "llm.order: unknown or repeated provider name"),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        for (i, (text, value, expected)) in files.iter().enumerate() {
+            let path = dir.path().join(format!("{i}.toml"));
+            std::fs::write(&path, text).unwrap();
+            let err = Config::load_with(Some(&path), &ConfigOverrides::default(), env(&[]))
+                .expect_err(text)
+                .to_string();
+            assert!(!err.contains(value), "{text}: {err}");
+            assert!(!err.contains("s3cr3t"), "{text}: {err}");
+            assert!(err.contains(expected), "{text}: {err}");
+        }
+        for (k, v) in [
+            ("CHIFFON_DATABASE_URL", format!("mysql://u:{secret}@db/x")),
+            ("CHIFFON_AMQP_URL", format!("http://u:{secret}@rabbit")),
+            ("CHIFFON_BIND", secret.to_string()),
+            ("CHIFFON_LLM_ORDER", secret.to_string()),
+        ] {
+            let err = Config::load_with(None, &ConfigOverrides::default(), env(&[(k, &v)]))
+                .expect_err(k)
+                .to_string();
+            assert!(!err.contains("s3cr3t"), "{k}: {err}");
+            assert!(err.contains(k), "{k}: {err}");
+            if k == "CHIFFON_DATABASE_URL" {
+                assert!(err.contains("scheme `mysql` is neither"), "{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_redactor_holds_every_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[llm.ollama]\nhost = \"http://u:ollama-pass-5678@gpu:11434\"\n\n\
+             [[tokens]]\ntoken = \"token-for-alice-0123456789\"\nrole = \"admin\"\n",
+        )
+        .unwrap();
+        let c = Config::load_with(
+            Some(&path),
+            &ConfigOverrides::default(),
+            env(&[
+                ("CHIFFON_DATABASE_URL", "postgres://u:db%2Fpass-1234@db/x"),
+                ("CHIFFON_AMQP_URL", "amqp://u:amqp-pass-1234@rabbit/%2f"),
+                ("ANTHROPIC_API_KEY", "sk-ant-key-0123456789"),
+                ("OPENAI_API_KEY", "sk-openai-key-0123456789"),
+                (
+                    "OPENAI_BASE_URL",
+                    "http://proxy:llm-proxy-pass@litellm:4000/v1",
+                ),
+                ("CHIFFON_AUDIT_KEY", "audit-hmac-key-0123456789"),
+            ]),
+        )
+        .unwrap();
+        let secrets = [
+            "db%2Fpass-1234",
+            "db/pass-1234",
+            "amqp-pass-1234",
+            "sk-ant-key-0123456789",
+            "sk-openai-key-0123456789",
+            "llm-proxy-pass",
+            "ollama-pass-5678",
+            "token-for-alice-0123456789",
+            "audit-hmac-key-0123456789",
+        ];
+        let text = secrets.join(" | ");
+        let redacted = c.redactor().redact(&text).into_owned();
+        assert_eq!(
+            redacted,
+            vec![chiffon_core::redact::REDACTED; secrets.len()].join(" | ")
+        );
+        assert!(!format!("{c:?}").contains("audit-hmac-key"));
     }
 
     #[test]

@@ -155,6 +155,38 @@ pub struct PlanStepDto {
     pub agent_type: String,
     pub resources: ResourcesDto,
     pub reason: String,
+    /// The automatic dry run of this step, run while the plan awaits approval (check-mode
+    /// actions only); only in `GET /request/{id}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<PreviewDto>,
+}
+
+/// What a step would change, from its check-mode run before approval.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PreviewDto {
+    /// `pending`, `completed` or `failed` (a failed preview blocks nothing).
+    pub status: String,
+    /// Whether the step would change anything.
+    pub changed: Option<bool>,
+    /// Unified diff of what it would change.
+    pub diff: Option<String>,
+    pub error: Option<ErrorDto>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl From<chiffon_core::model::StepPreview> for PreviewDto {
+    fn from(p: chiffon_core::model::StepPreview) -> Self {
+        PreviewDto {
+            status: serde_json::to_value(p.status)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            changed: p.changed,
+            diff: p.diff,
+            error: p.error.map(Into::into),
+            finished_at: p.finished_at,
+        }
+    }
 }
 
 impl From<PlanStep> for PlanStepDto {
@@ -168,6 +200,7 @@ impl From<PlanStep> for PlanStepDto {
                 memory_gb: s.resources.memory_gb,
             },
             reason: s.reason,
+            preview: None,
         }
     }
 }
@@ -275,6 +308,10 @@ pub struct RequestDto {
     pub updated_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps: Option<Vec<StepDto>>,
+    /// Why a `queued` or `running` request is not moving (no agent of the type, none alive,
+    /// none with the resources it needs…); only in `GET /request/{id}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_reason: Option<String>,
 }
 
 impl From<Request> for RequestDto {
@@ -295,6 +332,7 @@ impl From<Request> for RequestDto {
             created_at: r.created_at,
             updated_at: r.updated_at,
             steps: None,
+            waiting_reason: None,
         }
     }
 }
@@ -302,7 +340,18 @@ impl From<Request> for RequestDto {
 impl From<RequestView> for RequestDto {
     fn from(v: RequestView) -> Self {
         let mut dto = RequestDto::from(v.request);
+        if let Some(plan) = dto.plan.as_mut() {
+            for (i, ps) in plan.steps.iter_mut().enumerate() {
+                ps.preview = v
+                    .steps
+                    .iter()
+                    .find(|s| s.seq as usize == i)
+                    .and_then(|s| s.preview.clone())
+                    .map(Into::into);
+            }
+        }
         dto.steps = Some(v.steps.into_iter().map(Into::into).collect());
+        dto.waiting_reason = v.waiting_reason;
         dto
     }
 }
@@ -515,6 +564,8 @@ pub struct HealthDto {
     /// `ok` or the error.
     pub store: String,
     pub bus: String,
+    /// The git audit trail: `ok`, or the last commit's failure until one succeeds.
+    pub audit: String,
     pub store_backend: String,
     pub bus_backend: String,
     pub instance_id: String,
@@ -529,6 +580,7 @@ impl HealthDto {
             status: h.status,
             store: h.store,
             bus: h.bus,
+            audit: h.audit,
             store_backend: h.store_backend,
             bus_backend: h.bus_backend,
             instance_id: h.instance_id,

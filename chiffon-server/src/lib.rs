@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod routes;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+pub mod webhooks;
 
 pub use app::{App, AppOptions, StartError};
 pub use config::{Config, ConfigError, ConfigOverrides, Role};
@@ -68,12 +69,75 @@ pub fn init_tracing() {
     init_tracing_with_default("info")
 }
 
-/// `tracing` to stderr, filtered by `RUST_LOG`, else by `default`.
+/// `tracing` to stderr, filtered by `RUST_LOG`, else by `default`. Every line passes
+/// through the secrets given to [`redact_logs`].
 pub fn init_tracing_with_default(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(RedactedStderr)
         .try_init();
+}
+
+/// The secrets struck from log lines (the process's logger is global, so this is too).
+static LOG_REDACTOR: std::sync::RwLock<Option<chiffon_core::redact::Redactor>> =
+    std::sync::RwLock::new(None);
+
+/// Adds `redactor`'s secrets to those struck from every log line ([`App::start`] does it
+/// with the configuration's secrets).
+pub fn redact_logs(redactor: &chiffon_core::redact::Redactor) {
+    if redactor.is_empty() {
+        return;
+    }
+    let mut r = LOG_REDACTOR.write().unwrap_or_else(|e| e.into_inner());
+    *r = Some(match r.as_ref() {
+        Some(old) => old.merge(redactor),
+        None => redactor.clone(),
+    });
+}
+
+/// `text` as it may be logged or printed: the secrets given to [`redact_logs`] struck.
+pub fn redact_for_logs(text: &str) -> String {
+    match LOG_REDACTOR
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+    {
+        Some(r) => r.redact(text).into_owned(),
+        None => text.to_string(),
+    }
+}
+
+/// Hands the subscriber one buffer per event and writes it, redacted, to stderr when the
+/// event is complete, so a secret is never split across writes.
+struct RedactedStderr;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for RedactedStderr {
+    type Writer = RedactedLine;
+    fn make_writer(&'a self) -> RedactedLine {
+        RedactedLine(Vec::new())
+    }
+}
+
+struct RedactedLine(Vec<u8>);
+
+impl std::io::Write for RedactedLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for RedactedLine {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        let line = redact_for_logs(&String::from_utf8_lossy(&self.0));
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    }
 }

@@ -35,7 +35,10 @@ async fn main() {
     chiffon_server::init_tracing();
     let cli = Cli::parse();
     if let Err(e) = run(cli).await {
-        eprintln!("chiffon-server: {e}");
+        eprintln!(
+            "chiffon-server: {}",
+            chiffon_server::redact_for_logs(&e.to_string())
+        );
         std::process::exit(1);
     }
 }

@@ -1,6 +1,7 @@
 //! `GET /metrics` in the Prometheus text exposition format.
 
 use std::fmt::Write;
+use std::sync::atomic::Ordering;
 
 use chiffon_core::engine::{Engine, EngineError};
 use chiffon_core::model::RequestStatus;
@@ -21,6 +22,7 @@ pub async fn render(engine: &Engine) -> Result<String, EngineError> {
     }
 
     let m = engine.metrics();
+    let wh = &*crate::webhooks::METRICS;
     for (name, help, value) in [
         (
             "chiffon_steps_dispatched_total",
@@ -56,6 +58,26 @@ pub async fn render(engine: &Engine) -> Result<String, EngineError> {
             "chiffon_step_timeouts_total",
             "Steps that timed out.",
             m.timeouts_total,
+        ),
+        (
+            "chiffon_webhook_deliveries_total",
+            "Webhook POSTs answered 2xx.",
+            wh.delivered.load(Ordering::Relaxed),
+        ),
+        (
+            "chiffon_webhook_failures_total",
+            "Webhook events given up after every retry (or refused with a 4xx).",
+            wh.failed.load(Ordering::Relaxed),
+        ),
+        (
+            "chiffon_webhook_retries_total",
+            "Webhook POSTs tried again.",
+            wh.retries.load(Ordering::Relaxed),
+        ),
+        (
+            "chiffon_webhook_missed_total",
+            "Status changes the webhook notifier fell too far behind to send.",
+            wh.lagged.load(Ordering::Relaxed),
         ),
     ] {
         metric_header(&mut out, name, "counter", help);

@@ -43,6 +43,7 @@ use std::time::Duration;
 use chiffon_protocol::ErrorCode;
 use git2::{ErrorCode as GitCode, ObjectType, Oid, Repository, RepositoryInitOptions, Signature};
 use rand::Rng;
+use sha2::Digest;
 use uuid::Uuid;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -139,9 +140,11 @@ pub struct RequestRecord {
     /// The approver: the commit's author.
     pub author_name: String,
     pub author_email: String,
-    /// Written as pretty JSON to `requests/ab/ID.json`: text, plan, approver, steps,
+    /// Written as pretty JSON to `requests/SHARD/ID.json`: text, plan, approver, steps,
     /// outcome, cost, duration…
     pub document: serde_json::Value,
+    /// The audit chain's head when the record was written, anchored in the commit message.
+    pub anchor: Option<ChainAnchor>,
 }
 
 /// One finished request per commit in a git repository; see the [module docs](self).
@@ -161,10 +164,53 @@ impl std::fmt::Debug for GitTrail {
     }
 }
 
-/// The repository path of a request's record: `requests/ab/ID.json`.
+/// The repository path of a request's record: `requests/SHARD/ID.json`, SHARD being the
+/// first two hex digits of the SHA-256 of the id. Ids are UUIDv7 (time first), so a prefix
+/// of the id itself would put every record of a year in one folder, and each commit would
+/// rewrite a tree listing all of them; a hash spreads them over 256 folders.
 pub fn record_path(id: Uuid) -> String {
+    let hyphenated = id.hyphenated().to_string();
+    let shard = hex::encode(&sha2::Sha256::digest(hyphenated.as_bytes())[..1]);
+    format!("{REQUESTS_DIR}/{shard}/{hyphenated}.json")
+}
+
+/// Where records were written before the hash shard (the id's first two characters): still
+/// read, so an older trail verifies.
+pub fn legacy_record_path(id: Uuid) -> String {
     let id = id.hyphenated().to_string();
     format!("{REQUESTS_DIR}/{}/{id}.json", &id[..2])
+}
+
+/// SHA-256 (hex) of the bytes a record is written as: what the audit log's `committed`
+/// entry keeps, so `audit verify` can tell an amended record.
+pub fn record_digest(record: &RequestRecord) -> Result<String, AuditError> {
+    Ok(hex::encode(sha2::Sha256::digest(record_bytes(record)?)))
+}
+
+/// What `audit verify` knows of one finished request, to check against the trail.
+#[derive(Debug, Clone)]
+pub struct ExpectedRecord {
+    pub id: Uuid,
+    /// The commit id stored on the request.
+    pub commit: String,
+    /// The record's SHA-256 from the audit log, when it was recorded there.
+    pub digest: Option<String>,
+}
+
+/// A finished request whose git record does not verify, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RecordProblem {
+    pub id: Uuid,
+    pub reason: String,
+}
+
+/// The audit-chain head written into a commit's message (`Audit-Chain: SEQ HASH`): git then
+/// holds, outside the database, what the chain looked like, so truncating or rewriting the
+/// log and recomputing the chain is caught.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainAnchor {
+    pub seq: i64,
+    pub hash: String,
 }
 
 /// The first line of a request's audit commit: `infra(ID): SUMMARY`.
@@ -329,7 +375,141 @@ impl GitTrail {
         let Some(tip) = branch_tip(&repo, &branch)? else {
             return Ok(None);
         };
-        Ok(introducing_commit(&repo, tip, &record_path(id))?.map(|c| c.to_string()))
+        match introducing_commit(&repo, tip, &record_path(id))? {
+            Some(c) => Ok(Some(c.to_string())),
+            None => {
+                Ok(introducing_commit(&repo, tip, &legacy_record_path(id))?.map(|c| c.to_string()))
+            }
+        }
+    }
+
+    /// Checks finished requests against the trail (for `chiffon audit verify`): the record
+    /// is at the branch tip, its content hashes to what the audit log recorded, and the
+    /// stored commit is in the branch's history (an amend or a force-push is caught). Costs
+    /// one tree lookup, one blob read and one ancestry query per request.
+    pub fn verify_records(
+        &self,
+        expected: &[ExpectedRecord],
+    ) -> Result<Vec<RecordProblem>, AuditError> {
+        let repo = self.repo();
+        let branch = head_branch(&repo)?;
+        let problem = |id, reason: &str| RecordProblem {
+            id,
+            reason: reason.to_string(),
+        };
+        let Some(tip) = branch_tip(&repo, &branch)? else {
+            return Ok(expected
+                .iter()
+                .map(|e| {
+                    problem(
+                        e.id,
+                        "its record is missing at the branch tip (the branch has no commits)",
+                    )
+                })
+                .collect());
+        };
+        let tree = repo
+            .find_commit(tip)
+            .and_then(|c| c.tree())
+            .map_err(AuditError::git("read tip tree"))?;
+        let mut out = Vec::new();
+        for e in expected {
+            let blob = match entry_id(&tree, &record_path(e.id))? {
+                Some(b) => Some(b),
+                None => entry_id(&tree, &legacy_record_path(e.id))?,
+            };
+            let Some(blob) = blob else {
+                out.push(problem(e.id, "its record is missing at the branch tip"));
+                continue;
+            };
+            if let Some(want) = &e.digest {
+                let content = repo
+                    .find_blob(blob)
+                    .map_err(AuditError::git("read record"))?;
+                let got = hex::encode(sha2::Sha256::digest(content.content()));
+                if &got != want {
+                    out.push(problem(
+                        e.id,
+                        "its record was changed after it was written (content hash differs from the audit log)",
+                    ));
+                    continue;
+                }
+            }
+            match Oid::from_str(&e.commit) {
+                Ok(c) if c == tip => {}
+                Ok(c) => match repo.graph_descendant_of(tip, c) {
+                    Ok(true) => {}
+                    Ok(false) => out.push(problem(
+                        e.id,
+                        "its stored commit is not in the branch's history (amended or force-pushed)",
+                    )),
+                    Err(_) => out.push(problem(e.id, "its stored commit does not exist")),
+                },
+                Err(_) => out.push(problem(e.id, "its stored commit id is not a commit id")),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The newest chain anchor in the branch's history (looks back at most `depth`
+    /// commits).
+    pub fn latest_anchor(&self, depth: usize) -> Result<Option<ChainAnchor>, AuditError> {
+        let repo = self.repo();
+        let branch = head_branch(&repo)?;
+        let Some(tip) = branch_tip(&repo, &branch)? else {
+            return Ok(None);
+        };
+        let mut walk = repo.revwalk().map_err(AuditError::git("walk history"))?;
+        walk.push(tip).map_err(AuditError::git("walk history"))?;
+        for oid in walk.take(depth) {
+            let oid = oid.map_err(AuditError::git("walk history"))?;
+            let commit = repo
+                .find_commit(oid)
+                .map_err(AuditError::git("read commit"))?;
+            if let Some(a) = commit.message().ok().and_then(parse_anchor) {
+                return Ok(Some(a));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes ref lock files a crashed writer left behind (older than `older_than`): git
+    /// itself never does, and one would stop the trail for good. A live writer holds its
+    /// lock for milliseconds.
+    pub fn clear_stale_locks(&self, older_than: Duration) -> Vec<PathBuf> {
+        let mut removed = Vec::new();
+        let mut stack = vec![self.path.join("refs"), self.path.clone()];
+        let mut depth_guard = 0;
+        while let Some(dir) = stack.pop() {
+            depth_guard += 1;
+            if depth_guard > 1000 {
+                break;
+            }
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                let Ok(meta) = e.metadata() else { continue };
+                if meta.is_dir() {
+                    if dir != self.path && p.starts_with(self.path.join("refs")) {
+                        stack.push(p);
+                    }
+                    continue;
+                }
+                let is_lock = p.extension().is_some_and(|x| x == "lock");
+                let old = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| m.elapsed().ok())
+                    .is_some_and(|age| age >= older_than);
+                if is_lock && old && std::fs::remove_file(&p).is_ok() {
+                    tracing::warn!(lock = %p.display(), "removed a stale git lock left by a crashed writer");
+                    removed.push(p);
+                }
+            }
+        }
+        removed
     }
 
     /// Of `ids`, the requests whose record is missing at the branch tip (for
@@ -346,7 +526,9 @@ impl GitTrail {
             .map_err(AuditError::git("read tip tree"))?;
         let mut missing = Vec::new();
         for &id in ids {
-            if entry_id(&tree, &record_path(id))?.is_none() {
+            if entry_id(&tree, &record_path(id))?.is_none()
+                && entry_id(&tree, &legacy_record_path(id))?.is_none()
+            {
                 missing.push(id);
             }
         }
@@ -511,7 +693,27 @@ fn commit_message(record: &RequestRecord, path: &str) -> String {
         record.author_name.trim(),
         record.author_email.trim(),
     ));
+    if let Some(a) = &record.anchor {
+        message.push_str(&format!("{ANCHOR_TRAILER} {} {}\n", a.seq, a.hash));
+    }
     message
+}
+
+const ANCHOR_TRAILER: &str = "Audit-Chain:";
+
+/// The anchor in a commit message, if it has one.
+fn parse_anchor(message: &str) -> Option<ChainAnchor> {
+    let line = message
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(ANCHOR_TRAILER))?;
+    let mut parts = line.split_whitespace();
+    let seq = parts.next()?.parse().ok()?;
+    let hash = parts.next()?;
+    (hash.len() == 64 && hash.chars().all(|c| c.is_ascii_hexdigit())).then(|| ChainAnchor {
+        seq,
+        hash: hash.to_string(),
+    })
 }
 
 /// The symbolic target of `HEAD` (the branch commits go to), even when it is unborn.
@@ -554,7 +756,11 @@ fn insert_record(
     blob: Oid,
 ) -> Result<Oid, AuditError> {
     let id_text = id.hyphenated().to_string();
-    let shard = &id_text[..2];
+    let path = record_path(id);
+    let shard = path
+        .split('/')
+        .nth(1)
+        .ok_or_else(|| AuditError::Layout(format!("odd record path {path}")))?;
     let subtree = |parent: Option<&git2::Tree<'_>>, name: &str| -> Result<_, AuditError> {
         let Some(entry) = parent.and_then(|t| t.get_name(name)) else {
             return Ok(None);

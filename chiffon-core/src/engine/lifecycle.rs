@@ -17,6 +17,12 @@ use crate::model::{
     NewRequest, RequestFilter, RequestPatch, RequestStatus, StepPatch, StepStatus,
 };
 
+/// A git lock file older than this was left by a crashed writer.
+const STALE_GIT_LOCK: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Status changes kept for a slow notifier.
+const STATUS_CHANGES_BACKLOG: usize = 1024;
+
 /// Longest request text accepted.
 pub const MAX_TEXT_LEN: usize = 10_000;
 
@@ -120,6 +126,12 @@ pub(super) struct Inner {
     pub reservations: Mutex<std::collections::HashMap<String, Vec<Reservation>>>,
     /// Senders whose messages were dead-lettered, for `GET /agents` and quiet logs.
     pub rejected: super::rejected::RejectedLog,
+    /// Every request status change this instance made, for notifiers (webhooks). Bounded:
+    /// a receiver that falls behind loses the oldest, never slows the engine.
+    pub status_changes: broadcast::Sender<Request>,
+    /// The last git trail failure, cleared by the next commit that succeeds: `/health` is
+    /// degraded while it is set.
+    pub git_error: Mutex<Option<String>>,
 }
 
 /// The result of verifying the audit trail: the hash chain and the git commits.
@@ -128,6 +140,16 @@ pub struct AuditReport {
     pub chain: AuditVerification,
     /// Terminal requests that were approved and have no audit commit.
     pub missing_commits: Vec<Uuid>,
+    /// Finished requests whose git record does not verify: missing at the tip, changed
+    /// after it was written, its commit not in the branch's history, or no audit entries.
+    #[serde(default)]
+    pub record_problems: Vec<crate::audit::git::RecordProblem>,
+    /// The newest chain head anchored in git, and whether the log still agrees with it.
+    #[serde(default)]
+    pub anchor: Option<String>,
+    /// Everything wrong, in words.
+    #[serde(default)]
+    pub problems: Vec<String>,
     pub ok: bool,
 }
 
@@ -155,6 +177,8 @@ impl Engine {
                 planning_now: Mutex::new(Default::default()),
                 audit_appender: std::sync::OnceLock::new(),
                 rejected: Default::default(),
+                status_changes: broadcast::channel(STATUS_CHANGES_BACKLOG).0,
+                git_error: Mutex::new(None),
             }),
         }
     }
@@ -421,14 +445,17 @@ impl Engine {
             plan: Some(plan),
             ..Default::default()
         };
-        self.set_status(
-            request.id,
-            RequestStatus::Planning,
-            RequestStatus::AwaitingApproval,
-            patch,
-        )
-        .await
-        .ok();
+        if let Ok(waiting) = self
+            .set_status(
+                request.id,
+                RequestStatus::Planning,
+                RequestStatus::AwaitingApproval,
+                patch,
+            )
+            .await
+        {
+            self.start_previews(&waiting).await;
+        }
     }
 
     /// The auto-approval rule that lets this plan skip the gate, if any.
@@ -651,8 +678,32 @@ impl Engine {
     /// A request with its steps.
     pub async fn get(&self, id: Uuid) -> Result<RequestView, EngineError> {
         let request = self.get_request(id).await?;
-        let steps = self.inner.store.steps(id).await?;
-        Ok(RequestView { request, steps })
+        let mut steps = self.inner.store.steps(id).await?;
+        let now = chrono::Utc::now();
+        for s in &mut steps {
+            super::preview::settle_overdue(s, now);
+        }
+        let waiting_reason = if matches!(
+            request.status,
+            RequestStatus::Queued | RequestStatus::Running
+        ) {
+            let agents = self.inner.store.agents().await?;
+            super::waiting::waiting_reason(
+                &request,
+                &steps,
+                &agents,
+                chrono::TimeDelta::from_std(self.inner.config.dispatch.heartbeat_max_age)
+                    .unwrap_or(chrono::TimeDelta::MAX),
+                chrono::Utc::now(),
+            )
+        } else {
+            None
+        };
+        Ok(RequestView {
+            request,
+            steps,
+            waiting_reason,
+        })
     }
 
     /// Requests, newest first.
@@ -674,6 +725,13 @@ impl Engine {
     /// Live events of a request from now on (status changes, progress, output lines).
     pub fn subscribe(&self, id: Uuid) -> broadcast::Receiver<EngineEvent> {
         self.inner.events.subscribe(id)
+    }
+
+    /// Every status change this instance makes from now on (the request as it is after
+    /// the change). Each change is made by exactly one instance (the transition is
+    /// conditional), so a notifier on every instance notifies each change once.
+    pub fn subscribe_status_changes(&self) -> broadcast::Receiver<Request> {
+        self.inner.status_changes.subscribe()
     }
 
     /// Known agents with their last heartbeat.
@@ -733,7 +791,40 @@ impl Engine {
     /// git commit.
     pub async fn verify_audit(&self) -> Result<AuditReport, EngineError> {
         let chain = self.inner.store.verify_audit().await?;
+        let mut problems = Vec::new();
+        if !chain.ok {
+            problems.push(format!(
+                "the audit chain is broken at entry {}: {}",
+                chain
+                    .first_bad_seq
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "?".into()),
+                chain.problem.as_deref().unwrap_or("mismatch")
+            ));
+        }
+        // One pass over the log: which requests have entries, and each record's hash.
+        let mut with_entries = std::collections::HashSet::new();
+        let mut digests = std::collections::HashMap::new();
+        let mut after = 0i64;
+        loop {
+            let page = self.inner.store.audit_log(None, after, 1000).await?;
+            for e in &page {
+                if let Some(id) = e.request_id {
+                    with_entries.insert(id);
+                    if e.event == "committed" {
+                        if let Some(d) = e.details.get("record_sha256").and_then(|d| d.as_str()) {
+                            digests.insert(id, d.to_string());
+                        }
+                    }
+                }
+            }
+            match page.last() {
+                Some(last) if page.len() == 1000 => after = last.seq,
+                _ => break,
+            }
+        }
         let mut missing = Vec::new();
+        let mut record_problems = Vec::new();
         for status in [
             RequestStatus::Completed,
             RequestStatus::Failed,
@@ -748,21 +839,37 @@ impl Engine {
                     ..Default::default()
                 };
                 let page = self.inner.store.list_requests(&filter).await?;
-                let mut committed = Vec::new();
+                let mut expected = Vec::new();
                 for r in page.iter().filter(|r| r.approver.is_some()) {
-                    match r.commit_id {
-                        Some(_) => committed.push(r.id),
+                    if !with_entries.contains(&r.id) {
+                        record_problems.push(crate::audit::git::RecordProblem {
+                            id: r.id,
+                            reason: "it ended after approval but the audit log has no entry for it (rows deleted?)".into(),
+                        });
+                    }
+                    match &r.commit_id {
+                        Some(c) => expected.push(crate::audit::git::ExpectedRecord {
+                            id: r.id,
+                            commit: c.clone(),
+                            digest: digests.get(&r.id).cloned(),
+                        }),
                         None => missing.push(r.id),
                     }
                 }
                 // One look at the tip's tree per page: O(n) for the whole trail.
-                if let (Some(git), false) = (&self.inner.git, committed.is_empty()) {
+                if let (Some(git), false) = (&self.inner.git, expected.is_empty()) {
                     let git = git.clone();
-                    let absent = tokio::task::spawn_blocking(move || git.verify(&committed))
+                    let found = tokio::task::spawn_blocking(move || git.verify_records(&expected))
                         .await
                         .map_err(|e| EngineError::Invalid(format!("git verify task failed: {e}")))?
                         .map_err(|e| EngineError::Invalid(format!("git verify: {e}")))?;
-                    missing.extend(absent);
+                    for p in found {
+                        if p.reason.contains("missing at the branch tip") {
+                            missing.push(p.id);
+                        } else {
+                            record_problems.push(p);
+                        }
+                    }
                 }
                 if page.len() < 1000 {
                     break;
@@ -770,10 +877,52 @@ impl Engine {
                 before = page.last().map(|r| r.created_at);
             }
         }
-        let ok = chain.ok && missing.is_empty();
+        for id in &missing {
+            problems.push(format!(
+                "request {id} ended after approval and has no audit commit"
+            ));
+        }
+        for p in &record_problems {
+            problems.push(format!("request {}: {}", p.id, p.reason));
+        }
+        // The newest chain head anchored in git must still be in the log, unchanged: a log
+        // truncated, rewritten and re-chained, or emptied, no longer has it.
+        let mut anchor = None;
+        if let Some(git) = &self.inner.git {
+            let git = git.clone();
+            let latest = tokio::task::spawn_blocking(move || git.latest_anchor(1000))
+                .await
+                .map_err(|e| EngineError::Invalid(format!("git verify task failed: {e}")))?
+                .map_err(|e| EngineError::Invalid(format!("git verify: {e}")))?;
+            if let Some(a) = latest {
+                let now = self.inner.store.audit_hash_at(a.seq).await?;
+                let agrees = now.as_deref() == Some(a.hash.as_str());
+                anchor = Some(format!(
+                    "entry {} anchored in git {}",
+                    a.seq,
+                    if agrees { "matches" } else { "DIFFERS" }
+                ));
+                if !agrees {
+                    problems.push(match now {
+                        None => format!(
+                            "the audit log no longer has entry {} that git anchored: it was truncated or emptied",
+                            a.seq
+                        ),
+                        Some(_) => format!(
+                            "audit entry {} differs from the hash anchored in git: the log was rewritten",
+                            a.seq
+                        ),
+                    });
+                }
+            }
+        }
+        let ok = problems.is_empty();
         Ok(AuditReport {
             chain,
             missing_commits: missing,
+            record_problems,
+            anchor,
+            problems,
             ok,
         })
     }
@@ -788,8 +937,19 @@ impl Engine {
             Ok(()) => "ok".to_string(),
             Err(e) => format!("error: {e}"),
         };
+        let audit = match self
+            .inner
+            .git_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            None => "ok".to_string(),
+            Some(e) => format!("error: the last audit commit failed: {e}"),
+        };
         Health {
-            status: if store == "ok" && bus == "ok" {
+            audit: audit.clone(),
+            status: if store == "ok" && bus == "ok" && audit == "ok" {
                 "ok"
             } else {
                 "degraded"
@@ -882,9 +1042,15 @@ impl Engine {
         id: Uuid,
         from: RequestStatus,
         to: RequestStatus,
-        patch: RequestPatch,
+        mut patch: RequestPatch,
     ) -> Result<Request, EngineError> {
+        // Redaction choke point: no configured secret is stored in a request's error.
+        if let Some(e) = patch.error.as_mut() {
+            self.inner.config.redactor.redact_error(e);
+        }
         let updated = self.inner.store.transition(id, from, to, &patch).await?;
+        // No receiver (no notifier configured) is fine.
+        let _ = self.inner.status_changes.send(updated.clone());
         self.inner.events.publish(EngineEvent::Status {
             request_id: id,
             status: to,
@@ -965,7 +1131,9 @@ impl Engine {
         let commit = self.commit_record(&request, to, error.as_ref()).await;
         let patch = RequestPatch {
             error: error.clone(),
-            commit_id: commit.as_ref().and_then(|c| c.as_ref().ok().cloned()),
+            commit_id: commit
+                .as_ref()
+                .and_then(|c| c.as_ref().ok().map(|(c, _)| c.clone())),
             ..Default::default()
         };
         match self.set_status(id, from, to, patch).await {
@@ -983,11 +1151,11 @@ impl Engine {
             },
         }];
         match commit {
-            Some(Ok(c)) => audit.push(NewAuditEntry {
+            Some(Ok((c, digest))) => audit.push(NewAuditEntry {
                 request_id: Some(id),
                 actor: "engine".into(),
                 event: "committed".into(),
-                details: json!({ "commit": c }),
+                details: json!({ "commit": c, "record_sha256": digest }),
             }),
             Some(Err(message)) => audit.push(NewAuditEntry {
                 request_id: Some(id),
@@ -1009,7 +1177,7 @@ impl Engine {
         request: &Request,
         to: RequestStatus,
         error: Option<&ErrorPayload>,
-    ) -> Option<Result<String, String>> {
+    ) -> Option<Result<(String, String), String>> {
         let (Some(git), Some(approver)) = (&self.inner.git, &request.approver) else {
             return None;
         };
@@ -1021,7 +1189,7 @@ impl Engine {
             .unwrap_or_else(|| request.text.clone());
         let finished = Utc::now();
         let duration = (finished - request.created_at).num_milliseconds() as f64 / 1000.0;
-        let document = json!({
+        let mut document = json!({
             "id": request.id,
             "text": request.text,
             "requester": request.requester,
@@ -1042,6 +1210,8 @@ impl Engine {
             "duration_seconds": duration,
             "trace_id": request.trace_id,
         });
+        // The git trail is as permanent as the audit log: no configured secret goes in.
+        self.inner.config.redactor.redact_json(&mut document);
         let record = RequestRecord {
             id: request.id,
             summary: if request.dry_run {
@@ -1049,6 +1219,13 @@ impl Engine {
             } else {
                 summary
             },
+            anchor: self
+                .inner
+                .store
+                .audit_head()
+                .await
+                .ok()
+                .map(|(seq, hash)| crate::audit::git::ChainAnchor { seq, hash }),
             author_name: approver.clone(),
             author_email: format!(
                 "{}@chiffon",
@@ -1059,15 +1236,42 @@ impl Engine {
             ),
             document,
         };
+        let digest = match crate::audit::git::record_digest(&record) {
+            Ok(d) => d,
+            Err(e) => return Some(Err(e.to_string())),
+        };
         let git = git.clone();
-        match tokio::task::spawn_blocking(move || git.commit_request(&record)).await {
-            Ok(Ok(commit)) => Some(Ok(commit)),
+        let outcome = tokio::task::spawn_blocking(move || {
+            match git.commit_request(&record) {
+                Err(e) if e.is_transient() => {
+                    // A ref lock left by a crashed writer stops the trail for good unless it
+                    // goes: clear stale ones and try once more.
+                    if !git.clear_stale_locks(STALE_GIT_LOCK).is_empty() {
+                        return git.commit_request(&record);
+                    }
+                    Err(e)
+                }
+                other => other,
+            }
+        })
+        .await;
+        let outcome = match outcome {
+            Ok(Ok(commit)) => Some(Ok((commit, digest))),
             Ok(Err(e)) => {
                 tracing::error!(request = %request.id, error = %e, "audit commit failed; `chiffon audit verify` will report it");
                 Some(Err(e.to_string()))
             }
             Err(e) => Some(Err(format!("audit commit task failed: {e}"))),
-        }
+        };
+        *self
+            .inner
+            .git_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = match &outcome {
+            Some(Err(e)) => Some(e.clone()),
+            _ => None,
+        };
+        outcome
     }
 
     /// Appends to the audit log. A failure is logged, never swallowed silently: the
@@ -1076,6 +1280,8 @@ impl Engine {
         if entries.is_empty() {
             return;
         }
+        // Redaction choke point: no configured secret reaches the append-only audit log.
+        let entries = self.inner.config.redactor.redact_audit(entries);
         let n = entries.len();
         let appender = self
             .inner
@@ -1093,9 +1299,13 @@ impl Engine {
         }
     }
 
-    pub(super) async fn log_lines(&self, lines: Vec<NewLogLine>) {
+    pub(super) async fn log_lines(&self, mut lines: Vec<NewLogLine>) {
         if lines.is_empty() {
             return;
+        }
+        // Agents' output may echo a configured secret (an environment dump, a URL).
+        for l in &mut lines {
+            self.inner.config.redactor.redact_string(&mut l.message);
         }
         if let Err(e) = self.inner.store.append_logs(&lines).await {
             tracing::warn!(error = %e, "execution log append failed");

@@ -16,8 +16,10 @@
 mod events;
 mod lifecycle;
 mod planning;
+mod preview;
 mod rejected;
 mod runtime;
+pub mod waiting;
 pub use runtime::MAX_FAILED_DELIVERIES;
 
 pub use events::{EngineEvent, EventHub, Subscription};
@@ -68,6 +70,10 @@ pub struct RequestView {
     #[serde(flatten)]
     pub request: Request,
     pub steps: Vec<Step>,
+    /// Why a `queued` (or `running`) request is not moving: no agent of the type, none
+    /// alive, none with the resources (which), a retry backing off, a step nobody took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_reason: Option<String>,
 }
 
 /// Input of planning.
@@ -127,6 +133,9 @@ pub struct ApprovalConfig {
     pub expire_after: Option<Duration>,
     /// Dry runs change nothing, so they skip the gate (audited as rule `dry_run`).
     pub dry_run_skips_approval: bool,
+    /// While a plan awaits approval, run each check-mode step in check mode and show what
+    /// it would change (`plan.steps[i].preview`).
+    pub preview: bool,
 }
 
 impl Default for ApprovalConfig {
@@ -137,6 +146,7 @@ impl Default for ApprovalConfig {
             auto_approve_max_cost_usd: None,
             expire_after: Some(Duration::from_secs(24 * 3600)),
             dry_run_skips_approval: true,
+            preview: true,
         }
     }
 }
@@ -168,6 +178,9 @@ pub struct DispatchConfig {
     pub planning_concurrency: usize,
     /// Unacked deliveries held per consumer.
     pub prefetch: u16,
+    /// How long an automatic dry run before approval may take before it shows as failed.
+    #[serde(with = "secs")]
+    pub preview_timeout: Duration,
 }
 
 impl Default for DispatchConfig {
@@ -182,6 +195,7 @@ impl Default for DispatchConfig {
             tick: Duration::from_millis(500),
             planning_concurrency: 8,
             prefetch: 64,
+            preview_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -236,6 +250,11 @@ pub struct EngineConfig {
     pub budgets: BTreeMap<String, f64>,
     /// Who may publish what on the bus.
     pub bus: BusAuthConfig,
+    /// Secrets struck from what the engine persists: audit entries and a request's error
+    /// (see [`crate::redact`]). The binaries fill it from every secret they read; never
+    /// serialised.
+    #[serde(skip)]
+    pub redactor: crate::redact::Redactor,
 }
 
 impl Default for EngineConfig {
@@ -246,6 +265,7 @@ impl Default for EngineConfig {
             dispatch: DispatchConfig::default(),
             budgets: BTreeMap::new(),
             bus: BusAuthConfig::default(),
+            redactor: Default::default(),
         }
     }
 }
@@ -313,6 +333,8 @@ pub struct Health {
     pub status: String,
     pub store: String,
     pub bus: String,
+    /// The git audit trail: `ok`, or the last commit's failure until one succeeds.
+    pub audit: String,
     pub store_backend: String,
     pub bus_backend: String,
     pub instance_id: String,

@@ -450,23 +450,31 @@ impl Engine {
             }
         }
         let at = env.timestamp;
+        // Shown live and stored: strike configured secrets an agent's output may echo.
+        let redactor = &self.inner.config.redactor;
+        let message = redactor.redact(&s.message).into_owned();
+        let output: Vec<String> = s
+            .lines
+            .iter()
+            .map(|l| redactor.redact(l).into_owned())
+            .collect();
         let mut lines = vec![NewLogLine {
             request_id: step.request_id,
             task_id: Some(step.task_id),
             at,
             kind: "status".into(),
             progress: Some(s.progress),
-            message: s.message.clone(),
+            message: message.clone(),
         }];
         self.inner.events.publish(EngineEvent::Progress {
             request_id: step.request_id,
             task_id: step.task_id,
             seq: step.seq,
             progress: s.progress,
-            message: s.message.clone(),
+            message,
             at,
         });
-        for line in &s.lines {
+        for line in &output {
             lines.push(NewLogLine {
                 request_id: step.request_id,
                 task_id: Some(step.task_id),
@@ -499,6 +507,10 @@ impl Engine {
         let step = match self.inner.store.get_step(r.task_id).await {
             Ok(step) => step,
             Err(StoreError::NotFound { .. }) => {
+                // The dry run of a step awaiting approval?
+                if let Some(step) = self.inner.store.step_by_preview(r.task_id).await? {
+                    return self.on_preview_result(step, r, publisher).await;
+                }
                 tracing::warn!(task = %r.task_id, "result for an unknown task ignored");
                 return Ok(());
             }
@@ -542,9 +554,15 @@ impl Engine {
             && !cancel_requested
             && error.as_ref().is_some_and(|e| e.code.is_transient())
             && step.attempt < self.inner.config.dispatch.max_attempts;
+        // What an agent reports is stored and shown: strike configured secrets first.
+        let redactor = &self.inner.config.redactor;
+        let mut error = error;
+        if let Some(e) = error.as_mut() {
+            redactor.redact_error(e);
+        }
         let mut patch = StepPatch {
-            output: Some(tail(&r.output)),
-            diff: r.diff.clone(),
+            output: Some(redactor.redact(&tail(&r.output)).into_owned()),
+            diff: r.diff.as_deref().map(|d| redactor.redact(d).into_owned()),
             changed: r.changed,
             error: error.clone(),
             agent_id: r.agent_id.clone(),
@@ -949,7 +967,11 @@ impl Engine {
 
     /// Publishes to a queue, declaring it first (once per process) so a direct exchange
     /// never drops the message for want of a binding.
-    async fn publish_to(&self, queue: &str, env: &Envelope) -> Result<(), TransportError> {
+    pub(super) async fn publish_to(
+        &self,
+        queue: &str,
+        env: &Envelope,
+    ) -> Result<(), TransportError> {
         let known = self
             .inner
             .declared

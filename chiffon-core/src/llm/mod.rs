@@ -6,7 +6,7 @@
 //!   reqwest, each speaking its own wire format.
 //! - [`retry::Retry`]: bounded exponential backoff with jitter for transient errors,
 //!   honouring `retry-after`.
-//! - [`budget::Budget`]: reserves the worst-case cost of a call in the [`Store`] before
+//! - [`budget::Budget`]: reserves the worst-case cost of each call in the [`Store`] before
 //!   it, settles the real cost after, so budgets hold across restarts and instances.
 //! - [`circuit::CircuitBreaker`]: stops calling a provider that keeps failing.
 //! - [`router`]: [`router::Fallback`] over several providers and the [`router::Router`]
@@ -35,8 +35,8 @@ pub use budget::Budget;
 pub use circuit::{CircuitBreaker, CircuitConfig};
 pub use pricing::Pricing;
 pub use providers::{
-    AnthropicConfig, AnthropicProvider, ApiKey, OllamaConfig, OllamaProvider, OpenAiConfig,
-    OpenAiProvider,
+    AnthropicConfig, AnthropicProvider, ApiKey, MaxTokensField, OllamaConfig, OllamaProvider,
+    OpenAiConfig, OpenAiProvider,
 };
 pub use retry::{Retry, RetryConfig};
 pub use router::{Accepted, Fallback, FallbackEvent, Link, LlmConfig, ProviderEntry, Router};
@@ -212,6 +212,13 @@ impl LlmError {
             LlmError::Http { status, .. } => *status >= 500 || *status == 408,
             _ => false,
         }
+    }
+
+    /// Whether the provider may have done (and billed) the work although no answer came:
+    /// the request went out and the answer timed out or broke off. The budget counts such
+    /// a call at its worst case.
+    pub fn may_be_billed(&self) -> bool {
+        matches!(self, LlmError::Timeout | LlmError::Request(_))
     }
 
     /// How long the provider asked us to wait, if it did.

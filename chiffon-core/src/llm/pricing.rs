@@ -4,6 +4,9 @@ use serde::{Deserialize, Serialize};
 
 use super::CompletionRequest;
 
+/// The most one call is ever recorded as costing: a billion dollars.
+pub const MAX_COST_MICROS: i64 = 1_000_000_000_000_000;
+
 /// A provider's price table: USD per million input and output tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct Pricing {
@@ -28,12 +31,13 @@ impl Pricing {
         self.input_usd_per_mtok <= 0.0 && self.output_usd_per_mtok <= 0.0
     }
 
-    /// The cost of a call, rounded up to the next micro-dollar.
+    /// The cost of a call, rounded up to the next micro-dollar. Capped at [`MAX_COST_MICROS`]
+    /// so that absurd usage figures from a provider keep budget sums far from overflowing.
     pub fn cost_micros(&self, input_tokens: u64, output_tokens: u64) -> i64 {
         // USD per million tokens is exactly micro-dollars per token.
         let micros = input_tokens as f64 * self.input_usd_per_mtok.max(0.0)
             + output_tokens as f64 * self.output_usd_per_mtok.max(0.0);
-        micros.ceil() as i64
+        (micros.ceil() as i64).min(MAX_COST_MICROS)
     }
 
     /// The most a call can cost: its estimated prompt plus `max_tokens` of output.

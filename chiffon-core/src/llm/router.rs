@@ -4,10 +4,11 @@
 //! each provider skipped or failed becomes a [`FallbackEvent`] (provider, code, reason) that
 //! the engine writes to the audit log. [`Router`] is the configured order
 //! (`CHIFFON_LLM_ORDER` semantics: `anthropic,openai,ollama` then `offline`), each provider
-//! wrapped as `CircuitBreaker<Budget<Retry<Provider>>>`, with the offline planner as a link
+//! wrapped as `CircuitBreaker<Retry<Budget<Provider>>>`, with the offline planner as a link
 //! of its own.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chiffon_protocol::ErrorCode;
@@ -177,6 +178,14 @@ pub struct LlmConfig {
     pub ollama: Option<OllamaConfig>,
     pub retry: RetryConfig,
     pub circuit: CircuitConfig,
+    /// How long a budget reservation holds budget unless settled, seconds: a reservation
+    /// left by a crashed process stops counting after it. Raised per provider to its
+    /// longest possible call (timeout times attempts, plus the pauses, plus a minute).
+    pub reservation_lease_secs: u64,
+    /// Secrets the providers strike from the errors they return, besides their own key
+    /// (the binaries fill it from every secret they read); never serialised.
+    #[serde(skip)]
+    pub redactor: crate::redact::Redactor,
 }
 
 impl Default for LlmConfig {
@@ -189,7 +198,21 @@ impl Default for LlmConfig {
             ollama: None,
             retry: RetryConfig::default(),
             circuit: CircuitConfig::default(),
+            reservation_lease_secs: crate::model::DEFAULT_RESERVATION_LEASE.as_secs(),
+            redactor: Default::default(),
         }
+    }
+}
+
+impl LlmConfig {
+    /// The lease of a provider's reservations: the configured lease, or longer when one
+    /// call through the retries can take longer (`timeout` per attempt).
+    pub fn reservation_lease(&self, timeout: Duration) -> Duration {
+        let attempts = self.retry.max_attempts.max(1);
+        let pause =
+            Duration::from_millis(self.retry.max_backoff_ms.max(self.retry.max_retry_after_ms));
+        let longest = timeout.saturating_mul(attempts) + pause.saturating_mul(attempts - 1);
+        Duration::from_secs(self.reservation_lease_secs).max(longest + Duration::from_secs(60))
     }
 }
 
@@ -261,6 +284,8 @@ impl std::fmt::Debug for Link {
 pub struct ProviderEntry<P> {
     pub provider: P,
     pub monthly_budget_usd: Option<f64>,
+    /// The provider's request timeout (one attempt), which the reservation lease outlasts.
+    pub timeout: Duration,
 }
 
 /// The planning chain in the configured order.
@@ -276,7 +301,7 @@ impl Router {
     }
 
     /// Builds the configured chain: each enabled provider named in the order, wrapped as
-    /// `CircuitBreaker<Budget<Retry<_>>>` over `store`; names whose provider is not
+    /// `CircuitBreaker<Retry<Budget<_>>>` over `store`; names whose provider is not
     /// configured are left out (see [`Router::names`]).
     pub fn from_config(config: &LlmConfig, store: Arc<dyn Store>) -> Result<Router, LlmError> {
         let order = parse_order(&config.order.join(","))?;
@@ -286,8 +311,9 @@ impl Router {
                 "anthropic" => match &config.anthropic {
                     Some(c) => Some(Self::layered(
                         ProviderEntry {
-                            provider: AnthropicProvider::new(c)?,
+                            provider: AnthropicProvider::new(c)?.with_redactor(&config.redactor),
                             monthly_budget_usd: c.monthly_budget_usd,
+                            timeout: Duration::from_secs(c.timeout_secs.max(1)),
                         },
                         store.clone(),
                         config,
@@ -297,8 +323,9 @@ impl Router {
                 "openai" => match &config.openai {
                     Some(c) => Some(Self::layered(
                         ProviderEntry {
-                            provider: OpenAiProvider::new(c)?,
+                            provider: OpenAiProvider::new(c)?.with_redactor(&config.redactor),
                             monthly_budget_usd: c.monthly_budget_usd,
+                            timeout: Duration::from_secs(c.timeout_secs.max(1)),
                         },
                         store.clone(),
                         config,
@@ -308,8 +335,9 @@ impl Router {
                 "ollama" => match &config.ollama {
                     Some(c) => Some(Self::layered(
                         ProviderEntry {
-                            provider: OllamaProvider::new(c)?,
+                            provider: OllamaProvider::new(c)?.with_redactor(&config.redactor),
                             monthly_budget_usd: c.monthly_budget_usd,
+                            timeout: Duration::from_secs(c.timeout_secs.max(1)),
                         },
                         store.clone(),
                         config,
@@ -327,20 +355,19 @@ impl Router {
     }
 
     /// Wraps a provider the way [`Router::from_config`] does:
-    /// `CircuitBreaker<Budget<Retry<P>>>`. The breaker is outermost so an open circuit
-    /// costs no reservation; retries happen inside one reservation (failed calls are not
-    /// billed).
+    /// `CircuitBreaker<Retry<Budget<P>>>`. The breaker is outermost so an open circuit
+    /// costs no reservation; the budget is innermost so every HTTP call, retries included,
+    /// has a reservation of its own: a retry after a timeout (which the provider may have
+    /// billed) is reserved again, and an exhausted budget ends the retries.
     pub fn layered<P: LlmProvider>(
         entry: ProviderEntry<P>,
         store: Arc<dyn Store>,
         config: &LlmConfig,
     ) -> Link {
-        let retry = Retry::new(entry.provider, config.retry.clone());
-        let budget = Budget::new(retry, store, entry.monthly_budget_usd);
-        Link::Llm(Arc::new(CircuitBreaker::new(
-            budget,
-            config.circuit.clone(),
-        )))
+        let budget = Budget::new(entry.provider, store, entry.monthly_budget_usd)
+            .with_lease(config.reservation_lease(entry.timeout));
+        let retry = Retry::new(budget, config.retry.clone());
+        Link::Llm(Arc::new(CircuitBreaker::new(retry, config.circuit.clone())))
     }
 
     pub fn links(&self) -> &[Link] {
@@ -383,6 +410,26 @@ mod tests {
         );
         assert!(parse_order("ollama,ollama").is_err());
         assert_eq!(LlmConfig::default().order, default_order());
+    }
+
+    #[test]
+    fn leases_outlast_the_longest_call() {
+        let c = LlmConfig::default();
+        // 3 attempts of 60 s and two pauses of at most 30 s, plus a minute: under the default.
+        assert_eq!(
+            c.reservation_lease(Duration::from_secs(60)),
+            Duration::from_secs(600)
+        );
+        // Ollama's 180 s: 540 + 60 + 60.
+        assert_eq!(
+            c.reservation_lease(Duration::from_secs(180)),
+            Duration::from_secs(660)
+        );
+        let short = LlmConfig {
+            reservation_lease_secs: 1,
+            ..Default::default()
+        };
+        assert!(short.reservation_lease(Duration::from_secs(1)) > Duration::from_secs(60));
     }
 
     #[test]

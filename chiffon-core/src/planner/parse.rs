@@ -3,7 +3,10 @@
 //! The answer must be one JSON object `{"summary", "steps", "risks"}`, optionally inside a
 //! single ```` ```json ```` fence and nothing else. Every step must name a catalog action
 //! and pass its schema; `agent_type` and `resources` come from the catalog, never from
-//! the answer.
+//! the answer. The answer is untrusted: NUL characters anywhere (neither database stores
+//! them) and sizes past the bounds below (summary, steps, parameter strings, reasons,
+//! risks) make it an invalid response, so the next provider is tried; errors quote it only
+//! shortened and with control characters escaped.
 
 use chiffon_protocol::ErrorCode;
 use serde::Deserialize;
@@ -13,9 +16,25 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::llm::{truncate, LlmError};
 use crate::model::{Plan, PlanStep};
 
+// Bounds on an answer. An LLM's output is untrusted input: a runaway or hostile answer
+// is refused as invalid (the next provider is tried) rather than stored, shown to an
+// approver or executed.
+
 /// A plan longer than this is refused: no request needs it, and a runaway answer must
 /// not become a runaway execution.
-pub const MAX_STEPS: usize = 50;
+pub const MAX_STEPS: usize = 20;
+/// Longest plan summary, in characters (it is one line for people and a commit subject).
+pub const MAX_SUMMARY_CHARS: usize = 500;
+/// Longest string parameter value, in characters (a file's content included).
+pub const MAX_PARAMETER_CHARS: usize = 8192;
+/// Longest step reason and risk, in characters.
+pub const MAX_NOTE_CHARS: usize = 1000;
+/// Longest action name (catalog names are short; a long one is quoted in the error).
+pub const MAX_ACTION_CHARS: usize = 128;
+/// Most risks listed.
+pub const MAX_RISKS: usize = 20;
+/// Largest answer parsed at all, in bytes.
+pub const MAX_ANSWER_BYTES: usize = 256 * 1024;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,19 +86,111 @@ fn unfence(text: &str) -> Result<&str, LlmError> {
         })
 }
 
+/// A piece of an untrusted answer fit to quote in an error (which reaches the audit log
+/// and the databases): shortened, with control characters escaped.
+fn excerpt(s: &str, max: usize) -> String {
+    let short = truncate(s, max);
+    if short.chars().any(|c| c.is_control() && c != '\n') {
+        short
+            .chars()
+            .map(|c| {
+                if c.is_control() && c != '\n' {
+                    c.escape_unicode().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect()
+    } else {
+        short
+    }
+}
+
+/// Where in the answer a NUL character is, if anywhere: neither database stores one, and
+/// no plan needs one.
+fn find_nul(v: &Value, at: &mut String) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().enumerate().any(|(i, item)| {
+            let len = at.len();
+            at.push_str(&format!("[{i}]"));
+            let found = find_nul(item, at);
+            if !found {
+                at.truncate(len);
+            }
+            found
+        }),
+        Value::Object(map) => map.iter().any(|(k, item)| {
+            let len = at.len();
+            if k.contains('\0') {
+                at.push_str(" (a key)");
+                return true;
+            }
+            at.push('.');
+            at.push_str(k);
+            let found = find_nul(item, at);
+            if !found {
+                at.truncate(len);
+            }
+            found
+        }),
+        _ => false,
+    }
+}
+
+fn too_long(what: &str, s: &str, max: usize) -> Result<(), LlmError> {
+    let n = s.chars().count();
+    if n > max {
+        return Err(invalid(
+            ErrorCode::LlmInvalidResponse,
+            format!("{what} has {n} characters, more than {max}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Parses and validates an answer. The returned plan has no provider, model or costs yet.
 pub fn parse_plan(answer: &str, catalog: &Catalog) -> Result<Plan, LlmError> {
+    if answer.len() > MAX_ANSWER_BYTES {
+        return Err(invalid(
+            ErrorCode::LlmInvalidResponse,
+            format!(
+                "the answer has {} bytes, more than {MAX_ANSWER_BYTES}",
+                answer.len()
+            ),
+        ));
+    }
+    if answer.contains('\0') {
+        return Err(invalid(
+            ErrorCode::LlmInvalidResponse,
+            "the answer contains a NUL character",
+        ));
+    }
     let json = unfence(answer)?;
     if !json.starts_with('{') {
         return Err(invalid(
             ErrorCode::LlmInvalidResponse,
             format!(
                 "the answer is not a JSON object: {}",
-                truncate(answer.trim(), 200)
+                excerpt(answer.trim(), 200)
             ),
         ));
     }
-    let raw: RawPlan = serde_json::from_str(json).map_err(|e| {
+    let value: Value = serde_json::from_str(json).map_err(|e| {
+        invalid(
+            ErrorCode::LlmInvalidResponse,
+            format!("the answer is not a plan object: {e}"),
+        )
+    })?;
+    // `\u0000` escapes decode to NUL: refused before any of it is quoted or stored.
+    let mut at = String::from("the answer");
+    if find_nul(&value, &mut at) {
+        return Err(invalid(
+            ErrorCode::LlmInvalidResponse,
+            format!("{} contains a NUL character", excerpt(&at, 200)),
+        ));
+    }
+    let raw: RawPlan = serde_json::from_value(value).map_err(|e| {
         invalid(
             ErrorCode::LlmInvalidResponse,
             format!("the answer is not a plan object: {e}"),
@@ -90,6 +201,19 @@ pub fn parse_plan(answer: &str, catalog: &Catalog) -> Result<Plan, LlmError> {
             ErrorCode::LlmInvalidResponse,
             "the plan's summary is empty",
         ));
+    }
+    too_long("the plan's summary", raw.summary.trim(), MAX_SUMMARY_CHARS)?;
+    if raw.risks.len() > MAX_RISKS {
+        return Err(invalid(
+            ErrorCode::LlmInvalidResponse,
+            format!(
+                "the plan lists {} risks, more than {MAX_RISKS}",
+                raw.risks.len()
+            ),
+        ));
+    }
+    for (i, r) in raw.risks.iter().enumerate() {
+        too_long(&format!("risk {}", i + 1), r, MAX_NOTE_CHARS)?;
     }
     if raw.steps.is_empty() {
         return Err(invalid(
@@ -111,6 +235,25 @@ pub fn parse_plan(answer: &str, catalog: &Catalog) -> Result<Plan, LlmError> {
     }
     let mut steps = Vec::with_capacity(raw.steps.len());
     for (i, s) in raw.steps.into_iter().enumerate() {
+        too_long(
+            &format!("step {}'s action", i + 1),
+            &s.action,
+            MAX_ACTION_CHARS,
+        )?;
+        too_long(
+            &format!("step {}'s reason", i + 1),
+            &s.reason,
+            MAX_NOTE_CHARS,
+        )?;
+        for (name, v) in &s.parameters {
+            if let Value::String(text) = v {
+                too_long(
+                    &format!("step {}'s parameter `{}`", i + 1, excerpt(name, 64)),
+                    text,
+                    MAX_PARAMETER_CHARS,
+                )?;
+            }
+        }
         let at = |e: CatalogError| invalid(e.code(), format!("step {}: {e}", i + 1));
         let spec = catalog.get(&s.action).map_err(at)?;
         let parameters = spec.validate(&s.parameters).map_err(at)?;
@@ -168,6 +311,12 @@ mod tests {
         assert_eq!(unfence("  ```\n{}\n```  ").unwrap(), "{}");
         assert!(unfence("```yaml\na: 1\n```").is_err());
         assert!(unfence("```json\n{}").is_err());
+    }
+
+    #[test]
+    fn excerpts_escape_control_characters() {
+        assert_eq!(excerpt("a\u{0}b\nc", 100), "a\\u{0}b\nc");
+        assert_eq!(excerpt("plain", 100), "plain");
     }
 
     #[test]

@@ -101,9 +101,12 @@ macro_rules! store_conformance_tests {
             logs_order_and_after_id,
             heartbeats_and_agents,
             identities_and_step_binding,
+            step_previews,
             llm_reserve_over_budget,
             llm_concurrent_reservations,
             llm_settle_and_monthly_spend,
+            llm_overage_closes_the_provider,
+            llm_reservation_lease,
             plan_cache,
             audit_append_and_read,
             audit_concurrent_appenders,
@@ -260,6 +263,7 @@ fn reservation(provider: &str, month: &str, amount: i64, budget: i64) -> LlmRese
         amount_micros: amount,
         budget_micros: budget,
         request_id: None,
+        lease: DEFAULT_RESERVATION_LEASE,
     }
 }
 
@@ -1204,6 +1208,62 @@ pub async fn identities_and_step_binding(h: &Harness) {
     assert!(a.unwrap() ^ b.unwrap());
 }
 
+pub async fn step_previews(h: &Harness) {
+    let s = &*h.store;
+    let r = s.create_request(&new_request("x")).await.unwrap();
+    s.transition(
+        r.id,
+        RequestStatus::Planning,
+        RequestStatus::AwaitingApproval,
+        &with_plan(plan(2)),
+    )
+    .await
+    .unwrap();
+    let st = s.steps(r.id).await.unwrap().remove(0);
+    assert_eq!(st.preview, None);
+    let now = Utc::now();
+    let mut p = StepPreview {
+        status: PreviewStatus::Pending,
+        task_id: Uuid::new_v4(),
+        changed: None,
+        diff: None,
+        error: None,
+        broker_user: None,
+        requested_at: now,
+        deadline_at: now + ChronoDuration::seconds(60),
+        finished_at: None,
+    };
+    assert!(s.step_by_preview(p.task_id).await.unwrap().is_none());
+    s.start_step_preview(st.task_id, &p).await.unwrap();
+    let found = s.step_by_preview(p.task_id).await.unwrap().unwrap();
+    assert_eq!(found.task_id, st.task_id);
+    assert_eq!(
+        found.preview.as_ref().unwrap().status,
+        PreviewStatus::Pending
+    );
+    // Once only: the first outcome stays.
+    p.status = PreviewStatus::Completed;
+    p.changed = Some(true);
+    p.diff = Some("--- a\n+++ b\n".into());
+    assert!(s.finish_step_preview(st.task_id, &p).await.unwrap());
+    let mut late = p.clone();
+    late.status = PreviewStatus::Failed;
+    assert!(!s.finish_step_preview(st.task_id, &late).await.unwrap());
+    // Another preview task id never finishes this one.
+    let mut other = p.clone();
+    other.task_id = Uuid::new_v4();
+    assert!(!s.finish_step_preview(st.task_id, &other).await.unwrap());
+    let got = s.get_step(st.task_id).await.unwrap().preview.unwrap();
+    assert_eq!(got.status, PreviewStatus::Completed);
+    assert_eq!(got.diff.as_deref(), Some("--- a\n+++ b\n"));
+    // The other step has none; an unknown step is NotFound.
+    assert_eq!(s.steps(r.id).await.unwrap()[1].preview, None);
+    assert!(matches!(
+        s.start_step_preview(Uuid::new_v4(), &p).await,
+        Err(StoreError::NotFound { .. })
+    ));
+}
+
 pub async fn llm_reserve_over_budget(h: &Harness) {
     let s = &*h.store;
     let month = "2026-03";
@@ -1381,6 +1441,140 @@ pub async fn llm_settle_and_monthly_spend(h: &Harness) {
     let may = s.llm_spend("2026-05").await.unwrap();
     assert_eq!(may[1].reserved_micros, 99);
     assert_eq!(may[1].spent_micros, 2500);
+}
+
+/// A provider that bills more than was reserved: the overage is recorded in full, and
+/// once spend reaches the budget nothing more is reserved, not even a free call.
+pub async fn llm_overage_closes_the_provider(h: &Harness) {
+    let s = &*h.store;
+    let month = "2026-09";
+    let bill = |cost: i64| LlmSettlement {
+        input_tokens: 10,
+        output_tokens: 1000,
+        cost_micros: cost,
+        ok: true,
+    };
+    let a = reserved_id(
+        s.reserve_llm(&reservation("anthropic", month, 300, 1000))
+            .await
+            .unwrap(),
+    );
+    let b = reserved_id(
+        s.reserve_llm(&reservation("anthropic", month, 300, 1000))
+            .await
+            .unwrap(),
+    );
+    s.settle_llm(a, &bill(2000)).await.unwrap();
+    assert_eq!(
+        s.reserve_llm(&reservation("anthropic", month, 1, 1000))
+            .await
+            .unwrap(),
+        Reservation::OverBudget {
+            spent_micros: 2000,
+            reserved_micros: 300
+        }
+    );
+    // The call already in flight still records what it cost.
+    s.settle_llm(b, &bill(500)).await.unwrap();
+    for amount in [1, 0] {
+        assert_eq!(
+            s.reserve_llm(&reservation("anthropic", month, amount, 1000))
+                .await
+                .unwrap(),
+            Reservation::OverBudget {
+                spent_micros: 2500,
+                reserved_micros: 0
+            },
+            "closed for the month"
+        );
+    }
+    let spend = s.llm_spend(month).await.unwrap();
+    assert_eq!(
+        (
+            spend[0].spent_micros,
+            spend[0].calls,
+            spend[0].output_tokens
+        ),
+        (2500, 2, 2000)
+    );
+    // Another month is open again.
+    reserved_id(
+        s.reserve_llm(&reservation("anthropic", "2026-10", 300, 1000))
+            .await
+            .unwrap(),
+    );
+}
+
+/// A reservation never settled (its process crashed) stops counting once its lease has
+/// passed; settled late, its real cost is still recorded.
+pub async fn llm_reservation_lease(h: &Harness) {
+    let s = &*h.store;
+    let month = "2026-11";
+    let mut crashed = reservation("anthropic", month, 600, 1000);
+    crashed.lease = Duration::from_millis(700);
+    let crashed = reserved_id(s.reserve_llm(&crashed).await.unwrap());
+    assert_eq!(
+        s.reserve_llm(&reservation("anthropic", month, 500, 1000))
+            .await
+            .unwrap(),
+        Reservation::OverBudget {
+            spent_micros: 0,
+            reserved_micros: 600
+        }
+    );
+    assert_eq!(s.llm_spend(month).await.unwrap()[0].reserved_micros, 600);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        s.llm_spend(month).await.unwrap()[0].reserved_micros,
+        0,
+        "an expired reservation no longer counts"
+    );
+    let live = reserved_id(
+        s.reserve_llm(&reservation("anthropic", month, 500, 1000))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(s.llm_spend(month).await.unwrap()[0].reserved_micros, 500);
+    // The crashed caller comes back after all: its cost counts, its reservation not again.
+    s.settle_llm(
+        crashed,
+        &LlmSettlement {
+            input_tokens: 1,
+            output_tokens: 1,
+            cost_micros: 100,
+            ok: true,
+        },
+    )
+    .await
+    .unwrap();
+    reserved_id(
+        s.reserve_llm(&reservation("anthropic", month, 400, 1000))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        s.reserve_llm(&reservation("anthropic", month, 1, 1000))
+            .await
+            .unwrap(),
+        Reservation::OverBudget {
+            spent_micros: 100,
+            reserved_micros: 900
+        }
+    );
+    s.settle_llm(
+        live,
+        &LlmSettlement {
+            input_tokens: 1,
+            output_tokens: 1,
+            cost_micros: 50,
+            ok: true,
+        },
+    )
+    .await
+    .unwrap();
+    let spend = s.llm_spend(month).await.unwrap();
+    assert_eq!((spend[0].spent_micros, spend[0].calls), (150, 2));
+    assert_eq!(spend[0].reserved_micros, 400);
 }
 
 pub async fn plan_cache(h: &Harness) {

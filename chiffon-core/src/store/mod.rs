@@ -71,6 +71,15 @@ impl StoreError {
 }
 
 /// Persistence for the engine. Object-safe: the engine holds an `Arc<dyn Store>`.
+/// `plan_steps.preview_status` of a preview.
+pub(crate) fn preview_status_str(s: crate::model::PreviewStatus) -> &'static str {
+    match s {
+        crate::model::PreviewStatus::Pending => "pending",
+        crate::model::PreviewStatus::Completed => "completed",
+        crate::model::PreviewStatus::Failed => "failed",
+    }
+}
+
 /// How long an agent must be silent before another broker user may register its id.
 pub const AGENT_TAKEOVER_AFTER: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
 
@@ -139,6 +148,26 @@ pub trait Store: Send + Sync + 'static {
         attempt: u32,
         broker_user: &str,
     ) -> Result<bool, StoreError>;
+    /// The audit chain's head: the last sequence number and its hash.
+    async fn audit_head(&self) -> Result<(i64, String), StoreError>;
+    /// The hash of audit entry `seq`, if it exists.
+    async fn audit_hash_at(&self, seq: i64) -> Result<Option<String>, StoreError>;
+    /// Records that the step's automatic dry run was published (`preview.task_id`,
+    /// status `pending`), replacing an earlier one.
+    async fn start_step_preview(
+        &self,
+        task_id: Uuid,
+        preview: &StepPreview,
+    ) -> Result<(), StoreError>;
+    /// The step whose dry-run task is `preview_task_id`, if any.
+    async fn step_by_preview(&self, preview_task_id: Uuid) -> Result<Option<Step>, StoreError>;
+    /// Stores the dry run's outcome, once: only while that preview task is still pending.
+    /// Returns whether it was stored.
+    async fn finish_step_preview(
+        &self,
+        task_id: Uuid,
+        preview: &StepPreview,
+    ) -> Result<bool, StoreError>;
     /// Steps `dispatched` or `running` whose `deadline_at` is before `now`.
     async fn overdue_steps(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Step>, StoreError>;
 
@@ -169,9 +198,12 @@ pub trait Store: Send + Sync + 'static {
     // ---- LLM usage and budgets ----
     /// Atomically reserves `amount_micros` against the provider's monthly budget: succeeds
     /// only if settled spend + open reservations + amount <= budget, even with concurrent
-    /// reservers on several instances.
+    /// reservers on several instances. A reservation counts until it is settled or its
+    /// [`LlmReservation::lease`] has passed (a crashed caller's reservation then stops
+    /// holding budget).
     async fn reserve_llm(&self, r: &LlmReservation) -> Result<Reservation, StoreError>;
-    /// Replaces a reservation by the real cost and token counts.
+    /// Replaces a reservation by the real cost and token counts (in full, also when the
+    /// cost passes what was reserved, and also after the lease has passed).
     async fn settle_llm(&self, reservation: Uuid, s: &LlmSettlement) -> Result<(), StoreError>;
     /// Spend per provider for `month` (`YYYY-MM`).
     async fn llm_spend(&self, month: &str) -> Result<Vec<ProviderSpend>, StoreError>;
@@ -193,6 +225,23 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<AuditEntry>, StoreError>;
     /// Recomputes the whole chain; detects altered, inserted or deleted rows.
     async fn verify_audit(&self) -> Result<AuditVerification, StoreError>;
+}
+
+/// Whether a reservation fits: settled spend, open (unexpired) reservations and this one
+/// within the budget. Once spend alone reaches the budget nothing that costs anything fits,
+/// so a provider that billed past its budget is closed for the month.
+pub(crate) fn fits_budget(spent: i64, open: i64, r: &LlmReservation) -> bool {
+    spent
+        .saturating_add(open)
+        .saturating_add(r.amount_micros.max(0))
+        <= r.budget_micros
+}
+
+/// When a reservation made at `at` stops counting. Capped at a year, so the timestamp
+/// stays one both databases store and compare as they should.
+pub(crate) fn lease_end(at: DateTime<Utc>, lease: Duration) -> DateTime<Utc> {
+    let lease = lease.min(Duration::from_secs(366 * 24 * 3600));
+    at + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::zero())
 }
 
 /// Opens the store a URL names: `postgres://…`/`postgresql://…` or `sqlite://PATH`

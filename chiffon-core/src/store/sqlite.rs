@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use chiffon_protocol::{ErrorPayload, Heartbeat, Resources};
 
-use super::{Store, StoreError, AGENT_TAKEOVER_AFTER};
+use super::{fits_budget, lease_end, preview_status_str, Store, StoreError, AGENT_TAKEOVER_AFTER};
 use crate::audit::chain;
 use crate::model::*;
 
@@ -52,7 +52,7 @@ macro_rules! step_cols {
         "task_id, request_id, seq, action, parameters, agent_type, resources, status, attempt, \
          agent_id, queue, CASE WHEN broker_attempt = attempt THEN broker_user END AS broker_user, \
          progress, output, diff, changed, error, ready_at, dispatched_at, \
-         deadline_at, finished_at, not_before"
+         deadline_at, finished_at, not_before, preview"
     };
 }
 
@@ -277,6 +277,7 @@ fn step_from_row(row: &SqliteRow) -> Result<Step, StoreError> {
         deadline_at: opt_ts_col(row, "deadline_at")?,
         finished_at: opt_ts_col(row, "finished_at")?,
         not_before: opt_ts_col(row, "not_before")?,
+        preview: col::<Option<Json<StepPreview>>>(row, "preview")?.map(|j| j.0),
     })
 }
 
@@ -774,6 +775,77 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn start_step_preview(
+        &self,
+        task_id: Uuid,
+        preview: &StepPreview,
+    ) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE plan_steps SET preview_task_id = ?2, preview_status = ?3, preview = ?4 \
+             WHERE task_id = ?1",
+        )
+        .bind(task_id)
+        .bind(preview.task_id)
+        .bind(preview_status_str(preview.status))
+        .bind(Json(preview))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::not_found(format!("step {task_id}")));
+        }
+        Ok(())
+    }
+
+    async fn step_by_preview(&self, preview_task_id: Uuid) -> Result<Option<Step>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            step_cols!(),
+            " FROM plan_steps WHERE preview_task_id = ?1"
+        ))
+        .bind(preview_task_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(step_from_row).transpose()
+    }
+
+    async fn finish_step_preview(
+        &self,
+        task_id: Uuid,
+        preview: &StepPreview,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE plan_steps SET preview_status = ?3, preview = ?4 \
+             WHERE task_id = ?1 AND preview_task_id = ?2 AND preview_status = 'pending'",
+        )
+        .bind(task_id)
+        .bind(preview.task_id)
+        .bind(preview_status_str(preview.status))
+        .bind(Json(preview))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn audit_head(&self) -> Result<(i64, String), StoreError> {
+        let head = sqlx::query("SELECT last_seq, last_hash FROM audit_head WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| StoreError::Corrupt("the audit head row is missing".into()))?;
+        Ok((col(&head, "last_seq")?, col(&head, "last_hash")?))
+    }
+
+    async fn audit_hash_at(&self, seq: i64) -> Result<Option<String>, StoreError> {
+        sqlx::query_scalar("SELECT hash FROM audit_log WHERE seq = ?1")
+            .bind(seq)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)
+    }
+
     // ---- agents and resource metrics ----
 
     async fn record_heartbeat(
@@ -885,6 +957,9 @@ impl Store for SqliteStore {
     // ---- LLM usage and budgets ----
 
     async fn reserve_llm(&self, r: &LlmReservation) -> Result<Reservation, StoreError> {
+        let at = now();
+        // BEGIN IMMEDIATE: reservers take the write lock before they read, so the sum
+        // below sees every reservation made before this one (on every connection).
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
@@ -899,37 +974,35 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        let reserved = sqlx::query(
-            "UPDATE llm_budget SET reserved_micros = reserved_micros + ?3 \
-             WHERE provider = ?1 AND month = ?2 \
-             AND spent_micros + reserved_micros + ?3 <= ?4",
+        let spent: i64 = sqlx::query_scalar(
+            "SELECT spent_micros FROM llm_budget WHERE provider = ?1 AND month = ?2",
         )
         .bind(&r.provider)
         .bind(&r.month)
-        .bind(r.amount_micros)
-        .bind(r.budget_micros)
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await
         .map_err(db_err)?;
-        if reserved.rows_affected() == 0 {
-            let row = sqlx::query(
-                "SELECT spent_micros, reserved_micros FROM llm_budget \
-                 WHERE provider = ?1 AND month = ?2",
-            )
-            .bind(&r.provider)
-            .bind(&r.month)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        let open: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(reserved_micros), 0) FROM llm_usage \
+             WHERE provider = ?1 AND month = ?2 AND status = 'reserved' AND expires_at > ?3",
+        )
+        .bind(&r.provider)
+        .bind(&r.month)
+        .bind(ts(at))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if !fits_budget(spent, open, r) {
             return Ok(Reservation::OverBudget {
-                spent_micros: col(&row, "spent_micros")?,
-                reserved_micros: col(&row, "reserved_micros")?,
+                spent_micros: spent,
+                reserved_micros: open,
             });
         }
         let id = Uuid::now_v7();
         sqlx::query(
             "INSERT INTO llm_usage (id, provider, model, month, request_id, status, \
-             reserved_micros, reserved_at) VALUES (?1, ?2, ?3, ?4, ?5, 'reserved', ?6, ?7)",
+             reserved_micros, reserved_at, expires_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, 'reserved', ?6, ?7, ?8)",
         )
         .bind(id)
         .bind(&r.provider)
@@ -937,7 +1010,8 @@ impl Store for SqliteStore {
         .bind(&r.month)
         .bind(r.request_id)
         .bind(r.amount_micros)
-        .bind(ts(now()))
+        .bind(ts(at))
+        .bind(ts(lease_end(at, r.lease)))
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
@@ -951,11 +1025,12 @@ impl Store for SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db_err)?;
+        // An expired reservation still settles: a late answer's real cost is recorded.
         let row = sqlx::query(
             "UPDATE llm_usage SET status = 'settled', cost_micros = ?2, input_tokens = ?3, \
              output_tokens = ?4, ok = ?5, settled_at = ?6 \
              WHERE id = ?1 AND status = 'reserved' \
-             RETURNING provider, month, reserved_micros",
+             RETURNING provider, month",
         )
         .bind(reservation)
         .bind(s.cost_micros)
@@ -983,16 +1058,13 @@ impl Store for SqliteStore {
         };
         let provider: String = col(&row, "provider")?;
         let month: String = col(&row, "month")?;
-        let reserved: i64 = col(&row, "reserved_micros")?;
         sqlx::query(
-            "UPDATE llm_budget SET reserved_micros = reserved_micros - ?3, \
-             spent_micros = spent_micros + ?4, calls = calls + 1, \
-             input_tokens = input_tokens + ?5, output_tokens = output_tokens + ?6 \
+            "UPDATE llm_budget SET spent_micros = spent_micros + ?3, calls = calls + 1, \
+             input_tokens = input_tokens + ?4, output_tokens = output_tokens + ?5 \
              WHERE provider = ?1 AND month = ?2",
         )
         .bind(&provider)
         .bind(&month)
-        .bind(reserved)
         .bind(s.cost_micros)
         .bind(sat_i64(s.input_tokens))
         .bind(sat_i64(s.output_tokens))
@@ -1004,10 +1076,15 @@ impl Store for SqliteStore {
 
     async fn llm_spend(&self, month: &str) -> Result<Vec<ProviderSpend>, StoreError> {
         let rows = sqlx::query(
-            "SELECT provider, month, spent_micros, reserved_micros, calls, input_tokens, \
-             output_tokens FROM llm_budget WHERE month = ?1 ORDER BY provider",
+            "SELECT b.provider, b.month, b.spent_micros, \
+             (SELECT COALESCE(SUM(u.reserved_micros), 0) FROM llm_usage u \
+              WHERE u.provider = b.provider AND u.month = b.month \
+              AND u.status = 'reserved' AND u.expires_at > ?2) AS reserved_micros, \
+             b.calls, b.input_tokens, b.output_tokens \
+             FROM llm_budget b WHERE b.month = ?1 ORDER BY b.provider",
         )
         .bind(month)
+        .bind(ts(now()))
         .fetch_all(&self.pool)
         .await
         .map_err(db_err)?;

@@ -97,6 +97,8 @@ impl Reply {
 
 struct Inner {
     wire: Wire,
+    /// The API key the server expects.
+    key: String,
     replies: Mutex<VecDeque<Reply>>,
     hits: AtomicUsize,
     bodies: Mutex<Vec<Value>>,
@@ -117,8 +119,14 @@ impl Drop for MockLlm {
 
 impl MockLlm {
     pub async fn start(wire: Wire, replies: Vec<Reply>) -> MockLlm {
+        MockLlm::start_with_key(wire, KEY, replies).await
+    }
+
+    /// A server that expects `key` instead of [`KEY`].
+    pub async fn start_with_key(wire: Wire, key: &str, replies: Vec<Reply>) -> MockLlm {
         let inner = Arc::new(Inner {
             wire,
+            key: key.to_string(),
             replies: Mutex::new(replies.into()),
             hits: AtomicUsize::new(0),
             bodies: Mutex::new(Vec::new()),
@@ -157,11 +165,11 @@ impl MockLlm {
     }
 }
 
-fn check(wire: Wire, headers: &HeaderMap, body: &Value) -> Result<(), Reply> {
+fn check(wire: Wire, key: &str, headers: &HeaderMap, body: &Value) -> Result<(), Reply> {
     let h = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or("");
     match wire {
         Wire::Anthropic => {
-            if h("x-api-key") != KEY {
+            if h("x-api-key") != key {
                 return Err(Reply::error(
                     wire,
                     401,
@@ -190,7 +198,7 @@ fn check(wire: Wire, headers: &HeaderMap, body: &Value) -> Result<(), Reply> {
             }
         }
         Wire::OpenAi => {
-            if h("authorization") != format!("Bearer {KEY}") {
+            if h("authorization") != format!("Bearer {key}") {
                 return Err(Reply::error(
                     wire,
                     401,
@@ -228,7 +236,7 @@ async fn handle(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes
     inner.hits.fetch_add(1, Ordering::SeqCst);
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     inner.bodies.lock().unwrap().push(body.clone());
-    let reply = match check(inner.wire, &headers, &body) {
+    let reply = match check(inner.wire, &inner.key, &headers, &body) {
         Err(r) => r,
         Ok(()) => {
             let mut q = inner.replies.lock().unwrap();

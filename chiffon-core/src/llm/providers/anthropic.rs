@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{build_client, join_url, parse_body, secs, send, ApiKey, RAW_LIMIT};
+use super::{build_client, join_url, parse_body, provider_redactor, secs, send, ApiKey, RAW_LIMIT};
 use crate::llm::{truncate, Completion, CompletionRequest, LlmError, LlmProvider, Pricing};
 
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
@@ -58,6 +58,8 @@ pub struct AnthropicProvider {
     api_key: ApiKey,
     model: String,
     pricing: Pricing,
+    /// Strikes the key (and any URL password) from error text.
+    redactor: crate::redact::Redactor,
 }
 
 impl AnthropicProvider {
@@ -76,7 +78,14 @@ impl AnthropicProvider {
             api_key: config.api_key.clone(),
             model: config.model.clone(),
             pricing: config.pricing(),
+            redactor: provider_redactor(Some(&config.api_key), &config.base_url),
         })
+    }
+
+    /// Also strikes `redactor`'s secrets (every configured one) from the errors it returns.
+    pub fn with_redactor(mut self, redactor: &crate::redact::Redactor) -> Self {
+        self.redactor = self.redactor.merge(redactor);
+        self
     }
 
     /// For tests: a shorter request timeout than whole seconds allow.
@@ -151,8 +160,8 @@ impl LlmProvider for AnthropicProvider {
             .header("x-api-key", self.api_key.expose())
             .header("anthropic-version", ANTHROPIC_VERSION)
             .json(&body);
-        let raw = send(rb, error_message).await?;
-        let resp: MessagesResponse = parse_body(&raw)?;
+        let raw = send(rb, error_message, &self.redactor).await?;
+        let resp: MessagesResponse = parse_body(&raw, &self.redactor)?;
         let text: String = resp
             .content
             .iter()
@@ -162,7 +171,7 @@ impl LlmProvider for AnthropicProvider {
         if text.is_empty() {
             return Err(LlmError::InvalidResponse {
                 message: "no text content in the answer".into(),
-                raw: truncate(&raw, RAW_LIMIT),
+                raw: truncate(&self.redactor.redact(&raw), RAW_LIMIT),
             });
         }
         Ok(Completion {

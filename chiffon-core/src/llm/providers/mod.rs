@@ -14,10 +14,11 @@ use reqwest::header::HeaderMap;
 use serde::{Deserialize, Serialize};
 
 use super::{truncate, LlmError};
+use crate::redact::Redactor;
 
 pub use anthropic::{AnthropicConfig, AnthropicProvider};
 pub use ollama::{OllamaConfig, OllamaProvider};
-pub use openai::{OpenAiConfig, OpenAiProvider};
+pub use openai::{MaxTokensField, OpenAiConfig, OpenAiProvider};
 
 /// How much of a raw body an error keeps.
 const RAW_LIMIT: usize = 2000;
@@ -64,14 +65,28 @@ pub(crate) fn build_client(
         .map_err(|e| LlmError::Config(format!("cannot build http client: {e}")))
 }
 
-pub(crate) fn map_send_error(e: reqwest::Error) -> LlmError {
-    if e.is_timeout() {
+pub(crate) fn map_send_error(e: reqwest::Error, redactor: &Redactor) -> LlmError {
+    let timeout = e.is_timeout();
+    let connect = e.is_connect();
+    // The error quotes the URL, which may hold credentials: keep it only when it is clean.
+    let text = e.to_string();
+    let source: Box<dyn std::error::Error + Send + Sync> = match redactor.redact(&text) {
+        std::borrow::Cow::Borrowed(_) => Box::new(e),
+        std::borrow::Cow::Owned(clean) => clean.into(),
+    };
+    if timeout {
         LlmError::Timeout
-    } else if e.is_connect() {
-        LlmError::Connect(Box::new(e))
+    } else if connect {
+        LlmError::Connect(source)
     } else {
-        LlmError::Request(Box::new(e))
+        LlmError::Request(source)
     }
+}
+
+/// What a provider strikes from the error text it keeps: its key and any password in its
+/// URL (an API that echoes the key it was sent must not put it in an [`LlmError`]).
+pub(crate) fn provider_redactor(key: Option<&ApiKey>, url: &str) -> Redactor {
+    Redactor::new(key.map(|k| k.expose().to_string())).with(crate::redact::url_password(url))
 }
 
 /// The chat format OpenAI-compatible servers and Ollama share: the system prompt as a
@@ -114,23 +129,29 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 
 /// Sends a request and returns the body of a success; maps every failure to an
 /// [`LlmError`], with `error_message` pulling the provider's message out of an error body.
+/// Every piece of the provider's error text is passed through `redactor`.
 pub(crate) async fn send(
     rb: reqwest::RequestBuilder,
     error_message: fn(&str) -> Option<String>,
+    redactor: &Redactor,
 ) -> Result<String, LlmError> {
-    let resp = rb.send().await.map_err(map_send_error)?;
+    let resp = rb.send().await.map_err(|e| map_send_error(e, redactor))?;
     let status = resp.status();
     let after = retry_after(resp.headers());
-    let body = resp.text().await.map_err(map_send_error)?;
+    let body = resp.text().await.map_err(|e| map_send_error(e, redactor))?;
     if status.is_success() {
         return Ok(body);
     }
+    let body = redactor.redact(&body).into_owned();
     let message = error_message(&body).unwrap_or_else(|| {
         status
             .canonical_reason()
             .unwrap_or("unexpected status")
             .to_lowercase()
     });
+    // Again after JSON unescaping: `\/` or `\u002b` in the body hid the key from the pass
+    // over the raw text.
+    let message = redactor.redact(&message).into_owned();
     let status = status.as_u16();
     Err(match status {
         401 | 403 => LlmError::Auth { status, message },
@@ -147,11 +168,14 @@ pub(crate) async fn send(
     })
 }
 
-/// Deserialises a success body, keeping the raw text in the error.
-pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, LlmError> {
+/// Deserialises a success body, keeping the raw text (redacted) in the error.
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
+    body: &str,
+    redactor: &Redactor,
+) -> Result<T, LlmError> {
     serde_json::from_str(body).map_err(|e| LlmError::InvalidResponse {
         message: format!("unexpected response body: {e}"),
-        raw: truncate(body, RAW_LIMIT),
+        raw: truncate(&redactor.redact(body), RAW_LIMIT),
     })
 }
 

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{build_client, join_url, parse_body, secs, send, RAW_LIMIT};
+use super::{build_client, join_url, parse_body, provider_redactor, secs, send, RAW_LIMIT};
 use crate::llm::{truncate, Completion, CompletionRequest, LlmError, LlmProvider, Pricing};
 
 /// The Ollama provider's configuration (the `[llm.ollama]` table).
@@ -53,6 +53,8 @@ pub struct OllamaProvider {
     url: String,
     model: String,
     pricing: Pricing,
+    /// Strikes the key (and any URL password) from error text.
+    redactor: crate::redact::Redactor,
 }
 
 impl OllamaProvider {
@@ -77,7 +79,14 @@ impl OllamaProvider {
             url: join_url(&host, "/api/chat"),
             model: config.model.clone(),
             pricing: config.pricing(),
+            redactor: provider_redactor(None, &host),
         })
+    }
+
+    /// Also strikes `redactor`'s secrets (every configured one) from the errors it returns.
+    pub fn with_redactor(mut self, redactor: &crate::redact::Redactor) -> Self {
+        self.redactor = self.redactor.merge(redactor);
+        self
     }
 
     /// For tests: a shorter request timeout than whole seconds allow.
@@ -131,12 +140,17 @@ impl LlmProvider for OllamaProvider {
             "stream": false,
             "options": {"temperature": req.temperature, "num_predict": req.max_tokens},
         });
-        let raw = send(self.client.post(&self.url).json(&body), error_message).await?;
-        let resp: ChatResponse = parse_body(&raw)?;
+        let raw = send(
+            self.client.post(&self.url).json(&body),
+            error_message,
+            &self.redactor,
+        )
+        .await?;
+        let resp: ChatResponse = parse_body(&raw, &self.redactor)?;
         if resp.message.content.is_empty() {
             return Err(LlmError::InvalidResponse {
                 message: "no message content in the answer".into(),
-                raw: truncate(&raw, RAW_LIMIT),
+                raw: truncate(&self.redactor.redact(&raw), RAW_LIMIT),
             });
         }
         Ok(Completion {

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{build_client, join_url, parse_body, secs, send, ApiKey, RAW_LIMIT};
+use super::{build_client, join_url, parse_body, provider_redactor, secs, send, ApiKey, RAW_LIMIT};
 use crate::llm::{truncate, Completion, CompletionRequest, LlmError, LlmProvider, Pricing};
 
 /// The OpenAI-compatible provider's configuration (the `[llm.openai]` table).
@@ -27,6 +27,28 @@ pub struct OpenAiConfig {
     pub monthly_budget_usd: Option<f64>,
     pub timeout_secs: u64,
     pub connect_timeout_secs: u64,
+    /// The body field that carries the call's output cap (the reservation's `max_tokens`).
+    /// OpenAI's newer models (o-series, gpt-5) refuse `max_tokens` and need
+    /// `max_completion_tokens`; local servers know `max_tokens`.
+    pub max_tokens_field: MaxTokensField,
+}
+
+/// Which field of an OpenAI-compatible body caps the answer's length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaxTokensField {
+    #[default]
+    MaxTokens,
+    MaxCompletionTokens,
+}
+
+impl MaxTokensField {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MaxTokensField::MaxTokens => "max_tokens",
+            MaxTokensField::MaxCompletionTokens => "max_completion_tokens",
+        }
+    }
 }
 
 impl Default for OpenAiConfig {
@@ -40,6 +62,7 @@ impl Default for OpenAiConfig {
             monthly_budget_usd: Some(50.0),
             timeout_secs: 60,
             connect_timeout_secs: 10,
+            max_tokens_field: MaxTokensField::default(),
         }
     }
 }
@@ -58,6 +81,9 @@ pub struct OpenAiProvider {
     api_key: ApiKey,
     model: String,
     pricing: Pricing,
+    /// Strikes the key (and any URL password) from error text.
+    redactor: crate::redact::Redactor,
+    max_tokens_field: MaxTokensField,
 }
 
 impl OpenAiProvider {
@@ -76,7 +102,15 @@ impl OpenAiProvider {
             api_key: config.api_key.clone(),
             model: config.model.clone(),
             pricing: config.pricing(),
+            redactor: provider_redactor(Some(&config.api_key), &config.base_url),
+            max_tokens_field: config.max_tokens_field,
         })
+    }
+
+    /// Also strikes `redactor`'s secrets (every configured one) from the errors it returns.
+    pub fn with_redactor(mut self, redactor: &crate::redact::Redactor) -> Self {
+        self.redactor = self.redactor.merge(redactor);
+        self
     }
 
     /// For tests: a shorter request timeout than whole seconds allow.
@@ -143,21 +177,22 @@ impl LlmProvider for OpenAiProvider {
 
     async fn complete(&self, req: CompletionRequest) -> Result<Completion, LlmError> {
         let messages = super::chat_messages(&req);
-        let body = json!({
+        let mut body = json!({
             "model": self.model,
             "messages": messages,
-            "max_tokens": req.max_tokens,
             "temperature": req.temperature,
         });
+        // The cap the budget reserved for: a call without it could bill any length.
+        body[self.max_tokens_field.as_str()] = json!(req.max_tokens);
         let mut rb = self.client.post(&self.url).json(&body);
         if !self.api_key.is_empty() {
             rb = rb.bearer_auth(self.api_key.expose());
         }
-        let raw = send(rb, error_message).await?;
-        let resp: ChatResponse = parse_body(&raw)?;
+        let raw = send(rb, error_message, &self.redactor).await?;
+        let resp: ChatResponse = parse_body(&raw, &self.redactor)?;
         let invalid = |m: &str| LlmError::InvalidResponse {
             message: m.to_string(),
-            raw: truncate(&raw, RAW_LIMIT),
+            raw: truncate(&self.redactor.redact(&raw), RAW_LIMIT),
         };
         let text = resp
             .choices
