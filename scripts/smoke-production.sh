@@ -54,7 +54,7 @@ import json, sys
 r = json.load(sys.stdin)
 assert r["status"] == "completed", r
 assert r["commit_id"], r
-print("smoke: request", r["id"], "completed, audit commit", r["commit_id"])'
+print("smoke: request", r["request_id"], "completed, audit commit", r["commit_id"])'
 [ -d "$target" ] || { echo "smoke: $target was not created" >&2; exit 1; }
 agents=$("$bin/chiffon" --json agents)
 echo "$agents" | python3 -c '

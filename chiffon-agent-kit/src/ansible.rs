@@ -123,6 +123,19 @@ impl AnsibleExecutor {
         AnsibleExecutor { config }
     }
 
+    /// Where ansible's state and the running-groups record live.
+    pub fn state_dir(&self) -> PathBuf {
+        self.config
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("chiffon-ansible"))
+    }
+
+    /// Kills what a dead predecessor left running (see [`reap_orphans`]).
+    pub fn reap_orphans(&self) -> Vec<u32> {
+        reap_orphans(&self.state_dir())
+    }
+
     /// The `ansible-playbook` this executor would run.
     pub fn ansible_playbook(&self) -> Result<PathBuf, AgentError> {
         find_ansible_playbook(self.config.playbook_bin.as_deref())
@@ -136,11 +149,7 @@ impl AnsibleExecutor {
         ctx: &TaskContext,
     ) -> Result<TaskOutcome, AgentError> {
         let bin = self.ansible_playbook()?;
-        let state_dir = self
-            .config
-            .state_dir
-            .clone()
-            .unwrap_or_else(|| std::env::temp_dir().join("chiffon-ansible"));
+        let state_dir = self.state_dir();
         let local_tmp = state_dir.join("tmp");
         std::fs::create_dir_all(&local_tmp).map_err(crashed)?;
         let mut vars = tempfile::Builder::new()
@@ -181,6 +190,9 @@ impl AnsibleExecutor {
             _ => crashed(e),
         })?;
         let pid = child.id();
+        // Written down until it is reaped: if this agent dies (kill -9), its successor kills
+        // the group instead of letting it run beside the re-run.
+        let _running = RunningGroup::record(&state_dir, pid);
         // Kills the group if this future is dropped before the child was reaped.
         let guard = GroupGuard {
             pgid: pid,
@@ -310,6 +322,69 @@ impl AnsibleExecutor {
             diff: run.check.then_some(diff),
         })
     }
+}
+
+/// The folder where running playbook process groups are written down.
+fn running_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("running")
+}
+
+/// A file `running/PGID` holding "OWNER_PID OWNER_START_TIME", removed once the group is
+/// reaped.
+struct RunningGroup(Option<PathBuf>);
+
+impl RunningGroup {
+    fn record(state_dir: &Path, pgid: u32) -> RunningGroup {
+        let dir = running_dir(state_dir);
+        let me = std::process::id();
+        let start = sys::process_start_time(me).unwrap_or(0);
+        let path = dir.join(pgid.to_string());
+        let ok = std::fs::create_dir_all(&dir).is_ok()
+            && std::fs::write(&path, format!("{me} {start}\n")).is_ok();
+        RunningGroup(ok.then_some(path))
+    }
+}
+
+impl Drop for RunningGroup {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Kills the playbook process groups an agent that died (kill -9, a crash) left running,
+/// so they never run beside the step's re-run; returns their ids. Only groups whose owner
+/// is gone (pid and start time) and that still run `ansible` are touched.
+pub fn reap_orphans(state_dir: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(running_dir(state_dir)) else {
+        return Vec::new();
+    };
+    let mut killed = Vec::new();
+    for e in entries.flatten() {
+        let Some(pgid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        let mut f = text.split_whitespace().map(|x| x.parse::<u64>().ok());
+        let (owner, start) = (f.next().flatten(), f.next().flatten());
+        let owner_alive = match (owner, start) {
+            (Some(pid), Some(start)) => {
+                u32::try_from(pid).ok().and_then(sys::process_start_time) == Some(start)
+            }
+            _ => false,
+        };
+        if owner_alive {
+            continue;
+        }
+        if sys::group_runs(pgid, "ansible") {
+            tracing::warn!(pgid, "killing the playbook a dead agent left running");
+            sys::kill_group(pgid, libc::SIGKILL);
+            killed.push(pgid);
+        }
+        let _ = std::fs::remove_file(e.path());
+    }
+    killed
 }
 
 /// The extra-vars file: one `name: value` line per parameter, every string tagged

@@ -52,6 +52,14 @@ pub struct AgentArgs {
     /// Unset: any authenticated publisher's (see SECURITY.md).
     #[arg(long, env = "CHIFFON_ORCHESTRATOR_USERS", value_delimiter = ',')]
     pub orchestrator_users: Vec<String>,
+    /// Where the agent keeps its durable ledger of finished attempts (so a step finished
+    /// just before a crash is answered, not run again).
+    #[arg(
+        long,
+        env = "CHIFFON_AGENT_STATE_DIR",
+        default_value = ".chiffon/agent"
+    )]
+    pub state_dir: PathBuf,
 }
 
 impl AgentArgs {
@@ -75,6 +83,7 @@ impl AgentArgs {
                 .map(|u| u.trim().to_string())
                 .filter(|u| !u.is_empty())
                 .collect(),
+            ledger_dir: Some(self.state_dir.clone()),
             ..RunnerConfig::default()
         }
     }

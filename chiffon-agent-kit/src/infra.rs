@@ -43,10 +43,11 @@ impl InfraAgent {
     /// before Ansible was installed works once it is.
     pub fn new(config: InfraConfig) -> Result<Self, AgentError> {
         let catalog = Catalog::load(&config.playbooks).map_err(AgentError::Catalog)?;
-        Ok(InfraAgent {
-            catalog,
-            executor: AnsibleExecutor::new(config.ansible),
-        })
+        let executor = AnsibleExecutor::new(config.ansible);
+        // A predecessor killed mid-playbook left its ansible running: stop it before the
+        // step is redelivered and run again.
+        executor.reap_orphans();
+        Ok(InfraAgent { catalog, executor })
     }
 
     pub fn catalog(&self) -> &Catalog {

@@ -71,6 +71,7 @@ pub mod ansible;
 pub mod cli;
 pub mod desktop;
 pub mod infra;
+pub mod ledger;
 pub mod metrics;
 pub mod runner;
 mod sys;

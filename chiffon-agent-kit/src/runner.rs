@@ -72,6 +72,10 @@ pub struct RunnerConfig {
     pub status_batch: Duration,
     /// Report GPUs (NVML) in heartbeats.
     pub gpu_metrics: bool,
+    /// Where the durable ledger of finished attempts lives ([`crate::ledger`], one file per
+    /// queue, `ledger-QUEUE.jsonl`): a request redelivered after this agent died past the
+    /// side effect is answered from it, not run again. Unset: the in-memory cache only.
+    pub ledger_dir: Option<std::path::PathBuf>,
     /// Broker users whose `work_request`s this agent runs (the orchestrator's). Empty: any
     /// authenticated publisher's. A request without an authenticated publisher (`user_id`)
     /// is never run. Other publishers' requests are dead-lettered with a 5009 error.
@@ -92,6 +96,7 @@ impl Default for RunnerConfig {
             status_batch: Duration::from_millis(100),
             gpu_metrics: true,
             orchestrator_users: Vec::new(),
+            ledger_dir: None,
         }
     }
 }
@@ -156,6 +161,7 @@ struct Shared<A> {
     action_set: HashSet<String>,
     running: Mutex<HashMap<Uuid, Running>>,
     done: Mutex<ResultCache>,
+    ledger: Option<Arc<crate::ledger::Ledger>>,
     cancelled: Mutex<(HashSet<Uuid>, VecDeque<Uuid>)>,
 }
 
@@ -206,7 +212,40 @@ impl<A: Agent> Runner<A> {
         let mut consumer = transport
             .consume(&self.queue, ConsumeOptions { prefetch })
             .await?;
+        // Results finished before a crash: answered again, never re-run.
+        let mut done = ResultCache::default();
+        let ledger = match &self.config.ledger_dir {
+            Some(dir) => {
+                let name: String = self
+                    .queue
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                            c
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+                let path = dir.join(format!("ledger-{name}.jsonl"));
+                let (ledger, kept) =
+                    crate::ledger::Ledger::open(&path, self.config.result_cache.max(1)).map_err(
+                        |e| RunnerError::Config(format!("ledger {}: {e}", path.display())),
+                    )?;
+                for env in kept {
+                    if let Message::WorkResult(r) = &env.body {
+                        let key = (r.task_id, r.attempt);
+                        if done.map.insert(key, env.clone()).is_none() {
+                            done.order.push_back(key);
+                        }
+                    }
+                }
+                Some(Arc::new(ledger))
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
+            ledger,
             results_queue: transport.topology().results_queue.clone(),
             actions: self.agent.actions(),
             action_set: self.agent.actions().into_iter().collect(),
@@ -216,7 +255,7 @@ impl<A: Agent> Runner<A> {
             agent_id: self.agent_id,
             queue: self.queue,
             running: Mutex::new(HashMap::new()),
-            done: Mutex::new(ResultCache::default()),
+            done: Mutex::new(done),
             cancelled: Mutex::new((HashSet::new(), VecDeque::new())),
         });
         tracing::info!(agent_id = %shared.agent_id, queue = %shared.queue, "runner started");
@@ -639,6 +678,16 @@ async fn handle_delivery<A: Agent>(
 /// Publishes the result (retrying transient failures), remembers it, then acks the request.
 async fn finish<A: Agent>(shared: &Shared<A>, delivery: &Delivery, result: Envelope, store: bool) {
     if store {
+        if let Some(ledger) = &shared.ledger {
+            // On disk before anyone can see the result: a crash from here on answers the
+            // redelivered request from the ledger instead of running the step again.
+            let (ledger, env) = (ledger.clone(), result.clone());
+            match tokio::task::spawn_blocking(move || ledger.record(&env)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "result not written to the ledger"),
+                Err(e) => tracing::error!(error = %e, "ledger task failed"),
+            }
+        }
         if let Message::WorkResult(r) = &result.body {
             let key = (r.task_id, r.attempt);
             let mut done = lock(&shared.done);

@@ -1,5 +1,5 @@
 //! Commands that run without a server, through the `chiffon-server` library: `up`, `run`,
-//! `audit` and `migrate`.
+//! `audit`, `migrate` and `actions`.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -36,6 +36,73 @@ pub fn overrides(
 
 fn load(config: Option<&Path>, o: &ConfigOverrides) -> anyhow::Result<Config> {
     Ok(Config::load(config, o)?)
+}
+
+/// Where `chiffon up` writes its log: `Some((path, file))` for a file, `None` for stderr.
+/// `--log-file -` is stderr, `--log-file PATH` that file; by default stderr only in the
+/// foreground of a terminal (stdout and stderr both terminals), else `.chiffon/up.log`, so
+/// a `chiffon up &` does not scribble over the terminal it shares with `chiffon watch`.
+pub fn up_log_file(log_file: Option<&Path>) -> anyhow::Result<Option<(PathBuf, std::fs::File)>> {
+    let path = match log_file {
+        Some(p) if p == Path::new("-") => return Ok(None),
+        Some(p) => p.to_path_buf(),
+        None if std::io::stdout().is_terminal()
+            && std::io::stderr().is_terminal()
+            && !in_background() =>
+        {
+            return Ok(None)
+        }
+        None => PathBuf::from(".chiffon/up.log"),
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating {} for the log", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening the log file {}", path.display()))?;
+    Ok(Some((path, file)))
+}
+
+/// Whether this process runs in the background of its terminal (`chiffon up &`): its
+/// process group is not the terminal's foreground group. Linux only (`/proc`); elsewhere,
+/// never.
+fn in_background() -> bool {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return false;
+    };
+    // After the command name in parentheses: state ppid pgrp session tty_nr tpgid …
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let fields: Vec<i64> = rest
+        .split_whitespace()
+        .skip(1)
+        .take(5)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    match fields.as_slice() {
+        [_ppid, pgrp, _session, tty, tpgid] => *tty != 0 && *tpgid > 0 && tpgid != pgrp,
+        _ => false,
+    }
+}
+
+/// `chiffon actions`: the catalog the configuration names (`--playbooks`,
+/// `CHIFFON_PLAYBOOKS`, `./playbooks`), read from its folder.
+pub fn actions(config: Option<&Path>, o: ConfigOverrides, json: bool) -> anyhow::Result<i32> {
+    let config = load(config, &o)?;
+    let catalog = Catalog::load(&config.playbooks)?;
+    if json {
+        print_json(&json!({
+            "playbooks": config.playbooks.display().to_string(),
+            "actions": catalog.actions.values().collect::<Vec<_>>(),
+        }))?;
+    } else {
+        render::actions(&catalog, &mut std::io::stdout().lock())?;
+    }
+    Ok(0)
 }
 
 /// The whole system in one process until SIGTERM or ctrl-c.
@@ -236,7 +303,7 @@ fn finish(r: &RequestDto, json: bool) -> anyhow::Result<i32> {
     if code != 0 {
         eprintln!(
             "chiffon: request {} ended {}",
-            r.id,
+            r.request_id,
             render::status_str(r.status)
         );
     }

@@ -1,23 +1,26 @@
 //! `chiffon`: the command line of Chiffon.
 //!
 //! Commands that talk to a server (`request`, `status`, `list`, `approve`, `reject`,
-//! `cancel`, `watch`, `logs`, `agents`, `costs`) use its HTTP API; `up`, `run`, `audit` and
-//! `migrate` run locally through the `chiffon-server` library. `--json` prints only JSON on
-//! stdout. Errors are one line on stderr and a non-zero exit status.
+//! `cancel`, `watch`, `logs`, `agents`, `costs`) use its HTTP API; `up`, `run`, `audit`,
+//! `migrate` and `actions` run locally through the `chiffon-server` library. `--json` prints
+//! only JSON on stdout. Errors are one line on stderr (each cause once, and a hint where one
+//! helps) and a non-zero exit status. A reader that goes away (`chiffon list | head`) ends
+//! the command quietly with status 141, as a shell reports a program killed by SIGPIPE.
 
 mod client;
+mod errors;
 mod local;
 mod render;
 
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use chiffon_server::dto::{
     AgentsDto, ApproveBody, CostsDto, EventDto, LogsDto, RequestDto, RequestListDto, StatusDto,
     SubmitBody, SubmitResponse,
 };
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -59,6 +62,10 @@ enum Command {
         /// Action catalog folder (default CHIFFON_PLAYBOOKS or ./playbooks).
         #[arg(long)]
         playbooks: Option<PathBuf>,
+        /// Write the log here (`-`: stderr). Default: stderr on a terminal in the foreground,
+        /// else `.chiffon/up.log`, so a background `chiffon up` leaves the terminal alone.
+        #[arg(long)]
+        log_file: Option<PathBuf>,
     },
     /// One shot without a server: plan, show, ask, execute, stream, print the outcome.
     Run {
@@ -86,7 +93,10 @@ enum Command {
         dry_run: bool,
     },
     /// Show a request.
-    Status { id: Uuid },
+    Status {
+        #[command(flatten)]
+        target: Target,
+    },
     /// List requests, newest first.
     List {
         #[arg(long)]
@@ -96,24 +106,41 @@ enum Command {
     },
     /// Approve a request awaiting approval (shows its plan, cost and dry-run diff first).
     Approve {
-        id: Uuid,
+        #[command(flatten)]
+        target: Target,
         #[arg(long)]
         comment: Option<String>,
     },
     /// Reject a request awaiting approval.
     Reject {
-        id: Uuid,
+        #[command(flatten)]
+        target: Target,
         #[arg(long)]
         comment: Option<String>,
     },
     /// Cancel a request.
-    Cancel { id: Uuid },
+    Cancel {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Follow a request live.
-    Watch { id: Uuid },
+    Watch {
+        #[command(flatten)]
+        target: Target,
+    },
     /// The execution log.
-    Logs { id: Uuid },
-    /// Known agents.
+    Logs {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Known agents, and whether each is fresh, stale (missing heartbeats) or offline.
     Agents,
+    /// The action catalog: each action and its parameters (read from the catalog folder).
+    Actions {
+        /// Action catalog folder (default CHIFFON_PLAYBOOKS or ./playbooks).
+        #[arg(long)]
+        playbooks: Option<PathBuf>,
+    },
     /// LLM spend this month.
     Costs,
     /// The audit log; `verify` checks its hash chain and the git trail.
@@ -136,6 +163,17 @@ enum Command {
     },
 }
 
+/// Which request: an id, a unique prefix of one, or `--last`.
+#[derive(Debug, Args)]
+struct Target {
+    /// The request's id, or a unique prefix of it (6 characters or more).
+    #[arg(required_unless_present = "last")]
+    id: Option<String>,
+    /// The newest request.
+    #[arg(long, conflicts_with = "id")]
+    last: bool,
+}
+
 #[derive(Debug, Subcommand)]
 enum AuditAction {
     /// Check the hash chain and that every approved request that ended has its git commit.
@@ -143,13 +181,19 @@ enum AuditAction {
 }
 
 fn main() {
+    errors::quiet_on_broken_pipe();
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Up { .. } | Command::Run { .. }) {
-        chiffon_server::init_tracing_with_default(if matches!(cli.command, Command::Up { .. }) {
-            "info"
-        } else {
-            "warn"
-        });
+    match &cli.command {
+        Command::Up { log_file, .. } => match local::up_log_file(log_file.as_deref()) {
+            Ok(Some((path, file))) => {
+                eprintln!("chiffon: the log goes to {}", path.display());
+                chiffon_server::init_tracing_to_file("info", file);
+            }
+            Ok(None) => chiffon_server::init_tracing_with_default("info"),
+            Err(e) => errors::exit_with(&e),
+        },
+        Command::Run { .. } => chiffon_server::init_tracing_with_default("warn"),
+        _ => {}
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -161,15 +205,10 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let code = match rt.block_on(run(cli)) {
-        Ok(code) => code,
-        Err(e) => {
-            let line = chiffon_server::redact_for_logs(&format!("{e:#}").replace('\n', " "));
-            eprintln!("chiffon: {line}");
-            1
-        }
-    };
-    std::process::exit(code);
+    match rt.block_on(run(cli)) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => errors::exit_with(&e),
+    }
 }
 
 /// Prints a value as JSON on stdout.
@@ -187,6 +226,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             bind,
             database_url,
             playbooks,
+            log_file: _,
         } => {
             local::up(
                 cli.config.as_deref(),
@@ -228,6 +268,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             )
             .await
         }
+        Command::Actions { playbooks } => local::actions(
+            cli.config.as_deref(),
+            local::overrides(None, None, playbooks),
+            json,
+        ),
         Command::Migrate { database_url } => {
             local::migrate(
                 cli.config.as_deref(),
@@ -277,7 +322,8 @@ async fn remote(client: &Client, command: Command, json: bool) -> anyhow::Result
             drop(out);
             follow(client, accepted.request_id, json, true).await
         }
-        Command::Status { id } => {
+        Command::Status { target } => {
+            let id = resolve(client, &target).await?;
             let v: Value = client.get(&format!("/request/{id}")).await?;
             if json {
                 print_json(&v)?;
@@ -301,9 +347,16 @@ async fn remote(client: &Client, command: Command, json: bool) -> anyhow::Result
             }
             Ok(0)
         }
-        Command::Approve { id, comment } => decide(client, id, true, comment, json).await,
-        Command::Reject { id, comment } => decide(client, id, false, comment, json).await,
-        Command::Cancel { id } => {
+        Command::Approve { target, comment } => {
+            let id = resolve(client, &target).await?;
+            decide(client, id, true, comment, json).await
+        }
+        Command::Reject { target, comment } => {
+            let id = resolve(client, &target).await?;
+            decide(client, id, false, comment, json).await
+        }
+        Command::Cancel { target } => {
+            let id = resolve(client, &target).await?;
             let v: Value = client
                 .post::<(), Value>(&format!("/cancel/{id}"), None)
                 .await?;
@@ -311,18 +364,25 @@ async fn remote(client: &Client, command: Command, json: bool) -> anyhow::Result
                 print_json(&v)?;
             } else {
                 let r: RequestDto = serde_json::from_value(v)?;
-                writeln!(out, "request {}: {}", r.id, render::status_str(r.status))?;
+                writeln!(
+                    out,
+                    "request {}: {}",
+                    r.request_id,
+                    render::status_str(r.status)
+                )?;
                 if !render::is_terminal(r.status) {
                     writeln!(out, "cancel sent to the running step")?;
                 }
             }
             Ok(0)
         }
-        Command::Watch { id } => {
+        Command::Watch { target } => {
+            let id = resolve(client, &target).await?;
             drop(out);
             follow(client, id, json, false).await
         }
-        Command::Logs { id } => {
+        Command::Logs { target } => {
+            let id = resolve(client, &target).await?;
             let v: Value = client.get(&format!("/request/{id}/logs")).await?;
             if json {
                 print_json(&v)?;
@@ -355,7 +415,41 @@ async fn remote(client: &Client, command: Command, json: bool) -> anyhow::Result
         Command::Up { .. }
         | Command::Run { .. }
         | Command::Audit { .. }
+        | Command::Actions { .. }
         | Command::Migrate { .. } => bail!("this command runs locally"),
+    }
+}
+
+/// The request a [`Target`] names. A prefix is resolved by the server (`id_prefix`, at most
+/// two answers), so it is right however many requests there are.
+async fn resolve(client: &Client, target: &Target) -> anyhow::Result<Uuid> {
+    if target.last {
+        let newest: RequestListDto = client.get("/requests?limit=1").await?;
+        return newest
+            .requests
+            .first()
+            .map(|r| r.request_id)
+            .ok_or_else(|| anyhow!("no requests yet, so no --last"));
+    }
+    let given = target.id.as_deref().unwrap_or_default().trim();
+    if let Ok(id) = Uuid::parse_str(given) {
+        return Ok(id);
+    }
+    let n = given.chars().count();
+    if !(6..=36).contains(&n) || !given.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        bail!("`{given}` is not a request id, nor a prefix of one (6 to 36 hex digits and `-`)");
+    }
+    let found: RequestListDto = client
+        .get(&format!("/requests?id_prefix={given}&limit=2"))
+        .await?;
+    match found.requests.as_slice() {
+        [] => bail!("no request starts with {given}"),
+        [one] => Ok(one.request_id),
+        [a, b, ..] => bail!(
+            "{given} is ambiguous: matches {}, {}…; give more characters",
+            a.request_id,
+            b.request_id
+        ),
     }
 }
 
@@ -385,7 +479,7 @@ async fn decide(
         println!(
             "{} {}: now {}",
             if approved { "approved" } else { "rejected" },
-            r.id,
+            r.request_id,
             render::status_str(r.status)
         );
     }
@@ -478,7 +572,12 @@ pub fn outcome_line(r: &RequestDto, out: &mut impl Write) -> std::io::Result<()>
         .as_ref()
         .map(|p| p.summary.clone())
         .unwrap_or_else(|| r.text.clone());
-    write!(out, "{} {}: {summary}", r.id, render::status_str(r.status))?;
+    write!(
+        out,
+        "{} {}: {summary}",
+        r.request_id,
+        render::status_str(r.status)
+    )?;
     if let Some(e) = &r.error {
         write!(out, " ({} {}: {})", e.code, e.name, e.message)?;
     }

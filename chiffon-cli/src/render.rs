@@ -3,6 +3,7 @@
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
+use chiffon_core::catalog::{Catalog, ParamType};
 use chiffon_server::dto::{
     AgentsDto, CostsDto, EventDto, LogsDto, PlanDto, RequestDto, RequestListDto, StatusDto,
 };
@@ -161,17 +162,44 @@ pub fn list(l: &RequestListDto, out: &mut impl Write) -> std::io::Result<()> {
         return writeln!(out, "no requests");
     }
     for r in &l.requests {
-        let text: String = r.text.chars().take(60).collect();
+        let text = cut(&r.text, 60);
         writeln!(
             out,
             "{}  {:<17}  {}  {}",
-            r.id,
+            r.request_id,
             status_str(r.status),
             r.updated_at.format("%Y-%m-%d %H:%M:%S"),
             text
         )?;
     }
     Ok(())
+}
+
+/// `text` on one line, at most `max` characters; cut text ends with "…".
+pub fn cut(text: &str, max: usize) -> String {
+    let flat: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let flat = flat.trim();
+    if flat.chars().count() <= max {
+        return flat.to_string();
+    }
+    let mut short: String = flat.chars().take(max.saturating_sub(1)).collect();
+    short.truncate(short.trim_end().len());
+    short.push('…');
+    short
+}
+
+/// "4 s", "3 min", "2 h", "5 d".
+pub fn age(secs: i64) -> String {
+    let secs = secs.max(0);
+    match secs {
+        0..=119 => format!("{secs} s"),
+        120..=7199 => format!("{} min", secs / 60),
+        7200..=172_799 => format!("{} h", secs / 3600),
+        _ => format!("{} d", secs / 86_400),
+    }
 }
 
 pub fn logs(l: &LogsDto, out: &mut impl Write) -> std::io::Result<()> {
@@ -192,13 +220,22 @@ pub fn agents(a: &AgentsDto, out: &mut impl Write) -> std::io::Result<()> {
         writeln!(out, "no agents seen yet")?;
     }
     for ag in &a.agents {
+        let seen = age(ag.heartbeat_age_secs);
+        let liveness = match ag.liveness.as_str() {
+            "fresh" => format!("fresh (heartbeat {seen} ago)"),
+            "stale" => format!("STALE (heartbeat {seen} ago; missing heartbeats)"),
+            "offline" => format!(
+                "OFFLINE (heartbeat {seen} ago; no work is sent after {})",
+                age(i64::try_from(ag.heartbeat_max_age_secs).unwrap_or(i64::MAX))
+            ),
+            other => format!("{other} (heartbeat {seen} ago)"),
+        };
         writeln!(
             out,
-            "{}  {}  on {}  last seen {}  running {}{}",
+            "{}  {}  on {}  {liveness}  running {}{}",
             ag.agent_id,
             ag.agent_type,
             ag.hostname,
-            ag.last_seen.to_rfc3339(),
             ag.running_tasks,
             ag.max_tasks.map(|m| format!("/{m}")).unwrap_or_default()
         )?;
@@ -215,6 +252,57 @@ pub fn agents(a: &AgentsDto, out: &mut impl Write) -> std::io::Result<()> {
             r.code,
             r.reason
         )?;
+    }
+    Ok(())
+}
+
+/// The catalog: one block per action, one line per parameter.
+pub fn actions(c: &Catalog, out: &mut impl Write) -> std::io::Result<()> {
+    if c.actions.is_empty() {
+        return writeln!(out, "no actions in {}", c.root.display());
+    }
+    for a in c.actions.values() {
+        let mut traits = vec![format!("agent {}", a.agent_type)];
+        if a.check_mode {
+            traits.push("check mode".into());
+        }
+        if a.auto_approve {
+            traits.push("may be auto-approved".into());
+        }
+        if a.resources.gpu {
+            traits.push("needs a GPU".into());
+        }
+        writeln!(out, "{}  ({})", a.name, traits.join(", "))?;
+        writeln!(out, "    {}", a.description)?;
+        for (name, p) in &a.parameters {
+            let mut facts = vec![match p.kind {
+                ParamType::String => "string",
+                ParamType::Integer => "integer",
+                ParamType::Boolean => "boolean",
+            }
+            .to_string()];
+            facts.push(if p.required { "required" } else { "optional" }.into());
+            if let Some(d) = &p.default {
+                facts.push(format!("default {d}"));
+            }
+            if let Some(pat) = &p.pattern {
+                facts.push(format!("pattern {pat}"));
+            }
+            match (p.min, p.max) {
+                (Some(lo), Some(hi)) => facts.push(format!("{lo} to {hi}")),
+                (Some(lo), None) => facts.push(format!("at least {lo}")),
+                (None, Some(hi)) => facts.push(format!("at most {hi}")),
+                (None, None) => {}
+            }
+            if let Some(m) = p.max_length {
+                facts.push(format!("at most {m} bytes"));
+            }
+            write!(out, "    {name}: {}", facts.join(", "))?;
+            if let Some(d) = &p.description {
+                write!(out, "  ({d})")?;
+            }
+            writeln!(out)?;
+        }
     }
     Ok(())
 }
@@ -371,5 +459,24 @@ mod tests {
         // An older server without the list still renders.
         let old: AgentsDto = serde_json::from_value(serde_json::json!({ "agents": [] })).unwrap();
         assert!(old.rejected.is_empty());
+    }
+
+    #[test]
+    fn cut_text_ends_with_an_ellipsis() {
+        assert_eq!(cut("short", 10), "short");
+        assert_eq!(cut("exactly10!", 10), "exactly10!");
+        assert_eq!(cut("one two three four", 10), "one two t…");
+        assert_eq!(cut("one two   three", 10), "one two…");
+        assert_eq!(cut("line\nbreak", 20), "line break");
+        assert_eq!(cut("ééééééééééé", 5), "éééé…");
+    }
+
+    #[test]
+    fn ages() {
+        assert_eq!(age(-1), "0 s");
+        assert_eq!(age(59), "59 s");
+        assert_eq!(age(600), "10 min");
+        assert_eq!(age(7200), "2 h");
+        assert_eq!(age(3 * 86_400), "3 d");
     }
 }

@@ -429,6 +429,7 @@ async fn up_serves_the_api_and_stops_on_sigterm() {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
+    let mut child_stderr = child.stderr.take().unwrap();
     let first = tokio::task::spawn_blocking(move || {
         let mut line = String::new();
         std::io::BufReader::new(stdout)
@@ -463,6 +464,11 @@ async fn up_serves_the_api_and_stops_on_sigterm() {
     assert!(status.success(), "graceful exit after SIGTERM: {status:?}");
     assert!(dir.path().join("up.db").exists());
     assert!(dir.path().join(".chiffon/audit").exists());
+    // Not on a terminal: the log went to a file, and stderr said where.
+    assert!(dir.path().join(".chiffon/up.log").is_file());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child_stderr, &mut err).unwrap();
+    assert!(err.contains("the log goes to .chiffon/up.log"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -579,4 +585,249 @@ async fn run_yes_executes_a_real_playbook_on_localhost() {
         "the plan was shown: {}",
         stderr(&o)
     );
+}
+
+/// Submits `text` under `id` and waits until it is planned.
+async fn submit_as(s: &Server, id: Uuid, text: &str) {
+    s.app
+        .engine()
+        .submit(chiffon_core::engine::SubmitRequest {
+            text: text.into(),
+            request_id: Some(id),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    s.app
+        .engine()
+        .wait_until(id, &[RequestStatus::AwaitingApproval])
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_by_unique_prefix_or_last_and_one_name_for_the_id() {
+    let s = server().await;
+    // Two ids that share their first 8 characters, a third that shares nothing with them.
+    let mut bytes = *Uuid::new_v4().as_bytes();
+    bytes[15] = 0;
+    let a = Uuid::from_bytes(bytes);
+    bytes[15] = 1;
+    let b = Uuid::from_bytes(bytes);
+    bytes[0] ^= 0xff;
+    let c = Uuid::from_bytes(bytes);
+    for id in [a, b, c] {
+        submit_as(&s, id, "x").await;
+    }
+    let (a_text, c_text) = (a.to_string(), c.to_string());
+
+    let o = chiffon(args(&s.url, &["--json", "status", &c_text[..6]]), None).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v = json(&o);
+    assert_eq!(v["request_id"], c_text, "{v}");
+    assert_eq!(v["id"], c_text, "`id` stays as an alias");
+
+    // Shared by two: ambiguous, naming both; one line, non-zero.
+    let o = chiffon(args(&s.url, &["status", &a_text[..8]]), None).await;
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("{} is ambiguous", &a_text[..8])),
+        "{err}"
+    );
+    assert!(
+        err.contains(&a_text) && err.contains(&b.to_string()),
+        "{err}"
+    );
+
+    let unknown = format!("{:02x}{}", bytes[0] ^ 0x0f, &c_text[2..8]);
+    let o = chiffon(args(&s.url, &["status", &unknown]), None).await;
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains(&format!("no request starts with {unknown}")),
+        "{}",
+        stderr(&o)
+    );
+    let o = chiffon(args(&s.url, &["status", "abcde"]), None).await;
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("6 to 36"), "{}", stderr(&o));
+
+    // --last: the newest, for every command that takes an id.
+    let o = chiffon(args(&s.url, &["--json", "logs", "--last"]), None).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(json(&o)["request_id"], c_text);
+    let o = chiffon(args(&s.url, &["--json", "reject", &a_text]), None).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(json(&o)["request_id"], a_text);
+    assert_eq!(json(&o)["status"], "rejected");
+    let o = chiffon(args(&s.url, &["--json", "cancel", "--last"]), None).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(json(&o)["request_id"], c_text);
+    let o = chiffon(args(&s.url, &["watch", &c_text[..6]]), None).await;
+    assert_eq!(o.status.code(), Some(1), "cancelled: {}", stderr(&o));
+    assert!(
+        stdout(&o).contains(&format!("{c_text} cancelled")),
+        "{}",
+        stdout(&o)
+    );
+
+    // Every answer names the id `request_id`.
+    let o = chiffon(args(&s.url, &["--json", "list"]), None).await;
+    for r in json(&o)["requests"].as_array().unwrap() {
+        assert_eq!(r["request_id"], r["id"]);
+    }
+    let o = chiffon(args(&s.url, &["--json", "request", "x"]), None).await;
+    assert!(json(&o)["request_id"].is_string());
+    s.app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_marks_cut_text_and_agents_say_how_fresh() {
+    let s = server().await;
+    let long = format!("noop {}", "very long words ".repeat(10));
+    submit_as(&s, Uuid::new_v4(), &long).await;
+    let o = chiffon(args(&s.url, &["list"]), None).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line = stdout(&o);
+    assert!(line.trim_end().ends_with('…'), "{line}");
+    assert!(line.contains("noop very long words"), "{line}");
+
+    let mut out = String::new();
+    for _ in 0..100 {
+        let o = chiffon(args(&s.url, &["agents"]), None).await;
+        assert!(o.status.success(), "{}", stderr(&o));
+        out = stdout(&o);
+        if out.lines().count() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        out.lines().all(|l| l.contains("fresh (heartbeat ")),
+        "{out}"
+    );
+    let o = chiffon(args(&s.url, &["--json", "agents"]), None).await;
+    for a in json(&o)["agents"].as_array().unwrap() {
+        assert_eq!(a["liveness"], "fresh");
+    }
+    s.app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_lists_the_catalog_with_parameters() {
+    let playbooks = Path::new(env!("CARGO_MANIFEST_DIR")).join("../playbooks");
+    let dir = local_dir();
+    let o = chiffon(
+        vec![
+            "actions".into(),
+            "--playbooks".into(),
+            playbooks.display().to_string(),
+        ],
+        Some(dir.path()),
+    )
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("ensure_directory  (agent infrastructure"),
+        "{out}"
+    );
+    assert!(
+        out.contains("mode: string, optional, default \"0755\", pattern ^0[0-7]{3}$"),
+        "{out}"
+    );
+    let o = chiffon(
+        vec![
+            "--json".into(),
+            "actions".into(),
+            "--playbooks".into(),
+            playbooks.display().to_string(),
+        ],
+        Some(dir.path()),
+    )
+    .await;
+    let v = json(&o);
+    let ensure = v["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "ensure_directory")
+        .unwrap()
+        .clone();
+    assert_eq!(ensure["parameters"]["mode"]["type"], "string");
+    assert_eq!(ensure["parameters"]["mode"]["default"], "0755");
+
+    // No catalog where it looks: the error says which flag to use, once.
+    let o = chiffon(vec!["actions".into()], Some(dir.path())).await;
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("--playbooks"), "{err}");
+}
+
+/// A reader that went away (`chiffon actions | head -1`): no "Broken pipe", status 141.
+#[test]
+fn a_closed_pipe_ends_quietly_with_141() {
+    let playbooks = Path::new(env!("CARGO_MANIFEST_DIR")).join("../playbooks");
+    for json in [false, true] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader); // closed before the first write
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chiffon"));
+        if json {
+            cmd.arg("--json");
+        }
+        let o = cmd
+            .arg("actions")
+            .arg("--playbooks")
+            .arg(&playbooks)
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(141), "{}", stderr(&o));
+        assert!(o.stderr.is_empty(), "{}", stderr(&o));
+    }
+    // Through a shell, as people write it.
+    let o = Command::new("bash")
+        .arg("-c")
+        .arg(r#"set -o pipefail; "$0" actions --playbooks "$1" | head -1; echo "status ${PIPESTATUS[0]}" >&2"#)
+        .arg(env!("CARGO_BIN_EXE_chiffon"))
+        .arg(&playbooks)
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(
+        !err.contains("Broken pipe") && !err.contains("panicked"),
+        "{err}"
+    );
+    assert_eq!(stdout(&o).lines().count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_port_is_one_line_that_names_bind() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let dir = local_dir();
+    let o = chiffon(
+        vec![
+            "up".into(),
+            "--bind".into(),
+            addr.clone(),
+            "--playbooks".into(),
+            fixture_catalog().display().to_string(),
+            "--database-url".into(),
+            format!("sqlite://{}", dir.path().join("up.db").display()),
+        ],
+        Some(dir.path()),
+    )
+    .await;
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    let last = err.trim_end().lines().last().unwrap();
+    assert!(last.contains(&addr) && last.contains("--bind"), "{err}");
+    // Each cause once: the OS's words appear one time.
+    assert_eq!(last.matches("in use").count(), 1, "{err}");
+    drop(busy);
 }

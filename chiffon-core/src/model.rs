@@ -169,7 +169,31 @@ pub struct RequestFilter {
     /// Only requests created before this instant: the cursor for the next page (the
     /// oldest `created_at` of the page before).
     pub created_before: Option<DateTime<Utc>>,
+    /// Only requests whose id, written canonically (lowercase hex, hyphens at positions 8,
+    /// 13, 18 and 23), starts with this (case-insensitive); see [`id_prefix_range`].
+    pub id_prefix: Option<String>,
     pub limit: Option<u32>,
+}
+
+/// The ids that start with `prefix` as an inclusive range (`[lowest, highest]`), which
+/// both stores compare as they order ids (bytewise); `None` when no id can start with it
+/// (a character other than hex and `-`, a hyphen out of place, longer than an id).
+pub fn id_prefix_range(prefix: &str) -> Option<(Uuid, Uuid)> {
+    const CANONICAL: &str = "00000000-0000-0000-0000-000000000000";
+    if prefix.len() > CANONICAL.len() {
+        return None;
+    }
+    let mut hex = String::with_capacity(32);
+    for (c, slot) in prefix.chars().zip(CANONICAL.chars()) {
+        match (c, slot) {
+            ('-', '-') => {}
+            (c, '0') if c.is_ascii_hexdigit() => hex.push(c.to_ascii_lowercase()),
+            _ => return None,
+        }
+    }
+    let low = Uuid::parse_str(&format!("{hex:0<32}")).ok()?;
+    let high = Uuid::parse_str(&format!("{hex:f<32}")).ok()?;
+    Some((low, high))
 }
 
 /// A step's status.
@@ -462,6 +486,25 @@ pub fn micros_to_usd(micros: i64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn id_prefix_ranges() {
+        let (lo, hi) = id_prefix_range("ABCdef12-3").unwrap();
+        assert_eq!(lo.to_string(), "abcdef12-3000-0000-0000-000000000000");
+        assert_eq!(hi.to_string(), "abcdef12-3fff-ffff-ffff-ffffffffffff");
+        let id = "0189f0e2-1c2d-7e3f-8a4b-5c6d7e8f9a0b";
+        assert_eq!(
+            id_prefix_range(id),
+            Some((id.parse().unwrap(), id.parse().unwrap()))
+        );
+        assert!(
+            id_prefix_range("abcdef12-").is_some(),
+            "a hyphen in its place"
+        );
+        for nothing in ["abcd-ef", "abcdefgh", "abcdef123", &format!("{id}0")] {
+            assert_eq!(id_prefix_range(nothing), None, "{nothing}");
+        }
+    }
 
     #[test]
     fn transitions() {

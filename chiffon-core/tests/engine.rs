@@ -420,6 +420,7 @@ both_backends!(
     a_preview_nobody_answers_shows_as_failed,
     audit_verify_catches_a_rechained_or_emptied_log,
     a_failing_git_trail_degrades_health_and_a_stale_lock_is_cleared,
+    planning_a_dead_instance_held_resumes_when_its_lease_lapses,
 );
 
 async fn approve_runs_to_completion_with_audit_and_commit(backend: &str) {
@@ -1823,4 +1824,38 @@ async fn a_failing_git_trail_degrades_health_and_a_stale_lock_is_cleared(backend
     assert!(r.commit_id.is_some());
     assert!(!lock.exists());
     assert_eq!(h.engine.health().await.audit, "ok");
+}
+
+/// An instance died while planning (its lease is in the store): another resumes the request
+/// once the lease lapses, not before, and not after five minutes.
+async fn planning_a_dead_instance_held_resumes_when_its_lease_lapses(backend: &str) {
+    let Some(h) = harness(backend, false, test_config(|_| {})).await else {
+        return;
+    };
+    let r = h
+        .store
+        .create_request(&NewRequest {
+            id: Uuid::now_v7(),
+            trace_id: "t".into(),
+            text: "ok_action".into(),
+            requester: "alice".into(),
+            submitted_by: "alice".into(),
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+    assert!(h
+        .store
+        .claim_planning(r.id, "instance-that-died", Duration::from_secs(2))
+        .await
+        .unwrap());
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        h.engine.get(r.id).await.unwrap().request.status,
+        RequestStatus::Planning,
+        "not while the lease holds"
+    );
+    let t0 = std::time::Instant::now();
+    h.wait(r.id, RequestStatus::AwaitingApproval).await;
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
 }

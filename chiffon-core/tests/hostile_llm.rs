@@ -1,7 +1,8 @@
 //! A hostile LLM answer through the whole engine, on SQLite and PostgreSQL (which refuses
 //! NUL): a plan holding a NUL character is an invalid answer, the next provider plans, the
 //! request moves on to approval instead of staying in `planning`, and the fallback is
-//! audited.
+//! audited. A model that declines fails the request with its reason (`llm_refused`),
+//! audited as such, with no other planner asked.
 
 mod llm_support;
 
@@ -115,4 +116,106 @@ async fn a_nul_plan_falls_back_postgres() {
     };
     let store = chiffon_core::store::connect(&db.url()).await.unwrap();
     nul_plan_falls_back(store).await;
+}
+
+async fn refusal_fails_the_request(store: Arc<dyn Store>) {
+    let refusal = json!({
+        "summary": "declined",
+        "steps": [],
+        "risks": [],
+        "refusal": "deploying to a host named in a prompt injection is not something I will plan"
+    });
+    let a = MockLlm::start(
+        Wire::Anthropic,
+        vec![Reply::tool_use("submit_plan", refusal, 100, 0, 0, 10)],
+    )
+    .await;
+    let o = MockLlm::start(
+        Wire::OpenAi,
+        vec![Reply::text(Wire::OpenAi, &plan_answer(json!([])), 100, 10)],
+    )
+    .await;
+    let llm = LlmConfig {
+        order: vec!["anthropic".into(), "openai".into()],
+        // The offline planner could plan this text: it must not be asked to.
+        offline: true,
+        anthropic: Some(AnthropicConfig {
+            base_url: a.base_url(),
+            api_key: KEY.into(),
+            ..Default::default()
+        }),
+        openai: Some(OpenAiConfig {
+            base_url: o.base_url(),
+            api_key: KEY.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let catalog = Arc::new(fixture_catalog());
+    let planner = Planner::new(
+        Router::from_config(&llm, store.clone()).unwrap(),
+        store.clone(),
+        PlannerConfig::default(),
+    );
+    let engine = Engine::new(EngineParts {
+        store: store.clone(),
+        transport: Arc::new(MemoryTransport::new(Topology::with_prefix(&format!(
+            "h{}.",
+            uuid::Uuid::new_v4().simple()
+        )))),
+        planner: Arc::new(CatalogPlanner::new(planner, catalog.clone())),
+        catalog,
+        git: None,
+        config: EngineConfig::default(),
+    });
+    let r = engine
+        .submit(SubmitRequest {
+            text: "Deploy Uptime Kuma on the NAS".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let done = tokio::time::timeout(
+        Duration::from_secs(20),
+        engine.wait_until(
+            r.id,
+            &[RequestStatus::AwaitingApproval, RequestStatus::Failed],
+        ),
+    )
+    .await
+    .expect("planning ends")
+    .unwrap();
+    assert_eq!(done.status, RequestStatus::Failed, "{done:?}");
+    assert!(done.plan.is_none());
+    let error = done.error.unwrap();
+    assert_eq!(error.code, ErrorCode::LlmRefused);
+    assert!(
+        error.message.contains("prompt injection"),
+        "{}",
+        error.message
+    );
+    assert_eq!(o.hits(), 0);
+    let audit = store.audit_log(Some(r.id), 0, 100).await.unwrap();
+    let refused = audit.iter().find(|e| e.event == "llm_refused").unwrap();
+    assert_eq!(refused.details["provider"], "anthropic");
+    assert_eq!(refused.details["code"], ErrorCode::LlmRefused.code());
+    assert!(!audit.iter().any(|e| e.event == "fallback"));
+    let failed = audit.iter().find(|e| e.event == "plan_failed").unwrap();
+    assert_eq!(failed.details["code"], ErrorCode::LlmRefused.code());
+    assert!(store.verify_audit().await.unwrap().ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refusal_fails_the_request_sqlite() {
+    let (_dir, store) = sqlite_store().await;
+    refusal_fails_the_request(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refusal_fails_the_request_postgres() {
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let store = chiffon_core::store::connect(&db.url()).await.unwrap();
+    refusal_fails_the_request(store).await;
 }

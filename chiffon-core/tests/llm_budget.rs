@@ -476,3 +476,98 @@ async fn an_abandoned_call_counts_at_its_worst_case() {
         (worst, 0, 1)
     );
 }
+
+/// A structured Anthropic call with prompt caching: the reservation counts the schema and
+/// prices the whole prompt as cache writes, so it bounds the real cost, which is settled at
+/// cache prices.
+#[tokio::test]
+async fn a_cached_structured_call_is_reserved_at_its_dearest_and_settled_at_cache_prices() {
+    let (_dir, store) = sqlite_store().await;
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"answer": {"type": "string", "description": "x".repeat(3000)}},
+        "required": ["answer"],
+        "additionalProperties": false,
+    });
+    let req = CompletionRequest {
+        output: Some(OutputSchema {
+            name: "submit_answer".into(),
+            description: "the answer".into(),
+            schema: schema.clone(),
+            strict_schema: schema,
+        }),
+        ..request()
+    };
+    // A real server bills fewer tokens than the estimate (a third of the bytes, plus the
+    // tool overhead): the whole prompt written to the cache, the whole max_tokens out.
+    let prompt_tokens = (req.prompt_len() / 4) as u64 + 300;
+    let s = MockLlm::start(
+        Wire::Anthropic,
+        vec![Reply::tool_use(
+            "submit_answer",
+            serde_json::json!({"answer": "a"}),
+            3,
+            prompt_tokens - 3,
+            0,
+            u64::from(req.max_tokens),
+        )],
+    )
+    .await;
+    let provider = AnthropicProvider::new(&AnthropicConfig {
+        base_url: s.base_url(),
+        api_key: KEY.into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let worst = provider.pricing().worst_case_micros(&req);
+    // Without the schema and at the plain input price the reservation would be smaller
+    // than what the call can cost.
+    assert!(Pricing::new(3.0, 15.0).worst_case_micros(&request()) < worst);
+    let p = Budget::new(provider, store.clone(), Some(100.0));
+    let c = p.complete(req).await.unwrap();
+    let expected = 3 * 3 + ((prompt_tokens - 3) as f64 * 3.75).ceil() as i64 + 300 * 15;
+    assert_eq!(c.cost_micros, expected);
+    assert!(c.cost_micros <= worst, "{} > {worst}", c.cost_micros);
+    let spend = store.llm_spend(&current_month()).await.unwrap();
+    let sp = spend.iter().find(|s| s.provider == "anthropic").unwrap();
+    assert_eq!((sp.spent_micros, sp.reserved_micros), (expected, 0));
+    assert_eq!(sp.input_tokens, prompt_tokens);
+
+    // A budget the plain worst case fits but the cached, structured one does not: refused
+    // before any call.
+    let tight = MockLlm::start(
+        Wire::Anthropic,
+        vec![Reply::text(Wire::Anthropic, "x", 1, 1)],
+    )
+    .await;
+    let (_dir2, store2) = sqlite_store().await;
+    let provider = AnthropicProvider::new(&AnthropicConfig {
+        base_url: tight.base_url(),
+        api_key: KEY.into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let req = CompletionRequest {
+        output: c_output(),
+        ..request()
+    };
+    let worst = provider.pricing().worst_case_micros(&req);
+    let p = Budget::new(
+        provider,
+        store2,
+        Some(chiffon_core::model::micros_to_usd(worst - 1)),
+    );
+    let e = p.complete(req).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::LlmBudgetExhausted);
+    assert_eq!(tight.hits(), 0);
+}
+
+fn c_output() -> Option<OutputSchema> {
+    let schema = serde_json::json!({"type": "object", "properties": {}, "required": [], "additionalProperties": false});
+    Some(OutputSchema {
+        name: "submit_answer".into(),
+        description: "d".into(),
+        schema: schema.clone(),
+        strict_schema: schema,
+    })
+}

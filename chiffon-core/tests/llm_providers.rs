@@ -9,6 +9,7 @@ use std::time::Duration;
 use chiffon_core::llm::*;
 use chiffon_protocol::ErrorCode;
 use llm_support::*;
+use serde_json::json;
 
 fn anthropic(url: &str) -> AnthropicProvider {
     AnthropicProvider::new(&AnthropicConfig {
@@ -69,7 +70,12 @@ async fn anthropic_success_speaks_messages_api() {
     // $3 / $15 per million tokens by default.
     assert_eq!(c.cost_micros, 3000 + 3000);
     let body = &s.bodies()[0];
-    assert_eq!(body["system"], "you are a test");
+    // The system prompt is a text block marked for the prompt cache.
+    assert_eq!(
+        body["system"],
+        json!([{"type": "text", "text": "you are a test", "cache_control": {"type": "ephemeral"}}])
+    );
+    assert!(body.get("tools").is_none(), "no schema asked, no tools");
     assert_eq!(body["max_tokens"], 100);
     assert_eq!(body["messages"][0]["role"], "user");
     assert_eq!(body["messages"][0]["content"], "say hi");
@@ -381,4 +387,183 @@ async fn circuit_opens_after_consecutive_failures_and_recovers() {
     assert_eq!(cb.complete(request()).await.unwrap().text, "back");
     assert!(!cb.is_open());
     assert_eq!(s.hits(), 4);
+}
+
+fn structured_request() -> CompletionRequest {
+    let schema = json!({
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "note": {"type": "string", "default": "x"}},
+        "required": ["a"],
+        "additionalProperties": false,
+    });
+    let strict = json!({
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "note": {"type": ["string", "null"]}},
+        "required": ["a", "note"],
+        "additionalProperties": false,
+    });
+    CompletionRequest {
+        output: Some(OutputSchema {
+            name: "submit_answer".into(),
+            description: "the answer".into(),
+            schema,
+            strict_schema: strict,
+        }),
+        ..request()
+    }
+}
+
+#[tokio::test]
+async fn anthropic_structured_output_is_a_forced_tool_and_the_cache_is_priced() {
+    let s = MockLlm::start(
+        Wire::Anthropic,
+        vec![
+            // First call writes the cache, the second reads it.
+            Reply::tool_use("submit_answer", json!({"a": 1}), 100, 2000, 0, 50),
+            Reply::tool_use("submit_answer", json!({"a": 2}), 100, 0, 2000, 50),
+        ],
+    )
+    .await;
+    let p = anthropic(&s.base_url());
+    let req = structured_request();
+    let c = p.complete(req.clone()).await.unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&c.text).unwrap(),
+        json!({"a": 1})
+    );
+    assert_eq!(c.refusal, None);
+    // Every prompt token counts, cached or not.
+    assert_eq!((c.input_tokens, c.output_tokens), (2100, 50));
+    // $3 input, $3.75 cache write (1.25x), $15 output per million tokens.
+    assert_eq!(c.cost_micros, 300 + 7500 + 750);
+    let c = p.complete(req.clone()).await.unwrap();
+    assert_eq!(c.text, r#"{"a":2}"#);
+    // A cache read is $0.30 (0.1x).
+    assert_eq!(c.cost_micros, 300 + 600 + 750);
+    let body = &s.bodies()[0];
+    assert_eq!(body["tools"][0]["name"], "submit_answer");
+    assert_eq!(
+        body["tools"][0]["input_schema"],
+        req.output.as_ref().unwrap().schema
+    );
+    assert_eq!(
+        body["tool_choice"],
+        json!({"type": "tool", "name": "submit_answer"})
+    );
+    assert_eq!(
+        body["system"][0]["cache_control"],
+        json!({"type": "ephemeral"})
+    );
+    // The reservation's worst case prices the prompt (schema included) as a cache write.
+    let pricing = p.pricing();
+    assert_eq!(pricing.cache_write_usd_per_mtok, 3.75);
+    let prompt = chiffon_core::llm::pricing::estimate_tokens(req.prompt_len())
+        + chiffon_core::llm::pricing::STRUCTURED_OUTPUT_OVERHEAD_TOKENS;
+    assert!(pricing.worst_case_micros(&req) >= pricing.cost_micros_cached(0, prompt, 0, 100));
+    // A text answer to a tool request is still taken (the free-text fallback).
+    let s = MockLlm::start(
+        Wire::Anthropic,
+        vec![Reply::text(Wire::Anthropic, r#"{"a":3}"#, 10, 5)],
+    )
+    .await;
+    let c = anthropic(&s.base_url())
+        .complete(structured_request())
+        .await
+        .unwrap();
+    assert_eq!(c.text, r#"{"a":3}"#);
+}
+
+#[tokio::test]
+async fn openai_structured_output_is_a_strict_json_schema_and_refusals_come_through() {
+    let s = MockLlm::start(
+        Wire::OpenAi,
+        vec![
+            Reply::text(Wire::OpenAi, r#"{"a":1,"note":null}"#, 400, 100),
+            Reply::openai_refusal("I can't help with that.", 400, 10),
+        ],
+    )
+    .await;
+    let p = openai(&s.base_url());
+    let req = structured_request();
+    let c = p.complete(req.clone()).await.unwrap();
+    assert_eq!(c.text, r#"{"a":1,"note":null}"#);
+    let body = &s.bodies()[0];
+    assert_eq!(body["response_format"]["type"], "json_schema");
+    assert_eq!(
+        body["response_format"]["json_schema"]["name"],
+        "submit_answer"
+    );
+    assert_eq!(body["response_format"]["json_schema"]["strict"], true);
+    assert_eq!(
+        body["response_format"]["json_schema"]["schema"],
+        req.output.as_ref().unwrap().strict_schema
+    );
+    let c = p.complete(req).await.unwrap();
+    assert_eq!(c.refusal.as_deref(), Some("I can't help with that."));
+    assert_eq!(c.text, "");
+    assert_eq!(c.cost_micros, 1000 + 100);
+    // The mock enforces strict mode's rules as the API does: a schema that breaks them is a
+    // 400 naming `response_format`, after which the call is made again in free text.
+    assert!(p.structured_output());
+    let bad = CompletionRequest {
+        output: structured_request().output.map(|mut o| {
+            o.strict_schema = o.schema.clone();
+            o
+        }),
+        ..request()
+    };
+    p.complete(bad).await.unwrap();
+    assert_eq!(s.hits(), 4);
+    assert!(s.bodies()[2].get("response_format").is_some());
+    assert!(s.bodies()[3].get("response_format").is_none());
+    assert!(!p.structured_output());
+    let strict = llm_support::strict_schema_error(&structured_request().output.unwrap().schema, "");
+    assert!(strict.unwrap().contains("Missing 'note'"));
+}
+
+#[tokio::test]
+async fn ollama_structured_output_is_a_format_schema() {
+    let s = MockLlm::start(
+        Wire::Ollama,
+        vec![Reply::text(Wire::Ollama, r#"{"a":1}"#, 30, 7)],
+    )
+    .await;
+    let req = structured_request();
+    let c = ollama(&s.base_url()).complete(req.clone()).await.unwrap();
+    assert_eq!(c.text, r#"{"a":1}"#);
+    assert_eq!(s.bodies()[0]["format"], req.output.as_ref().unwrap().schema);
+    assert_eq!(s.bodies()[0]["stream"], false);
+}
+
+#[tokio::test]
+async fn servers_without_structured_output_get_free_text_and_it_is_remembered() {
+    for (wire, field) in [
+        (Wire::Anthropic, "tools"),
+        (Wire::OpenAi, "response_format"),
+        (Wire::Ollama, "format"),
+    ] {
+        let s = MockLlm::start_plain(wire, vec![Reply::text(wire, r#"{"a":1}"#, 10, 5)]).await;
+        let p: Box<dyn LlmProvider> = match wire {
+            Wire::Anthropic => Box::new(anthropic(&s.base_url())),
+            Wire::OpenAi => Box::new(openai(&s.base_url())),
+            Wire::Ollama => Box::new(ollama(&s.base_url())),
+        };
+        let c = p.complete(structured_request()).await.unwrap();
+        assert_eq!(c.text, r#"{"a":1}"#, "{wire:?}");
+        // Rejected with a 400, then asked again for free text.
+        assert_eq!(s.hits(), 2, "{wire:?}");
+        let bodies = s.bodies();
+        assert!(bodies[0].get(field).is_some(), "{wire:?}");
+        assert!(bodies[1].get(field).is_none(), "{wire:?}");
+        // The provider remembers: the next call goes straight to free text.
+        p.complete(structured_request()).await.unwrap();
+        assert_eq!(s.hits(), 3, "{wire:?}");
+        assert!(s.bodies()[2].get(field).is_none(), "{wire:?}");
+        if wire == Wire::Anthropic {
+            assert!(
+                s.bodies()[2]["system"].is_string(),
+                "no cache_control either"
+            );
+        }
+    }
 }

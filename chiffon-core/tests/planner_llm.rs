@@ -126,9 +126,15 @@ async fn plans_with_the_first_provider_and_records_its_spend() {
     );
     assert!(!out.usage.cached);
 
-    // The prompt carried the catalog, the inventory and the rules.
+    // The prompt carried the catalog, the inventory and the rules (a text answer to the
+    // tool request: the free-text fallback).
     let body = &a.bodies()[0];
-    let system = body["system"].as_str().unwrap();
+    assert_eq!(
+        body["system"][0]["cache_control"],
+        json!({"type": "ephemeral"})
+    );
+    assert_eq!(body["tools"][0]["name"], "submit_plan");
+    let system = body["system"][0]["text"].as_str().unwrap();
     for needle in [
         "deploy_kuma",
         "restart_service",
@@ -677,4 +683,234 @@ async fn oversized_answers_are_invalid() {
     let plan = chiffon_core::planner::parse::parse_plan(&at_limit.to_string(), &fixture_catalog())
         .unwrap();
     assert_eq!(plan.steps.len(), MAX_STEPS);
+}
+
+fn good_plan_value() -> serde_json::Value {
+    serde_json::from_str(&good_plan()).unwrap()
+}
+
+async fn plan_default(
+    planner: &Planner,
+) -> Result<chiffon_core::planner::PlanOutcome, chiffon_core::planner::PlanError> {
+    planner
+        .plan(&fixture_catalog(), TEXT, &PlanOptions::default())
+        .await
+}
+
+#[tokio::test]
+async fn anthropic_plans_through_the_submit_plan_tool_at_cache_prices() {
+    let a = MockLlm::start(
+        Wire::Anthropic,
+        vec![Reply::tool_use(
+            "submit_plan",
+            good_plan_value(),
+            100,
+            3000,
+            0,
+            300,
+        )],
+    )
+    .await;
+    let (_d, store, planner) = planner(&config(Some(a.base_url()), None, None), false).await;
+    let out = plan_default(&planner).await.unwrap();
+    assert_eq!(out.plan.provider, "anthropic");
+    assert_eq!(out.plan.steps[0].action, "deploy_kuma");
+    assert_eq!(out.plan.steps[0].parameters["version"], "latest");
+    assert_eq!(out.usage.input_tokens, 3100);
+    // 100 in at $3, 3000 written to the cache at $3.75, 300 out at $15 per million.
+    let spend = store.llm_spend(&current_month()).await.unwrap();
+    let sp = spend.iter().find(|s| s.provider == "anthropic").unwrap();
+    assert_eq!(
+        (sp.spent_micros, sp.reserved_micros),
+        (300 + 11_250 + 4_500, 0)
+    );
+    assert!((out.plan.llm_cost_usd - 0.01605).abs() < 1e-9);
+
+    let body = &a.bodies()[0];
+    assert_eq!(
+        body["tool_choice"],
+        json!({"type": "tool", "name": "submit_plan"})
+    );
+    let schema = &body["tools"][0]["input_schema"];
+    assert_eq!(schema["type"], "object");
+    let variants = schema["properties"]["steps"]["items"]["anyOf"]
+        .as_array()
+        .unwrap();
+    assert_eq!(variants.len(), fixture_catalog().actions.len());
+    assert!(variants
+        .iter()
+        .any(|v| v["properties"]["action"]["enum"] == json!(["deploy_kuma"])));
+    assert_eq!(
+        body["system"][0]["cache_control"],
+        json!({"type": "ephemeral"})
+    );
+}
+
+#[tokio::test]
+async fn openai_plans_through_a_strict_json_schema() {
+    // Strict mode answers every property: `null` for the ones left to their default.
+    let answer = json!({
+        "summary": "deploy uptime kuma on the nas",
+        "steps": [{"action": "deploy_kuma", "parameters": {"host": "nas.lan", "port": 8080, "version": null}, "reason": "r"}],
+        "risks": [],
+        "refusal": null
+    });
+    let o = MockLlm::start(
+        Wire::OpenAi,
+        vec![Reply::text(Wire::OpenAi, &answer.to_string(), 100, 50)],
+    )
+    .await;
+    let (_d, _store, planner) = planner(&config(None, Some(o.base_url()), None), false).await;
+    let out = plan_default(&planner).await.unwrap();
+    assert_eq!(out.plan.provider, "openai");
+    assert_eq!(out.plan.steps[0].parameters["version"], "latest");
+    assert_eq!(out.plan.steps[0].parameters["port"], 8080);
+    // The mock checks strict mode's rules on the catalog's schema: one call, accepted.
+    assert_eq!(o.hits(), 1);
+    let rf = &o.bodies()[0]["response_format"];
+    assert_eq!(rf["type"], "json_schema");
+    assert_eq!(rf["json_schema"]["name"], "submit_plan");
+    assert_eq!(rf["json_schema"]["strict"], true);
+    assert_eq!(
+        rf["json_schema"]["schema"]["required"],
+        json!(["summary", "steps", "risks", "refusal"])
+    );
+}
+
+#[tokio::test]
+async fn ollama_plans_through_a_format_schema() {
+    let l = MockLlm::start(
+        Wire::Ollama,
+        vec![Reply::text(Wire::Ollama, &good_plan(), 100, 50)],
+    )
+    .await;
+    let (_d, _store, planner) = planner(&config(None, None, Some(l.base_url())), false).await;
+    let out = plan_default(&planner).await.unwrap();
+    assert_eq!(out.plan.provider, "ollama");
+    assert_eq!(l.hits(), 1);
+    let format = &l.bodies()[0]["format"];
+    assert_eq!(format["type"], "object");
+    assert!(format["properties"]["steps"]["items"]["anyOf"].is_array());
+}
+
+#[tokio::test]
+async fn a_refusal_ends_planning_and_the_offline_planner_does_not_guess() {
+    let refusal = json!({
+        "summary": "declined",
+        "steps": [],
+        "risks": [],
+        "refusal": "the catalog has nothing that wipes disks"
+    });
+    let a = MockLlm::start(
+        Wire::Anthropic,
+        vec![Reply::tool_use("submit_plan", refusal, 100, 0, 0, 20)],
+    )
+    .await;
+    let o = MockLlm::start(
+        Wire::OpenAi,
+        vec![Reply::text(Wire::OpenAi, &good_plan(), 10, 10)],
+    )
+    .await;
+    let cfg = config(Some(a.base_url()), Some(o.base_url()), None);
+    assert!(cfg.offline);
+    let (_d, store, first) = planner(&cfg, true).await;
+    // The text would plan offline (it names kuma): the refusal still stands.
+    let e = plan_default(&first).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::LlmRefused);
+    assert!(
+        e.message
+            .contains("the catalog has nothing that wipes disks"),
+        "{}",
+        e.message
+    );
+    assert!(e.message.contains("anthropic"), "{}", e.message);
+    assert_eq!(o.hits(), 0, "no other provider is asked");
+    let last = e.events.last().unwrap();
+    assert_eq!(
+        (last.provider.as_str(), last.code),
+        ("anthropic", ErrorCode::LlmRefused)
+    );
+    assert_eq!(e.events.len(), 1);
+    // The refused call was billed and is counted.
+    assert!(last.cost_usd > 0.0);
+    let spend = store.llm_spend(&current_month()).await.unwrap();
+    assert_eq!(
+        spend
+            .iter()
+            .find(|s| s.provider == "anthropic")
+            .unwrap()
+            .spent_micros,
+        600
+    );
+    // Not cached, not held against the provider: asked again, it is called again.
+    let _ = plan_default(&first).await.unwrap_err();
+    assert_eq!(a.hits(), 2);
+
+    // OpenAI's own refusal field is a refusal too.
+    let o = MockLlm::start(
+        Wire::OpenAi,
+        vec![Reply::openai_refusal(
+            "I'm sorry, I can't assist with that.",
+            10,
+            5,
+        )],
+    )
+    .await;
+    let (_d, _store, planner) = planner(&config(None, Some(o.base_url()), None), false).await;
+    let e = plan_default(&planner).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::LlmRefused);
+    assert!(e.message.contains("I can't assist"), "{}", e.message);
+}
+
+#[tokio::test]
+async fn servers_without_structured_output_still_plan_in_free_text() {
+    let o = MockLlm::start_plain(
+        Wire::OpenAi,
+        vec![Reply::text(Wire::OpenAi, &good_plan(), 10, 10)],
+    )
+    .await;
+    let (_d, store, planner) = planner(&config(None, Some(o.base_url()), None), false).await;
+    let out = plan_default(&planner).await.unwrap();
+    assert_eq!(out.plan.provider, "openai");
+    assert!(out.events.is_empty());
+    // The 400 for `response_format`, then the free-text call; the 400 is not billed.
+    assert_eq!(o.hits(), 2);
+    let spend = store.llm_spend(&current_month()).await.unwrap();
+    let sp = spend.iter().find(|s| s.provider == "openai").unwrap();
+    assert_eq!((sp.spent_micros, sp.calls), (25 + 100, 1));
+    // From now on free text straight away.
+    plan_default(&planner).await.unwrap();
+    assert_eq!(o.hits(), 3);
+}
+
+#[tokio::test]
+async fn structured_answers_pass_the_same_checks() {
+    // A tool's input is untrusted like any answer: a NUL, a template marker, an unknown
+    // action are refused and the next provider is tried.
+    let nul = json!({"summary": "s", "steps": [{"action": "write_file",
+        "parameters": {"path": "/tmp/x", "content": "a\u{0}b"}, "reason": "x"}], "risks": []});
+    let marker = json!({"summary": "s", "steps": [{"action": "write_file",
+        "parameters": {"path": "/tmp/x", "content": "{{ lookup('pipe', 'id') }}"}, "reason": "x"}], "risks": []});
+    for (input, needle) in [(nul, "contains a NUL"), (marker, "template")] {
+        let a = MockLlm::start(
+            Wire::Anthropic,
+            vec![Reply::tool_use("submit_plan", input, 10, 0, 0, 10)],
+        )
+        .await;
+        let o = MockLlm::start(
+            Wire::OpenAi,
+            vec![Reply::text(Wire::OpenAi, &good_plan(), 10, 10)],
+        )
+        .await;
+        let (_d, _store, planner) =
+            planner(&config(Some(a.base_url()), Some(o.base_url()), None), false).await;
+        let out = plan_default(&planner).await.unwrap();
+        assert_eq!(out.plan.provider, "openai");
+        assert_eq!(out.events.len(), 1);
+        assert!(
+            out.events[0].reason.contains(needle),
+            "{needle}: {}",
+            out.events[0].reason
+        );
+    }
 }

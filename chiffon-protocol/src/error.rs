@@ -82,6 +82,7 @@ error_codes! {
     LlmTimeout = 5209, "llm_timeout", true, 504, "An LLM provider did not answer in time.";
     LlmAuth = 5210, "llm_auth", false, 502, "An LLM provider rejected the API key (401/403).";
     CircuitOpen = 5211, "circuit_open", true, 503, "The provider failed repeatedly and is paused for a cool-down.";
+    LlmRefused = 5212, "llm_refused", false, 422, "The LLM declined to plan the request and gave its reason; no other planner is asked to guess instead.";
     // 53xx: the request lifecycle and approval
     IllegalTransition = 5301, "illegal_transition", false, 409, "The request's current status does not allow this change.";
     FourEyesViolation = 5302, "four_eyes_violation", false, 403, "The four-eyes rule forbids approving one's own request.";

@@ -290,6 +290,9 @@ impl From<Step> for StepDto {
 /// (without).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RequestDto {
+    /// The request's id, under the name every answer gives it.
+    pub request_id: Uuid,
+    /// The same as `request_id` (an alias kept for compatibility).
     pub id: Uuid,
     pub trace_id: String,
     pub text: String,
@@ -317,6 +320,7 @@ pub struct RequestDto {
 impl From<Request> for RequestDto {
     fn from(r: Request) -> Self {
         RequestDto {
+            request_id: r.id,
             id: r.id,
             trace_id: r.trace_id,
             text: r.text,
@@ -369,7 +373,15 @@ pub struct ListQuery {
     /// Only requests created before this instant (RFC 3339, years 0000-9999): the next page
     /// starts before the oldest `created_at` of the page before.
     pub before: Option<DateTime<Utc>>,
+    /// Only requests whose id starts with this (6 to 36 characters, hex digits and `-`,
+    /// case-insensitive, hyphens where the canonical form has them). With `limit=2`, how a
+    /// client resolves a short id: one match is the request, two mean ambiguous.
+    #[param(min_length = 6, max_length = 36, pattern = "^[0-9A-Fa-f-]{6,36}$")]
+    pub id_prefix: Option<String>,
 }
+
+/// Shortest `id_prefix` accepted.
+pub const MIN_ID_PREFIX_LEN: usize = 6;
 
 /// `GET /requests`: newest first.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -429,6 +441,13 @@ pub struct AgentDto {
     pub agent_type: String,
     pub hostname: String,
     pub last_seen: DateTime<Utc>,
+    /// Seconds since its last heartbeat, when this answer was made.
+    pub heartbeat_age_secs: i64,
+    /// `fresh`, `stale` (beats are being missed) or `offline` (silent for longer than
+    /// `heartbeat_max_age_secs`: no work is sent to it).
+    pub liveness: String,
+    /// The engine's `dispatch.heartbeat_max_age`.
+    pub heartbeat_max_age_secs: u64,
     pub running_tasks: u32,
     pub max_tasks: Option<u32>,
     pub queue: Option<String>,
@@ -444,10 +463,20 @@ pub struct AgentDto {
     pub gpus: Vec<Value>,
 }
 
-impl From<AgentRecord> for AgentDto {
-    fn from(a: AgentRecord) -> Self {
+impl AgentDto {
+    /// The agent as seen at `now` by an engine that stops counting heartbeats older than
+    /// `heartbeat_max_age`.
+    pub fn new(a: AgentRecord, now: DateTime<Utc>, heartbeat_max_age: std::time::Duration) -> Self {
+        let max_age =
+            chrono::TimeDelta::from_std(heartbeat_max_age).unwrap_or(chrono::TimeDelta::MAX);
+        let age = (now - a.last_seen).max(chrono::TimeDelta::zero());
         let hb = a.heartbeat;
         AgentDto {
+            heartbeat_age_secs: age.num_seconds(),
+            liveness: chiffon_core::engine::waiting::liveness(age, max_age)
+                .as_str()
+                .to_string(),
+            heartbeat_max_age_secs: heartbeat_max_age.as_secs(),
             agent_id: a.agent_id,
             broker_user: a.broker_user,
             agent_type: a.agent_type,
@@ -465,6 +494,17 @@ impl From<AgentRecord> for AgentDto {
                 .map(|g| serde_json::to_value(g).unwrap_or(Value::Null))
                 .collect(),
         }
+    }
+}
+
+impl From<AgentRecord> for AgentDto {
+    /// As seen now, against the default `dispatch.heartbeat_max_age`.
+    fn from(a: AgentRecord) -> Self {
+        AgentDto::new(
+            a,
+            Utc::now(),
+            chiffon_core::engine::DispatchConfig::default().heartbeat_max_age,
+        )
     }
 }
 

@@ -72,13 +72,32 @@ pub fn init_tracing() {
 /// `tracing` to stderr, filtered by `RUST_LOG`, else by `default`. Every line passes
 /// through the secrets given to [`redact_logs`].
 pub fn init_tracing_with_default(default: &str) {
+    init_tracing_ansi(default, true)
+}
+
+fn init_tracing_ansi(default: &str, ansi: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(RedactedStderr)
-        .try_init();
+        .with_writer(RedactedStderr);
+    // Colours only where they were before: a file gets none.
+    let _ = if ansi {
+        builder.try_init()
+    } else {
+        builder.with_ansi(false).try_init()
+    };
 }
+
+/// Like [`init_tracing_with_default`], but the lines go to `file` (appended) instead of
+/// stderr: for `chiffon up` in the background, whose stderr is a terminal someone else uses.
+pub fn init_tracing_to_file(default: &str, file: std::fs::File) {
+    let _ = LOG_FILE.set(std::sync::Mutex::new(file));
+    init_tracing_ansi(default, false)
+}
+
+/// Where log lines go instead of stderr, once set.
+static LOG_FILE: std::sync::OnceLock<std::sync::Mutex<std::fs::File>> = std::sync::OnceLock::new();
 
 /// The secrets struck from log lines (the process's logger is global, so this is too).
 static LOG_REDACTOR: std::sync::RwLock<Option<chiffon_core::redact::Redactor>> =
@@ -109,8 +128,8 @@ pub fn redact_for_logs(text: &str) -> String {
     }
 }
 
-/// Hands the subscriber one buffer per event and writes it, redacted, to stderr when the
-/// event is complete, so a secret is never split across writes.
+/// Hands the subscriber one buffer per event and writes it, redacted, to stderr (or the log
+/// file) when the event is complete, so a secret is never split across writes.
 struct RedactedStderr;
 
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for RedactedStderr {
@@ -138,6 +157,14 @@ impl Drop for RedactedLine {
             return;
         }
         let line = redact_for_logs(&String::from_utf8_lossy(&self.0));
-        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+        match LOG_FILE.get() {
+            Some(file) => {
+                let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = std::io::Write::write_all(&mut *file, line.as_bytes());
+            }
+            None => {
+                let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+            }
+        }
     }
 }

@@ -189,7 +189,7 @@ pub async fn health(State(state): State<AppState>) -> Json<HealthDto> {
     params(ListQuery),
     responses(
         (status = 200, body = RequestListDto),
-        (status = 400, description = "Unknown status, `limit` out of range, `before` not an RFC 3339 instant of years 0000-9999", body = ErrorResponse),
+        (status = 400, description = "Unknown status, `limit` out of range, `before` not an RFC 3339 instant of years 0000-9999, `id_prefix` shorter than 6 or longer than 36 characters or not hex digits and `-`", body = ErrorResponse),
         (status = 500, description = "Internal error (see the log with the trace id)", body = ErrorResponse),
         (status = 503, description = "Store unavailable", body = ErrorResponse),
     )
@@ -210,11 +210,13 @@ pub async fn list(
     };
     let limit = check_limit(q.limit, DEFAULT_LIST_LIMIT, state.server.max_page)?;
     let before = q.before.map(check_before).transpose()?;
+    let id_prefix = q.id_prefix.map(check_id_prefix).transpose()?;
     let requests = state
         .engine
         .list(&RequestFilter {
             status,
             created_before: before,
+            id_prefix,
             limit: Some(limit),
             ..Default::default()
         })
@@ -340,8 +342,13 @@ pub async fn agents(
 ) -> Result<Json<AgentsDto>, AppError> {
     who.require(Role::Viewer, "read agents")?;
     let agents = state.engine.agents().await?;
+    let now = Utc::now();
+    let max_age = state.engine.config().dispatch.heartbeat_max_age;
     Ok(Json(AgentsDto {
-        agents: agents.into_iter().map(Into::into).collect(),
+        agents: agents
+            .into_iter()
+            .map(|a| AgentDto::new(a, now, max_age))
+            .collect(),
         rejected: state
             .engine
             .rejected_messages()
@@ -465,6 +472,26 @@ fn check_limit(limit: Option<u32>, default: u32, max_page: u32) -> Result<u32, A
         ))
         .with_details(json!({ "field": "limit", "minimum": 1, "maximum": max_page }))),
     }
+}
+
+/// `id_prefix`: 6 to 36 characters, hex digits and `-` (a prefix no id can have, a hyphen
+/// out of place, matches nothing rather than being refused: the pattern says no more).
+fn check_id_prefix(prefix: String) -> Result<String, AppError> {
+    let n = prefix.chars().count();
+    if !(MIN_ID_PREFIX_LEN..=36).contains(&n)
+        || !prefix.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+    {
+        return Err(AppError::bad_request(format!(
+            "id_prefix must be {MIN_ID_PREFIX_LEN} to 36 hex digits and `-`"
+        ))
+        .with_details(json!({
+            "field": "id_prefix",
+            "min_length": MIN_ID_PREFIX_LEN,
+            "max_length": 36,
+            "pattern": "^[0-9A-Fa-f-]{6,36}$",
+        })));
+    }
+    Ok(prefix)
 }
 
 /// `before`: an instant RFC 3339 can write (years 0000-9999, whatever the offset), brought

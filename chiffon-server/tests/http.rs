@@ -208,6 +208,16 @@ async fn happy_path_submit_approve_complete_with_logs_and_commit() {
     let listed = r.body["requests"].as_array().unwrap();
     assert!(listed.iter().any(|x| x["id"] == json!(id)));
     assert!(listed.iter().all(|x| x["status"] == "completed"));
+    // Every answer names the id `request_id` (`id` stays, as an alias).
+    assert!(listed.iter().all(|x| x["request_id"] == x["id"]));
+    let prefix = id.to_string()[..8].to_uppercase();
+    let r = t
+        .get(&format!("/requests?id_prefix={prefix}&limit=2"), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let found: Vec<&Value> = r.body["requests"].as_array().unwrap().iter().collect();
+    assert_eq!(found.len(), 1, "{}", r.text);
+    assert_eq!(found[0]["request_id"], json!(id));
 
     let r = t.get("/metrics", None).await;
     assert_eq!(r.status, StatusCode::OK);
@@ -256,6 +266,18 @@ async fn happy_path_submit_approve_complete_with_logs_and_commit() {
         "{}",
         r.text
     );
+    // Just heard from: fresh, with the age and the limit it is measured against.
+    for a in agents {
+        assert_eq!(a["liveness"], "fresh", "{a}");
+        assert!(
+            a["heartbeat_age_secs"].as_i64().is_some_and(|s| s >= 0),
+            "{a}"
+        );
+        assert!(
+            a["heartbeat_max_age_secs"].as_u64().is_some_and(|s| s > 0),
+            "{a}"
+        );
+    }
 
     let r = t.get("/costs", None).await;
     assert_eq!(r.status, StatusCode::OK);
@@ -973,6 +995,11 @@ async fn text_the_stores_cannot_keep_and_odd_bodies_are_400() {
         "status=",
         "status=%00",
         "status=completed%00",
+        "id_prefix=",
+        "id_prefix=abcde",
+        "id_prefix=abcdeg",
+        "id_prefix=abcdef%00",
+        "id_prefix=0123456789abcdef0123456789abcdef01234",
     ] {
         let r = t.get(&format!("/requests?{query}"), None).await;
         assert_error(&r, StatusCode::BAD_REQUEST, 5501);
@@ -983,6 +1010,8 @@ async fn text_the_stores_cannot_keep_and_odd_bodies_are_400() {
         "before=9999-12-31T23:59:59.999999-23:59",
         "limit=1000",
         "limit=1",
+        "id_prefix=ABCDEF-0",
+        "id_prefix=------",
     ] {
         let r = t.get(&format!("/requests?{query}"), None).await;
         assert_eq!(r.status, StatusCode::OK, "{query}: {}", r.text);

@@ -289,6 +289,52 @@ impl Engine {
         let Ok(_permit) = self.inner.planning.clone().acquire_owned().await else {
             return;
         };
+        // Planning is claimed with a lease, renewed while it runs: another instance (or
+        // this one after a restart) resumes a request whose planner died once the lease
+        // lapses, and never plans one someone else is planning.
+        let lease = self.inner.config.dispatch.planning_lease;
+        let owner = self.inner.config.instance_id.clone();
+        match self
+            .inner
+            .store
+            .claim_planning(request.id, &owner, lease)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!(request = %request.id, "planned elsewhere (or no longer planning)");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(request = %request.id, error = %e, "planning not claimed; the sweeper retries");
+                return;
+            }
+        }
+        let renewing = {
+            let store = self.inner.store.clone();
+            let id = request.id;
+            let owner = owner.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(lease / 3).await;
+                    match store.claim_planning(id, &owner, lease).await {
+                        Ok(true) => {}
+                        // Ended (no longer planning) or taken over: stop renewing.
+                        Ok(false) => break,
+                        Err(e) => {
+                            tracing::warn!(request = %id, error = %e, "planning lease not renewed")
+                        }
+                    }
+                }
+            })
+        };
+        struct Abort(tokio::task::JoinHandle<()>);
+        impl Drop for Abort {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _renewing = Abort(renewing);
         let input = PlanInput {
             request_id: request.id,
             text: request.text.clone(),

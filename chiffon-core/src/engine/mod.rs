@@ -178,6 +178,10 @@ pub struct DispatchConfig {
     pub planning_concurrency: usize,
     /// Unacked deliveries held per consumer.
     pub prefetch: u16,
+    /// The lease on a request being planned, renewed every third of it while planning
+    /// runs; a request whose planner died is resumed once it lapses.
+    #[serde(with = "secs")]
+    pub planning_lease: Duration,
     /// How long an automatic dry run before approval may take before it shows as failed.
     #[serde(with = "secs")]
     pub preview_timeout: Duration,
@@ -196,6 +200,7 @@ impl Default for DispatchConfig {
             planning_concurrency: 8,
             prefetch: 64,
             preview_timeout: Duration::from_secs(120),
+            planning_lease: Duration::from_secs(30),
         }
     }
 }

@@ -26,7 +26,12 @@ impl CatalogPlanner {
 
 fn fallback(e: &FallbackEvent) -> PlanEvent {
     PlanEvent {
-        event: "fallback".into(),
+        // A model that declined did not fail: audited as what it is.
+        event: if e.code == chiffon_protocol::ErrorCode::LlmRefused {
+            "llm_refused".into()
+        } else {
+            "fallback".into()
+        },
         details: json!({
             "provider": e.provider, "model": e.model, "code": e.code.code(), "reason": e.reason,
             "cost_usd": e.cost_usd, "input_tokens": e.input_tokens, "output_tokens": e.output_tokens,

@@ -1026,15 +1026,15 @@ impl Engine {
                 }
             }
         }
-        // Planning interrupted by a crash (or a lost instance): plan it again. Transitions
-        // are conditional, so a planning that was only slow cannot apply twice.
-        let filter = RequestFilter {
-            status: Some(RequestStatus::Planning),
-            updated_before: Some(now - STALE_PLANNING),
-            limit: Some(20),
-            ..Default::default()
-        };
-        for r in self.inner.store.list_requests(&filter).await? {
+        // Planning interrupted by a crash (or a lost instance): its lease lapsed, so plan it
+        // again (a claim that was never made: after 5 minutes). Transitions are conditional,
+        // and the lease keeps two instances from planning one request at once.
+        for r in self
+            .inner
+            .store
+            .planning_to_resume(now - STALE_PLANNING, 20)
+            .await?
+        {
             let engine = self.clone();
             self.inner
                 .tasks

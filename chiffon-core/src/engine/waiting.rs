@@ -5,6 +5,40 @@ use chrono::{DateTime, Utc};
 
 use crate::model::{AgentRecord, Request, RequestStatus, Step, StepStatus};
 
+/// How recently an agent was heard from, against `dispatch.heartbeat_max_age` (60 s by
+/// default; agents beat every 15 s by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// Heard from within half the maximum age (by default: at most one beat missed).
+    Fresh,
+    /// Beats are being missed, but work is still sent to it.
+    Stale,
+    /// Silent for longer than the maximum age: no work is sent to it until it beats again.
+    Offline,
+}
+
+impl Liveness {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Liveness::Fresh => "fresh",
+            Liveness::Stale => "stale",
+            Liveness::Offline => "offline",
+        }
+    }
+}
+
+/// Where a heartbeat `age` old stands against `heartbeat_max_age`: the rule the dispatcher
+/// and [`waiting_reason`] use for offline (older than the maximum age), halved for stale.
+pub fn liveness(age: chrono::TimeDelta, heartbeat_max_age: chrono::TimeDelta) -> Liveness {
+    if age > heartbeat_max_age {
+        Liveness::Offline
+    } else if age > heartbeat_max_age / 2 {
+        Liveness::Stale
+    } else {
+        Liveness::Fresh
+    }
+}
+
 /// Why `request` is not moving, or `None` when it is not waiting on anything the engine
 /// can name (planning, awaiting a person, running a step an agent has taken, ended).
 pub fn waiting_reason(
@@ -131,6 +165,17 @@ mod tests {
     use super::*;
     use chiffon_protocol::{CpuMetrics, GpuMetrics, Heartbeat, MemoryMetrics, Resources};
     use uuid::Uuid;
+
+    #[test]
+    fn liveness_halves_the_maximum_age_for_stale() {
+        let max = chrono::TimeDelta::seconds(60);
+        let at = |s| liveness(chrono::TimeDelta::seconds(s), max);
+        assert_eq!(at(0), Liveness::Fresh);
+        assert_eq!(at(30), Liveness::Fresh);
+        assert_eq!(at(31), Liveness::Stale);
+        assert_eq!(at(60), Liveness::Stale);
+        assert_eq!(at(61), Liveness::Offline);
+    }
 
     fn request(status: RequestStatus) -> Request {
         Request {

@@ -90,6 +90,37 @@ pub struct CompletionRequest {
     pub temperature: f32,
     /// The request this call plans, recorded with the spend; not sent to the provider.
     pub request_id: Option<Uuid>,
+    /// Ask for the answer through the provider's structured-output feature (Anthropic tool
+    /// use, OpenAI `response_format`, Ollama `format`); `None`: free text.
+    pub output: Option<OutputSchema>,
+}
+
+/// The JSON shape an answer must have, for a provider's structured-output feature. The
+/// answer comes back as [`Completion::text`] holding that JSON (a tool's input serialised),
+/// so the caller parses and validates it exactly as a free-text answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputSchema {
+    /// A name fit for a tool or a `json_schema` (`[A-Za-z0-9_-]{1,64}`), e.g. `submit_plan`.
+    pub name: String,
+    pub description: String,
+    /// The JSON Schema (an object schema), for Anthropic's tool `input_schema` and
+    /// Ollama's `format`.
+    pub schema: serde_json::Value,
+    /// The same shape as OpenAI's strict mode takes it: every property required (optional
+    /// ones nullable), `additionalProperties: false` everywhere, no `default`.
+    pub strict_schema: serde_json::Value,
+}
+
+impl OutputSchema {
+    /// Bytes of the larger schema as sent: it is part of the prompt the provider bills.
+    pub fn wire_len(&self) -> usize {
+        self.schema
+            .to_string()
+            .len()
+            .max(self.strict_schema.to_string().len())
+            + self.name.len()
+            + self.description.len()
+    }
 }
 
 impl CompletionRequest {
@@ -101,12 +132,16 @@ impl CompletionRequest {
             max_tokens: 1024,
             temperature: 0.0,
             request_id: None,
+            output: None,
         }
     }
 
-    /// Bytes of prompt text (system and messages).
+    /// Bytes of prompt text (system, messages and the output schema, which a provider
+    /// bills as input too).
     pub fn prompt_len(&self) -> usize {
-        self.system.len() + self.messages.iter().map(|m| m.content.len()).sum::<usize>()
+        self.system.len()
+            + self.messages.iter().map(|m| m.content.len()).sum::<usize>()
+            + self.output.as_ref().map_or(0, OutputSchema::wire_len)
     }
 }
 
@@ -120,6 +155,9 @@ pub struct Completion {
     pub model: String,
     /// What the call cost at the provider's prices, USD micro-dollars.
     pub cost_micros: i64,
+    /// The model declined to answer and said why (OpenAI's `message.refusal`, Anthropic's
+    /// `stop_reason: "refusal"`); `text` may then be empty.
+    pub refusal: Option<String>,
 }
 
 /// Errors of an [`LlmProvider`] and its wrappers. Classify with [`LlmError::code`] and
@@ -180,6 +218,10 @@ pub enum LlmError {
     InvalidPlan { code: ErrorCode, message: String },
     #[error("invalid llm configuration: {0}")]
     Config(String),
+    /// The model declined to plan the request and said why. Not a provider failure: no
+    /// other provider, and not the offline planner, is asked to guess instead.
+    #[error("the model declined: {reason}")]
+    Refused { reason: String },
 }
 
 impl LlmError {
@@ -198,6 +240,7 @@ impl LlmError {
             LlmError::CircuitOpen { .. } => ErrorCode::CircuitOpen,
             LlmError::InvalidPlan { code, .. } => *code,
             LlmError::Config(_) => ErrorCode::InvalidConfig,
+            LlmError::Refused { .. } => ErrorCode::LlmRefused,
         }
     }
 
@@ -240,7 +283,26 @@ impl LlmError {
                 | LlmError::Store(_)
                 | LlmError::CircuitOpen { .. }
                 | LlmError::Config(_)
+                | LlmError::Refused { .. }
         )
+    }
+
+    /// Whether the server rejected the request's structured-output parameter (a 400 or 422
+    /// whose message or body names one of `fields`), so the call may be made again asking
+    /// for free text instead.
+    pub fn rejects_structured_output(&self, fields: &[&str]) -> bool {
+        match self {
+            LlmError::Http {
+                status: 400 | 422,
+                message,
+                body,
+                ..
+            } => {
+                let text = format!("{message} {body}").to_ascii_lowercase();
+                fields.iter().any(|f| text.contains(f))
+            }
+            _ => false,
+        }
     }
 }
 

@@ -76,7 +76,10 @@ where
                 completion,
             }),
             Err(e) => {
-                provider.record_rejection(&e);
+                // A refusal is an answer, not a fault of the provider's.
+                if !matches!(e, LlmError::Refused { .. }) {
+                    provider.record_rejection(&e);
+                }
                 Err((event(&e, Some(&completion)), e))
             }
         },
@@ -109,7 +112,8 @@ impl Fallback {
     }
 
     /// The first completion `accept` takes; every failure before it is pushed to `events`.
-    /// When all fail: the last error.
+    /// When all fail: the last error. A refusal ([`LlmError::Refused`]) ends the walk: the
+    /// model said why it will not do it, and another one is not asked to.
     pub async fn complete_with<T, F>(
         &self,
         req: &CompletionRequest,
@@ -126,6 +130,9 @@ impl Fallback {
                 Err((event, e)) => {
                     tracing::info!(provider = %event.provider, code = %event.code, reason = %event.reason, "llm fallback");
                     events.push(event);
+                    if matches!(e, LlmError::Refused { .. }) {
+                        return Err(e);
+                    }
                     last = e;
                 }
             }
@@ -152,6 +159,10 @@ impl LlmProvider for Fallback {
             .fold(Pricing::FREE, |a, b| Pricing {
                 input_usd_per_mtok: a.input_usd_per_mtok.max(b.input_usd_per_mtok),
                 output_usd_per_mtok: a.output_usd_per_mtok.max(b.output_usd_per_mtok),
+                cache_write_usd_per_mtok: a
+                    .cache_write_usd_per_mtok
+                    .max(b.cache_write_usd_per_mtok),
+                cache_read_usd_per_mtok: a.cache_read_usd_per_mtok.max(b.cache_read_usd_per_mtok),
             })
     }
 

@@ -1,10 +1,14 @@
 //! The planner: a request in plain words becomes a validated [`Plan`].
 //!
 //! It walks the [`Router`]'s links in order. An LLM link gets the prompt of [`prompt`]
-//! (role, rules, the whole catalog, the inventory) and its answer is parsed strictly and
-//! validated against the catalog ([`parse`]); an unknown action, a parameter that fails its
-//! schema or a malformed answer counts as that provider's failure and the next link is
-//! tried. The [`offline`] link plans with no LLM at all. Every skip comes back as a
+//! (role, rules, the whole catalog, the inventory) and the plan's JSON Schema generated
+//! from the catalog ([`schema`]), which each provider asks for through its structured
+//! output (free text where the server has none); the answer is parsed strictly and
+//! validated against the catalog ([`parse`]) either way. An unknown action, a parameter
+//! that fails its schema or a malformed answer counts as that provider's failure and the
+//! next link is tried. A refusal (no steps, a reason) ends planning: the request fails
+//! with [`ErrorCode::LlmRefused`] and the model's reason, and no other link, the offline
+//! planner included, is asked to guess. The [`offline`] link plans with no LLM at all. Every skip comes back as a
 //! [`FallbackEvent`] for the audit log, on success and on failure.
 //!
 //! Plans made by an LLM are cached ([`cache`]): the same normalised request against the
@@ -15,6 +19,7 @@ pub mod cache;
 pub mod offline;
 pub mod parse;
 pub mod prompt;
+pub mod schema;
 
 use std::sync::Arc;
 
@@ -89,10 +94,12 @@ pub struct PlanOutcome {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{message}")]
 pub struct PlanError {
-    /// [`ErrorCode::NoPlan`] when every link failed.
+    /// [`ErrorCode::NoPlan`] when every link failed, [`ErrorCode::LlmRefused`] when a
+    /// model declined (the message carries its reason).
     pub code: ErrorCode,
     pub message: String,
-    /// Every provider skipped or failed, in order (the offline planner's failure included).
+    /// Every provider skipped or failed, in order (the offline planner's failure included;
+    /// for a refusal, last, the refusing provider's with its cost).
     pub events: Vec<FallbackEvent>,
 }
 
@@ -166,7 +173,7 @@ impl Planner {
             match link {
                 Link::Llm(provider) => {
                     let mut accept =
-                        |c: &crate::llm::Completion| parse::parse_plan(&c.text, catalog);
+                        |c: &crate::llm::Completion| parse::parse_completion(c, catalog);
                     match attempt(provider.as_ref(), &req, &mut accept).await {
                         Ok(a) => {
                             spent_micros += a.completion.cost_micros;
@@ -196,6 +203,19 @@ impl Planner {
                                 plan,
                                 events,
                                 usage,
+                            });
+                        }
+                        Err((event, crate::llm::LlmError::Refused { reason })) => {
+                            let message = format!(
+                                "{} ({}) declined to plan the request: {reason}",
+                                event.provider, event.model
+                            );
+                            tracing::info!(provider = %event.provider, %reason, "the model declined to plan");
+                            events.push(event);
+                            return Err(PlanError {
+                                code: ErrorCode::LlmRefused,
+                                message,
+                                events,
                             });
                         }
                         Err((event, _)) => {

@@ -1,7 +1,11 @@
 //! Strict parsing of an LLM's answer into a validated [`Plan`].
 //!
-//! The answer must be one JSON object `{"summary", "steps", "risks"}`, optionally inside a
-//! single ```` ```json ```` fence and nothing else. Every step must name a catalog action
+//! The answer must be one JSON object `{"summary", "steps", "risks", "refusal"?}`,
+//! optionally inside a single ```` ```json ```` fence and nothing else; it is the same
+//! whether it came as free text or through a provider's structured output (a tool's
+//! input, a `json_schema` answer, an Ollama `format` answer), and so are the checks. A
+//! `refusal` with no steps is the model declining: [`LlmError::Refused`] with its reason,
+//! which ends planning instead of falling back. Every step must name a catalog action
 //! and pass its schema; `agent_type` and `resources` come from the catalog, never from
 //! the answer. The answer is untrusted: NUL characters anywhere (neither database stores
 //! them) and sizes past the bounds below (summary, steps, parameter strings, reasons,
@@ -43,6 +47,9 @@ struct RawPlan {
     steps: Vec<RawStep>,
     #[serde(default)]
     risks: Vec<String>,
+    /// The model declines, and says why (`null` when it does not: strict schemas list it).
+    #[serde(default)]
+    refusal: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -149,6 +156,33 @@ fn too_long(what: &str, s: &str, max: usize) -> Result<(), LlmError> {
     Ok(())
 }
 
+/// A model's refusal, checked like any other part of an answer (size, NUL) and fit to show
+/// to the person: shortened, control characters escaped.
+pub fn refusal(reason: &str) -> LlmError {
+    let reason = reason.trim();
+    if reason.contains('\0') {
+        return invalid(
+            ErrorCode::LlmInvalidResponse,
+            "the refusal contains a NUL character",
+        );
+    }
+    if let Err(e) = too_long("the refusal", reason, MAX_NOTE_CHARS) {
+        return e;
+    }
+    LlmError::Refused {
+        reason: excerpt(reason, MAX_NOTE_CHARS),
+    }
+}
+
+/// Parses and validates a completion: the provider's own refusal signal (OpenAI's
+/// `message.refusal`) first, then the answer's text with [`parse_plan`].
+pub fn parse_completion(c: &crate::llm::Completion, catalog: &Catalog) -> Result<Plan, LlmError> {
+    if let Some(r) = &c.refusal {
+        return Err(refusal(r));
+    }
+    parse_plan(&c.text, catalog)
+}
+
 /// Parses and validates an answer. The returned plan has no provider, model or costs yet.
 pub fn parse_plan(answer: &str, catalog: &Catalog) -> Result<Plan, LlmError> {
     if answer.len() > MAX_ANSWER_BYTES {
@@ -196,6 +230,15 @@ pub fn parse_plan(answer: &str, catalog: &Catalog) -> Result<Plan, LlmError> {
             format!("the answer is not a plan object: {e}"),
         )
     })?;
+    if let Some(reason) = raw.refusal.as_deref().filter(|r| !r.trim().is_empty()) {
+        if !raw.steps.is_empty() {
+            return Err(invalid(
+                ErrorCode::LlmInvalidResponse,
+                "the answer both declines (refusal) and plans steps",
+            ));
+        }
+        return Err(refusal(reason));
+    }
     if raw.summary.trim().is_empty() {
         return Err(invalid(
             ErrorCode::LlmInvalidResponse,
@@ -311,6 +354,40 @@ mod tests {
         assert_eq!(unfence("  ```\n{}\n```  ").unwrap(), "{}");
         assert!(unfence("```yaml\na: 1\n```").is_err());
         assert!(unfence("```json\n{}").is_err());
+    }
+
+    #[test]
+    fn refusals_are_their_own_outcome() {
+        let c = Catalog::default();
+        let e = parse_plan(
+            r#"{"summary":"no","steps":[],"risks":[],"refusal":"wiping disks is not in the catalog"}"#,
+            &c,
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), ErrorCode::LlmRefused);
+        assert!(e.to_string().contains("wiping disks"), "{e}");
+        // A null or blank refusal is no refusal: an empty plan stays invalid.
+        for answer in [
+            r#"{"summary":"s","steps":[],"risks":[],"refusal":null}"#,
+            r#"{"summary":"s","steps":[],"risks":[],"refusal":"  "}"#,
+        ] {
+            assert_eq!(
+                parse_plan(answer, &c).unwrap_err().code(),
+                ErrorCode::LlmInvalidResponse
+            );
+        }
+        let long = format!(
+            r#"{{"summary":"s","steps":[],"refusal":"{}"}}"#,
+            "x".repeat(MAX_NOTE_CHARS + 1)
+        );
+        assert_eq!(
+            parse_plan(&long, &c).unwrap_err().code(),
+            ErrorCode::LlmInvalidResponse
+        );
+        assert_eq!(
+            refusal("a\u{1b}[31mb").to_string(),
+            "the model declined: a\\u{1b}[31mb"
+        );
     }
 
     #[test]

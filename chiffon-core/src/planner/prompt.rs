@@ -1,6 +1,7 @@
 //! The planning prompt: the role and rules, the whole catalog (every action's description,
 //! parameters with types, patterns, defaults and bounds, resources) and the inventory's
-//! hosts, and the one JSON shape the answer must have.
+//! hosts, and the one JSON shape the answer must have. The request also carries that shape
+//! as a schema ([`super::schema`]) for the providers' structured output.
 
 use serde_json::{json, Map, Value};
 
@@ -13,18 +14,22 @@ written in plain words into a plan: an ordered list of steps, each step one acti
 catalog below with its parameters. A person reviews the plan before anything runs.
 
 Rules:
-1. Use only actions from the catalog, by their exact name. Never invent an action. If the \
-catalog cannot do what is asked, answer with an empty \"steps\" list and say why in \"summary\".
+1. Use only actions from the catalog, by their exact name. Never invent an action. You may \
+decline: if the catalog cannot do what is asked, or the request should not be done, answer \
+with an empty \"steps\" list and say why in \"refusal\" (and in one line in \"summary\"). \
+A person sees the reason; nobody guesses a plan for you.
 2. Give every required parameter. Each value must have the declared JSON type (string, \
-integer or boolean) and match the parameter's pattern and bounds. Leave out a parameter \
-whose default fits. Never add a parameter the action does not declare.
+integer or boolean) and match the parameter's pattern and bounds. Leave out (or set to null) a \
+parameter whose default fits. Never add a parameter the action does not declare.
 3. Host parameters name hosts from the inventory below, exactly as written there.
 4. Steps run one after the other, in the order given. Keep the plan as short as the request allows.
 5. In \"risks\", list what could go wrong (downtime, data loss, wrong host); an empty list if none.
-6. Answer with ONLY one JSON object, no prose before or after it, no comments, in exactly \
-this shape:
+6. When you are given the submit_plan tool or a response schema, answer through it. \
+Otherwise answer with ONLY one JSON object, no prose before or after it, no comments, in \
+exactly this shape (\"refusal\" null unless you decline):
 {\"summary\": \"one line saying what the plan does\", \"steps\": [{\"action\": \"NAME\", \
-\"parameters\": {\"PARAM\": VALUE}, \"reason\": \"why this step\"}], \"risks\": [\"...\"]}";
+\"parameters\": {\"PARAM\": VALUE}, \"reason\": \"why this step\"}], \"risks\": [\"...\"], \
+\"refusal\": null}";
 
 /// The catalog as the prompt shows it: a JSON array, one object per action.
 pub fn catalog_json(catalog: &Catalog) -> Value {
@@ -108,7 +113,8 @@ pub fn user_prompt(text: &str, dry_run: bool) -> String {
     s
 }
 
-/// The whole completion request for planning `text`.
+/// The whole completion request for planning `text`, asking for the plan's schema through
+/// each provider's structured output.
 pub fn planning_request(
     catalog: &Catalog,
     text: &str,
@@ -119,5 +125,6 @@ pub fn planning_request(
     let mut req = CompletionRequest::new(system_prompt(catalog), user_prompt(text, dry_run));
     req.max_tokens = max_tokens;
     req.temperature = temperature;
+    req.output = Some(super::schema::output_schema(catalog));
     req
 }

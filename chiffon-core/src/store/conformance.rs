@@ -102,6 +102,7 @@ macro_rules! store_conformance_tests {
             heartbeats_and_agents,
             identities_and_step_binding,
             step_previews,
+            planning_leases,
             llm_reserve_over_budget,
             llm_concurrent_reservations,
             llm_settle_and_monthly_spend,
@@ -679,6 +680,57 @@ pub async fn list_filter_order(h: &Harness) {
         next.iter().map(|r| r.id).collect::<Vec<_>>(),
         vec![made[2].id, made[1].id]
     );
+
+    // By id prefix: three ids that share their first 6 characters, two their first 34.
+    let mut bytes = *Uuid::new_v4().as_bytes();
+    bytes[15] = 0;
+    let a = Uuid::from_bytes(bytes);
+    bytes[15] = 1;
+    let b = Uuid::from_bytes(bytes);
+    bytes[3] ^= 0xff;
+    let c = Uuid::from_bytes(bytes);
+    for id in [a, b, c] {
+        s.create_request(&NewRequest {
+            id,
+            ..new_request("prefixed")
+        })
+        .await
+        .unwrap();
+    }
+    let by_prefix = |p: String, limit: Option<u32>| {
+        let s = h.store.clone();
+        async move {
+            let mut ids: Vec<Uuid> = s
+                .list_requests(&RequestFilter {
+                    id_prefix: Some(p),
+                    limit,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.id)
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    let text = a.to_string();
+    let mut abc = vec![a, b, c];
+    abc.sort();
+    assert_eq!(by_prefix(text[..6].to_string(), None).await, abc);
+    assert_eq!(by_prefix(text[..6].to_uppercase(), None).await, abc);
+    assert_eq!(by_prefix(text[..6].to_string(), Some(2)).await.len(), 2);
+    assert_eq!(by_prefix(text[..34].to_string(), None).await, vec![a, b]);
+    assert_eq!(by_prefix(text.clone(), None).await, vec![a]);
+    assert_eq!(
+        by_prefix(text[..9].to_string(), None).await.len(),
+        2,
+        "a hyphen in its place"
+    );
+    assert!(by_prefix(format!("{}-{}", &text[..4], &text[4..8]), None)
+        .await
+        .is_empty());
 }
 
 pub async fn step_updates(h: &Harness) {
@@ -1262,6 +1314,51 @@ pub async fn step_previews(h: &Harness) {
         s.start_step_preview(Uuid::new_v4(), &p).await,
         Err(StoreError::NotFound { .. })
     ));
+}
+
+pub async fn planning_leases(h: &Harness) {
+    let s = &*h.store;
+    let r = s.create_request(&new_request("x")).await.unwrap();
+    let long = Duration::from_secs(60);
+    // Never claimed and fresh: nobody resumes it yet.
+    let long_ago = Utc::now() - ChronoDuration::minutes(5);
+    assert!(s.planning_to_resume(long_ago, 10).await.unwrap().is_empty());
+    // Never claimed and stale: resumed.
+    let soon = Utc::now() + ChronoDuration::seconds(1);
+    assert_eq!(s.planning_to_resume(soon, 10).await.unwrap()[0].id, r.id);
+    assert!(s.claim_planning(r.id, "a", long).await.unwrap());
+    assert!(
+        !s.claim_planning(r.id, "b", long).await.unwrap(),
+        "held by a"
+    );
+    assert!(s.claim_planning(r.id, "a", long).await.unwrap(), "a renews");
+    assert!(
+        s.planning_to_resume(soon, 10).await.unwrap().is_empty(),
+        "leased"
+    );
+    // a's lease lapses (a died): b may take it, and it is listed to resume.
+    assert!(s
+        .claim_planning(r.id, "a", Duration::from_millis(1))
+        .await
+        .unwrap());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        s.planning_to_resume(long_ago, 10).await.unwrap()[0].id,
+        r.id
+    );
+    assert!(s.claim_planning(r.id, "b", long).await.unwrap());
+    assert!(!s.claim_planning(r.id, "a", long).await.unwrap());
+    // Out of planning: nobody claims it.
+    s.transition(
+        r.id,
+        RequestStatus::Planning,
+        RequestStatus::Failed,
+        &RequestPatch::default(),
+    )
+    .await
+    .unwrap();
+    assert!(!s.claim_planning(r.id, "b", long).await.unwrap());
+    assert!(s.planning_to_resume(soon, 10).await.unwrap().is_empty());
 }
 
 pub async fn llm_reserve_over_budget(h: &Harness) {

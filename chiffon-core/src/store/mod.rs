@@ -148,6 +148,22 @@ pub trait Store: Send + Sync + 'static {
         attempt: u32,
         broker_user: &str,
     ) -> Result<bool, StoreError>;
+    /// Claims (or renews) the planning of request `id` for `owner` until now + `lease`:
+    /// only while it is `planning` and nobody else holds an unexpired claim. Returns whether
+    /// `owner` holds it now.
+    async fn claim_planning(
+        &self,
+        id: Uuid,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError>;
+    /// Requests in `planning` nobody is planning: their claim lapsed, or they were never
+    /// claimed and last changed before `stale_unleased`. Oldest first.
+    async fn planning_to_resume(
+        &self,
+        stale_unleased: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Request>, StoreError>;
     /// The audit chain's head: the last sequence number and its hash.
     async fn audit_head(&self) -> Result<(i64, String), StoreError>;
     /// The hash of audit entry `seq`, if it exists.

@@ -410,6 +410,17 @@ impl Store for SqliteStore {
         if let Some(before) = filter.created_before {
             q.push(" AND created_at < ").push_bind(ts(trunc(before)));
         }
+        if let Some(prefix) = &filter.id_prefix {
+            match id_prefix_range(prefix) {
+                Some((low, high)) => {
+                    q.push(" AND id BETWEEN ").push_bind(low);
+                    q.push(" AND ").push_bind(high);
+                }
+                None => {
+                    q.push(" AND 1 = 0");
+                }
+            }
+        }
         q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
             .push_bind(i64::from(filter.limit.unwrap_or(DEFAULT_LIST_LIMIT)));
         let rows = q.build().fetch_all(&self.pool).await.map_err(db_err)?;
@@ -844,6 +855,56 @@ impl Store for SqliteStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(db_err)
+    }
+
+    async fn claim_planning(
+        &self,
+        id: Uuid,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let now = chrono::Utc::now();
+        let until = ts(trunc(
+            now + chrono::TimeDelta::from_std(lease).unwrap_or(chrono::TimeDelta::MAX),
+        ));
+        let now = ts(trunc(now));
+        let done = sqlx::query(
+            "UPDATE tasks SET planning_owner = ?2, planning_until = ?3 \
+             WHERE id = ?1 AND status = 'planning' \
+             AND (planning_until IS NULL OR planning_until < ?4 OR planning_owner = ?2)",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(&until)
+        .bind(&now)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn planning_to_resume(
+        &self,
+        stale_unleased: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Request>, StoreError> {
+        let now = ts(trunc(chrono::Utc::now()));
+        let stale = ts(trunc(stale_unleased));
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            req_cols!(),
+            " FROM tasks WHERE status = 'planning' AND \
+             ((planning_until IS NOT NULL AND planning_until < ?1) \
+              OR (planning_until IS NULL AND updated_at < ?2)) \
+             ORDER BY created_at LIMIT ?3"
+        ))
+        .bind(&now)
+        .bind(&stale)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(request_from_row).collect()
     }
 
     // ---- agents and resource metrics ----

@@ -1,7 +1,10 @@
 //! Local HTTP servers that speak the three LLM wire formats (and their errors), for the
 //! provider, router and planner tests. Each server checks what a real one would (path,
-//! auth headers, body shape) and answers a scripted sequence of replies (the last one
-//! repeats).
+//! auth headers, body shape, and the structured-output fields: Anthropic `tools`,
+//! `tool_choice` and `cache_control` blocks, OpenAI `response_format` with strict mode's
+//! schema rules, Ollama `format`) and answers a scripted sequence of replies (the last one
+//! repeats). [`MockLlm::start_plain`] is a server that knows none of those fields and
+//! answers them with the 400 such a server sends.
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
@@ -84,6 +87,48 @@ impl Reply {
         }
     }
 
+    /// Anthropic: the answer as a `tool_use` block (what a forced tool produces), with
+    /// prompt-cache usage.
+    pub fn tool_use(
+        tool: &str,
+        input: Value,
+        input_tokens: u64,
+        cache_write: u64,
+        cache_read: u64,
+        output_tokens: u64,
+    ) -> Reply {
+        let body = json!({
+            "id": "msg_02", "type": "message", "role": "assistant", "model": "claude-test",
+            "content": [{"type": "tool_use", "id": "toolu_01A09q90qw90lq917835lq9", "name": tool, "input": input}],
+            "stop_reason": "tool_use", "stop_sequence": null,
+            "usage": {
+                "input_tokens": input_tokens, "output_tokens": output_tokens,
+                "cache_creation_input_tokens": cache_write, "cache_read_input_tokens": cache_read
+            }
+        });
+        Reply {
+            status: 200,
+            headers: vec![],
+            body: body.to_string(),
+            delay: None,
+        }
+    }
+
+    /// OpenAI: a structured-output refusal (`content` null, `refusal` set).
+    pub fn openai_refusal(reason: &str, input_tokens: u64, output_tokens: u64) -> Reply {
+        let body = json!({
+            "id": "chatcmpl-2", "object": "chat.completion", "created": 1, "model": "gpt-test",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "refusal": reason}, "logprobs": null, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": input_tokens, "completion_tokens": output_tokens, "total_tokens": input_tokens + output_tokens}
+        });
+        Reply {
+            status: 200,
+            headers: vec![],
+            body: body.to_string(),
+            delay: None,
+        }
+    }
+
     pub fn header(mut self, k: &str, v: &str) -> Reply {
         self.headers.push((k.into(), v.into()));
         self
@@ -102,6 +147,8 @@ struct Inner {
     replies: Mutex<VecDeque<Reply>>,
     hits: AtomicUsize,
     bodies: Mutex<Vec<Value>>,
+    /// Knows the structured-output fields (else answers them with a 400).
+    structured: bool,
 }
 
 /// A running mock server.
@@ -124,7 +171,19 @@ impl MockLlm {
 
     /// A server that expects `key` instead of [`KEY`].
     pub async fn start_with_key(wire: Wire, key: &str, replies: Vec<Reply>) -> MockLlm {
+        MockLlm::start_inner(wire, key, replies, true).await
+    }
+
+    /// A server without structured output: a request with `tools`/`cache_control`
+    /// (Anthropic), `response_format` (OpenAI) or a `format` schema (Ollama) gets the 400
+    /// such a server answers.
+    pub async fn start_plain(wire: Wire, replies: Vec<Reply>) -> MockLlm {
+        MockLlm::start_inner(wire, KEY, replies, false).await
+    }
+
+    async fn start_inner(wire: Wire, key: &str, replies: Vec<Reply>, structured: bool) -> MockLlm {
         let inner = Arc::new(Inner {
+            structured,
             wire,
             key: key.to_string(),
             replies: Mutex::new(replies.into()),
@@ -165,6 +224,162 @@ impl MockLlm {
     }
 }
 
+/// OpenAI strict mode's rules, as the API enforces them before any generation: every
+/// object lists all its properties in `required` and sets `additionalProperties: false`;
+/// the root is an object, not `anyOf`; no `default`.
+pub fn strict_schema_error(v: &Value, at: &str) -> Option<String> {
+    let o = v.as_object()?;
+    if let Some(props) = o.get("properties").and_then(Value::as_object) {
+        let req: Vec<&str> = o
+            .get("required")
+            .and_then(Value::as_array)
+            .map(|r| r.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if let Some(k) = props.keys().find(|k| !req.contains(&k.as_str())) {
+            return Some(format!("In context=({at}), 'required' is required to be supplied and to be an array including every key in properties. Missing '{k}'."));
+        }
+        if o.get("additionalProperties") != Some(&json!(false)) {
+            return Some(format!("In context=({at}), 'additionalProperties' is required to be supplied and to be false."));
+        }
+        for (k, p) in props {
+            if let Some(e) = strict_schema_error(p, &format!("{at}, 'properties', '{k}'")) {
+                return Some(e);
+            }
+        }
+    }
+    if o.contains_key("default") {
+        return Some(format!("In context=({at}), 'default' is not permitted."));
+    }
+    for key in ["items", "anyOf"] {
+        match o.get(key) {
+            Some(Value::Array(a)) => {
+                for (i, x) in a.iter().enumerate() {
+                    if let Some(e) = strict_schema_error(x, &format!("{at}, '{key}', '{i}'")) {
+                        return Some(e);
+                    }
+                }
+            }
+            Some(x) => {
+                if let Some(e) = strict_schema_error(x, &format!("{at}, '{key}'")) {
+                    return Some(e);
+                }
+            }
+            None => {}
+        }
+    }
+    None
+}
+
+fn check_structured(wire: Wire, structured: bool, body: &Value) -> Result<(), Reply> {
+    let bad = |m: &str| Err(Reply::error(wire, 400, "invalid_request_error", m));
+    match wire {
+        Wire::Anthropic => {
+            let system_blocks = body["system"].is_array();
+            if !structured {
+                if body.get("tools").is_some() {
+                    return bad("tools: Extra inputs are not permitted");
+                }
+                if system_blocks
+                    && body["system"]
+                        .as_array()
+                        .is_some_and(|b| b.iter().any(|b| b.get("cache_control").is_some()))
+                {
+                    return bad("system.0.cache_control: Extra inputs are not permitted");
+                }
+                return Ok(());
+            }
+            if system_blocks {
+                let ok = body["system"].as_array().is_some_and(|b| {
+                    b.iter().all(|b| {
+                        b["type"] == "text"
+                            && b["text"].is_string()
+                            && (b.get("cache_control").is_none()
+                                || b["cache_control"] == json!({"type": "ephemeral"}))
+                    })
+                });
+                if !ok {
+                    return bad("system: each block must be {type: text, text, cache_control?: {type: ephemeral}}");
+                }
+            }
+            if let Some(tools) = body.get("tools") {
+                let names: Vec<&str> = match tools.as_array() {
+                    Some(t) if !t.is_empty() => t.iter().filter_map(|t| t["name"].as_str()).collect(),
+                    _ => return bad("tools: Input should be a valid list"),
+                };
+                let ok = tools.as_array().unwrap().iter().all(|t| {
+                    t["name"].as_str().is_some_and(|n| {
+                        !n.is_empty()
+                            && n.len() <= 64
+                            && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                    }) && t["input_schema"]["type"] == "object"
+                });
+                if !ok {
+                    return bad("tools.0.input_schema: Input tag does not match the expected type 'object'");
+                }
+                match &body["tool_choice"] {
+                    Value::Null => {}
+                    c if c["type"] == "tool" => {
+                        if !c["name"].as_str().is_some_and(|n| names.contains(&n)) {
+                            return bad("tool_choice.name: tool not found in tools");
+                        }
+                    }
+                    c if c["type"] == "auto" || c["type"] == "any" || c["type"] == "none" => {}
+                    _ => return bad("tool_choice: unknown type"),
+                }
+            } else if body.get("tool_choice").is_some() {
+                return bad("tool_choice may only be specified while providing tools");
+            }
+        }
+        Wire::OpenAi => {
+            let Some(rf) = body.get("response_format") else {
+                return Ok(());
+            };
+            if !structured {
+                return Err(Reply::error(
+                    wire,
+                    400,
+                    "invalid_request_error",
+                    "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model.",
+                ));
+            }
+            match rf["type"].as_str() {
+                Some("text") | Some("json_object") => {}
+                Some("json_schema") => {
+                    let js = &rf["json_schema"];
+                    if !js["name"].as_str().is_some_and(|n| !n.is_empty() && n.len() <= 64) {
+                        return bad("Missing required parameter: 'response_format.json_schema.name'.");
+                    }
+                    if js["schema"]["type"] != "object" {
+                        return bad("Invalid schema for response_format: schema must be a JSON Schema of 'type: \"object\"'.");
+                    }
+                    if js["strict"] == json!(true) {
+                        if let Some(e) = strict_schema_error(&js["schema"], "") {
+                            let name = js["name"].as_str().unwrap_or("");
+                            return bad(&format!("Invalid schema for response_format '{name}': {e}"));
+                        }
+                    }
+                }
+                _ => return bad("Invalid value for 'response_format.type'."),
+            }
+        }
+        Wire::Ollama => match body.get("format") {
+            None => {}
+            Some(Value::String(f)) if f == "json" => {}
+            Some(f) if structured && f["type"] == "object" => {}
+            Some(_) if !structured => {
+                return Err(Reply::error(
+                    wire,
+                    400,
+                    "",
+                    "json: cannot unmarshal object into Go struct field ChatRequest.format of type string",
+                ))
+            }
+            Some(_) => return Err(Reply::error(wire, 400, "", "invalid format: expected \"json\" or a JSON schema")),
+        },
+    }
+    Ok(())
+}
+
 fn check(wire: Wire, key: &str, headers: &HeaderMap, body: &Value) -> Result<(), Reply> {
     let h = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or("");
     match wire {
@@ -192,7 +407,9 @@ fn check(wire: Wire, key: &str, headers: &HeaderMap, body: &Value) -> Result<(),
                         && m.iter()
                             .all(|m| m["role"] == "user" || m["role"] == "assistant")
                 })
-                && (body.get("system").is_none() || body["system"].is_string());
+                && (body.get("system").is_none()
+                    || body["system"].is_string()
+                    || body["system"].is_array());
             if !ok {
                 return Err(Reply::error(wire, 400, "invalid_request_error", "bad body"));
             }
@@ -236,7 +453,9 @@ async fn handle(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes
     inner.hits.fetch_add(1, Ordering::SeqCst);
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     inner.bodies.lock().unwrap().push(body.clone());
-    let reply = match check(inner.wire, &inner.key, &headers, &body) {
+    let checked = check(inner.wire, &inner.key, &headers, &body)
+        .and_then(|()| check_structured(inner.wire, inner.structured, &body));
+    let reply = match checked {
         Err(r) => r,
         Ok(()) => {
             let mut q = inner.replies.lock().unwrap();

@@ -1,14 +1,22 @@
 //! Ollama: `POST {host}/api/chat` with `stream: false`; the answer's `message.content`,
 //! `prompt_eval_count` and `eval_count`; errors `{"error": "…"}`.
+//!
+//! A request with an [`OutputSchema`] sends it as `format` (Ollama 0.5 and later constrain
+//! the answer to it); the answer is still `message.content`, a JSON string. A server that
+//! rejects `format` with a 400 is asked again for free text, and from then on only for it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::{build_client, join_url, parse_body, provider_redactor, secs, send, RAW_LIMIT};
-use crate::llm::{truncate, Completion, CompletionRequest, LlmError, LlmProvider, Pricing};
+use crate::llm::{
+    truncate, Completion, CompletionRequest, LlmError, LlmProvider, OutputSchema, Pricing,
+};
 
 /// The Ollama provider's configuration (the `[llm.ollama]` table).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,6 +32,8 @@ pub struct OllamaConfig {
     /// Local models on a CPU can be slow: a longer default than the hosted APIs.
     pub timeout_secs: u64,
     pub connect_timeout_secs: u64,
+    /// Ask for plans with a `format` schema; `false`: free text only.
+    pub structured_output: bool,
 }
 
 impl Default for OllamaConfig {
@@ -36,6 +46,7 @@ impl Default for OllamaConfig {
             monthly_budget_usd: None,
             timeout_secs: 180,
             connect_timeout_secs: 5,
+            structured_output: true,
         }
     }
 }
@@ -55,6 +66,8 @@ pub struct OllamaProvider {
     pricing: Pricing,
     /// Strikes the key (and any URL password) from error text.
     redactor: crate::redact::Redactor,
+    /// Cleared for good once the server rejects `format` (shared by clones).
+    structured: Arc<AtomicBool>,
 }
 
 impl OllamaProvider {
@@ -80,7 +93,26 @@ impl OllamaProvider {
             model: config.model.clone(),
             pricing: config.pricing(),
             redactor: provider_redactor(None, &host),
+            structured: Arc::new(AtomicBool::new(config.structured_output)),
         })
+    }
+
+    /// Whether calls still ask for structured output (false once the server rejected it).
+    pub fn structured_output(&self) -> bool {
+        self.structured.load(Ordering::Relaxed)
+    }
+
+    fn body(&self, req: &CompletionRequest, output: Option<&OutputSchema>) -> Value {
+        let mut body = json!({
+            "model": self.model,
+            "messages": super::chat_messages(req),
+            "stream": false,
+            "options": {"temperature": req.temperature, "num_predict": req.max_tokens},
+        });
+        if let Some(o) = output {
+            body["format"] = o.schema.clone();
+        }
+        body
     }
 
     /// Also strikes `redactor`'s secrets (every configured one) from the errors it returns.
@@ -133,19 +165,22 @@ impl LlmProvider for OllamaProvider {
     }
 
     async fn complete(&self, req: CompletionRequest) -> Result<Completion, LlmError> {
-        let messages = super::chat_messages(&req);
-        let body = json!({
-            "model": self.model,
-            "messages": messages,
-            "stream": false,
-            "options": {"temperature": req.temperature, "num_predict": req.max_tokens},
-        });
-        let raw = send(
-            self.client.post(&self.url).json(&body),
-            error_message,
-            &self.redactor,
-        )
-        .await?;
+        let output = req.output.as_ref().filter(|_| self.structured_output());
+        let call = |body: Value| {
+            send(
+                self.client.post(&self.url).json(&body),
+                error_message,
+                &self.redactor,
+            )
+        };
+        let raw = match call(self.body(&req, output)).await {
+            Err(e) if output.is_some() && e.rejects_structured_output(&["format"]) => {
+                tracing::warn!(provider = Self::NAME, error = %e, "format rejected: asking for free text from now on");
+                self.structured.store(false, Ordering::Relaxed);
+                call(self.body(&req, None)).await?
+            }
+            r => r?,
+        };
         let resp: ChatResponse = parse_body(&raw, &self.redactor)?;
         if resp.message.content.is_empty() {
             return Err(LlmError::InvalidResponse {
@@ -161,6 +196,7 @@ impl LlmProvider for OllamaProvider {
             cost_micros: self
                 .pricing
                 .cost_micros(resp.prompt_eval_count, resp.eval_count),
+            refusal: None,
         })
     }
 }
