@@ -52,7 +52,11 @@ async fn desktop(kind: Kind) {
     };
     assert_eq!(hb.agent_type, "desktop");
     assert!(
-        hb.cpu.cores >= 1 && hb.memory.total_gb > 0.0 && hb.memory.used_gb > 0.0,
+        hb.cpu.as_ref().is_some_and(|c| c.cores >= 1)
+            && hb
+                .memory
+                .as_ref()
+                .is_some_and(|m| m.total_gb > 0.0 && m.used_gb > 0.0),
         "{hb:?}"
     );
     assert!(hb.actions.contains(&"metrics_snapshot".to_string()));

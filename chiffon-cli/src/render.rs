@@ -238,7 +238,7 @@ pub fn logs(l: &LogsDto, out: &mut impl Write) -> std::io::Result<()> {
 
 pub fn agents(a: &AgentsDto, out: &mut impl Write) -> std::io::Result<()> {
     if a.agents.is_empty() {
-        return writeln!(out, "no agents seen yet");
+        writeln!(out, "no agents seen yet")?;
     }
     for ag in &a.agents {
         let seen = age(ag.heartbeat_age_secs);
@@ -259,6 +259,19 @@ pub fn agents(a: &AgentsDto, out: &mut impl Write) -> std::io::Result<()> {
             ag.hostname,
             ag.running_tasks,
             ag.max_tasks.map(|m| format!("/{m}")).unwrap_or_default()
+        )?;
+    }
+    for r in &a.rejected {
+        writeln!(
+            out,
+            "rejected: {} (broker user {}) {} x{}, last {}: {} {}",
+            r.agent_id.as_deref().unwrap_or("unknown agent"),
+            r.publisher.as_deref().unwrap_or("none"),
+            r.message_type.as_deref().unwrap_or("message"),
+            r.count,
+            r.last_at.to_rfc3339(),
+            r.code,
+            r.reason
         )?;
     }
     Ok(())
@@ -442,6 +455,32 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agents_lists_rejected_senders() {
+        let a: AgentsDto = serde_json::from_value(serde_json::json!({
+            "agents": [],
+            "rejected": [{
+                "agent_id": "python-h", "publisher": "chiffon-agent-python",
+                "message_type": "heartbeat", "code": 5004, "field": "payload.memory.total_gb",
+                "reason": "invalid field `payload.memory.total_gb`: missing field `total_gb`",
+                "first_at": "2026-12-01T08:00:00Z", "last_at": "2026-12-01T08:01:00Z", "count": 31
+            }]
+        }))
+        .unwrap();
+        let mut out = Vec::new();
+        agents(&a, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("no agents seen yet\n"), "{text}");
+        assert!(
+            text.contains("rejected: python-h (broker user chiffon-agent-python) heartbeat x31")
+                && text.contains("5004 invalid field `payload.memory.total_gb`"),
+            "{text}"
+        );
+        // An older server without the list still renders.
+        let old: AgentsDto = serde_json::from_value(serde_json::json!({ "agents": [] })).unwrap();
+        assert!(old.rejected.is_empty());
+    }
 
     #[test]
     fn cut_text_ends_with_an_ellipsis() {

@@ -16,7 +16,7 @@ use chiffon_core::store::Store;
 use chiffon_core::transport::{ConsumeOptions, Transport};
 use chiffon_protocol::*;
 use futures::StreamExt;
-use serde_json::{json, Map};
+use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -417,6 +417,7 @@ both_backends!(
     audit_verify_detects_missing_commit,
     forged_bus_messages_are_refused,
     a_message_that_keeps_failing_is_dead_lettered,
+    rejected_heartbeats_are_listed_until_fixed,
     agent_output_is_redacted_everywhere,
     a_plan_awaiting_approval_shows_its_dry_run,
     a_preview_nobody_answers_shows_as_failed,
@@ -758,15 +759,15 @@ fn heartbeat(free_gb: f64, queue: &str) -> Heartbeat {
         agent_id: "infra-1".into(),
         agent_type: "infrastructure".into(),
         hostname: "host-1".into(),
-        cpu: CpuMetrics {
+        cpu: Some(CpuMetrics {
             percent: 10.0,
             cores: 2,
             load_1m: 0.1,
-        },
-        memory: MemoryMetrics {
+        }),
+        memory: Some(MemoryMetrics {
             used_gb: 16.0 - free_gb,
             total_gb: 16.0,
-        },
+        }),
         gpus: vec![],
         running_tasks: 0,
         max_tasks: Some(4),
@@ -816,7 +817,70 @@ async fn waits_for_capacity_then_dispatches(backend: &str) {
     h.wait(second, RequestStatus::Completed).await;
     let agents = h.engine.agents().await.unwrap();
     assert_eq!(agents.len(), 1);
-    assert_eq!(agents[0].heartbeat.memory.total_gb, 16.0);
+    assert_eq!(agents[0].heartbeat.memory.as_ref().unwrap().total_gb, 16.0);
+}
+
+/// A heartbeat that does not parse is dead-lettered and listed (agent id, field, count)
+/// until that agent's heartbeats parse again; one without resources is accepted as such.
+async fn rejected_heartbeats_are_listed_until_fixed(backend: &str) {
+    let Some(h) = harness(backend, false, test_config(|_| {})).await else {
+        return;
+    };
+    let t = h.transport.topology().clone();
+    h.transport.declare_topology().await.unwrap();
+    let agent_id = format!("py-{}", Uuid::new_v4().simple());
+    let doc = |memory: Value| {
+        let mut payload = json!({ "agent_id": agent_id, "agent_type": "python", "hostname": "py" });
+        if !memory.is_null() {
+            payload["memory"] = memory;
+        }
+        serde_json::to_vec(&json!({
+            "message_id": Uuid::new_v4(), "trace_id": "hb", "request_id": null,
+            "message_type": "heartbeat", "timestamp": chrono::Utc::now(), "version": 1,
+            "payload": payload,
+        }))
+        .unwrap()
+    };
+    for _ in 0..3 {
+        h.transport
+            .publish_bytes(&t.results_queue, doc(json!({ "available_gb": 3 })))
+            .await
+            .unwrap();
+    }
+    let listed = || {
+        h.engine
+            .rejected_messages()
+            .into_iter()
+            .find(|r| r.agent_id.as_deref() == Some(agent_id.as_str()))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let r = loop {
+        match listed() {
+            Some(r) if r.count == 3 => break r,
+            _ if std::time::Instant::now() > deadline => panic!("not listed: {:?}", listed()),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    assert_eq!(r.code, 5004);
+    assert_eq!(r.field.as_deref(), Some("payload.memory.total_gb"));
+    assert_eq!(r.message_type.as_deref(), Some("heartbeat"));
+    assert!(r.reason.contains("payload.memory.total_gb"), "{r:?}");
+    // Resources unknown is allowed: the agent registers, and the rejection is forgotten.
+    h.transport
+        .publish_bytes(&t.results_queue, doc(Value::Null))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while listed().is_some() {
+        assert!(std::time::Instant::now() < deadline, "still listed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let agents = h.engine.agents().await.unwrap();
+    let a = agents.iter().find(|a| a.agent_id == agent_id).unwrap();
+    assert_eq!(
+        (a.heartbeat.memory.as_ref(), a.heartbeat.cpu.as_ref()),
+        (None, None)
+    );
 }
 
 async fn bus_intake_plans_like_http(backend: &str) {

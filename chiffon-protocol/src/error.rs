@@ -118,6 +118,53 @@ error_codes! {
     AuditRecordInvalid = 5703, "audit_record_invalid", false, 500, "An audit record cannot be written as a git commit (for example an empty approver name).";
 }
 
+impl ErrorCode {
+    /// The table as Markdown (`| code | name | HTTP | transient | meaning |`), as PROTOCOL.md
+    /// shows it.
+    pub fn markdown_table() -> String {
+        let mut out = String::from(
+            "| code | name | HTTP | transient | meaning |\n| --- | --- | --- | --- | --- |\n",
+        );
+        for c in ErrorCode::ALL {
+            out.push_str(&format!(
+                "| {} | `{}` | {} | {} | {} |\n",
+                c.code(),
+                c.name(),
+                c.http_status(),
+                if c.is_transient() { "yes" } else { "no" },
+                c.meaning()
+            ));
+        }
+        out
+    }
+}
+
+/// On the wire a code is its number; the schema lists every code with its name and meaning.
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for ErrorCode {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ErrorCode".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let codes: Vec<serde_json::Value> = ErrorCode::ALL
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "const": c.code(),
+                    "title": c.name(),
+                    "description": c.meaning(),
+                })
+            })
+            .collect();
+        schemars::json_schema!({
+            "description": "An error code from the 5001-5999 table (PROTOCOL.md, \"Error codes\").",
+            "type": "integer",
+            "oneOf": codes,
+        })
+    }
+}
+
 impl std::fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {}", self.code(), self.name())

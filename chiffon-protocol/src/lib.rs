@@ -37,10 +37,19 @@
 //! | a field missing or mistyped, a bad uuid or timestamp, an empty `text`/`action` | 5004 `invalid_field` |
 //! | `progress` outside 0..=100, `attempt` 0, negative `memory_gb` | 5005 `value_out_of_range` |
 //!
+//! A rejection names its field as a JSON path (`payload.memory.total_gb`,
+//! `payload.gpus[0].index`) in its message and in `details.field`. A heartbeat's `cpu` and
+//! `memory` are optional (unknown), and `memory` may be written as `{total_gb,
+//! available_gb}`, `{total_gb, used_gb}` or `{total_gb, used_percent}`.
+//!
 //! Unknown fields, in the envelope and in payloads, are ignored and dropped, so newer
 //! senders can add fields without breaking older receivers; an unknown `message_type` is
 //! still rejected, since a receiver cannot act on a message it does not understand.
 //! Floats survive the wire exactly (serde_json's `float_roundtrip`).
+//!
+//! PROTOCOL.md at the repository root specifies all of this for implementers in other
+//! languages; with the `schema` feature, `schema::schemas()` generates the JSON Schemas
+//! checked in under `chiffon-protocol/schema/`.
 //!
 //! ## Error codes
 //!
@@ -51,6 +60,8 @@
 
 mod error;
 mod message;
+#[cfg(feature = "schema")]
+pub mod schema;
 
 pub use error::ErrorCode;
 pub use message::*;

@@ -23,12 +23,18 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// newer sender can add fields without breaking older receivers (forward compatibility).
 /// A different `version` or an unknown `message_type` is rejected.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Envelope {
     pub message_id: Uuid,
+    /// Correlates every message, log line and audit entry of one user request.
     pub trace_id: String,
     /// The user request this message belongs to (`null` for heartbeats).
+    #[cfg_attr(feature = "schema", schemars(default))]
     pub request_id: Option<Uuid>,
+    /// RFC 3339 with an offset (`Z` when sent by Chiffon); read as UTC.
     pub timestamp: DateTime<Utc>,
+    /// Always 1 (see PROTOCOL.md, "Versioning").
+    #[cfg_attr(feature = "schema", schemars(extend("const" = 1)))]
     pub version: u32,
     #[serde(flatten)]
     pub body: Message,
@@ -36,6 +42,7 @@ pub struct Envelope {
 
 /// The payload of an [`Envelope`], tagged by `message_type`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "message_type", content = "payload", rename_all = "snake_case")]
 pub enum Message {
     WorkRequest(WorkRequest),
@@ -75,18 +82,25 @@ pub const MESSAGE_TYPES: &[&str] = &[
 
 /// Resources a step needs from the agent that runs it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Resources {
     #[serde(default)]
     pub gpu: bool,
+    /// GiB; 0 or more.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(range(min = 0.0)))]
     pub memory_gb: f64,
 }
 
 /// Orchestrator → agent: run one step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct WorkRequest {
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub agent_type: String,
     pub task_id: Uuid,
+    /// A catalog action's name.
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub action: String,
     #[serde(default)]
     pub parameters: Map<String, Value>,
@@ -97,6 +111,7 @@ pub struct WorkRequest {
     pub dry_run: bool,
     /// 1 for the first try; retries count up.
     #[serde(default = "one", skip_serializing_if = "is_one")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1)))]
     pub attempt: u32,
     /// The agent stops the task after this many seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -105,6 +120,7 @@ pub struct WorkRequest {
 
 /// The state a task reports in `work_status` and `work_result`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
     Accepted,
@@ -135,10 +151,12 @@ impl TaskState {
 
 /// Agent → orchestrator, during execution: progress and output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct WorkStatus {
     pub task_id: Uuid,
     pub status: TaskState,
     /// Percent done, 0..=100 (checked by [`Envelope::parse`]).
+    #[cfg_attr(feature = "schema", schemars(range(max = 100)))]
     pub progress: u32,
     #[serde(default)]
     pub message: String,
@@ -157,6 +175,7 @@ pub struct WorkStatus {
 
 /// What running a task cost.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ResourceUsage {
     #[serde(default)]
     pub cpu_hours: f64,
@@ -168,6 +187,7 @@ pub struct ResourceUsage {
 
 /// Agent → orchestrator, once: the task's outcome.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct WorkResult {
     pub task_id: Uuid,
     pub status: TaskState,
@@ -188,6 +208,7 @@ pub struct WorkResult {
     pub diff: Option<String>,
     /// The `attempt` of the `work_request` this answers. Required: a result that does not
     /// say which attempt it answers is refused, never taken for the first one.
+    #[cfg_attr(feature = "schema", schemars(range(min = 1)))]
     pub attempt: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_id: Option<String>,
@@ -195,6 +216,7 @@ pub struct WorkResult {
 
 /// Any service → any service: something went wrong.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ErrorPayload {
     pub code: ErrorCode,
     pub message: String,
@@ -229,7 +251,10 @@ impl From<ProtocolError> for ErrorPayload {
 
 /// Any frontend → `orchestrator.requests`: a request in plain words.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct UserRequest {
+    /// The request in plain words; not blank.
+    #[cfg_attr(feature = "schema", schemars(length(min = 1), regex(pattern = r"\S")))]
     pub text: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requester: Option<String>,
@@ -239,6 +264,7 @@ pub struct UserRequest {
 
 /// CPU figures of a heartbeat.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CpuMetrics {
     /// Overall use, 0-100.
     pub percent: f64,
@@ -248,10 +274,61 @@ pub struct CpuMetrics {
 }
 
 /// Memory figures of a heartbeat, in GiB.
+///
+/// Sent as `{"used_gb", "total_gb"}`. Read tolerantly: `total_gb` and one of
+/// `available_gb` (preferred when both are given: it is what a new task can use), `used_gb`
+/// or `used_percent` (0-100 of `total_gb`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "MemoryWire")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MemoryMetrics {
     pub used_gb: f64,
     pub total_gb: f64,
+}
+
+/// How a heartbeat's `memory` may be written (see [`MemoryMetrics`]).
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "schema",
+    schemars(extend("anyOf" = [
+        { "required": ["available_gb"] },
+        { "required": ["used_gb"] },
+        { "required": ["used_percent"] }
+    ]))
+)]
+struct MemoryWire {
+    total_gb: f64,
+    #[serde(default)]
+    available_gb: Option<f64>,
+    #[serde(default)]
+    used_gb: Option<f64>,
+    /// Used only when neither `available_gb` nor `used_gb` is given; then 0-100.
+    #[serde(default)]
+    used_percent: Option<f64>,
+}
+
+impl TryFrom<MemoryWire> for MemoryMetrics {
+    type Error = String;
+
+    fn try_from(w: MemoryWire) -> Result<Self, String> {
+        let used_gb = match (w.available_gb, w.used_gb, w.used_percent) {
+            (Some(available), _, _) => (w.total_gb - available).max(0.0),
+            (None, Some(used), _) => used,
+            (None, None, Some(p)) if (0.0..=100.0).contains(&p) => w.total_gb * p / 100.0,
+            (None, None, Some(p)) => return Err(format!("used_percent {p} is outside 0..=100")),
+            (None, None, None) => {
+                return Err(
+                    "memory needs `available_gb`, `used_gb` or `used_percent` besides `total_gb`"
+                        .into(),
+                )
+            }
+        };
+        Ok(MemoryMetrics {
+            used_gb,
+            total_gb: w.total_gb,
+        })
+    }
 }
 
 impl MemoryMetrics {
@@ -262,6 +339,7 @@ impl MemoryMetrics {
 
 /// One GPU of a heartbeat.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct GpuMetrics {
     pub index: u32,
     pub name: String,
@@ -272,12 +350,17 @@ pub struct GpuMetrics {
 
 /// Agent → `orchestrator.results`, periodically: who it is and what it has free.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Heartbeat {
     pub agent_id: String,
     pub agent_type: String,
     pub hostname: String,
-    pub cpu: CpuMetrics,
-    pub memory: MemoryMetrics,
+    /// Absent: unknown. An agent whose memory is unknown gets only steps that need no
+    /// memory and no GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuMetrics>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryMetrics>,
     #[serde(default)]
     pub gpus: Vec<GpuMetrics>,
     #[serde(default)]
@@ -295,6 +378,7 @@ pub struct Heartbeat {
 
 /// Orchestrator → every agent through `chiffon.control`: stop this task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Cancel {
     pub task_id: Uuid,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -436,9 +520,7 @@ impl Envelope {
         }
         check_progress(obj)?;
         check_no_nul(&value, &mut String::new())?;
-        let envelope: Envelope = serde_json::from_value(value).map_err(|e| {
-            ProtocolError::new(ErrorCode::InvalidField, format!("invalid message: {e}"))
-        })?;
+        let envelope = typed(value)?;
         envelope.validate()?;
         Ok(envelope)
     }
@@ -485,6 +567,90 @@ impl Envelope {
             _ => Ok(()),
         }
     }
+}
+
+/// The envelope's fields besides its payload.
+#[derive(Deserialize)]
+struct Header {
+    message_id: Uuid,
+    trace_id: String,
+    #[serde(default)]
+    request_id: Option<Uuid>,
+    timestamp: DateTime<Utc>,
+    version: u32,
+}
+
+/// Deserialises a checked envelope, naming the field (a JSON path such as
+/// `payload.memory.total_gb`) a failure is about in the message and in `details.field`.
+fn typed(mut value: Value) -> Result<Envelope, ProtocolError> {
+    let payload = value
+        .as_object_mut()
+        .and_then(|o| o.remove("payload"))
+        .ok_or_else(|| ProtocolError::field("payload", "missing field `payload`"))?;
+    let message_type = value
+        .get("message_type")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let header: Header = at_path("", value)?;
+    let body = match message_type.as_str() {
+        "work_request" => Message::WorkRequest(at_path("payload", payload)?),
+        "work_status" => Message::WorkStatus(at_path("payload", payload)?),
+        "work_result" => Message::WorkResult(at_path("payload", payload)?),
+        "error" => Message::Error(at_path("payload", payload)?),
+        "user_request" => Message::UserRequest(at_path("payload", payload)?),
+        "heartbeat" => Message::Heartbeat(at_path("payload", payload)?),
+        "cancel" => Message::Cancel(at_path("payload", payload)?),
+        other => {
+            return Err(ProtocolError::new(
+                ErrorCode::UnknownMessageType,
+                format!("unknown message_type `{other}`"),
+            ))
+        }
+    };
+    Ok(Envelope {
+        message_id: header.message_id,
+        trace_id: header.trace_id,
+        request_id: header.request_id,
+        timestamp: header.timestamp,
+        version: header.version,
+        body,
+    })
+}
+
+/// Deserialises `value`, found at `prefix`, into `T`; a failure names the field's path.
+fn at_path<T: serde::de::DeserializeOwned>(prefix: &str, value: Value) -> Result<T, ProtocolError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let mut field = prefix.to_string();
+        let inner = e.inner().to_string();
+        let mut push = |segment: &str| {
+            if segment.is_empty() || segment == "." {
+                return;
+            }
+            if !field.is_empty() && !segment.starts_with('[') {
+                field.push('.');
+            }
+            field.push_str(segment);
+        };
+        push(&e.path().to_string());
+        // serde reports a missing field at its parent: name the field itself.
+        if let Some(name) = inner
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next())
+        {
+            push(name);
+        }
+        let field = if field.is_empty() {
+            "message".to_string()
+        } else {
+            field
+        };
+        ProtocolError::new(
+            ErrorCode::InvalidField,
+            format!("invalid field `{field}`: {inner}"),
+        )
+        .with_details(serde_json::json!({ "field": field, "reason": inner }))
+    })
 }
 
 /// Refuses a NUL character in any string or key: no store keeps one (PostgreSQL's text

@@ -249,7 +249,7 @@ fn contract_examples_round_trip() {
     assert_eq!(env.request_id, None);
     match env.body {
         Message::Heartbeat(h) => {
-            assert_eq!(h.memory.free_gb(), 16.0 - 3.2);
+            assert_eq!(h.memory.as_ref().unwrap().free_gb(), 16.0 - 3.2);
             assert_eq!(h.gpus.len(), 1);
             assert_eq!(h.running_tasks, 1);
         }
@@ -438,8 +438,8 @@ fn missing_fields_are_5004() {
         (0, "/payload/text"),
         (1, "/payload/agent_id"),
         (1, "/payload/hostname"),
-        (1, "/payload/cpu"),
-        (1, "/payload/memory"),
+        (1, "/payload/memory/total_gb"),
+        (1, "/payload/gpus/0/name"),
         (2, "/payload/task_id"),
     ] {
         let (t, p) = &contract[i];
@@ -696,5 +696,155 @@ fn a_nul_character_anywhere_is_refused_and_named() {
         let e = reject_value(doc);
         assert_eq!(e.code, ErrorCode::InvalidField, "{pointer}");
         assert_eq!(e.details["field"], pointer, "{e:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tolerance where the protocol can afford it, and rejections that name their field.
+
+fn heartbeat_with(memory: Option<Value>) -> Value {
+    let mut doc = envelope("heartbeat", contract_examples()[1].1.clone());
+    doc["request_id"] = Value::Null;
+    match memory {
+        Some(m) => doc["payload"]["memory"] = m,
+        None => {
+            doc["payload"].as_object_mut().unwrap().remove("memory");
+        }
+    }
+    doc
+}
+
+fn memory_of(doc: Value) -> Option<chiffon_protocol::MemoryMetrics> {
+    match Envelope::from_value(doc).unwrap().body {
+        Message::Heartbeat(h) => h.memory,
+        other => panic!("expected a heartbeat, got {other:?}"),
+    }
+}
+
+#[test]
+fn heartbeat_resources_are_optional() {
+    let mut doc = heartbeat_with(None);
+    let payload = doc["payload"].as_object_mut().unwrap();
+    for f in ["cpu", "gpus", "running_tasks"] {
+        payload.remove(f);
+    }
+    let env = Envelope::from_value(doc).unwrap();
+    let Message::Heartbeat(h) = &env.body else {
+        panic!("{env:?}")
+    };
+    assert_eq!((h.cpu.as_ref(), h.memory.as_ref()), (None, None));
+    assert!(h.gpus.is_empty());
+    assert_eq!(h.running_tasks, 0);
+    // Unknown stays unknown on the way out: no field rather than made-up zeros.
+    let wire: Value = serde_json::from_slice(&env.to_bytes()).unwrap();
+    assert!(wire["payload"].get("memory").is_none() && wire["payload"].get("cpu").is_none());
+    assert_eq!(Envelope::parse(&env.to_bytes()).unwrap(), env);
+}
+
+#[test]
+fn memory_may_be_given_as_available_used_or_percent() {
+    let m = memory_of(heartbeat_with(Some(
+        json!({ "total_gb": 16, "available_gb": 12 }),
+    )))
+    .unwrap();
+    assert_eq!((m.used_gb, m.total_gb, m.free_gb()), (4.0, 16.0, 12.0));
+    // Available wins when both are given: it is what a new task can use (caches count as
+    // used in `used_gb` on some systems).
+    let m = memory_of(heartbeat_with(Some(
+        json!({ "total_gb": 16, "used_gb": 10, "available_gb": 12 }),
+    )))
+    .unwrap();
+    assert_eq!(m.free_gb(), 12.0);
+    let m = memory_of(heartbeat_with(Some(
+        json!({ "total_gb": 16, "used_gb": 10 }),
+    )))
+    .unwrap();
+    assert_eq!(m.free_gb(), 6.0);
+    let m = memory_of(heartbeat_with(Some(
+        json!({ "total_gb": 16, "used_percent": 25 }),
+    )))
+    .unwrap();
+    assert_eq!(m.used_gb, 4.0);
+    // The architecture document's Python agent sent exactly this; it dead-lettered every
+    // heartbeat before.
+    let m = memory_of(heartbeat_with(Some(
+        json!({ "total_gb": 31.2, "available_gb": 20.0, "used_percent": 35.9 }),
+    )))
+    .unwrap();
+    assert!((m.free_gb() - 20.0).abs() < 1e-9, "{m:?}");
+    // More available than there is: nothing used, not a negative figure.
+    let m = memory_of(heartbeat_with(Some(
+        json!({ "total_gb": 8, "available_gb": 9 }),
+    )))
+    .unwrap();
+    assert_eq!(m.used_gb, 0.0);
+}
+
+#[test]
+fn memory_without_a_usage_figure_is_refused_and_named() {
+    for memory in [
+        json!({ "total_gb": 16 }),
+        json!({ "total_gb": 16, "used_percent": 250 }),
+        json!({ "total_gb": "16", "used_gb": 1 }),
+        json!({ "available_gb": 3 }),
+    ] {
+        let e = reject_value(heartbeat_with(Some(memory.clone())));
+        assert_eq!(e.code, ErrorCode::InvalidField, "{memory}: {e}");
+        let field = e.details["field"].as_str().unwrap();
+        assert!(field.starts_with("payload.memory"), "{memory}: {field}");
+        assert!(e.message.contains(field), "{e}");
+    }
+    let e = reject_value(heartbeat_with(Some(json!({ "available_gb": 3 }))));
+    assert_eq!(e.details["field"], "payload.memory.total_gb", "{e:?}");
+}
+
+#[test]
+fn a_rejected_field_is_named_by_its_json_path() {
+    let examples = architecture_examples();
+    let contract = contract_examples();
+    for (doc, field) in [
+        (
+            without(
+                envelope("work_result", examples[2].1.clone()),
+                "/payload/attempt",
+            ),
+            "payload.attempt",
+        ),
+        (
+            with(
+                envelope("work_result", examples[2].1.clone()),
+                "/payload/resource_usage/cpu_hours",
+                json!("0.5"),
+            ),
+            "payload.resource_usage.cpu_hours",
+        ),
+        (
+            with(
+                envelope(contract[1].0, contract[1].1.clone()),
+                "/payload/gpus/0/index",
+                json!(-1),
+            ),
+            "payload.gpus[0].index",
+        ),
+        (
+            without(
+                envelope(contract[1].0, contract[1].1.clone()),
+                "/payload/cpu/cores",
+            ),
+            "payload.cpu.cores",
+        ),
+        (without(valid(), "/trace_id"), "trace_id"),
+        (with(valid(), "/message_id", json!("nope")), "message_id"),
+        (without(valid(), "/payload"), "payload"),
+        (with(valid(), "/payload", json!("running")), "payload"),
+        (
+            with(valid(), "/payload/status", json!("exploded")),
+            "payload.status",
+        ),
+    ] {
+        let e = reject_value(doc);
+        assert_eq!(e.code, ErrorCode::InvalidField, "{field}: {e}");
+        assert_eq!(e.details["field"], field, "{e:?}");
+        assert!(e.message.contains(&format!("`{field}`")), "{e}");
     }
 }

@@ -231,6 +231,8 @@ fn heartbeat() -> BoxedStrategy<Heartbeat> {
         (any::<u32>(), any::<Option<u32>>()),
         proptest::option::of(text()),
         prop::collection::vec(text(), 0..3),
+        // An agent may not know its CPU or memory: both are optional.
+        (any::<bool>(), any::<bool>()),
     )
         .prop_map(
             |(
@@ -241,16 +243,17 @@ fn heartbeat() -> BoxedStrategy<Heartbeat> {
                 (running_tasks, max_tasks),
                 queue,
                 actions,
+                (has_cpu, has_memory),
             )| Heartbeat {
                 agent_id,
                 agent_type,
                 hostname,
-                cpu: CpuMetrics {
+                cpu: has_cpu.then_some(CpuMetrics {
                     percent,
                     cores,
                     load_1m,
-                },
-                memory: MemoryMetrics { used_gb, total_gb },
+                }),
+                memory: has_memory.then_some(MemoryMetrics { used_gb, total_gb }),
                 gpus,
                 running_tasks,
                 max_tasks,

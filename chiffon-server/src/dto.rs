@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use chiffon_core::engine::{CostLine, EngineEvent, Health, RequestView};
+use chiffon_core::engine::{CostLine, EngineEvent, Health, RejectedMessage, RequestView};
 use chiffon_core::model::{AgentRecord, LogLine, Plan, PlanStep, Request, RequestStatus, Step};
 use chiffon_protocol::ErrorPayload;
 use chrono::{DateTime, Utc};
@@ -488,10 +488,12 @@ pub struct AgentDto {
     pub max_tasks: Option<u32>,
     pub queue: Option<String>,
     pub actions: Vec<String>,
-    /// The last heartbeat's CPU figures.
-    #[schema(value_type = Object)]
+    /// The last heartbeat's CPU figures; `null` when the agent did not give them.
+    #[schema(value_type = Option<Object>)]
     pub cpu: Value,
-    #[schema(value_type = Object)]
+    /// `{used_gb, total_gb}`; `null` when the agent did not give them (it then gets only
+    /// steps that need no memory and no GPU).
+    #[schema(value_type = Option<Object>)]
     pub memory: Value,
     #[schema(value_type = Vec<Object>)]
     pub gpus: Vec<Value>,
@@ -546,6 +548,45 @@ impl From<AgentRecord> for AgentDto {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct AgentsDto {
     pub agents: Vec<AgentDto>,
+    /// Senders whose messages this server dead-lettered (a heartbeat that does not parse,
+    /// a publisher that may not send it), newest first, while they keep failing.
+    #[serde(default)]
+    pub rejected: Vec<RejectedDto>,
+}
+
+/// The latest rejection of one sender's messages.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RejectedDto {
+    /// `payload.agent_id`, when it could be read.
+    pub agent_id: Option<String>,
+    /// The broker user that published it (`user_id`), when given.
+    pub publisher: Option<String>,
+    pub message_type: Option<String>,
+    /// The error code (5001-5999).
+    pub code: u16,
+    /// The field at fault, as a JSON path (`payload.memory.total_gb`).
+    pub field: Option<String>,
+    pub reason: String,
+    pub first_at: DateTime<Utc>,
+    pub last_at: DateTime<Utc>,
+    /// Messages of this sender rejected since `first_at`.
+    pub count: u64,
+}
+
+impl From<RejectedMessage> for RejectedDto {
+    fn from(r: RejectedMessage) -> Self {
+        RejectedDto {
+            agent_id: r.agent_id,
+            publisher: r.publisher,
+            message_type: r.message_type,
+            code: r.code,
+            field: r.field,
+            reason: r.reason,
+            first_at: r.first_at,
+            last_at: r.last_at,
+            count: r.count,
+        }
+    }
 }
 
 /// One provider's spend this month.

@@ -367,6 +367,12 @@ pub async fn agents(
             .into_iter()
             .map(|a| AgentDto::new(a, now, max_age))
             .collect(),
+        rejected: state
+            .engine
+            .rejected_messages()
+            .into_iter()
+            .map(Into::into)
+            .collect(),
     }))
 }
 

@@ -124,6 +124,8 @@ pub(super) struct Inner {
     /// Requests this instance is planning now.
     pub planning_now: Mutex<std::collections::HashSet<Uuid>>,
     pub reservations: Mutex<std::collections::HashMap<String, Vec<Reservation>>>,
+    /// Senders whose messages were dead-lettered, for `GET /agents` and quiet logs.
+    pub rejected: super::rejected::RejectedLog,
     /// Every request status change this instance made, for notifiers (webhooks). Bounded:
     /// a receiver that falls behind loses the oldest, never slows the engine.
     pub status_changes: broadcast::Sender<Request>,
@@ -174,6 +176,7 @@ impl Engine {
                 reservations: Mutex::new(Default::default()),
                 planning_now: Mutex::new(Default::default()),
                 audit_appender: std::sync::OnceLock::new(),
+                rejected: Default::default(),
                 status_changes: broadcast::channel(STATUS_CHANGES_BACKLOG).0,
                 git_error: Mutex::new(None),
             }),

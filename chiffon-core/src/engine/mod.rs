@@ -17,6 +17,7 @@ mod events;
 mod lifecycle;
 mod planning;
 mod preview;
+mod rejected;
 mod runtime;
 pub mod waiting;
 pub use runtime::MAX_FAILED_DELIVERIES;
@@ -24,6 +25,7 @@ pub use runtime::MAX_FAILED_DELIVERIES;
 pub use events::{EngineEvent, EventHub, Subscription};
 pub use lifecycle::{AuditReport, MAX_TEXT_LEN};
 pub use planning::CatalogPlanner;
+pub use rejected::{RejectedMessage, REJECTION_LOG_INTERVAL};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -206,13 +206,19 @@ impl Engine {
     /// Dead-letters a message whose publisher may not send it, and says so.
     async fn refuse(&self, d: &Delivery, env: &Envelope, why: &str) {
         self.inner.metrics.refused.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(
-            code = ErrorCode::PublisherNotAllowed.code(),
-            publisher = d.publisher.as_deref().unwrap_or("-"),
-            message_type = env.message_type(),
-            reason = why,
-            "bus message refused: dead-lettered"
-        );
+        // Logged at most once a minute per sender (a refused heartbeat comes every few
+        // seconds); `GET /agents` lists the latest.
+        let code = ErrorCode::PublisherNotAllowed.code();
+        if let Some(unlogged) = self.note_refused(d, env, code, why) {
+            tracing::warn!(
+                code,
+                publisher = d.publisher.as_deref().unwrap_or("-"),
+                message_type = env.message_type(),
+                reason = why,
+                unlogged,
+                "bus message refused: dead-lettered"
+            );
+        }
         let _ = d.dead_letter().await;
     }
 
@@ -276,7 +282,7 @@ impl Engine {
         let env = match d.parse() {
             Ok(env) => env,
             Err(e) => {
-                tracing::warn!(code = e.code.code(), error = %e, "unparsable message on the results queue: dead-lettered");
+                self.note_unparsable(&d, &e);
                 let _ = d.dead_letter().await;
                 return;
             }
@@ -319,6 +325,9 @@ impl Engine {
                         e => e.into(),
                     });
                 self.inner.wake.notify_one();
+                if r.is_ok() {
+                    self.note_accepted(&hb.agent_id, &publisher);
+                }
                 r
             }
             Message::WorkStatus(s) => self.on_status(&env, s, &publisher).await,
@@ -757,7 +766,9 @@ impl Engine {
             for a in agents.iter_mut() {
                 if let Some(list) = reserved.get_mut(&a.agent_id) {
                     list.retain(|(_, _, at)| *at > a.last_seen);
-                    a.heartbeat.memory.used_gb += list.iter().map(|r| r.1).sum::<f64>();
+                    if let Some(m) = a.heartbeat.memory.as_mut() {
+                        m.used_gb += list.iter().map(|r| r.1).sum::<f64>();
+                    }
                     a.heartbeat.running_tasks += list.len() as u32;
                 }
             }

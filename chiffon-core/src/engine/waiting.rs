@@ -123,11 +123,16 @@ pub fn waiting_reason(
         if hb.max_tasks.is_some_and(|m| hb.running_tasks >= m) {
             lacks.push(format!("runs its maximum of {} tasks", hb.running_tasks));
         }
-        if hb.memory.free_gb() < need_mem {
-            lacks.push(format!(
+        match &hb.memory {
+            // Unknown memory counts as none free (PROTOCOL.md, heartbeat).
+            None if need_mem > 0.0 => lacks.push(format!(
+                "does not report its memory (no `memory` in its heartbeat), the step needs {need_mem:.1} GiB"
+            )),
+            Some(m) if m.free_gb() < need_mem => lacks.push(format!(
                 "has {:.1} GiB of memory free, the step needs {need_mem:.1}",
-                hb.memory.free_gb()
-            ));
+                m.free_gb()
+            )),
+            _ => {}
         }
         if step.resources.gpu
             && !hb
@@ -230,11 +235,11 @@ mod tests {
                 agent_id: "box-1".into(),
                 agent_type: "desktop".into(),
                 hostname: "box".into(),
-                cpu: CpuMetrics::default(),
-                memory: MemoryMetrics {
+                cpu: Some(CpuMetrics::default()),
+                memory: Some(MemoryMetrics {
                     used_gb: 16.0 - free_gb,
                     total_gb: 16.0,
-                },
+                }),
                 gpus: (0..gpus)
                     .map(|i| GpuMetrics {
                         index: i as u32,
@@ -277,6 +282,11 @@ mod tests {
             r.contains("box-1 has 1.0 GiB of memory free, the step needs 4.0"),
             "{r}"
         );
+        // An agent that does not report its memory has none free for a step that needs some.
+        let mut unknown = agent(8.0, 1, 0);
+        unknown.heartbeat.memory = None;
+        let r = reason(RequestStatus::Queued, &ready, &[unknown]).unwrap();
+        assert!(r.contains("box-1 does not report its memory"), "{r}");
         let gpu = [step(StepStatus::Ready, 1.0, true)];
         let r = reason(RequestStatus::Queued, &gpu, &[agent(8.0, 1, 0)]).unwrap();
         assert!(r.contains("has no GPU"), "{r}");

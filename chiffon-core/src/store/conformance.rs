@@ -235,15 +235,15 @@ fn heartbeat(agent: &str, cpu: f64) -> Heartbeat {
         agent_id: agent.into(),
         agent_type: "desktop".into(),
         hostname: format!("{agent}.lan"),
-        cpu: CpuMetrics {
+        cpu: Some(CpuMetrics {
             percent: cpu,
             cores: 8,
             load_1m: 0.5,
-        },
-        memory: MemoryMetrics {
+        }),
+        memory: Some(MemoryMetrics {
             used_gb: 3.5,
             total_gb: 16.0,
-        },
+        }),
         gpus: vec![GpuMetrics {
             index: 0,
             name: "RTX".into(),

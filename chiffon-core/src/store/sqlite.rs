@@ -969,23 +969,27 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        sqlx::query(
-            "INSERT INTO resource_metrics (agent_id, at, cpu_percent, cpu_cores, load_1m, \
-             memory_used_gb, memory_total_gb, gpus, running_tasks) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        )
-        .bind(&hb.agent_id)
-        .bind(&at)
-        .bind(hb.cpu.percent)
-        .bind(i64::from(hb.cpu.cores))
-        .bind(hb.cpu.load_1m)
-        .bind(hb.memory.used_gb)
-        .bind(hb.memory.total_gb)
-        .bind(Json(&hb.gpus))
-        .bind(i64::from(hb.running_tasks))
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
+        // The fleet's figures over time: a heartbeat that does not know its CPU or memory
+        // (both optional in the protocol) adds no row; `agents` keeps it whole.
+        if let (Some(cpu), Some(memory)) = (&hb.cpu, &hb.memory) {
+            sqlx::query(
+                "INSERT INTO resource_metrics (agent_id, at, cpu_percent, cpu_cores, load_1m, \
+                 memory_used_gb, memory_total_gb, gpus, running_tasks) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )
+            .bind(&hb.agent_id)
+            .bind(&at)
+            .bind(cpu.percent)
+            .bind(i64::from(cpu.cores))
+            .bind(cpu.load_1m)
+            .bind(memory.used_gb)
+            .bind(memory.total_gb)
+            .bind(Json(&hb.gpus))
+            .bind(i64::from(hb.running_tasks))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
         tx.commit().await.map_err(db_err)
     }
 

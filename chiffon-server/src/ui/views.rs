@@ -470,10 +470,15 @@ impl AgentRow {
             "offline"
         };
         let hb = &a.heartbeat;
-        let mut resources = format!(
-            "{} cores at {:.0}%, {:.1}/{:.1} GiB memory",
-            hb.cpu.cores, hb.cpu.percent, hb.memory.used_gb, hb.memory.total_gb
-        );
+        let cpu = match &hb.cpu {
+            Some(c) => format!("{} cores at {:.0}%", c.cores, c.percent),
+            None => "CPU not reported".to_string(),
+        };
+        let memory = match &hb.memory {
+            Some(m) => format!("{:.1}/{:.1} GiB memory", m.used_gb, m.total_gb),
+            None => "memory not reported".to_string(),
+        };
+        let mut resources = format!("{cpu}, {memory}");
         for g in &hb.gpus {
             resources.push_str(&format!(
                 "; GPU {} {} {:.1}/{:.1} GiB",
