@@ -17,7 +17,7 @@
 #   approved
 #   completed; step noop: noop; audit commit 5f1c...
 set -euo pipefail
-text=${1:-"Run the noop test action"}
+text=${1:-"Ping"}
 chiffon=${CHIFFON_BIN:-chiffon}
 
 if ! command -v jq >/dev/null; then

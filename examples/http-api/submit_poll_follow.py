@@ -76,7 +76,7 @@ def events(path):
 
 
 def main():
-    text = sys.argv[1] if len(sys.argv) > 1 else "Run the noop test action"
+    text = sys.argv[1] if len(sys.argv) > 1 else "Ping"
     status, accepted = json_call("POST", "/request", {"text": text})
     rid = accepted["request_id"]
     print(f"POST /request -> {status} {rid}: {accepted['status']}")

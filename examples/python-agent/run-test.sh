@@ -70,7 +70,7 @@ done
 [ -n "$seen" ] || fail "agent $agent_id never registered"
 echo "python-agent: $agent_id registered by broker user chiffon-agent-python"
 
-id=$("$bin/chiffon" --json request "Echo a greeting from the python agent" | jq -r .request_id)
+id=$("$bin/chiffon" --json request "Echo hello" | jq -r .request_id)
 for _ in $(seq 1 100); do
   st=$("$bin/chiffon" --json status "$id" | jq -r .status)
   [ "$st" = awaiting_approval ] && break
