@@ -1362,33 +1362,55 @@ async fn forged_bus_messages_are_refused(backend: &str) {
     stop.cancel();
 }
 
-/// A message whose processing fails every time (here: the steps table is gone, an error
-/// the engine cannot tell from a passing outage) is retried a bounded number of times, then
-/// dead-lettered: never requeued forever.
-async fn a_message_that_keeps_failing_is_dead_lettered(backend: &str) {
-    use sqlx::Connection;
-    type Setup = (
-        Arc<dyn Store>,
-        Arc<dyn Transport>,
-        String,
-        Box<dyn std::any::Any + Send>,
-    );
-    let (store, transport, raw_url, _guard): Setup = match backend {
+/// A store and bus of `backend` with the database's URL, for tests that act on the database
+/// behind the engine's back (as a crash or a superuser would). The guard drops them.
+type RawBackend = (
+    Arc<dyn Store>,
+    Arc<dyn Transport>,
+    String,
+    Box<dyn std::any::Any + Send>,
+);
+
+async fn raw_backend(backend: &str) -> Option<RawBackend> {
+    Some(match backend {
         "sqlite" => {
             let (s, dir) = support::sqlite_store().await;
             let url = format!("sqlite://{}", dir.path().join("chiffon.db").display());
             (s, support::memory_transport(), url, Box::new(dir))
         }
         _ => {
-            let Some((s, db)) = support::pg_store().await else {
-                return;
-            };
-            let Some((t, cleanup)) = support::amqp_transport().await else {
-                return;
-            };
+            let (s, db) = support::pg_store().await?;
+            let (t, cleanup) = support::amqp_transport().await?;
             let url = db.url.clone();
             (s, t, url, Box::new((cleanup, db)))
         }
+    })
+}
+
+/// Runs `sql` on the database at `url` directly.
+async fn raw_sql(url: &str, sql: String) {
+    use sqlx::Connection;
+    if url.starts_with("sqlite") {
+        let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut c)
+            .await
+            .unwrap();
+    } else {
+        let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut c)
+            .await
+            .unwrap();
+    }
+}
+
+/// A message whose processing fails every time (here: the steps table is gone, an error
+/// the engine cannot tell from a passing outage) is retried a bounded number of times, then
+/// dead-lettered: never requeued forever.
+async fn a_message_that_keeps_failing_is_dead_lettered(backend: &str) {
+    let Some((store, transport, raw_url, _guard)) = raw_backend(backend).await else {
+        return;
     };
     let stop = CancellationToken::new();
     let git = tempfile::tempdir().unwrap();
@@ -1402,14 +1424,11 @@ async fn a_message_that_keeps_failing_is_dead_lettered(backend: &str) {
     .await;
     let t = transport.topology().clone();
     transport.declare_topology().await.unwrap();
-    let breakage = "ALTER TABLE plan_steps RENAME TO plan_steps_gone";
-    if backend == "sqlite" {
-        let mut c = sqlx::SqliteConnection::connect(&raw_url).await.unwrap();
-        sqlx::raw_sql(breakage).execute(&mut c).await.unwrap();
-    } else {
-        let mut c = sqlx::PgConnection::connect(&raw_url).await.unwrap();
-        sqlx::raw_sql(breakage).execute(&mut c).await.unwrap();
-    }
+    raw_sql(
+        &raw_url,
+        "ALTER TABLE plan_steps RENAME TO plan_steps_gone".into(),
+    )
+    .await;
     let result = Envelope::new(
         "t",
         Some(Uuid::new_v4()),
@@ -1614,29 +1633,8 @@ async fn a_preview_nobody_answers_shows_as_failed(backend: &str) {
 /// and a finished request without entries is reported.
 async fn audit_verify_catches_a_rechained_or_emptied_log(backend: &str) {
     use chiffon_core::audit::chain::{entry_hash, GENESIS};
-    use sqlx::Connection;
-    type Setup = (
-        Arc<dyn Store>,
-        Arc<dyn Transport>,
-        String,
-        Box<dyn std::any::Any + Send>,
-    );
-    let (store, transport, raw_url, _guard): Setup = match backend {
-        "sqlite" => {
-            let (s, dir) = support::sqlite_store().await;
-            let url = format!("sqlite://{}", dir.path().join("chiffon.db").display());
-            (s, support::memory_transport(), url, Box::new(dir))
-        }
-        _ => {
-            let Some((s, db)) = support::pg_store().await else {
-                return;
-            };
-            let Some((t, cleanup)) = support::amqp_transport().await else {
-                return;
-            };
-            let url = db.url.clone();
-            (s, t, url, Box::new((cleanup, db)))
-        }
+    let Some((store, transport, raw_url, _guard)) = raw_backend(backend).await else {
+        return;
     };
     let stop = CancellationToken::new();
     let git = tempfile::tempdir().unwrap();
@@ -1710,25 +1708,7 @@ async fn audit_verify_catches_a_rechained_or_emptied_log(backend: &str) {
     sql.push_str(&format!(
         "UPDATE audit_head SET last_seq = {last}, last_hash = '{prev}' WHERE id = 1;\n"
     ));
-    let run = |sql: String| {
-        let url = raw_url.clone();
-        async move {
-            if url.starts_with("sqlite") {
-                let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
-                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                    .execute(&mut c)
-                    .await
-                    .unwrap();
-            } else {
-                let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
-                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                    .execute(&mut c)
-                    .await
-                    .unwrap();
-            }
-        }
-    };
-    run(sql).await;
+    raw_sql(&raw_url, sql).await;
     let report = engine.verify_audit().await.unwrap();
     assert!(report.chain.ok, "the recomputed chain verifies on its own");
     assert!(!report.ok, "but git's anchor does not agree");
@@ -1743,7 +1723,9 @@ async fn audit_verify_catches_a_rechained_or_emptied_log(backend: &str) {
 
     // Empty the log and reset the head: the anchor's entry is gone, and finished requests
     // have no entries.
-    run(format!(
+    raw_sql(
+        &raw_url,
+        format!(
         "DELETE FROM audit_log; UPDATE audit_head SET last_seq = 0, last_hash = '{GENESIS}' WHERE id = 1;"
     ))
     .await;

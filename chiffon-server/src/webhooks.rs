@@ -70,7 +70,7 @@ pub struct WebhookConfig {
 impl std::fmt::Debug for WebhookConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebhookConfig")
-            .field("url", &self.url)
+            .field("url", &url_host(&self.url))
             .field("secret", &"[REDACTED]")
             .field("events", &self.events)
             .field("format", &self.format)
@@ -131,6 +131,14 @@ pub fn event_of(status: RequestStatus) -> Option<&'static str> {
         RequestStatus::Cancelled => "request.cancelled",
         _ => return None,
     })
+}
+
+/// The host of a webhook URL, for logs: the path of many webhook URLs (Slack's) is itself
+/// the credential, so it is never logged.
+fn url_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    authority.rsplit_once('@').map_or(authority, |(_, h)| h)
 }
 
 /// `sha256=` + hex HMAC-SHA256 of `body` keyed with `secret` (RFC 2104).
@@ -292,7 +300,7 @@ async fn deliver(
         match sent {
             Ok(r) if r.status().is_success() => {
                 metrics.delivered.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%request_id, event, url = %hook.url, "webhook delivered");
+                tracing::debug!(%request_id, event, host = url_host(&hook.url), "webhook delivered");
                 return;
             }
             // A 4xx other than 408/429 will not get better by trying again.
@@ -309,7 +317,7 @@ async fn deliver(
         }
     }
     metrics.failed.fetch_add(1, Ordering::Relaxed);
-    tracing::warn!(%request_id, event, url = %hook.url, error = %last, "webhook not delivered");
+    tracing::warn!(%request_id, event, host = url_host(&hook.url), error = %last, "webhook not delivered");
 }
 
 #[cfg(test)]
@@ -333,6 +341,15 @@ mod tests {
             sig,
             "sha256=60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
         );
+    }
+
+    #[test]
+    fn only_the_host_of_a_webhook_url_is_logged() {
+        assert_eq!(
+            url_host("https://hooks.slack.com/services/T0/B0/SECRETPATH?x=1"),
+            "hooks.slack.com"
+        );
+        assert_eq!(url_host("http://user:pw@127.0.0.1:9/hook"), "127.0.0.1:9");
     }
 
     #[test]

@@ -1348,13 +1348,11 @@ impl Engine {
         }
     }
 
-    pub(super) async fn log_lines(&self, mut lines: Vec<NewLogLine>) {
+    /// Appends execution log lines. Callers pass text already redacted (`on_status` strikes
+    /// configured secrets from what agents report, once, for the live events and the log).
+    pub(super) async fn log_lines(&self, lines: Vec<NewLogLine>) {
         if lines.is_empty() {
             return;
-        }
-        // Agents' output may echo a configured secret (an environment dump, a URL).
-        for l in &mut lines {
-            self.inner.config.redactor.redact_string(&mut l.message);
         }
         if let Err(e) = self.inner.store.append_logs(&lines).await {
             tracing::warn!(error = %e, "execution log append failed");
