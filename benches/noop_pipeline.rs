@@ -11,7 +11,12 @@
 //! CHIFFON_BENCH_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/chiffon cargo bench --bench noop_pipeline
 //! ```
 //!
-//! You will see requests per second and the submit-to-completed latency percentiles.
+//! You will see requests per second and the submit-to-completed latency percentiles, then
+//! the sequential latency (one request at a time), and when a broker is given
+//! (`CHIFFON_BENCH_AMQP_URL`, or `CHIFFON_BENCH_RAW_AMQP_URL` for the yardstick alone) raw
+//! RabbitMQ persistent request/reply measured in the same run and the ratio. On PostgreSQL
+//! it also prints transactions and WAL fsyncs per request (from `pg_stat_database` and
+//! `pg_stat_wal`), and the process's resident memory at the end.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +28,54 @@ use chiffon_core::model::RequestStatus;
 use chiffon_core::transport::amqp::AmqpTransport;
 use chiffon_core::transport::{Topology, Transport};
 use chiffon_server::{App, AppOptions, Config};
+
+#[path = "support/raw_amqp.rs"]
+mod raw_amqp;
+
+/// PostgreSQL's own counters: committed transactions (every autocommitted statement is one)
+/// in this database, and WAL fsyncs (cluster-wide).
+async fn pg_counters(url: &str) -> Option<(i64, i64)> {
+    use sqlx::Row;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(url)
+        .await
+        .ok()?;
+    let xacts: i64 = sqlx::query(
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(&pool)
+    .await
+    .ok()?
+    .try_get(0)
+    .ok()?;
+    let syncs: i64 = sqlx::query("SELECT wal_sync FROM pg_stat_wal")
+        .fetch_one(&pool)
+        .await
+        .ok()?
+        .try_get(0)
+        .ok()?;
+    pool.close().await;
+    Some((xacts, syncs))
+}
+
+/// The resident set size of this process, in MiB (Linux).
+fn rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -80,6 +133,13 @@ async fn main() -> anyhow::Result<()> {
         engine.transport().backend()
     );
 
+    let pg_url = std::env::var("CHIFFON_BENCH_DATABASE_URL")
+        .ok()
+        .filter(|u| u.starts_with("postgres"));
+    let pg_before = match &pg_url {
+        Some(u) => pg_counters(u).await,
+        None => None,
+    };
     let started = Instant::now();
     let sem = Arc::new(tokio::sync::Semaphore::new(in_flight));
     let mut handles = Vec::with_capacity(total);
@@ -112,17 +172,61 @@ async fn main() -> anyhow::Result<()> {
         latencies.push(h.await??);
     }
     let elapsed = started.elapsed();
+    let rate = total as f64 / elapsed.as_secs_f64();
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     println!(
         "{:.0} requests/s ({total} in {:.2}s); latency p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        total as f64 / elapsed.as_secs_f64(),
+        rate,
         elapsed.as_secs_f64(),
         pct(0.50).as_secs_f64() * 1e3,
         pct(0.90).as_secs_f64() * 1e3,
         pct(0.99).as_secs_f64() * 1e3,
         latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
     );
+    // PostgreSQL's counters for the concurrent run (the pipeline's only database user here).
+    if let (Some(url), Some((x0, s0))) = (&pg_url, pg_before) {
+        if let Some((x1, s1)) = pg_counters(url).await {
+            println!(
+                "postgres: {:.1} transactions and {:.2} WAL fsyncs per request",
+                (x1 - x0) as f64 / total as f64,
+                (s1 - s0) as f64 / total as f64
+            );
+        }
+    }
+
+    // One request at a time: the latency a person sees on an idle system.
+    let sequential = (total / 10).clamp(10, 200);
+    let mut seq_times = Vec::with_capacity(sequential);
+    for i in 0..sequential {
+        let t = Instant::now();
+        let r = engine
+            .submit(SubmitRequest {
+                text: "noop".into(),
+                requester: Some(format!("bench-seq-{}", i % 8)),
+                ..Default::default()
+            })
+            .await?;
+        let done = engine.wait_until(r.id, &[]).await?;
+        anyhow::ensure!(done.status == RequestStatus::Completed, "request {} ended {}", r.id, done.status);
+        seq_times.push(t.elapsed());
+        if std::env::var("BENCH_TRACE").is_ok() && i == sequential - 1 {
+            for e in engine.audit_log(Some(r.id), 0, 100).await? {
+                println!("TRACE {} {} {}", ms((e.at - done.created_at).to_std().unwrap_or_default()), e.event, e.details);
+            }
+            let steps = engine.store().steps(r.id).await?;
+            for st in steps { println!("TRACE step ready {:?} dispatched {:?} finished {:?}", st.ready_at, st.dispatched_at, st.finished_at); }
+            println!("TRACE created {} updated {}", done.created_at, done.updated_at);
+        }
+    }
+    seq_times.sort();
+    let seq_p50 = seq_times[seq_times.len() / 2];
+    println!(
+        "sequential: {sequential} requests one at a time; latency p50 {:.1} ms, p90 {:.1} ms",
+        ms(seq_p50),
+        ms(seq_times[seq_times.len() * 9 / 10])
+    );
+
     let report = engine.verify_audit().await?;
     println!(
         "audit: chain ok = {}, {} entries, missing commits {}",
@@ -130,10 +234,33 @@ async fn main() -> anyhow::Result<()> {
         report.chain.entries_checked,
         report.missing_commits.len()
     );
+    if let Some(rss) = rss_mib() {
+        println!(
+            "memory: {rss:.1} MiB resident (orchestrator, agent and benchmark in one process)"
+        );
+    }
     app.shutdown().await;
     if let Some((task, stop)) = agent {
         stop.cancel();
         let _ = task.await;
+    }
+
+    // The yardstick, on the same machine in the same run.
+    let raw_url = std::env::var("CHIFFON_BENCH_AMQP_URL")
+        .or_else(|_| std::env::var("CHIFFON_BENCH_RAW_AMQP_URL"))
+        .ok();
+    if let Some(url) = raw_url {
+        let raw = raw_amqp::measure(&url, total.max(1000), in_flight, sequential).await?;
+        println!(
+            "raw RabbitMQ persistent request/reply (confirms, manual acks): {:.0} round trips/s at {in_flight} in flight; sequential p50 {:.2} ms",
+            raw.rate,
+            ms(raw.sequential_p50)
+        );
+        println!(
+            "ratio: throughput {:.3} of raw; sequential p50 {:.1}x raw",
+            rate / raw.rate,
+            ms(seq_p50) / ms(raw.sequential_p50).max(1e-3)
+        );
     }
     Ok(())
 }

@@ -424,6 +424,7 @@ both_backends!(
     audit_verify_catches_a_rechained_or_emptied_log,
     a_failing_git_trail_degrades_health_and_a_stale_lock_is_cleared,
     planning_a_dead_instance_held_resumes_when_its_lease_lapses,
+    a_crash_between_commit_and_status_keeps_the_one_commit,
 );
 
 async fn approve_runs_to_completion_with_audit_and_commit(backend: &str) {
@@ -1843,4 +1844,85 @@ async fn planning_a_dead_instance_held_resumes_when_its_lease_lapses(backend: &s
     let t0 = std::time::Instant::now();
     h.wait(r.id, RequestStatus::AwaitingApproval).await;
     assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+}
+
+/// The server died after the request's git commit was written but before its final status
+/// was stored: the request is still `running`, its steps all done. The sweeper finishes it
+/// again; the record is rebuilt from stored facts only, byte for byte the same, so the
+/// commit already written is found and becomes the request's commit id (not a second commit,
+/// and not a "different record" failure leaving it without one).
+async fn a_crash_between_commit_and_status_keeps_the_one_commit(backend: &str) {
+    let Some((store, transport, raw_url, _guard)) = raw_backend(backend).await else {
+        return;
+    };
+    let stop = CancellationToken::new();
+    let git = tempfile::tempdir().unwrap();
+    let engine = start_engine(
+        store.clone(),
+        transport.clone(),
+        git.path(),
+        test_config(|_| {}),
+        &stop,
+    )
+    .await;
+    let _agent = MockAgent::spawn(transport.clone(), stop.clone());
+    let r = engine
+        .submit(SubmitRequest {
+            text: "ok_action".into(),
+            requester: Some("alice".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        engine.wait_until(r.id, &[RequestStatus::AwaitingApproval]),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    engine.approve(r.id, "bob", None).await.unwrap();
+    let done = tokio::time::timeout(
+        Duration::from_secs(20),
+        engine.wait_until(r.id, &[RequestStatus::Completed]),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let commit = done.commit_id.clone().expect("a commit id");
+    // The state the crash left: committed in git, still running in the store, untouched
+    // for longer than the sweeper waits.
+    let id = if raw_url.starts_with("sqlite") {
+        format!("X'{}'", r.id.simple())
+    } else {
+        format!("'{}'", r.id)
+    };
+    raw_sql(
+        &raw_url,
+        format!(
+            "UPDATE tasks SET status = 'running', commit_id = NULL, \
+             updated_at = '2020-01-01T00:00:00.000000Z' WHERE id = {id}"
+        ),
+    )
+    .await;
+    let again = tokio::time::timeout(
+        Duration::from_secs(20),
+        engine.wait_until(r.id, &[RequestStatus::Completed]),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(again.status, RequestStatus::Completed);
+    assert_eq!(again.commit_id.as_deref(), Some(commit.as_str()));
+    let out = std::process::Command::new("git")
+        .args(["--git-dir", &git.path().display().to_string(), "log", "--format=%s"])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        log.matches(&r.id.to_string()).count(),
+        1,
+        "one commit for the request: {log}"
+    );
+    stop.cancel();
 }

@@ -288,80 +288,238 @@ impl GitTrail {
     /// different content, [`AuditError::RecordDiffers`] names that commit: a request's
     /// record is written once.
     ///
-    /// Blocking; see the [module docs](self).
+    /// Blocking; see the [module docs](self). Many records at once: [`GitTrail::commit_batch`].
     pub fn commit_request(&self, record: &RequestRecord) -> Result<String, AuditError> {
-        let author = signature(record)?;
-        let content = record_bytes(record)?;
-        let path = record_path(record.id);
-        let message = commit_message(record, &path);
-        let repo = self.repo();
-        let blob = repo
-            .blob(&content)
-            .map_err(AuditError::git("write record blob"))?;
-        let branch = head_branch(&repo)?;
+        self.commit_batch(std::slice::from_ref(record))
+            .pop()
+            .unwrap_or_else(|| Err(AuditError::Task("empty batch".into())))
+    }
+
+    /// Commits many finished requests' records, one commit each, chained in order on the
+    /// branch tip, and returns each record's commit id (or why it has none), in order.
+    ///
+    /// The whole batch costs one pack file (every blob, tree and commit of the batch, built
+    /// in memory), one compare-and-swap of the branch and one `fsync` of each file written,
+    /// however many records it holds: the git trail's cost per request stays flat, and a
+    /// power loss after this returns loses nothing. Each record is idempotent as in
+    /// [`GitTrail::commit_request`]; a record that cannot be written (an invalid author, a
+    /// different record already committed) fails alone. If another writer moves the branch
+    /// meanwhile, the batch is rebuilt on the new tip.
+    pub fn commit_batch(&self, records: &[RequestRecord]) -> Vec<Result<String, AuditError>> {
+        let prepared: Vec<Result<Prepared, AuditError>> = records
+            .iter()
+            .map(|record| {
+                let path = record_path(record.id);
+                Ok(Prepared {
+                    id: record.id,
+                    author: signature(record)?,
+                    content: record_bytes(record)?,
+                    message: commit_message(record, &path),
+                    path,
+                })
+            })
+            .collect();
+        if prepared.iter().all(Result::is_err) {
+            return prepared.into_iter().map(|p| p.map(|_| String::new())).collect();
+        }
+        // One batch at a time in this process; other processes are kept apart by the swap.
+        let _serial = self.repo();
         let mut rng = rand::rng();
         let mut last_error = String::new();
         for attempt in 1..=MAX_ATTEMPTS {
-            let tip = branch_tip(&repo, &branch)?;
-            let parent = tip
-                .map(|id| repo.find_commit(id))
-                .transpose()
-                .map_err(AuditError::git("read branch tip"))?;
-            let parent_tree = parent
-                .as_ref()
-                .map(|c| c.tree())
-                .transpose()
-                .map_err(AuditError::git("read tip tree"))?;
-            if let Some(existing) = parent_tree
-                .as_ref()
-                .map(|t| entry_id(t, &path))
-                .transpose()?
-                .flatten()
-            {
-                // The tree came from the tip, so the tip holds the record.
-                let commit = tip
-                    .map(|tip| introducing_commit(&repo, tip, &path))
-                    .transpose()?
-                    .flatten()
-                    .ok_or_else(|| AuditError::Layout(format!("{path} has no commit")))?;
-                return if existing == blob {
-                    Ok(commit.to_string())
-                } else {
-                    Err(AuditError::RecordDiffers {
-                        id: record.id,
-                        commit: commit.to_string(),
-                    })
-                };
-            }
-            let tree_id = insert_record(&repo, parent_tree.as_ref(), record.id, blob)?;
-            let tree = repo
-                .find_tree(tree_id)
-                .map_err(AuditError::git("read new tree"))?;
-            let committer = Signature::now(COMMITTER_NAME, COMMITTER_EMAIL)
-                .map_err(AuditError::git("committer signature"))?;
-            let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
-            // Written without moving any ref: the branch moves below, only if nobody else
-            // moved it since we read `tip`.
-            let commit = repo
-                .commit(None, &author, &committer, &message, &tree, &parents)
-                .map_err(AuditError::git("write commit"))?;
-            let log = message.lines().next().unwrap_or_default();
-            match repo.reference_matching(&branch, commit, true, tip.unwrap_or(Oid::ZERO_SHA1), log)
-            {
-                Ok(_) => return Ok(commit.to_string()),
-                Err(e) if is_race(&e) => {
-                    last_error = e.message().to_string();
-                    // Lost the race: the unreferenced commit object is garbage for `git gc`.
+            match self.try_batch(&prepared) {
+                Ok(out) => {
+                    return out
+                        .into_iter()
+                        .zip(prepared)
+                        .map(|(r, p)| match p {
+                            Err(e) => Err(e),
+                            Ok(_) => r,
+                        })
+                        .collect()
+                }
+                Err(BatchError::Race(e)) => {
+                    last_error = e;
+                    // Lost the race: the pack just written holds unreferenced objects,
+                    // garbage for `git gc`.
                     let cap = 1u64 << attempt.min(6);
                     std::thread::sleep(Duration::from_millis(rng.random_range(0..=cap)));
                 }
-                Err(e) => return Err(AuditError::git("move branch")(e)),
+                Err(BatchError::Failed(e)) => {
+                    // Every record of the batch failed the same way; the error is not
+                    // `Clone`, so each gets its text (the kind, transient, is kept).
+                    let text = e.to_string();
+                    return prepared
+                        .into_iter()
+                        .map(|p| {
+                            p.and_then(|_| {
+                                Err(AuditError::Git {
+                                    context: "write batch",
+                                    source: text.clone().into(),
+                                })
+                            })
+                        })
+                        .collect();
+                }
             }
         }
-        Err(AuditError::Contention {
-            attempts: MAX_ATTEMPTS,
-            last_error,
-        })
+        prepared
+            .into_iter()
+            .map(|p| {
+                p.and_then(|_| {
+                    Err(AuditError::Contention {
+                        attempts: MAX_ATTEMPTS,
+                        last_error: last_error.clone(),
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// One try at a batch on the current tip. Per-record results for the prepared records
+    /// (placeholders for the unprepared ones, which the caller replaces).
+    fn try_batch(
+        &self,
+        prepared: &[Result<Prepared, AuditError>],
+    ) -> Result<Vec<Result<String, AuditError>>, BatchError> {
+        // A handle of its own, so the in-memory object store lives only for this batch.
+        let repo = Repository::open(&self.path).map_err(AuditError::git("open repository"))?;
+        let odb = repo.odb().map_err(AuditError::git("open object database"))?;
+        let mempack = odb
+            .add_new_mempack_backend(1000)
+            .map_err(AuditError::git("in-memory object store"))?;
+        let branch = head_branch(&repo)?;
+        let tip = branch_tip(&repo, &branch)?;
+        let mut parent = tip
+            .map(|id| repo.find_commit(id))
+            .transpose()
+            .map_err(AuditError::git("read branch tip"))?;
+        let mut tree = parent
+            .as_ref()
+            .map(|c| c.tree())
+            .transpose()
+            .map_err(AuditError::git("read tip tree"))?;
+        let committer = Signature::now(COMMITTER_NAME, COMMITTER_EMAIL)
+            .map_err(AuditError::git("committer signature"))?;
+        // Records committed earlier in this batch: path → commit.
+        let mut in_batch: std::collections::HashMap<&str, Oid> = Default::default();
+        let mut out = Vec::with_capacity(prepared.len());
+        let mut last = None;
+        for p in prepared {
+            let Ok(p) = p else {
+                out.push(Ok(String::new()));
+                continue;
+            };
+            let blob = repo
+                .blob(&p.content)
+                .map_err(AuditError::git("write record blob"))?;
+            if let Some(existing) = tree
+                .as_ref()
+                .map(|t| entry_id(t, &p.path))
+                .transpose()?
+                .flatten()
+            {
+                let commit = match in_batch.get(p.path.as_str()) {
+                    Some(c) => Some(*c),
+                    None => tip
+                        .map(|tip| introducing_commit(&repo, tip, &p.path))
+                        .transpose()?
+                        .flatten(),
+                };
+                let Some(commit) = commit else {
+                    return Err(AuditError::Layout(format!("{} has no commit", p.path)).into());
+                };
+                out.push(if existing == blob {
+                    Ok(commit.to_string())
+                } else {
+                    Err(AuditError::RecordDiffers {
+                        id: p.id,
+                        commit: commit.to_string(),
+                    })
+                });
+                continue;
+            }
+            let tree_id = insert_record(&repo, tree.as_ref(), p.id, blob)?;
+            let new_tree = repo
+                .find_tree(tree_id)
+                .map_err(AuditError::git("read new tree"))?;
+            let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
+            let commit = repo
+                .commit(None, &p.author, &committer, &p.message, &new_tree, &parents)
+                .map_err(AuditError::git("write commit"))?;
+            in_batch.insert(p.path.as_str(), commit);
+            parent = Some(
+                repo.find_commit(commit)
+                    .map_err(AuditError::git("read new commit"))?,
+            );
+            tree = Some(new_tree);
+            last = Some((commit, p.message.lines().next().unwrap_or_default()));
+            out.push(Ok(commit.to_string()));
+        }
+        let Some((last, log)) = last else {
+            return Ok(out);
+        };
+        // Everything the batch made, as one pack on disk, synced before the branch names it.
+        let mut pack = git2::Buf::new();
+        mempack
+            .dump(&repo, &mut pack)
+            .map_err(AuditError::git("pack the batch"))?;
+        let pack_dir = self.objects_dir(&repo).join("pack");
+        let before = list_files(&pack_dir);
+        let mut writer = odb
+            .packwriter()
+            .map_err(AuditError::git("write the batch's pack"))?;
+        std::io::Write::write_all(&mut writer, &pack).map_err(|e| AuditError::Git {
+            context: "write the batch's pack",
+            source: Box::new(e),
+        })?;
+        writer
+            .commit()
+            .map_err(AuditError::git("write the batch's pack"))?;
+        // Other writers' temporary files come and go in the same folder: only finished
+        // packs and indexes, and only those still there.
+        let after = list_files(&pack_dir);
+        for f in after.difference(&before).filter(|f| {
+            f.extension()
+                .is_some_and(|x| x == "pack" || x == "idx" || x == "rev")
+        }) {
+            match std::fs::File::open(f) {
+                Ok(file) => file.sync_all().map_err(|e| AuditError::Git {
+                    context: "fsync",
+                    source: Box::new(e),
+                })?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(AuditError::Git {
+                        context: "fsync",
+                        source: Box::new(e),
+                    }
+                    .into())
+                }
+            }
+        }
+        sync_file(&pack_dir)?;
+        mempack
+            .reset()
+            .map_err(AuditError::git("in-memory object store"))?;
+        match repo.reference_matching(&branch, last, true, tip.unwrap_or(Oid::ZERO_SHA1), log) {
+            Ok(_) => {}
+            Err(e) if is_race(&e) => return Err(BatchError::Race(e.message().to_string())),
+            Err(e) => return Err(AuditError::git("move branch")(e).into()),
+        }
+        // The branch file, and the folder that names it, so the move survives a power loss.
+        let ref_file = repo.path().join(&branch);
+        if ref_file.exists() {
+            sync_file(&ref_file)?;
+            if let Some(dir) = ref_file.parent() {
+                sync_file(dir)?;
+            }
+        }
+        Ok(out)
+    }
+
+    fn objects_dir(&self, repo: &Repository) -> PathBuf {
+        repo.path().join("objects")
     }
 
     /// The commit that wrote the record of request `id`, if the branch has it.
@@ -591,6 +749,44 @@ impl GitTrail {
         let trail = Arc::clone(self);
         blocking(move || trail.log(limit)).await
     }
+}
+
+/// A record ready to commit.
+struct Prepared {
+    id: Uuid,
+    author: Signature<'static>,
+    content: Vec<u8>,
+    message: String,
+    path: String,
+}
+
+/// Why one try at a batch did not land.
+enum BatchError {
+    /// Another writer moved or locked the branch: build the batch again on the new tip.
+    Race(String),
+    Failed(AuditError),
+}
+
+impl From<AuditError> for BatchError {
+    fn from(e: AuditError) -> Self {
+        BatchError::Failed(e)
+    }
+}
+
+fn list_files(dir: &Path) -> std::collections::HashSet<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// `fsync` of a file or a folder (libgit2 writes without it).
+fn sync_file(path: &Path) -> Result<(), AuditError> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| AuditError::Git {
+            context: "fsync",
+            source: Box::new(e),
+        })
 }
 
 /// Creates a bare repository at `path` so that nobody ever sees it half made: it is

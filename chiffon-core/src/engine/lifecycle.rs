@@ -20,6 +20,9 @@ use crate::model::{
 /// A git lock file older than this was left by a crashed writer.
 const STALE_GIT_LOCK: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// A git batch running longer than this means the trail lags: `/health` says so.
+const GIT_LAG_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Status changes kept for a slow notifier.
 const STATUS_CHANGES_BACKLOG: usize = 1024;
 
@@ -100,6 +103,82 @@ fn spawn_audit_appender(store: Arc<dyn Store>) -> tokio::sync::mpsc::Sender<Audi
     tx
 }
 
+type GitJob = (
+    RequestRecord,
+    tokio::sync::oneshot::Sender<Result<String, String>>,
+);
+
+/// Most records one git batch commits.
+const GIT_BATCH: usize = 256;
+
+/// Group commit for the git trail: the records of requests finishing at the same time are
+/// committed as one batch (one pack, one branch move, one fsync each; see
+/// [`GitTrail::commit_batch`]), each still one commit, and each caller waits for its own
+/// commit id. Every batch's commits carry the audit chain's head, read once per batch.
+fn spawn_git_writer(
+    store: Arc<dyn Store>,
+    git: Arc<GitTrail>,
+    lag: Arc<Mutex<Option<std::time::Instant>>>,
+) -> tokio::sync::mpsc::Sender<GitJob> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<GitJob>(GIT_BATCH * 4);
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let started = std::time::Instant::now();
+            *lag.lock().unwrap_or_else(|e| e.into_inner()) = Some(started);
+            let mut jobs = vec![first];
+            while jobs.len() < GIT_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            let anchor = store
+                .audit_head()
+                .await
+                .ok()
+                .map(|(seq, hash)| crate::audit::git::ChainAnchor { seq, hash });
+            let (mut records, waiters): (Vec<RequestRecord>, Vec<_>) = jobs.into_iter().unzip();
+            for r in &mut records {
+                r.anchor = anchor.clone();
+            }
+            let git = git.clone();
+            let outcome = tokio::task::spawn_blocking(move || {
+                let mut out = git.commit_batch(&records);
+                // A ref lock left by a crashed writer stops the trail for good unless it
+                // goes: clear stale ones and try those records once more.
+                if out.iter().any(|r| r.as_ref().is_err_and(|e| e.is_transient()))
+                    && !git.clear_stale_locks(STALE_GIT_LOCK).is_empty()
+                {
+                    let retry: Vec<usize> = (0..out.len())
+                        .filter(|&i| out[i].as_ref().is_err_and(|e| e.is_transient()))
+                        .collect();
+                    let again: Vec<RequestRecord> =
+                        retry.iter().map(|&i| records[i].clone()).collect();
+                    for (i, r) in retry.into_iter().zip(git.commit_batch(&again)) {
+                        out[i] = r;
+                    }
+                }
+                out
+            })
+            .await;
+            match outcome {
+                Ok(results) => {
+                    for (done, r) in waiters.into_iter().zip(results) {
+                        let _ = done.send(r.map_err(|e| e.to_string()));
+                    }
+                }
+                Err(e) => {
+                    for done in waiters {
+                        let _ = done.send(Err(format!("audit commit task failed: {e}")));
+                    }
+                }
+            }
+            *lag.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+    });
+    tx
+}
+
 /// Memory (GiB) promised to an agent by one dispatch: (task, GiB, dispatched at).
 pub(super) type Reservation = (Uuid, f64, chrono::DateTime<Utc>);
 
@@ -121,6 +200,11 @@ pub(super) struct Inner {
     /// agent id → (task, GiB, dispatched at).
     /// The audit log's group-commit task, started on first use.
     pub audit_appender: std::sync::OnceLock<tokio::sync::mpsc::Sender<AuditJob>>,
+    /// The git trail's group-commit task, started on first use.
+    pub git_writer: std::sync::OnceLock<tokio::sync::mpsc::Sender<GitJob>>,
+    /// When the git writer's current batch started (unset between batches): `/health` is
+    /// degraded while a batch takes longer than [`GIT_LAG_LIMIT`].
+    pub git_busy_since: Arc<Mutex<Option<std::time::Instant>>>,
     /// Requests this instance is planning now.
     pub planning_now: Mutex<std::collections::HashSet<Uuid>>,
     pub reservations: Mutex<std::collections::HashMap<String, Vec<Reservation>>>,
@@ -176,6 +260,8 @@ impl Engine {
                 reservations: Mutex::new(Default::default()),
                 planning_now: Mutex::new(Default::default()),
                 audit_appender: std::sync::OnceLock::new(),
+                git_writer: std::sync::OnceLock::new(),
+                git_busy_since: Arc::new(Mutex::new(None)),
                 rejected: Default::default(),
                 status_changes: broadcast::channel(STATUS_CHANGES_BACKLOG).0,
                 git_error: Mutex::new(None),
@@ -993,8 +1079,19 @@ impl Engine {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
         {
-            None => "ok".to_string(),
             Some(e) => format!("error: the last audit commit failed: {e}"),
+            None => match *self
+                .inner
+                .git_busy_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+            {
+                Some(since) if since.elapsed() > GIT_LAG_LIMIT => format!(
+                    "error: the git trail lags: a batch of commits has been writing for {} s",
+                    since.elapsed().as_secs()
+                ),
+                _ => "ok".to_string(),
+            },
         };
         Health {
             audit: audit.clone(),
@@ -1230,13 +1327,24 @@ impl Engine {
         let (Some(git), Some(approver)) = (&self.inner.git, &request.approver) else {
             return None;
         };
-        let steps = self.inner.store.steps(request.id).await.unwrap_or_default();
+        let steps = match self.inner.store.steps(request.id).await {
+            Ok(steps) => steps,
+            Err(e) => return Some(Err(format!("cannot read the request's steps: {e}"))),
+        };
         let summary = request
             .plan
             .as_ref()
             .map(|p| p.summary.clone())
             .unwrap_or_else(|| request.text.clone());
-        let finished = Utc::now();
+        // Only stored facts go into the record, never the clock: written again after a
+        // crash between the commit and the status change, it is byte for byte the same, so
+        // the commit already made is found and reused (not refused as a different record).
+        let finished = steps
+            .iter()
+            .filter_map(|s| s.finished_at)
+            .max()
+            .unwrap_or(request.updated_at)
+            .max(request.created_at);
         let duration = (finished - request.created_at).num_milliseconds() as f64 / 1000.0;
         let mut document = json!({
             "id": request.id,
@@ -1268,13 +1376,8 @@ impl Engine {
             } else {
                 summary
             },
-            anchor: self
-                .inner
-                .store
-                .audit_head()
-                .await
-                .ok()
-                .map(|(seq, hash)| crate::audit::git::ChainAnchor { seq, hash }),
+            // Set by the writer, once per batch.
+            anchor: None,
             author_name: approver.clone(),
             author_email: format!(
                 "{}@chiffon",
@@ -1289,28 +1392,26 @@ impl Engine {
             Ok(d) => d,
             Err(e) => return Some(Err(e.to_string())),
         };
-        let git = git.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            match git.commit_request(&record) {
-                Err(e) if e.is_transient() => {
-                    // A ref lock left by a crashed writer stops the trail for good unless it
-                    // goes: clear stale ones and try once more.
-                    if !git.clear_stale_locks(STALE_GIT_LOCK).is_empty() {
-                        return git.commit_request(&record);
-                    }
-                    Err(e)
-                }
-                other => other,
-            }
-        })
-        .await;
+        let writer = self.inner.git_writer.get_or_init(|| {
+            spawn_git_writer(
+                self.inner.store.clone(),
+                git.clone(),
+                self.inner.git_busy_since.clone(),
+            )
+        });
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let outcome = match writer.send((record, done)).await {
+            Ok(()) => wait
+                .await
+                .unwrap_or_else(|_| Err("the git writer stopped".into())),
+            Err(_) => Err("the git writer stopped".into()),
+        };
         let outcome = match outcome {
-            Ok(Ok(commit)) => Some(Ok((commit, digest))),
-            Ok(Err(e)) => {
+            Ok(commit) => Some(Ok((commit, digest))),
+            Err(e) => {
                 tracing::error!(request = %request.id, error = %e, "audit commit failed; `chiffon audit verify` will report it");
-                Some(Err(e.to_string()))
+                Some(Err(e))
             }
-            Err(e) => Some(Err(format!("audit commit task failed: {e}"))),
         };
         *self
             .inner

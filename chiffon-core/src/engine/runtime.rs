@@ -57,6 +57,18 @@ fn task_of(m: &Message) -> Option<Uuid> {
     }
 }
 
+/// A claimed step marked dispatched, its `work_request` not yet published.
+struct Outgoing {
+    step: Step,
+    request_id: Uuid,
+    queue: String,
+    agent_id: Option<String>,
+    needs: bool,
+    attempt: u32,
+    now: DateTime<Utc>,
+    env: Envelope,
+}
+
 /// Handles a consumer's deliveries, up to `limit` at once, until `stop` is cancelled.
 async fn consume_each<F, Fut>(
     consumer: crate::transport::Consumer,
@@ -777,6 +789,7 @@ impl Engine {
         let mut blocked = false;
         let mut audit = Vec::new();
         let mut dispatched = 0;
+        let mut outgoing: Vec<Outgoing> = Vec::with_capacity(claimed);
         let topology = self.inner.transport.topology().clone();
         for step in steps {
             let request = match requests.get(&step.request_id) {
@@ -913,7 +926,37 @@ impl Engine {
                 Some(request.id),
                 Message::WorkRequest(work),
             );
-            if let Err(e) = self.publish_to(&queue, &env).await {
+            outgoing.push(Outgoing {
+                step,
+                request_id: request.id,
+                queue,
+                agent_id,
+                needs,
+                attempt,
+                now,
+                env,
+            });
+        }
+        // Every claimed step's message at once: the broker confirms them together, instead
+        // of one round trip per step.
+        let published = futures::future::join_all(
+            outgoing
+                .iter()
+                .map(|o| self.publish_to(&o.queue, &o.env)),
+        )
+        .await;
+        for (o, sent) in outgoing.into_iter().zip(published) {
+            let Outgoing {
+                step,
+                request_id,
+                queue,
+                agent_id,
+                needs,
+                attempt,
+                now,
+                ..
+            } = o;
+            if let Err(e) = sent {
                 // Not published: make it ready again (the attempt stays counted).
                 let back = StepPatch {
                     not_before: Some(Utc::now() + chrono::TimeDelta::seconds(1)),
@@ -948,14 +991,14 @@ impl Engine {
                 .dispatched
                 .fetch_add(1, Ordering::Relaxed);
             self.inner.events.publish(EngineEvent::Step {
-                request_id: request.id,
+                request_id,
                 task_id: step.task_id,
                 seq: step.seq,
                 status: StepStatus::Dispatched,
                 at: now,
             });
             audit.push(NewAuditEntry {
-                request_id: Some(request.id),
+                request_id: Some(request_id),
                 actor: self.inner.config.instance_id.clone(),
                 event: "dispatched".into(),
                 details: json!({ "task_id": step.task_id, "seq": step.seq, "action": step.action, "queue": queue, "agent_id": agent_id, "attempt": attempt }),
