@@ -16,6 +16,7 @@
 //! - [`scheduler`]: resource-aware choice of an agent for a step.
 //! - [`llm`]: LLM providers with budgets, retries, circuit breakers and fallback.
 //! - [`planner`]: request text to a validated plan (LLM or offline), with a plan cache.
+//! - [`retry`]: the one backoff policy, shared by step retries and LLM calls.
 //! - [`redact`]: the `Redactor` that keeps configured secrets out of stored and shown text.
 //!
 //! Features: `engine` (in the default set, through `postgres` and `sqlite`) is the
@@ -38,6 +39,8 @@ pub mod model;
 #[cfg(feature = "engine")]
 pub mod planner;
 pub mod redact;
+#[cfg(feature = "engine")]
+pub mod retry;
 #[cfg(feature = "engine")]
 pub mod scheduler;
 #[cfg(feature = "engine")]

@@ -10,7 +10,6 @@ use chiffon_protocol::{
 };
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use rand::Rng;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -722,11 +721,14 @@ impl Engine {
         self.finish(id, None, to, error).await
     }
 
+    /// The pause before a step's next attempt: the shared policy ([`crate::retry`]),
+    /// starting at `retry_backoff`, at most a minute.
     fn backoff(&self, attempt: u32) -> Duration {
-        let base = self.inner.config.dispatch.retry_backoff.as_secs_f64();
-        let exp = base * 2f64.powi(attempt.saturating_sub(1).min(16) as i32);
-        let jitter = rand::rng().random_range(0.8..1.2);
-        Duration::from_secs_f64((exp * jitter).min(60.0))
+        crate::retry::Backoff {
+            initial: self.inner.config.dispatch.retry_backoff,
+            max: Duration::from_secs(60),
+        }
+        .delay(attempt)
     }
 
     /// Dispatch rounds until no more ready steps are claimable.

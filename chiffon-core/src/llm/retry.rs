@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::{Completion, CompletionRequest, LlmError, LlmProvider, Pricing};
@@ -38,16 +37,11 @@ impl RetryConfig {
     /// exponential value with up to half of it taken off at random, so clients that failed
     /// together do not retry together.
     pub fn backoff(&self, retry: u32) -> Duration {
-        let exp = self
-            .initial_backoff_ms
-            .saturating_mul(1u64 << retry.saturating_sub(1).min(32))
-            .min(self.max_backoff_ms);
-        let jitter = if exp > 1 {
-            rand::rng().random_range(0..=exp / 2)
-        } else {
-            0
-        };
-        Duration::from_millis(exp - jitter)
+        crate::retry::Backoff {
+            initial: Duration::from_millis(self.initial_backoff_ms),
+            max: Duration::from_millis(self.max_backoff_ms),
+        }
+        .delay(retry)
     }
 }
 

@@ -111,7 +111,7 @@ impl SqliteStore {
                 .max_connections(MAX_CONNECTIONS)
                 .connect_with(
                     opts.journal_mode(SqliteJournalMode::Wal)
-                        .synchronous(SqliteSynchronous::Normal),
+                        .synchronous(SqliteSynchronous::Full),
                 )
                 .await
         }
