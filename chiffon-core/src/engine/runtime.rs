@@ -497,7 +497,10 @@ impl Engine {
 
     /// Applies a `work_result` once: only to the step's current attempt while it is
     /// `dispatched` or `running` (conditional update), so duplicates and redeliveries are
-    /// acknowledged and ignored.
+    /// acknowledged and ignored. A result may come with no status before it (a short task
+    /// sends none): the step goes from `dispatched` straight to its outcome, and the
+    /// result's output lines are logged and shown as the step's output, as a status's lines
+    /// would have been.
     async fn on_result(
         &self,
         env: &Envelope,
@@ -554,14 +557,16 @@ impl Engine {
             && !cancel_requested
             && error.as_ref().is_some_and(|e| e.code.is_transient())
             && step.attempt < self.inner.config.dispatch.max_attempts;
-        // What an agent reports is stored and shown: strike configured secrets first.
+        // What an agent reports is stored and shown: strike configured secrets first (before
+        // the tail is cut, so a secret across the cut is struck too).
         let redactor = &self.inner.config.redactor;
         let mut error = error;
         if let Some(e) = error.as_mut() {
             redactor.redact_error(e);
         }
+        let output = redactor.redact(&r.output).into_owned();
         let mut patch = StepPatch {
-            output: Some(redactor.redact(&tail(&r.output)).into_owned()),
+            output: Some(tail(&output)),
             diff: r.diff.as_deref().map(|d| redactor.redact(d).into_owned()),
             changed: r.changed,
             error: error.clone(),
@@ -604,6 +609,28 @@ impl Engine {
                 .metrics
                 .observe_latency(((now - d).num_microseconds().unwrap_or(0) as f64 / 1e6).max(0.0));
         }
+        let mut lines = Vec::new();
+        if step.status == StepStatus::Dispatched {
+            // No status of this attempt came first, so none carried its lines: the result's
+            // output holds them (a status racing this result may log some of them twice).
+            for line in output.lines() {
+                lines.push(NewLogLine {
+                    request_id: step.request_id,
+                    task_id: Some(step.task_id),
+                    at: env.timestamp,
+                    kind: "output".into(),
+                    progress: None,
+                    message: line.to_string(),
+                });
+                self.inner.events.publish(EngineEvent::Output {
+                    request_id: step.request_id,
+                    task_id: step.task_id,
+                    seq: step.seq,
+                    line: line.to_string(),
+                    at: env.timestamp,
+                });
+            }
+        }
         self.inner.events.publish(EngineEvent::Step {
             request_id: step.request_id,
             task_id: step.task_id,
@@ -611,7 +638,7 @@ impl Engine {
             status: to,
             at: now,
         });
-        self.log_lines(vec![NewLogLine {
+        lines.push(NewLogLine {
             request_id: step.request_id,
             task_id: Some(step.task_id),
             at: env.timestamp,
@@ -633,8 +660,8 @@ impl Engine {
                     e.message
                 ),
             },
-        }])
-        .await;
+        });
+        self.log_lines(lines).await;
         let mut details = json!({
             "task_id": step.task_id, "seq": step.seq, "action": step.action, "attempt": step.attempt,
             "agent_id": r.agent_id, "status": r.status, "duration_seconds": r.duration_seconds,
