@@ -29,6 +29,8 @@ fn start(bus: &Bus, state: &std::path::Path) -> (CancellationToken, tokio::task:
         RunnerConfig {
             max_concurrent: 2,
             heartbeat_interval: Duration::from_secs(60),
+            // Every status from the start: these tests watch progress and the pid.
+            status_delay: Duration::ZERO,
             ..RunnerConfig::default()
         },
     );
@@ -55,10 +57,7 @@ async fn playbook_run_second_run_and_dry_run(kind: Kind) {
     assert_eq!(r.changed, Some(true));
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "a = 1\n");
     let statuses = results.statuses_of(w.task_id);
-    assert_eq!(
-        statuses.first().map(|s| s.status),
-        Some(TaskState::Accepted)
-    );
+    assert_eq!(statuses.first().map(|s| s.status), Some(TaskState::Running));
     let progress: Vec<u32> = statuses.iter().map(|s| s.progress).collect();
     assert!(
         progress.windows(2).all(|p| p[0] <= p[1]),
