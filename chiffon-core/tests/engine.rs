@@ -736,8 +736,39 @@ async fn duplicate_results_apply_once(backend: &str) {
     h.wait(id, RequestStatus::AwaitingApproval).await;
     h.engine.approve(id, "bob", None).await.unwrap();
     h.wait(id, RequestStatus::Completed).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let dup_step = h.engine.get(id).await.unwrap().steps[0].clone();
+    // The second copy is recorded, once, as a duplicate of the applied result.
+    let duplicates = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let d: Vec<AuditEntry> = h
+                .engine
+                .audit_log(Some(id), 0, 1000)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.event == "duplicate_result")
+                .collect();
+            if !d.is_empty() {
+                return d;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the duplicate is recorded");
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let audit = h.events(id).await;
+    assert_eq!(
+        audit.iter().filter(|e| *e == "duplicate_result").count(),
+        1,
+        "{audit:?}"
+    );
+    let d = &duplicates[0].details;
+    assert_eq!(d["task_id"], json!(dup_step.task_id), "{d}");
+    assert_eq!(d["attempt"], json!(1), "{d}");
+    assert_eq!(d["step_status"], json!("completed"), "{d}");
+    assert_eq!(d["reason"], json!("the attempt already ended"), "{d}");
+    // Applied once: one result per step, one result line in the log, the step unchanged.
     assert_eq!(
         audit.iter().filter(|e| *e == "step_result").count(),
         2,
@@ -748,7 +779,18 @@ async fn duplicate_results_apply_once(backend: &str) {
         2,
         "{audit:?}"
     );
-    assert!(h.engine.metrics().duplicate_results_total >= 1);
+    let results = h
+        .engine
+        .logs(id, None, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|l| l.line.kind == "result" && l.line.task_id == Some(dup_step.task_id))
+        .count();
+    assert_eq!(results, 1);
+    let now = h.engine.get(id).await.unwrap().steps[0].clone();
+    assert_eq!(now, dup_step, "the duplicate changed nothing");
+    assert_eq!(h.engine.metrics().duplicate_results_total, 1);
 }
 
 /// A short task reports with its result alone (no `work_status`): the step goes from

@@ -497,10 +497,10 @@ impl Engine {
 
     /// Applies a `work_result` once: only to the step's current attempt while it is
     /// `dispatched` or `running` (conditional update), so duplicates and redeliveries are
-    /// acknowledged and ignored. A result may come with no status before it (a short task
-    /// sends none): the step goes from `dispatched` straight to its outcome, and the
-    /// result's output lines are logged and shown as the step's output, as a status's lines
-    /// would have been.
+    /// acknowledged, change nothing, and are recorded (`duplicate_result`). A result may
+    /// come with no status before it (a short task sends none): the step goes from
+    /// `dispatched` straight to its outcome, and the result's output lines are logged and
+    /// shown as the step's output, as a status's lines would have been.
     async fn on_result(
         &self,
         env: &Envelope,
@@ -530,11 +530,7 @@ impl Engine {
             )));
         }
         if r.attempt != step.attempt || !active.contains(&step.status) || !r.status.is_terminal() {
-            self.inner
-                .metrics
-                .duplicates
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(task = %r.task_id, attempt = r.attempt, "duplicate or stale result ignored");
+            self.duplicate_result(&step, r, publisher).await;
             return Ok(());
         }
         let now = Utc::now();
@@ -595,10 +591,9 @@ impl Engine {
         {
             Ok(_) => {}
             Err(StoreError::Conflict { .. }) => {
-                self.inner
-                    .metrics
-                    .duplicates
-                    .fetch_add(1, Ordering::Relaxed);
+                // Another copy of this result (or a timeout) got there first.
+                let step = self.inner.store.get_step(step.task_id).await?;
+                self.duplicate_result(&step, r, publisher).await;
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
@@ -701,6 +696,38 @@ impl Engine {
                 .await;
         }
         self.promote_next(step.request_id).await
+    }
+
+    /// A result that is not applied: a copy of one already applied (a redelivery, an agent
+    /// answering again from its ledger), or one of an attempt that ended otherwise or is not
+    /// the step's current one. Counted and written to the audit log; the caller acks it.
+    async fn duplicate_result(&self, step: &Step, r: &WorkResult, publisher: &str) {
+        self.inner
+            .metrics
+            .duplicates
+            .fetch_add(1, Ordering::Relaxed);
+        let reason = if !r.status.is_terminal() {
+            "not an outcome"
+        } else if r.attempt < step.attempt {
+            "an older attempt"
+        } else if r.attempt > step.attempt {
+            "an attempt never dispatched"
+        } else {
+            // Applied already, or the attempt timed out first: `step_status` tells.
+            "the attempt already ended"
+        };
+        tracing::debug!(task = %r.task_id, attempt = r.attempt, reason, "duplicate result ignored");
+        self.audit(vec![NewAuditEntry {
+            request_id: Some(step.request_id),
+            actor: format!("bus:{publisher}"),
+            event: "duplicate_result".into(),
+            details: json!({
+                "task_id": step.task_id, "seq": step.seq, "attempt": r.attempt,
+                "step_attempt": step.attempt, "step_status": step.status.as_str(),
+                "status": r.status, "agent_id": r.agent_id, "reason": reason,
+            }),
+        }])
+        .await;
     }
 
     /// Skips the steps that will never run and ends the request.
