@@ -237,6 +237,10 @@ async fn system(tune: impl FnOnce(&mut Config)) -> Option<System> {
             "1",
             "--agent-id",
             "e2e-infra",
+            // Statuses from the start (not after a second): these tests watch progress live
+            // and read the playbook's pid from the log.
+            "--status-delay-ms",
+            "0",
         ])
         .arg("--playbooks")
         .arg(repo().join("playbooks"))

@@ -6,6 +6,11 @@
 //!   double-quoted scalars with every non-printable or non-ASCII character escaped, so no
 //!   value can end the scalar or add a key. The catalog's `inventory.ini` goes with `-i`; a
 //!   dry run adds `--check --diff`.
+//! - The same file gives the play the task's identity, `chiffon_task_id` (the step's uuid,
+//!   the same on every attempt and redelivery) and `chiffon_attempt` (1, 2, …): a playbook
+//!   may key a side effect that must happen once on them (`playbooks/README.md`). The
+//!   catalog refuses parameters named `chiffon_*`, and so does the file, so a parameter can
+//!   never pose as either.
 //! - Progress and results come from the catalog's callback plugin
 //!   (`playbooks/callback_plugins/chiffon_events.py`), enabled as a *notification* callback:
 //!   it prints one `CHIFFON_EVENT {json}` line per play/task/diff/recap event while the
@@ -157,7 +162,8 @@ impl AnsibleExecutor {
             .suffix(".yml")
             .tempfile_in(&state_dir)
             .map_err(crashed)?;
-        let yaml = unsafe_extra_vars(run.extra_vars).map_err(AgentError::InvalidParameters)?;
+        let mut yaml = unsafe_extra_vars(run.extra_vars).map_err(AgentError::InvalidParameters)?;
+        yaml.push_str(&identity_vars(ctx));
         std::io::Write::write_all(&mut vars, yaml.as_bytes()).map_err(crashed)?;
         std::io::Write::flush(&mut vars).map_err(crashed)?;
 
@@ -387,10 +393,20 @@ pub fn reap_orphans(state_dir: &Path) -> Vec<u32> {
     killed
 }
 
+/// The extra vars that say which task and attempt the play runs: the lines the executor
+/// appends to [`unsafe_extra_vars`]'s file (their names are refused there).
+fn identity_vars(ctx: &TaskContext) -> String {
+    let mut out = String::from("chiffon_task_id: !unsafe ");
+    yaml_double_quoted(&ctx.task_id().to_string(), &mut out);
+    out.push_str(&format!("\nchiffon_attempt: {}\n", ctx.attempt()));
+    out
+}
+
 /// The extra-vars file: one `name: value` line per parameter, every string tagged
 /// `!unsafe` (Ansible's documented marking for data that must never be templated). Only
 /// flat maps of strings, integers and booleans are written; anything else is refused, as
-/// are names that are not plain identifiers.
+/// are names that are not plain identifiers and the prefixes `ansible_` and `chiffon_`
+/// (Ansible's own variables, and the task identity the executor adds).
 pub fn unsafe_extra_vars(vars: &Map<String, Value>) -> Result<String, String> {
     let mut out = String::from("---\n");
     for (name, value) in vars {
@@ -401,6 +417,11 @@ pub fn unsafe_extra_vars(vars: &Map<String, Value>) -> Result<String, String> {
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !plain || name.starts_with("ansible_") {
             return Err(format!("parameter name `{name}` is not a plain identifier"));
+        }
+        if name.starts_with("chiffon_") {
+            return Err(format!(
+                "parameter name `{name}` is reserved: `chiffon_*` variables are set by the agent"
+            ));
         }
         out.push_str(name);
         out.push_str(": ");
@@ -591,6 +612,8 @@ mod tests {
         );
         for bad in [
             serde_json::json!({ "ansible_connection": "local" }),
+            serde_json::json!({ "chiffon_task_id": "forged" }),
+            serde_json::json!({ "chiffon_attempt": 1 }),
             serde_json::json!({ "x: 1\ny": "v" }),
             serde_json::json!({ "x": [1] }),
             serde_json::json!({ "x": 1.5 }),
@@ -601,6 +624,15 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn the_task_identity_follows_the_parameters() {
+        let ctx = TaskContext::detached(uuid::Uuid::from_u128(0xabc), false, Instant::now());
+        assert_eq!(
+            identity_vars(&ctx),
+            "chiffon_task_id: !unsafe \"00000000-0000-0000-0000-000000000abc\"\nchiffon_attempt: 1\n"
+        );
     }
 
     #[test]

@@ -42,6 +42,10 @@ pub struct AgentArgs {
     /// Seconds running tasks may take to finish on SIGTERM before they are requeued.
     #[arg(long, default_value_t = 30)]
     pub shutdown_grace: u64,
+    /// Milliseconds a task runs before its first `work_status`: a task that finishes
+    /// sooner sends only its `work_result` (0: a status as soon as it starts).
+    #[arg(long, env = "CHIFFON_AGENT_STATUS_DELAY_MS", default_value_t = 1000)]
+    pub status_delay_ms: u64,
     /// Seconds to keep trying to reach RabbitMQ at start (it may start after the agent).
     #[arg(long, default_value_t = 30)]
     pub connect_wait_seconds: u64,
@@ -77,6 +81,7 @@ impl AgentArgs {
             heartbeat_interval: Duration::from_secs(self.heartbeat_seconds.max(1)),
             default_timeout: Duration::from_secs(self.default_timeout.max(1)),
             shutdown_grace: Duration::from_secs(self.shutdown_grace),
+            status_delay: Duration::from_millis(self.status_delay_ms),
             orchestrator_users: self
                 .orchestrator_users
                 .iter()

@@ -7,8 +7,9 @@
 //!   [`TaskContext`] (progress, output lines, cancellation, deadline).
 //! - [`Runner`]: hosts any agent on a [`Transport`](chiffon_core::transport::Transport)
 //!   (RabbitMQ or in-process): consumes `agent.{type}` (or `agent.desktop.{hostname}`), runs
-//!   tasks concurrently up to a limit, publishes `work_status` and `work_result`, acks after
-//!   the result is confirmed, answers `cancel`, enforces deadlines, sends heartbeats and shuts
+//!   tasks concurrently up to a limit, publishes `work_status` (once a task has run
+//!   [`RunnerConfig::status_delay`]: a short task sends only its `work_result`) and
+//!   `work_result`, acks after the result is confirmed, answers `cancel`, enforces deadlines, sends heartbeats and shuts
 //!   down without losing work.
 //! - [`InfraAgent`] (`chiffon-infra-agent`): runs catalog playbooks with `ansible-playbook`.
 //! - [`DesktopAgent`] (`chiffon-desktop-agent`): host and GPU metrics, local playbooks.

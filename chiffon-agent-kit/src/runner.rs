@@ -10,6 +10,10 @@
 //!   entries, evicted oldest first; after a restart or eviction, at-least-once applies).
 //! - An unparsable or invalid message is answered with an `error` message on the results
 //!   queue and dead-lettered; the runner keeps serving.
+//! - A task sends no `work_status` before it has run [`RunnerConfig::status_delay`]: a short
+//!   task is its `work_request` and its `work_result`, two messages, its output lines in the
+//!   result's `output` (one status carries them just before the result when the output
+//!   does not hold them all). No output line is lost either way.
 //!
 //! `work_result.resource_usage`: `wall_seconds` is measured by the runner around the
 //! handler; `cpu_hours` and `memory_peak_gb` are what the handler reported through
@@ -70,6 +74,14 @@ pub struct RunnerConfig {
     pub result_cache: usize,
     /// Output lines and progress are coalesced for this long into one `work_status`.
     pub status_batch: Duration,
+    /// A task reports no `work_status` before it has run this long: one that finishes
+    /// sooner costs two bus messages (its `work_request` and `work_result`), and its output
+    /// lines travel in the result's `output` (or, when that does not hold them all, in one
+    /// last status just before it). Past the delay the first status (`running`, with the
+    /// lines and progress so far) goes out and statuses flow every [`Self::status_batch`].
+    /// Keep it well below 10 s: the orchestrator says a step nobody has taken for that
+    /// long is waiting. Zero: the first status goes out as the task starts.
+    pub status_delay: Duration,
     /// Report GPUs (NVML) in heartbeats.
     pub gpu_metrics: bool,
     /// Where the durable ledger of finished attempts lives ([`crate::ledger`], one file per
@@ -94,6 +106,7 @@ impl Default for RunnerConfig {
             cancel_grace: Duration::from_secs(10),
             result_cache: 1024,
             status_batch: Duration::from_millis(100),
+            status_delay: Duration::from_secs(1),
             gpu_metrics: true,
             orchestrator_users: Vec::new(),
             ledger_dir: None,
@@ -542,17 +555,7 @@ async fn handle_delivery<A: Agent>(
         cancel_requested.store(true, Ordering::SeqCst);
         ctx.inner.cancel.cancel();
     }
-    publish_status(
-        &shared,
-        &env,
-        work.task_id,
-        TaskState::Accepted,
-        0,
-        format!("accepted by {}", shared.agent_id),
-        Vec::new(),
-    )
-    .await;
-
+    // No status yet: a task that ends within `status_delay` reports with its result alone.
     let forwarder_stop = CancellationToken::new();
     let forwarder = tokio::spawn(status_forwarder(
         shared.clone(),
@@ -603,7 +606,8 @@ async fn handle_delivery<A: Agent>(
         }
     };
     forwarder_stop.cancel();
-    let _ = forwarder.await;
+    // Awaited, so a first status racing with the end is either out or never sent.
+    let status_sent = forwarder.await.unwrap_or(true);
     lock(&shared.running).remove(&work.task_id);
 
     if abandoned {
@@ -613,9 +617,6 @@ async fn handle_delivery<A: Agent>(
         }
         return;
     }
-    // Lines produced after the last status (the last one is part of the result too).
-    flush_status(&shared, &env, &ctx).await;
-
     let snap = ctx.snapshot();
     let (status, output, changed, diff, error) = match outcome {
         Ok(TaskOutcome {
@@ -653,11 +654,18 @@ async fn handle_delivery<A: Agent>(
             (state, snap.tail.join("\n"), None, None, Some(err))
         }
     };
+    let output = cap(output, MAX_OUTPUT_BYTES);
+    // Lines produced after the last status go out in one more status (the last one is part
+    // of the result too), unless no status was sent and the result's output holds them all:
+    // then the orchestrator logs them from the result, and a short task costs no status.
+    if status_sent || !output_holds_pending(&ctx, &output) {
+        flush_status(&shared, &env, &ctx, false).await;
+    }
     let wall = started.elapsed().as_secs_f64();
     let result = WorkResult {
         task_id: work.task_id,
         status,
-        output: cap(output, MAX_OUTPUT_BYTES),
+        output,
         duration_seconds: wall,
         resource_usage: ResourceUsage {
             cpu_hours: snap.usage.cpu_seconds / 3600.0,
@@ -755,11 +763,26 @@ async fn publish_status<A: Agent>(
     }
 }
 
-async fn flush_status<A: Agent>(shared: &Shared<A>, env: &Envelope, ctx: &TaskContext) {
+/// Whether `output` is exactly the lines waiting for a status (none dropped): a result
+/// with that output carries them, and no status is needed for them.
+fn output_holds_pending(ctx: &TaskContext, output: &str) -> bool {
+    let s = ctx.lock();
+    s.dropped == 0 && (s.pending.is_empty() || s.pending.join("\n") == output)
+}
+
+/// Sends what accumulated as `running` statuses (several when there are many lines);
+/// `first`: the task's first status, sent even when nothing new accumulated.
+async fn flush_status<A: Agent>(
+    shared: &Shared<A>,
+    env: &Envelope,
+    ctx: &TaskContext,
+    first: bool,
+) {
+    let mut force = first;
     loop {
         let (progress, message, lines) = {
             let mut s = ctx.lock();
-            if !s.dirty {
+            if !s.dirty && !force {
                 return;
             }
             let mut lines: Vec<String> = if s.pending.len() > LINES_PER_STATUS {
@@ -775,7 +798,13 @@ async fn flush_status<A: Agent>(shared: &Shared<A>, env: &Envelope, ctx: &TaskCo
                 s.dropped = 0;
             }
             s.dirty = !s.pending.is_empty();
-            (s.progress, s.message.clone(), lines)
+            let message = if force && s.message.is_empty() {
+                format!("running on {}", shared.agent_id)
+            } else {
+                s.message.clone()
+            };
+            force = false;
+            (s.progress, message, lines)
         };
         publish_status(
             shared,
@@ -790,23 +819,32 @@ async fn flush_status<A: Agent>(shared: &Shared<A>, env: &Envelope, ctx: &TaskCo
     }
 }
 
+/// A task's statuses: none before [`RunnerConfig::status_delay`], then the first one
+/// (`running`, with the lines and progress so far), then each burst coalesced for
+/// [`RunnerConfig::status_batch`]. Returns whether it sent any.
 async fn status_forwarder<A: Agent>(
     shared: Arc<Shared<A>>,
     env: Envelope,
     ctx: TaskContext,
     stop: CancellationToken,
-) {
+) -> bool {
+    tokio::select! {
+        biased;
+        _ = stop.cancelled() => return false,
+        _ = tokio::time::sleep(shared.config.status_delay) => {}
+    }
+    flush_status(&shared, &env, &ctx, true).await;
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return true,
             _ = ctx.inner.notify.notified() => {}
         }
         // Coalesce a burst of lines and progress into one message.
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return true,
             _ = tokio::time::sleep(shared.config.status_batch) => {}
         }
-        flush_status(&shared, &env, &ctx).await;
+        flush_status(&shared, &env, &ctx, false).await;
     }
 }
 

@@ -128,6 +128,9 @@ async fn a_killed_agents_playbook_is_stopped_by_the_next_agent() {
             &bus.prefix,
             "--agent-id",
             "doomed",
+            // Statuses from the start: the test reads the playbook's pid from the first.
+            "--status-delay-ms",
+            "0",
         ])
         .arg("--playbooks")
         .arg(common::playbooks())

@@ -29,6 +29,8 @@ fn start(bus: &Bus, state: &std::path::Path) -> (CancellationToken, tokio::task:
         RunnerConfig {
             max_concurrent: 2,
             heartbeat_interval: Duration::from_secs(60),
+            // Every status from the start: these tests watch progress and the pid.
+            status_delay: Duration::ZERO,
             ..RunnerConfig::default()
         },
     );
@@ -55,10 +57,7 @@ async fn playbook_run_second_run_and_dry_run(kind: Kind) {
     assert_eq!(r.changed, Some(true));
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "a = 1\n");
     let statuses = results.statuses_of(w.task_id);
-    assert_eq!(
-        statuses.first().map(|s| s.status),
-        Some(TaskState::Accepted)
-    );
+    assert_eq!(statuses.first().map(|s| s.status), Some(TaskState::Running));
     let progress: Vec<u32> = statuses.iter().map(|s| s.progress).collect();
     assert!(
         progress.windows(2).all(|p| p[0] <= p[1]),
@@ -240,4 +239,110 @@ async fn missing_ansible_says_how_to_install() {
             "{a}"
         );
     }
+}
+
+/// The play sees its task's identity, `chiffon_task_id` and `chiffon_attempt`, and can key
+/// a side effect on it: the retry of a task whose first attempt already acted (a redelivery
+/// after a crash past the side effect) does not act again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_playbook_sees_its_task_id_and_attempt() {
+    let Some(bus) = bus(Kind::Memory).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = dir.path().join("catalog");
+    let action = catalog.join("once_per_task");
+    std::fs::create_dir_all(&action).unwrap();
+    std::fs::copy(
+        common::playbooks().join("inventory.ini"),
+        catalog.join("inventory.ini"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        common::playbooks().join("callback_plugins"),
+        catalog.join("callback_plugins"),
+    )
+    .unwrap();
+    std::fs::write(
+        action.join("action.toml"),
+        "description = \"Appends a line once per task\"\nagent_type = \"infrastructure\"\n\n\
+         [parameters.dir]\ntype = \"string\"\nrequired = true\npattern = \"^/[\\\\w./-]+$\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        action.join("playbook.yml"),
+        r#"---
+- name: Append a line once per task
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Say who runs
+      ansible.builtin.copy:
+        dest: "{{ dir }}/identity"
+        content: "{{ chiffon_task_id }} {{ chiffon_attempt }}\n"
+    - name: Append, unless this task already did
+      ansible.builtin.command:
+        argv: [sh, -c, 'echo ran >> "$1"', sh, "{{ dir }}/runs"]
+        creates: "{{ dir }}/done-{{ chiffon_task_id }}"
+    - name: Mark this task done
+      ansible.builtin.copy:
+        dest: "{{ dir }}/done-{{ chiffon_task_id }}"
+        content: ""
+"#,
+    )
+    .unwrap();
+    let agent = InfraAgent::new(InfraConfig {
+        playbooks: catalog.clone(),
+        ansible: AnsibleConfig {
+            playbook_bin: Some(common::ansible_playbook()),
+            state_dir: Some(dir.path().join("ansible")),
+        },
+    })
+    .unwrap();
+    let runner = Runner::new(bus.transport.clone(), agent, RunnerConfig::default());
+    let stop = CancellationToken::new();
+    let serving = tokio::spawn(runner.run(stop.clone()));
+    let mut results = bus.collect_results().await;
+    let queue = bus.transport.topology().agent_queue("infrastructure");
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+
+    let mut w = work(
+        "infrastructure",
+        "once_per_task",
+        json!({"dir": out.to_str().unwrap()}),
+    );
+    for attempt in [1, 2] {
+        w.attempt = attempt;
+        bus.send(&queue, &w).await;
+        let r = results.result_of(w.task_id, 120).await;
+        results.seen.clear();
+        assert_eq!(r.status, TaskState::Completed, "{r:#?}");
+        assert_eq!(
+            std::fs::read_to_string(out.join("identity")).unwrap(),
+            format!("{} {attempt}\n", w.task_id)
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(out.join("runs")).unwrap(),
+        "ran\n",
+        "the side effect happened once for the task"
+    );
+    // Another task is another key.
+    let w2 = work(
+        "infrastructure",
+        "once_per_task",
+        json!({"dir": out.to_str().unwrap()}),
+    );
+    bus.send(&queue, &w2).await;
+    assert_eq!(
+        results.result_of(w2.task_id, 120).await.status,
+        TaskState::Completed
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("runs")).unwrap(),
+        "ran\nran\n"
+    );
+    stop.cancel();
+    serving.await.unwrap().unwrap();
 }

@@ -516,3 +516,135 @@ async fn work_from_a_publisher_other_than_the_orchestrator_is_never_run() {
     stop.cancel();
     h.await.unwrap();
 }
+
+/// Prints `lines`, reports progress, sleeps `sleep_ms`, prints `after`, and answers
+/// `output` (empty: the runner's tail of the lines).
+struct Talky;
+
+impl Agent for Talky {
+    fn agent_type(&self) -> &str {
+        "talky"
+    }
+    fn actions(&self) -> Vec<String> {
+        vec!["talk".into()]
+    }
+    async fn handle(&self, w: WorkRequest, ctx: TaskContext) -> Result<TaskOutcome, AgentError> {
+        let strings = |k: &str| -> Vec<String> {
+            w.parameters
+                .get(k)
+                .and_then(|v| v.as_array())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for line in strings("lines") {
+            ctx.output_line(line);
+        }
+        ctx.progress(50, "half way");
+        let ms = w.parameters.get("sleep_ms").and_then(|v| v.as_u64());
+        let ms = ms.unwrap_or(0);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
+            _ = ctx.cancelled() => return Err(AgentError::Cancelled),
+        }
+        for line in strings("after") {
+            ctx.output_line(line);
+        }
+        let output = w.parameters.get("output").and_then(|v| v.as_str());
+        Ok(TaskOutcome::output(output.unwrap_or_default()))
+    }
+}
+
+/// A task shorter than `status_delay` is two messages on the bus, its `work_request` and
+/// its `work_result`, whose output holds its lines; when the output does not hold them, one
+/// status carries them first. A longer task's first status (`running`) comes after the
+/// delay with the lines and progress so far, and no line is lost.
+async fn short_tasks_send_only_their_result(kind: Kind) {
+    let Some(bus) = bus(kind).await else { return };
+    let mut results = bus.collect_results().await;
+    let cfg = config("talky1");
+    assert_eq!(cfg.status_delay, Duration::from_secs(1), "the default");
+    let (stop, h) = spawn(&bus, Talky, cfg);
+    let queue = bus.transport.topology().agent_queue("talky");
+
+    // Short, and the output is its lines: the result alone.
+    let w = work("talky", "talk", json!({"lines": ["one", "two"]}));
+    bus.send(&queue, &w).await;
+    let r = results.result_of(w.task_id, 30).await;
+    assert_eq!(r.status, TaskState::Completed);
+    assert_eq!(r.output, "one\ntwo");
+    results.drain_for(300).await;
+    assert!(results.statuses_of(w.task_id).is_empty(), "no status");
+    assert_eq!(results.results_of(w.task_id).len(), 1);
+
+    // Short, with an output of its own: one status carries the lines, then the result.
+    let w = work(
+        "talky",
+        "talk",
+        json!({"lines": ["three", "four"], "output": "summary"}),
+    );
+    bus.send(&queue, &w).await;
+    let r = results.result_of(w.task_id, 30).await;
+    assert_eq!(r.output, "summary");
+    let statuses = results.statuses_of(w.task_id);
+    assert_eq!(statuses.len(), 1, "{statuses:?}");
+    assert_eq!(statuses[0].status, TaskState::Running);
+    assert_eq!(statuses[0].lines, ["three", "four"]);
+    assert_eq!(statuses[0].progress, 50);
+
+    // Longer than the delay: the first status after it, with what accumulated; the rest
+    // flows as before.
+    let w = work(
+        "talky",
+        "talk",
+        json!({"lines": ["five"], "sleep_ms": 1800, "after": ["six"], "output": "done"}),
+    );
+    let sent = std::time::Instant::now();
+    bus.send(&queue, &w).await;
+    let first = results
+        .wait_for(
+            "the first status",
+            30,
+            |e| matches!(&e.body, Message::WorkStatus(s) if s.task_id == w.task_id),
+        )
+        .await;
+    let waited = sent.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "not before the delay: {waited:?}"
+    );
+    let Message::WorkStatus(first) = first.body else {
+        unreachable!()
+    };
+    assert_eq!(first.status, TaskState::Running);
+    assert_eq!(
+        (first.progress, first.lines.clone()),
+        (50, vec!["five".to_string()])
+    );
+    assert_eq!(first.attempt, Some(1));
+    let r = results.result_of(w.task_id, 30).await;
+    assert_eq!(r.output, "done");
+    let lines: Vec<String> = results
+        .statuses_of(w.task_id)
+        .into_iter()
+        .flat_map(|s| s.lines)
+        .collect();
+    assert_eq!(lines, ["five", "six"], "every line, once");
+
+    stop.cancel();
+    h.await.unwrap();
+    bus.cleanup().await;
+}
+
+#[tokio::test]
+async fn short_tasks_send_only_their_result_memory() {
+    short_tasks_send_only_their_result(Kind::Memory).await;
+}
+
+#[tokio::test]
+async fn short_tasks_send_only_their_result_amqp() {
+    short_tasks_send_only_their_result(Kind::Amqp).await;
+}

@@ -126,7 +126,11 @@ impl MockAgent {
             let me = self.clone();
             let control = control.clone();
             tokio::spawn(async move {
-                me.status(&env, &w, 10, "started").await;
+                // `quiet` is a short task: its result alone, as the agent kit's runner sends.
+                let quiet = w.action == "quiet";
+                if !quiet {
+                    me.status(&env, &w, 10, "started").await;
+                }
                 let (status, error) = match w.action.as_str() {
                     "broken" => (
                         TaskState::Failed,
@@ -164,11 +168,17 @@ impl MockAgent {
                     }
                     _ => (TaskState::Completed, None),
                 };
-                me.status(&env, &w, 60, "working").await;
+                if !quiet {
+                    me.status(&env, &w, 60, "working").await;
+                }
                 let result = WorkResult {
                     task_id: w.task_id,
                     status,
-                    output: format!("ran {}", w.action),
+                    output: if quiet {
+                        "quiet line 1\nquiet line 2".into()
+                    } else {
+                        format!("ran {}", w.action)
+                    },
                     duration_seconds: 0.01,
                     resource_usage: Default::default(),
                     error,
@@ -410,6 +420,7 @@ both_backends!(
     permanent_failure_fails_the_request,
     agent_timeout_retries_then_fails,
     duplicate_results_apply_once,
+    a_result_without_statuses_completes_its_step,
     unknown_action_is_never_executed,
     waits_for_capacity_then_dispatches,
     bus_intake_plans_like_http,
@@ -726,8 +737,39 @@ async fn duplicate_results_apply_once(backend: &str) {
     h.wait(id, RequestStatus::AwaitingApproval).await;
     h.engine.approve(id, "bob", None).await.unwrap();
     h.wait(id, RequestStatus::Completed).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let dup_step = h.engine.get(id).await.unwrap().steps[0].clone();
+    // The second copy is recorded, once, as a duplicate of the applied result.
+    let duplicates = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let d: Vec<AuditEntry> = h
+                .engine
+                .audit_log(Some(id), 0, 1000)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.event == "duplicate_result")
+                .collect();
+            if !d.is_empty() {
+                return d;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the duplicate is recorded");
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let audit = h.events(id).await;
+    assert_eq!(
+        audit.iter().filter(|e| *e == "duplicate_result").count(),
+        1,
+        "{audit:?}"
+    );
+    let d = &duplicates[0].details;
+    assert_eq!(d["task_id"], json!(dup_step.task_id), "{d}");
+    assert_eq!(d["attempt"], json!(1), "{d}");
+    assert_eq!(d["step_status"], json!("completed"), "{d}");
+    assert_eq!(d["reason"], json!("the attempt already ended"), "{d}");
+    // Applied once: one result per step, one result line in the log, the step unchanged.
     assert_eq!(
         audit.iter().filter(|e| *e == "step_result").count(),
         2,
@@ -738,7 +780,83 @@ async fn duplicate_results_apply_once(backend: &str) {
         2,
         "{audit:?}"
     );
-    assert!(h.engine.metrics().duplicate_results_total >= 1);
+    let results = h
+        .engine
+        .logs(id, None, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|l| l.line.kind == "result" && l.line.task_id == Some(dup_step.task_id))
+        .count();
+    assert_eq!(results, 1);
+    let now = h.engine.get(id).await.unwrap().steps[0].clone();
+    assert_eq!(now, dup_step, "the duplicate changed nothing");
+    assert_eq!(h.engine.metrics().duplicate_results_total, 1);
+}
+
+/// A short task reports with its result alone (no `work_status`): the step goes from
+/// `dispatched` to `completed`, the request from queued through running to completed, and
+/// the result's output lines are logged and shown live as the step's output.
+async fn a_result_without_statuses_completes_its_step(backend: &str) {
+    let Some(h) = harness(backend, true, test_config(|_| {})).await else {
+        return;
+    };
+    let id = h.submit("quiet", "alice", false).await;
+    h.wait(id, RequestStatus::AwaitingApproval).await;
+    let mut events = h.engine.subscribe(id);
+    h.engine.approve(id, "bob", None).await.unwrap();
+    h.wait(id, RequestStatus::Completed).await;
+    let view = h.engine.get(id).await.unwrap();
+    let step = &view.steps[0];
+    assert_eq!(step.status, StepStatus::Completed);
+    assert_eq!(step.progress, 100);
+    assert_eq!(step.agent_id.as_deref(), Some("mock-1"));
+    assert_eq!(step.output.as_deref(), Some("quiet line 1\nquiet line 2"));
+    let (dispatched, finished) = (step.dispatched_at.unwrap(), step.finished_at.unwrap());
+    assert!(dispatched <= finished, "{dispatched} {finished}");
+    let mut seen = Vec::new();
+    // The last status event may follow the stored status by a moment.
+    while !seen.iter().any(|e| e == "completed") {
+        let ev = tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no `completed` event: {seen:?}"))
+            .unwrap();
+        match ev {
+            EngineEvent::Status { status, .. } => seen.push(status.as_str().to_string()),
+            EngineEvent::Step { status, .. } => seen.push(format!("step {}", status.as_str())),
+            EngineEvent::Output { line, .. } => seen.push(line),
+            _ => {}
+        }
+    }
+    let order = [
+        "running",
+        "step dispatched",
+        "quiet line 1",
+        "quiet line 2",
+        "step completed",
+        "completed",
+    ];
+    let mut at = 0;
+    for e in &seen {
+        if at < order.len() && e == order[at] {
+            at += 1;
+        }
+    }
+    assert_eq!(at, order.len(), "live events in order {order:?}: {seen:?}");
+    let logs = h.engine.logs(id, None, 100).await.unwrap();
+    let output: Vec<&str> = logs
+        .iter()
+        .filter(|l| l.line.kind == "output")
+        .map(|l| l.line.message.as_str())
+        .collect();
+    assert_eq!(output, ["quiet line 1", "quiet line 2"]);
+    assert!(logs.iter().any(|l| l.line.kind == "result"));
+    let audit = h.events(id).await;
+    assert!(audit.contains(&"step_result".to_string()), "{audit:?}");
+    assert!(
+        !audit.contains(&"duplicate_result".to_string()),
+        "{audit:?}"
+    );
 }
 
 async fn unknown_action_is_never_executed(backend: &str) {

@@ -338,6 +338,7 @@ impl App {
         }
         let runner_config = RunnerConfig {
             max_concurrent: self.config.agents.max_concurrent.max(1),
+            status_delay: Duration::from_millis(self.config.agents.status_delay_ms),
             ..Default::default()
         };
         let desktop = DesktopAgent::new(runner_config.hostname.clone(), Some(infra.clone()));

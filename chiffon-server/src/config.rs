@@ -154,6 +154,9 @@ pub struct AgentsConfig {
     pub ansible_playbook: Option<PathBuf>,
     /// Tasks each in-process agent runs at once.
     pub max_concurrent: usize,
+    /// Milliseconds a task runs before an in-process agent sends its first `work_status`;
+    /// a shorter task sends only its `work_result`. 0: statuses from the start.
+    pub status_delay_ms: u64,
 }
 
 impl Default for AgentsConfig {
@@ -162,6 +165,7 @@ impl Default for AgentsConfig {
             in_process: true,
             ansible_playbook: None,
             max_concurrent: 4,
+            status_delay_ms: 1000,
         }
     }
 }

@@ -545,7 +545,18 @@ async fn tokens_and_roles() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_streams_status_steps_and_progress_then_ends() {
-    let t = setup(false).await;
+    // Statuses from the start: these steps are shorter than the default delay, which would
+    // leave them only their results.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = chiffon_server::testing::temp_config(dir.path(), vec![]);
+    config.agents.status_delay_ms = 0;
+    let app = chiffon_server::testing::start_app_with(config).await;
+    let router = app.router();
+    let t = T {
+        app,
+        router,
+        _dir: dir,
+    };
     let id = t.submit(None, "two slow steps steps=2 sleep=150").await;
     t.wait(id, RequestStatus::AwaitingApproval).await;
     let req = Request::builder()

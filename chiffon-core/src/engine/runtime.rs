@@ -508,7 +508,10 @@ impl Engine {
 
     /// Applies a `work_result` once: only to the step's current attempt while it is
     /// `dispatched` or `running` (conditional update), so duplicates and redeliveries are
-    /// acknowledged and ignored.
+    /// acknowledged, change nothing, and are recorded (`duplicate_result`). A result may
+    /// come with no status before it (a short task sends none): the step goes from
+    /// `dispatched` straight to its outcome, and the result's output lines are logged and
+    /// shown as the step's output, as a status's lines would have been.
     async fn on_result(
         &self,
         env: &Envelope,
@@ -538,11 +541,7 @@ impl Engine {
             )));
         }
         if r.attempt != step.attempt || !active.contains(&step.status) || !r.status.is_terminal() {
-            self.inner
-                .metrics
-                .duplicates
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(task = %r.task_id, attempt = r.attempt, "duplicate or stale result ignored");
+            self.duplicate_result(&step, r, publisher).await;
             return Ok(());
         }
         let now = Utc::now();
@@ -565,14 +564,16 @@ impl Engine {
             && !cancel_requested
             && error.as_ref().is_some_and(|e| e.code.is_transient())
             && step.attempt < self.inner.config.dispatch.max_attempts;
-        // What an agent reports is stored and shown: strike configured secrets first.
+        // What an agent reports is stored and shown: strike configured secrets first (before
+        // the tail is cut, so a secret across the cut is struck too).
         let redactor = &self.inner.config.redactor;
         let mut error = error;
         if let Some(e) = error.as_mut() {
             redactor.redact_error(e);
         }
+        let output = redactor.redact(&r.output).into_owned();
         let mut patch = StepPatch {
-            output: Some(redactor.redact(&tail(&r.output)).into_owned()),
+            output: Some(tail(&output)),
             diff: r.diff.as_deref().map(|d| redactor.redact(d).into_owned()),
             changed: r.changed,
             error: error.clone(),
@@ -601,10 +602,9 @@ impl Engine {
         {
             Ok(_) => {}
             Err(StoreError::Conflict { .. }) => {
-                self.inner
-                    .metrics
-                    .duplicates
-                    .fetch_add(1, Ordering::Relaxed);
+                // Another copy of this result (or a timeout) got there first.
+                let step = self.inner.store.get_step(step.task_id).await?;
+                self.duplicate_result(&step, r, publisher).await;
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
@@ -615,6 +615,28 @@ impl Engine {
                 .metrics
                 .observe_latency(((now - d).num_microseconds().unwrap_or(0) as f64 / 1e6).max(0.0));
         }
+        let mut lines = Vec::new();
+        if step.status == StepStatus::Dispatched {
+            // No status of this attempt came first, so none carried its lines: the result's
+            // output holds them (a status racing this result may log some of them twice).
+            for line in output.lines() {
+                lines.push(NewLogLine {
+                    request_id: step.request_id,
+                    task_id: Some(step.task_id),
+                    at: env.timestamp,
+                    kind: "output".into(),
+                    progress: None,
+                    message: line.to_string(),
+                });
+                self.inner.events.publish(EngineEvent::Output {
+                    request_id: step.request_id,
+                    task_id: step.task_id,
+                    seq: step.seq,
+                    line: line.to_string(),
+                    at: env.timestamp,
+                });
+            }
+        }
         self.inner.events.publish(EngineEvent::Step {
             request_id: step.request_id,
             task_id: step.task_id,
@@ -622,7 +644,7 @@ impl Engine {
             status: to,
             at: now,
         });
-        self.log_lines(vec![NewLogLine {
+        lines.push(NewLogLine {
             request_id: step.request_id,
             task_id: Some(step.task_id),
             at: env.timestamp,
@@ -644,8 +666,8 @@ impl Engine {
                     e.message
                 ),
             },
-        }])
-        .await;
+        });
+        self.log_lines(lines).await;
         let mut details = json!({
             "task_id": step.task_id, "seq": step.seq, "action": step.action, "attempt": step.attempt,
             "agent_id": r.agent_id, "status": r.status, "duration_seconds": r.duration_seconds,
@@ -685,6 +707,38 @@ impl Engine {
                 .await;
         }
         self.promote_next(step.request_id).await
+    }
+
+    /// A result that is not applied: a copy of one already applied (a redelivery, an agent
+    /// answering again from its ledger), or one of an attempt that ended otherwise or is not
+    /// the step's current one. Counted and written to the audit log; the caller acks it.
+    async fn duplicate_result(&self, step: &Step, r: &WorkResult, publisher: &str) {
+        self.inner
+            .metrics
+            .duplicates
+            .fetch_add(1, Ordering::Relaxed);
+        let reason = if !r.status.is_terminal() {
+            "not an outcome"
+        } else if r.attempt < step.attempt {
+            "an older attempt"
+        } else if r.attempt > step.attempt {
+            "an attempt never dispatched"
+        } else {
+            // Applied already, or the attempt timed out first: `step_status` tells.
+            "the attempt already ended"
+        };
+        tracing::debug!(task = %r.task_id, attempt = r.attempt, reason, "duplicate result ignored");
+        self.audit(vec![NewAuditEntry {
+            request_id: Some(step.request_id),
+            actor: format!("bus:{publisher}"),
+            event: "duplicate_result".into(),
+            details: json!({
+                "task_id": step.task_id, "seq": step.seq, "attempt": r.attempt,
+                "step_attempt": step.attempt, "step_status": step.status.as_str(),
+                "status": r.status, "agent_id": r.agent_id, "reason": reason,
+            }),
+        }])
+        .await;
     }
 
     /// Skips the steps that will never run and ends the request.

@@ -8,11 +8,12 @@
 //!
 //! It serves the queue `agent.http_check` until ctrl-c. Without `CHIFFON_AMQP_URL` it runs a
 //! demo on the in-process bus: it starts a local HTTP server, sends the agent one
-//! `work_request` as the orchestrator would, and prints what came back:
+//! `work_request` as the orchestrator would, and prints what came back (a task this short
+//! sends no status of its own; the one here carries its output line, which the result's
+//! `output` does not repeat):
 //!
 //! ```text
 //! $ cargo run -p custom-agent
-//! work_status: 0% accepted by http_check-HOSTNAME-1a2b3c4d
 //! work_status: 100% healthy
 //! work_result: completed: http://127.0.0.1:PORT/health is healthy (200)
 //! ```
