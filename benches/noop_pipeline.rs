@@ -41,14 +41,13 @@ async fn pg_counters(url: &str) -> Option<(i64, i64)> {
         .connect(url)
         .await
         .ok()?;
-    let xacts: i64 = sqlx::query(
-        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
-    )
-    .fetch_one(&pool)
-    .await
-    .ok()?
-    .try_get(0)
-    .ok()?;
+    let xacts: i64 =
+        sqlx::query("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+            .fetch_one(&pool)
+            .await
+            .ok()?
+            .try_get(0)
+            .ok()?;
     let syncs: i64 = sqlx::query("SELECT wal_sync FROM pg_stat_wal")
         .fetch_one(&pool)
         .await
@@ -208,15 +207,33 @@ async fn main() -> anyhow::Result<()> {
             })
             .await?;
         let done = engine.wait_until(r.id, &[]).await?;
-        anyhow::ensure!(done.status == RequestStatus::Completed, "request {} ended {}", r.id, done.status);
+        anyhow::ensure!(
+            done.status == RequestStatus::Completed,
+            "request {} ended {}",
+            r.id,
+            done.status
+        );
         seq_times.push(t.elapsed());
         if std::env::var("BENCH_TRACE").is_ok() && i == sequential - 1 {
             for e in engine.audit_log(Some(r.id), 0, 100).await? {
-                println!("TRACE {} {} {}", ms((e.at - done.created_at).to_std().unwrap_or_default()), e.event, e.details);
+                println!(
+                    "TRACE {} {} {}",
+                    ms((e.at - done.created_at).to_std().unwrap_or_default()),
+                    e.event,
+                    e.details
+                );
             }
             let steps = engine.store().steps(r.id).await?;
-            for st in steps { println!("TRACE step ready {:?} dispatched {:?} finished {:?}", st.ready_at, st.dispatched_at, st.finished_at); }
-            println!("TRACE created {} updated {}", done.created_at, done.updated_at);
+            for st in steps {
+                println!(
+                    "TRACE step ready {:?} dispatched {:?} finished {:?}",
+                    st.ready_at, st.dispatched_at, st.finished_at
+                );
+            }
+            println!(
+                "TRACE created {} updated {}",
+                done.created_at, done.updated_at
+            );
         }
     }
     seq_times.sort();

@@ -225,7 +225,10 @@ async fn run_the_burst() -> Option<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let (broker, sessions) = cut_connections(&names, &admin, &name).await;
         eprintln!("cut {broker} broker connections and {sessions} database sessions");
-        assert!(broker >= 2 && sessions >= 1, "nothing was cut: ({broker}, {sessions})");
+        assert!(
+            broker >= 2 && sessions >= 1,
+            "nothing was cut: ({broker}, {sessions})"
+        );
     }
     let ids = submitting.await.unwrap();
     assert_eq!(ids.len(), TOTAL);

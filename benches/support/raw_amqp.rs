@@ -65,14 +65,21 @@ pub async fn measure(
     let admin = client.create_channel().await?;
     for q in [&requests, &replies] {
         admin
-            .queue_declare(q.as_str().into(), QueueDeclareOptions::durable(), FieldTable::default())
+            .queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
             .await?;
     }
 
     // The server: consume, reply (persistent, confirmed), ack.
     let server_in = server.create_channel().await?;
     server_in
-        .basic_qos(in_flight.min(u16::MAX as usize) as u16, BasicQosOptions::default())
+        .basic_qos(
+            in_flight.min(u16::MAX as usize) as u16,
+            BasicQosOptions::default(),
+        )
         .await?;
     let server_out = confirmed_channel(&server).await?;
     let consumer = server_in

@@ -2033,7 +2033,12 @@ async fn a_crash_between_commit_and_status_keeps_the_one_commit(backend: &str) {
     assert_eq!(again.status, RequestStatus::Completed);
     assert_eq!(again.commit_id.as_deref(), Some(commit.as_str()));
     let out = std::process::Command::new("git")
-        .args(["--git-dir", &git.path().display().to_string(), "log", "--format=%s"])
+        .args([
+            "--git-dir",
+            &git.path().display().to_string(),
+            "log",
+            "--format=%s",
+        ])
         .output()
         .unwrap();
     let log = String::from_utf8_lossy(&out.stdout).to_string();

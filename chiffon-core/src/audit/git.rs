@@ -320,7 +320,10 @@ impl GitTrail {
             })
             .collect();
         if prepared.iter().all(Result::is_err) {
-            return prepared.into_iter().map(|p| p.map(|_| String::new())).collect();
+            return prepared
+                .into_iter()
+                .map(|p| p.map(|_| String::new()))
+                .collect();
         }
         // One batch at a time in this process; other processes are kept apart by the swap.
         let _serial = self.repo();
@@ -384,7 +387,9 @@ impl GitTrail {
     ) -> Result<Vec<Result<String, AuditError>>, BatchError> {
         // A handle of its own, so the in-memory object store lives only for this batch.
         let repo = Repository::open(&self.path).map_err(AuditError::git("open repository"))?;
-        let odb = repo.odb().map_err(AuditError::git("open object database"))?;
+        let odb = repo
+            .odb()
+            .map_err(AuditError::git("open object database"))?;
         let mempack = odb
             .add_new_mempack_backend(1000)
             .map_err(AuditError::git("in-memory object store"))?;

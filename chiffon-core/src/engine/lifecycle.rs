@@ -146,7 +146,9 @@ fn spawn_git_writer(
                 let mut out = git.commit_batch(&records);
                 // A ref lock left by a crashed writer stops the trail for good unless it
                 // goes: clear stale ones and try those records once more.
-                if out.iter().any(|r| r.as_ref().is_err_and(|e| e.is_transient()))
+                if out
+                    .iter()
+                    .any(|r| r.as_ref().is_err_and(|e| e.is_transient()))
                     && !git.clear_stale_locks(STALE_GIT_LOCK).is_empty()
                 {
                     let retry: Vec<usize> = (0..out.len())

@@ -995,12 +995,9 @@ impl Engine {
         }
         // Every claimed step's message at once: the broker confirms them together, instead
         // of one round trip per step.
-        let published = futures::future::join_all(
-            outgoing
-                .iter()
-                .map(|o| self.publish_to(&o.queue, &o.env)),
-        )
-        .await;
+        let published =
+            futures::future::join_all(outgoing.iter().map(|o| self.publish_to(&o.queue, &o.env)))
+                .await;
         for (o, sent) in outgoing.into_iter().zip(published) {
             let Outgoing {
                 step,
