@@ -117,10 +117,7 @@ async fn run_the_burst() -> Option<()> {
         Ok(c) => c,
         Err(e) => return unavailable("PostgreSQL", e),
     };
-    let name = format!(
-        "chiffon_restart_{}",
-        uuid::Uuid::new_v4().simple().to_string()
-    );
+    let name = format!("chiffon_restart_{}", uuid::Uuid::new_v4().simple());
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&mut c)
         .await
