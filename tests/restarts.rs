@@ -288,3 +288,255 @@ async fn run_the_burst() -> Option<()> {
     .await;
     Some(())
 }
+
+// ---- kill -9 while a request is being planned ----
+
+/// A binary of the workspace, built by `cargo test --workspace` next to this test's own.
+fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(std::path::Path::parent).unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace` (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// A local LLM on the OpenAI chat-completions wire format whose first call never answers
+/// (the planner's process is killed while it waits) and whose later calls plan `noop`.
+/// Returns its base URL and the instants of the calls it got.
+async fn stalling_openai() -> (String, Arc<Mutex<Vec<std::time::Instant>>>) {
+    use axum::routing::post;
+    let calls: Arc<Mutex<Vec<std::time::Instant>>> = Arc::default();
+    let seen = calls.clone();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        post(move || {
+            let seen = seen.clone();
+            async move {
+                let first = {
+                    let mut c = seen.lock().unwrap();
+                    c.push(std::time::Instant::now());
+                    c.len() == 1
+                };
+                if first {
+                    tokio::time::sleep(Duration::from_secs(600)).await;
+                }
+                let plan = serde_json::json!({"summary": "Nothing", "steps": [{"action": "noop", "parameters": {}, "reason": "asked"}], "risks": []});
+                axum::Json(serde_json::json!({
+                    "id": "chatcmpl-kill", "object": "chat.completion", "created": 1_764_000_000, "model": "gpt-4o-kill",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": plan.to_string()}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 1200, "completion_tokens": 80, "total_tokens": 1280}
+                }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/v1"), calls)
+}
+
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `chiffon-server` process on the given config file, answering on `port`.
+async fn server(config: &std::path::Path, port: u16, dir: &std::path::Path) -> Server {
+    let child = std::process::Command::new(bin("chiffon-server"))
+        .env_remove("CHIFFON_AMQP_URL")
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("OLLAMA_HOST")
+        .env_remove("CHIFFON_LLM_ORDER")
+        .env("CHIFFON_CONFIG", config)
+        .env("CHIFFON_BIND", format!("127.0.0.1:{port}"))
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("server-{port}.log"))).unwrap())
+        .spawn()
+        .unwrap();
+    let server = Server(child);
+    let http = reqwest::Client::new();
+    for _ in 0..300 {
+        if http
+            .get(format!("http://127.0.0.1:{port}/health"))
+            .send()
+            .await
+            .is_ok()
+        {
+            return server;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "chiffon-server did not answer on {port}: {}",
+        std::fs::read_to_string(dir.join(format!("server-{port}.log"))).unwrap_or_default()
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_mid_planning_is_resumed_within_the_lease_never_twice_at_once() {
+    let _ = kill_mid_planning().await;
+}
+
+async fn kill_mid_planning() -> Option<()> {
+    let admin = std::env::var("CHIFFON_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into());
+    let mut c = match sqlx::PgConnection::connect(&admin).await {
+        Ok(c) => c,
+        Err(e) => return unavailable("PostgreSQL", e),
+    };
+    let name = format!("chiffon_kill_{}", uuid::Uuid::new_v4().simple());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let db_url = format!("{}/{name}", &admin[..admin.rfind('/').unwrap()]);
+    let (llm, calls) = stalling_openai().await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let lease = Duration::from_secs(3);
+    let config = dir.path().join("chiffon.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"database_url = "{db_url}"
+playbooks = "{playbooks}"
+audit_repo = "{audit}"
+
+[llm]
+order = ["openai"]
+
+[llm.openai]
+base_url = "{llm}"
+api_key = "sk-kill-test"
+model = "gpt-4o-kill"
+timeout_secs = 900
+
+[engine.dispatch]
+planning_lease = {lease}
+tick = 0.2
+"#,
+            playbooks = repo.join("playbooks").display(),
+            audit = dir.path().join("audit").display(),
+            lease = lease.as_secs_f64(),
+        ),
+    )
+    .unwrap();
+
+    let (port1, port2) = (free_port(), free_port());
+    let mut first = server(&config, port1, dir.path()).await;
+    let http = reqwest::Client::new();
+    let submitted: serde_json::Value = http
+        .post(format!("http://127.0.0.1:{port1}/request"))
+        .json(&serde_json::json!({"text": "do nothing at all"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = submitted["request_id"]
+        .as_str()
+        .expect("request_id")
+        .to_string();
+    // The first server is now waiting on the model, holding the planning lease.
+    for _ in 0..100 {
+        if !calls.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        calls.lock().unwrap().len(),
+        1,
+        "the first server called the model"
+    );
+
+    // A second server on the same database, while the first lives: it must not plan the
+    // request (the lease is renewed), however long the model takes.
+    let _second = server(&config, port2, dir.path()).await;
+    tokio::time::sleep(lease * 2).await;
+    assert_eq!(
+        calls.lock().unwrap().len(),
+        1,
+        "a second instance planned a request whose planner still holds its lease"
+    );
+
+    // kill -9: no shutdown, the lease stays behind and lapses.
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let killed = std::time::Instant::now();
+    let status = |port: u16| {
+        let http = http.clone();
+        let id = id.clone();
+        async move {
+            let body: serde_json::Value = http
+                .get(format!("http://127.0.0.1:{port}/request/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            body
+        }
+    };
+    let mut body = serde_json::Value::Null;
+    for _ in 0..300 {
+        body = status(port2).await;
+        if body["status"] != "planning" && body["status"] != "pending" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(body["status"], "awaiting_approval", "{body:#}");
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(
+        calls.len(),
+        2,
+        "planned once more after the kill, and only once"
+    );
+    let resumed = calls[1].duration_since(killed);
+    assert!(
+        resumed <= lease * 3,
+        "resumed {resumed:?} after the kill, not within the lease ({lease:?})"
+    );
+    assert_eq!(body["plan"]["steps"][0]["action"], "noop", "{body:#}");
+
+    // One planned entry in the audit log, and the chain verifies.
+    let mut db = sqlx::PgConnection::connect(&db_url).await.unwrap();
+    let planned: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log WHERE request_id::text = $1 AND event = 'planned'",
+    )
+    .bind(&id)
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(planned, 1, "one plan recorded");
+    db.close().await.unwrap();
+    drop(_second);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&mut c)
+    .await
+    .unwrap();
+    Some(())
+}

@@ -1141,15 +1141,27 @@ impl Engine {
         statuses: &[RequestStatus],
     ) -> Result<Request, EngineError> {
         let mut rx = self.subscribe(id);
+        let wanted = |s: &RequestStatus| s.is_terminal() || statuses.contains(s);
         loop {
             let r = self.get_request(id).await?;
-            if r.status.is_terminal() || statuses.contains(&r.status) {
+            if wanted(&r.status) {
                 return Ok(r);
             }
-            if let Ok(Err(broadcast::error::RecvError::Closed)) =
-                tokio::time::timeout(std::time::Duration::from_millis(500), rx.recv()).await
-            {
-                rx = self.subscribe(id);
+            // Read the request again only when its status may be one we wait for: a status
+            // event naming one, a missed event (lagged or closed), or no news for a while
+            // (another instance may have moved it). Step, output and progress events and
+            // other statuses cost no read.
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
+            loop {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Ok(EngineEvent::Status { status, .. })) if wanted(&status) => break,
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(broadcast::error::RecvError::Lagged(_))) | Err(_) => break,
+                    Ok(Err(broadcast::error::RecvError::Closed)) => {
+                        rx = self.subscribe(id);
+                        break;
+                    }
+                }
             }
         }
     }
