@@ -709,6 +709,7 @@ async fn finish<A: Agent>(shared: &Shared<A>, delivery: &Delivery, result: Envel
             }
         }
     }
+    crate::sys::failpoint("before_publish");
     let mut delay = Duration::from_millis(200);
     for attempt in 1..=6 {
         match shared
@@ -717,6 +718,7 @@ async fn finish<A: Agent>(shared: &Shared<A>, delivery: &Delivery, result: Envel
             .await
         {
             Ok(()) => {
+                crate::sys::failpoint("before_ack");
                 if let Err(e) = delivery.ack().await {
                     tracing::warn!(error = %e, "ack failed: the request will be redelivered and answered from the result cache");
                 }

@@ -26,6 +26,23 @@ pub(crate) fn kill_group(pgid: u32, signal: i32) {
     }
 }
 
+/// Fault injection for the crash tests: with `CHIFFON_AGENT_FAILPOINT=NAME` in the
+/// environment, the agent dies by SIGKILL (no cleanup, no ack, like `kill -9`) when it
+/// reaches the point `NAME`. Points: `before_publish` (the step ran and its result is in the
+/// ledger, nothing sent yet) and `before_ack` (the result is published and confirmed, the
+/// request not acked). Unset in normal use; read once.
+pub(crate) fn failpoint(name: &str) {
+    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let point = POINT.get_or_init(|| std::env::var("CHIFFON_AGENT_FAILPOINT").ok());
+    if point.as_deref() == Some(name) {
+        tracing::error!(failpoint = name, "failpoint reached: killing this process");
+        // SAFETY: kill and getpid take plain integers and have no memory-safety preconditions.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}
+
 /// Blocks until child `pid` exits and reaps it, returning its exit and resource usage.
 ///
 /// `ru_utime + ru_stime` covers the child and every descendant it waited for (ansible's

@@ -5,6 +5,10 @@
 //!   by a new runner in a new process memory: it does not run twice.
 //! - A playbook an agent was running when it was killed (kill -9) does not run on beside
 //!   the re-run: the next agent on the host kills the orphaned process group at start.
+//! - The real agent process, on RabbitMQ, killed (SIGKILL, through its failpoints) after a
+//!   playbook's side effect but before its result is sent, or after the result is sent but
+//!   before the request is acked: the broker redelivers the request to the next agent, which
+//!   answers it from the ledger; the side effect happened once.
 
 mod common;
 
@@ -194,4 +198,147 @@ async fn a_killed_agents_playbook_is_stopped_by_the_next_agent() {
         .await
         .expect("the orphaned playbook was killed");
     bus.cleanup().await;
+}
+
+/// A catalog of the repository's inventory and callback plugin plus `append_line`, whose
+/// playbook appends a line to a file: a side effect that counts its runs.
+fn counting_catalog(dir: &std::path::Path) -> std::path::PathBuf {
+    let root = dir.join("catalog");
+    std::fs::create_dir_all(root.join("append_line")).unwrap();
+    std::fs::create_dir_all(root.join("callback_plugins")).unwrap();
+    let repo = common::playbooks();
+    std::fs::copy(repo.join("inventory.ini"), root.join("inventory.ini")).unwrap();
+    for e in std::fs::read_dir(repo.join("callback_plugins")).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_file() {
+            std::fs::copy(e.path(), root.join("callback_plugins").join(e.file_name())).unwrap();
+        }
+    }
+    std::fs::write(
+        root.join("append_line/action.toml"),
+        r#"description = "Append one line to a file (counts its runs)"
+agent_type = "infrastructure"
+keywords = ["append"]
+verbs = ["append"]
+auto_approve = false
+check_mode = false
+timeout_seconds = 120
+
+[parameters.path]
+type = "string"
+description = "the file to append to"
+pattern = "^/[\\w./-]+$"
+
+[resources]
+gpu = false
+memory_gb = 0.1
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("append_line/playbook.yml"),
+        r#"---
+- name: Append a line
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Append
+      ansible.builtin.shell:
+        cmd: 'echo ran >> "$MARK"'
+      environment:
+        MARK: "{{ path }}"
+"#,
+    )
+    .unwrap();
+    root
+}
+
+/// The infrastructure agent binary on RabbitMQ with the given catalog and state folder.
+fn infra_agent(
+    bus: &common::Bus,
+    catalog: &std::path::Path,
+    state: &std::path::Path,
+    failpoint: Option<&str>,
+) -> tokio::process::Child {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_chiffon-infra-agent"));
+    c.args([
+        "--amqp-url",
+        &common::amqp_url(),
+        "--queue-prefix",
+        &bus.prefix,
+        "--agent-id",
+        "ledgered-infra",
+    ])
+    .arg("--playbooks")
+    .arg(catalog)
+    .arg("--state-dir")
+    .arg(state.join("agent"))
+    .env("CHIFFON_ANSIBLE_PLAYBOOK", common::ansible_playbook())
+    .env("TMPDIR", state)
+    .env_remove("CHIFFON_AGENT_FAILPOINT")
+    .kill_on_drop(true);
+    if let Some(point) = failpoint {
+        c.env("CHIFFON_AGENT_FAILPOINT", point);
+    }
+    c.spawn().unwrap()
+}
+
+async fn killed_after_the_side_effect(failpoint: &str) {
+    let Some(bus) = bus(Kind::Amqp).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = counting_catalog(dir.path());
+    let mark = dir.path().join("runs.txt");
+    let mut results = bus.collect_results().await;
+    let queue = bus.transport.topology().agent_queue("infrastructure");
+    bus.transport.declare_queue(&queue).await.unwrap();
+    let w = work(
+        "infrastructure",
+        "append_line",
+        json!({"path": mark.display().to_string()}),
+    );
+    let mut doomed = infra_agent(&bus, &catalog, dir.path(), Some(failpoint));
+    bus.send(&queue, &w).await;
+    let died = tokio::time::timeout(Duration::from_secs(120), doomed.wait())
+        .await
+        .expect("the agent reached its failpoint")
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(died.signal(), Some(9), "killed at {failpoint}: {died:?}");
+    let runs = || {
+        std::fs::read_to_string(&mark)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    assert_eq!(runs(), 1, "the playbook ran before the agent died");
+    // Before its ack the request is still the broker's: it comes again to the next agent,
+    // which answers it from the ledger instead of running the playbook again.
+    let _next = infra_agent(&bus, &catalog, dir.path(), None);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let want = if failpoint == "before_ack" { 2 } else { 1 };
+    while results.results_of(w.task_id).len() < want && tokio::time::Instant::now() < deadline {
+        results.drain_for(200).await;
+    }
+    let got = results.results_of(w.task_id);
+    assert_eq!(got.len(), want, "results: {got:#?}");
+    for r in &got {
+        assert_eq!(r.status, TaskState::Completed, "{r:#?}");
+        assert_eq!(r.attempt, w.attempt);
+    }
+    // Give a wrongful second run time to show.
+    results.drain_for(1500).await;
+    assert_eq!(runs(), 1, "the step ran once, whatever the agent's death");
+    bus.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_after_the_side_effect_before_sending_its_result_does_not_run_it_again() {
+    killed_after_the_side_effect("before_publish").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_after_sending_its_result_before_the_ack_does_not_run_it_again() {
+    killed_after_the_side_effect("before_ack").await;
 }
