@@ -156,6 +156,7 @@ impl AnsibleExecutor {
         let bin = self.ansible_playbook()?;
         let state_dir = self.state_dir();
         let local_tmp = state_dir.join("tmp");
+        let marker = uuid::Uuid::new_v4().simple().to_string();
         std::fs::create_dir_all(&local_tmp).map_err(crashed)?;
         let mut vars = tempfile::Builder::new()
             .prefix("chiffon-vars-")
@@ -185,6 +186,9 @@ impl AnsibleExecutor {
             .env("ANSIBLE_CALLBACK_PLUGINS", run.callback_dir)
             .env("ANSIBLE_CALLBACKS_ENABLED", "chiffon_events")
             .env("PYTHONUNBUFFERED", "1")
+            // Every process of this run carries it, also ansible's workers, which leave
+            // the process group (setsid): cancel and orphan reaping find them by it.
+            .env(sys::PLAY_MARKER, &marker)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -198,10 +202,11 @@ impl AnsibleExecutor {
         let pid = child.id();
         // Written down until it is reaped: if this agent dies (kill -9), its successor kills
         // the group instead of letting it run beside the re-run.
-        let _running = RunningGroup::record(&state_dir, pid);
-        // Kills the group if this future is dropped before the child was reaped.
+        let _running = RunningGroup::record(&state_dir, pid, &marker);
+        // Kills the run if this future is dropped before the child was reaped.
         let guard = GroupGuard {
             pgid: pid,
+            marker: marker.clone(),
             reaped: Arc::new(AtomicBool::new(false)),
         };
         let stdout = child.stdout.take().map(OwnedFd::from);
@@ -260,11 +265,11 @@ impl AnsibleExecutor {
                 _ = sleep_until_opt(drain_until) => break,
                 _ = ctx.cancelled(), if !cancelled && waited.is_none() => {
                     cancelled = true;
-                    sys::kill_group(pid, libc::SIGTERM);
+                    sys::kill_play(pid, &marker, libc::SIGTERM);
                     kill_at = Some(tokio::time::Instant::now() + KILL_GRACE);
                 }
                 _ = sleep_until_opt(kill_at), if waited.is_none() => {
-                    sys::kill_group(pid, libc::SIGKILL);
+                    sys::kill_play(pid, &marker, libc::SIGKILL);
                     kill_at = None;
                 }
             }
@@ -275,8 +280,8 @@ impl AnsibleExecutor {
         let (exit, usage) = waited
             .map_err(|e| crashed(std::io::Error::other(e)))?
             .map_err(crashed)?;
-        // Workers that outlived ansible-playbook (they should not) go with the group.
-        sys::kill_group(pid, libc::SIGKILL);
+        // Workers that outlived ansible-playbook (they should not) go with it.
+        sys::kill_play(pid, &marker, libc::SIGKILL);
         drop(guard);
         ctx.record_child_usage(usage);
         drop(vars);
@@ -335,18 +340,18 @@ fn running_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("running")
 }
 
-/// A file `running/PGID` holding "OWNER_PID OWNER_START_TIME", removed once the group is
-/// reaped.
+/// A file `running/PGID` holding "OWNER_PID OWNER_START_TIME MARKER", removed once the
+/// group is reaped.
 struct RunningGroup(Option<PathBuf>);
 
 impl RunningGroup {
-    fn record(state_dir: &Path, pgid: u32) -> RunningGroup {
+    fn record(state_dir: &Path, pgid: u32, marker: &str) -> RunningGroup {
         let dir = running_dir(state_dir);
         let me = std::process::id();
         let start = sys::process_start_time(me).unwrap_or(0);
         let path = dir.join(pgid.to_string());
         let ok = std::fs::create_dir_all(&dir).is_ok()
-            && std::fs::write(&path, format!("{me} {start}\n")).is_ok();
+            && std::fs::write(&path, format!("{me} {start} {marker}\n")).is_ok();
         RunningGroup(ok.then_some(path))
     }
 }
@@ -372,8 +377,14 @@ pub fn reap_orphans(state_dir: &Path) -> Vec<u32> {
             continue;
         };
         let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-        let mut f = text.split_whitespace().map(|x| x.parse::<u64>().ok());
+        let mut fields = text.split_whitespace();
+        let mut f = fields.by_ref().take(2).map(|x| x.parse::<u64>().ok());
         let (owner, start) = (f.next().flatten(), f.next().flatten());
+        // Only our own markers (a uuid's hex digits): a stray file names nothing else.
+        let marker = fields
+            .next()
+            .filter(|m| m.len() == 32 && m.bytes().all(|b| b.is_ascii_hexdigit()))
+            .unwrap_or("");
         let owner_alive = match (owner, start) {
             (Some(pid), Some(start)) => {
                 u32::try_from(pid).ok().and_then(sys::process_start_time) == Some(start)
@@ -385,8 +396,12 @@ pub fn reap_orphans(state_dir: &Path) -> Vec<u32> {
         }
         if sys::group_runs(pgid, "ansible") {
             tracing::warn!(pgid, "killing the playbook a dead agent left running");
-            sys::kill_group(pgid, libc::SIGKILL);
+            sys::kill_play(pgid, marker, libc::SIGKILL);
             killed.push(pgid);
+        } else if !marker.is_empty() {
+            // The group's leader is gone (its id may name another group by now); its
+            // workers, in their own sessions, may not be.
+            sys::kill_marked(marker, libc::SIGKILL);
         }
         let _ = std::fs::remove_file(e.path());
     }
@@ -552,6 +567,7 @@ fn crashed<E: std::error::Error + Send + Sync + 'static>(e: E) -> AgentError {
 
 struct GroupGuard {
     pgid: u32,
+    marker: String,
     reaped: Arc<AtomicBool>,
 }
 
@@ -559,7 +575,7 @@ impl Drop for GroupGuard {
     fn drop(&mut self) {
         // Once reaped, the pid may be reused: never signal it then.
         if !self.reaped.load(Ordering::SeqCst) {
-            sys::kill_group(self.pgid, libc::SIGKILL);
+            sys::kill_play(self.pgid, &self.marker, libc::SIGKILL);
         }
     }
 }

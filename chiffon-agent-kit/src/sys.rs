@@ -43,6 +43,51 @@ pub(crate) fn failpoint(name: &str) {
     }
 }
 
+/// The name of the environment variable that marks every process of one playbook run.
+pub(crate) const PLAY_MARKER: &str = "CHIFFON_PLAY";
+
+/// Sends `signal` to the group `pgid` and to every process whose environment carries
+/// `CHIFFON_PLAY=marker`. ansible-core's workers call `setsid()`, so they (and the modules
+/// they run) leave the playbook's group; they keep its environment, which is how they are
+/// found, even after their parent died and they were reparented.
+pub(crate) fn kill_play(pgid: u32, marker: &str, signal: i32) {
+    kill_group(pgid, signal);
+    kill_marked(marker, signal);
+}
+
+/// Sends `signal` to every process (but this one) whose environment carries
+/// `CHIFFON_PLAY=marker`; nothing for an empty marker.
+pub(crate) fn kill_marked(marker: &str, signal: i32) {
+    if marker.is_empty() {
+        return;
+    }
+    let needle = format!("{PLAY_MARKER}={marker}");
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let me = std::process::id();
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(env) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
+            let Ok(pid) = libc::pid_t::try_from(pid) else {
+                continue;
+            };
+            // SAFETY: kill takes plain integers and has no memory-safety preconditions.
+            unsafe {
+                libc::kill(pid, signal);
+            }
+        }
+    }
+}
+
 /// Blocks until child `pid` exits and reaps it, returning its exit and resource usage.
 ///
 /// `ru_utime + ru_stime` covers the child and every descendant it waited for (ansible's

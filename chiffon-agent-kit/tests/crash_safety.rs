@@ -197,7 +197,53 @@ async fn a_killed_agents_playbook_is_stopped_by_the_next_agent() {
     tokio::time::timeout(Duration::from_secs(5), gone)
         .await
         .expect("the orphaned playbook was killed");
+    // Its workers too: ansible's workers leave the group (setsid) and outlive its leader
+    // unless found otherwise. Everything the dead agent started has its TMPDIR.
+    let marked = format!("TMPDIR={}", state.path().display());
+    let left = async {
+        loop {
+            let pids = processes_with_env(&marked);
+            if pids.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(5), left)
+        .await
+        .is_err()
+    {
+        panic!(
+            "processes of the dead agent's playbook still run: {:?}",
+            processes_with_env(&marked)
+        );
+    }
     bus.cleanup().await;
+}
+
+/// Live processes whose environment holds `kv` (`NAME=value`), with their command lines.
+fn processes_with_env(kv: &str) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let zombie = std::fs::read_to_string(e.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true);
+        let Ok(env) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if !zombie && env.split(|b| *b == 0).any(|x| x == kv.as_bytes()) {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            out.push((pid, String::from_utf8_lossy(&cmd).replace('\0', " ")));
+        }
+    }
+    out
 }
 
 /// A catalog of the repository's inventory and callback plugin plus `append_line`, whose
