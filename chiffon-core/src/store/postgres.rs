@@ -398,8 +398,12 @@ impl Store for PgStore {
                 current: None,
             });
         }
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
-        let row = sqlx::query(concat!(
+        // One statement is atomic by itself: a transaction only when steps go in with it.
+        let mut tx = match patch.plan {
+            Some(_) => Some(self.pool.begin().await.map_err(db_err)?),
+            None => None,
+        };
+        let update = sqlx::query(concat!(
             "UPDATE tasks SET status = $1, updated_at = $2, plan = COALESCE($3, plan), \
              approver = COALESCE($4, approver), \
              approval_comment = COALESCE($5, approval_comment), \
@@ -415,17 +419,19 @@ impl Store for PgStore {
         .bind(patch.error.as_ref().map(Json))
         .bind(&patch.commit_id)
         .bind(id)
-        .bind(from.as_str())
-        .fetch_optional(&mut *tx)
-        .await
+        .bind(from.as_str());
+        let row = match tx.as_mut() {
+            Some(tx) => update.fetch_optional(&mut **tx).await,
+            None => update.fetch_optional(&self.pool).await,
+        }
         .map_err(db_err)?;
         let Some(row) = row else {
-            let current: Option<String> =
-                sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
-                    .bind(id)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db_err)?;
+            let read = sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1").bind(id);
+            let current: Option<String> = match tx.as_mut() {
+                Some(tx) => read.fetch_optional(&mut **tx).await,
+                None => read.fetch_optional(&self.pool).await,
+            }
+            .map_err(db_err)?;
             return Err(match current {
                 None => StoreError::not_found(format!("request {id}")),
                 Some(s) => StoreError::Conflict {
@@ -434,7 +440,7 @@ impl Store for PgStore {
                 },
             });
         };
-        if let Some(plan) = &patch.plan {
+        if let (Some(plan), Some(tx)) = (&patch.plan, tx.as_mut()) {
             for (n, chunk) in plan.steps.chunks(INSERT_CHUNK).enumerate() {
                 let mut q = QueryBuilder::<Postgres>::new(
                     "INSERT INTO plan_steps (task_id, request_id, seq, action, parameters, \
@@ -451,7 +457,7 @@ impl Store for PgStore {
                         .push_bind(StepStatus::Pending.as_str());
                 });
                 q.build()
-                    .execute(&mut *tx)
+                    .execute(&mut **tx)
                     .await
                     .map_err(|e| match db_err(e) {
                         StoreError::Conflict { current, .. } => StoreError::Conflict {
@@ -463,7 +469,9 @@ impl Store for PgStore {
             }
         }
         let req = request_from_row(&row)?;
-        tx.commit().await.map_err(db_err)?;
+        if let Some(tx) = tx {
+            tx.commit().await.map_err(db_err)?;
+        }
         Ok(req)
     }
 
@@ -606,7 +614,7 @@ impl Store for PgStore {
         }
         let now = now();
         let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        // One statement (atomic by itself; SKIP LOCKED keeps instances off each other's rows).
         let rows = sqlx::query(concat!(
             "UPDATE plan_steps SET claimed_by = $1, claim_until = $2 WHERE task_id IN (\
              SELECT task_id FROM plan_steps WHERE status = 'ready' \
@@ -619,10 +627,9 @@ impl Store for PgStore {
         .bind(ts(until))
         .bind(ts(now))
         .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.pool)
         .await
         .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)?;
         let mut steps = rows
             .iter()
             .map(step_from_row)
@@ -674,7 +681,12 @@ impl Store for PgStore {
         if lines.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        // One chunk is one statement, atomic by itself: a transaction only for several.
+        let mut tx = if lines.len() > INSERT_CHUNK {
+            Some(self.pool.begin().await.map_err(db_err)?)
+        } else {
+            None
+        };
         for chunk in lines.chunks(INSERT_CHUNK) {
             let mut q = QueryBuilder::<Postgres>::new(
                 "INSERT INTO execution_logs (request_id, task_id, at, kind, progress, message) ",
@@ -687,9 +699,16 @@ impl Store for PgStore {
                     .push_bind(l.progress.map(i64::from))
                     .push_bind(&l.message);
             });
-            q.build().execute(&mut *tx).await.map_err(db_err)?;
+            match tx.as_mut() {
+                Some(tx) => q.build().execute(&mut **tx).await,
+                None => q.build().execute(&self.pool).await,
+            }
+            .map_err(db_err)?;
         }
-        tx.commit().await.map_err(db_err)
+        match tx {
+            Some(tx) => tx.commit().await.map_err(db_err),
+            None => Ok(()),
+        }
     }
 
     async fn logs(
