@@ -37,7 +37,7 @@ pub async fn eval_planner(
         // Only the named provider, no fallback and no cache: its own answers are measured.
         config.llm.order = vec![provider.clone()];
         config.llm.offline = false;
-        let store = chiffon_server::app::open_store(&config.database_url).await?;
+        let store = chiffon_server::app::open_store(&config).await?;
         let router = chiffon_core::llm::Router::from_config(&config.llm, store.clone())
             .map_err(|e| anyhow::anyhow!("provider {provider}: {e}"))?;
         let cfg = PlannerConfig {

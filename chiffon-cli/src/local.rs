@@ -401,7 +401,7 @@ pub async fn audit(
 /// `chiffon migrate`: opening the store applies pending migrations.
 pub async fn migrate(config: Option<&Path>, o: ConfigOverrides, json: bool) -> anyhow::Result<i32> {
     let config = load(config, &o)?;
-    let store = chiffon_server::app::open_store(&config.database_url).await?;
+    let store = chiffon_server::app::open_store(&config).await?;
     store.migrate().await.context("applying migrations")?;
     let url = redact_url(&config.database_url);
     if json {

@@ -32,7 +32,16 @@ async fn server() -> Server {
 
 /// Runs the binary off the async runtime (it blocks until the command exits).
 async fn chiffon(args: Vec<String>, dir: Option<&Path>) -> Output {
+    chiffon_env(args, dir, &[]).await
+}
+
+/// [`chiffon`] with extra environment variables.
+async fn chiffon_env(args: Vec<String>, dir: Option<&Path>, env: &[(&str, &str)]) -> Output {
     let dir = dir.map(Path::to_path_buf);
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     tokio::task::spawn_blocking(move || {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_chiffon"));
         cmd.args(&args)
@@ -45,6 +54,8 @@ async fn chiffon(args: Vec<String>, dir: Option<&Path>) -> Output {
             .env_remove("OPENAI_API_KEY")
             .env_remove("OPENAI_BASE_URL")
             .env_remove("OLLAMA_HOST")
+            .env_remove("CHIFFON_AUDIT_KEY")
+            .envs(env)
             .env("RUST_LOG", "error")
             .stdin(Stdio::null());
         if let Some(d) = dir {
@@ -375,6 +386,68 @@ async fn run_yes_executes_with_the_offline_planner_and_audit_verifies() {
         .collect();
     for e in ["received", "planned", "approved", "completed", "committed"] {
         assert!(events.contains(&e), "{e} missing from {events:?}");
+    }
+}
+
+/// `CHIFFON_AUDIT_KEY` keys the chain of what `chiffon run` records: `audit verify` passes
+/// with the key and fails with another key or none, and the key never shows in the output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_key_keys_the_chain_and_verify_needs_it() {
+    let dir = local_dir();
+    let catalog = fixture_catalog();
+    std::fs::write(
+        dir.path().join("chiffon.toml"),
+        format!(
+            "playbooks = {:?}\naudit_repo = {:?}\ndatabase_url = {:?}\n[llm]\norder = [\"offline\"]\n",
+            catalog.display().to_string(),
+            dir.path().join("audit").display().to_string(),
+            format!("sqlite://{}", dir.path().join("chiffon.db").display()),
+        ),
+    )
+    .unwrap();
+    let config = dir.path().join("chiffon.toml").display().to_string();
+    let key = "audit-key-kept-elsewhere-0123";
+    let o = chiffon_env(
+        vec![
+            "--config".into(),
+            config.clone(),
+            "run".into(),
+            "noop ping".into(),
+            "--yes".into(),
+        ],
+        Some(dir.path()),
+        &[("CHIFFON_AUDIT_KEY", key)],
+    )
+    .await;
+    assert!(o.status.success(), "{} {}", stdout(&o), stderr(&o));
+    let verify = |env: &'static [(&'static str, &'static str)]| {
+        let config = config.clone();
+        let dir = dir.path().to_path_buf();
+        async move {
+            chiffon_env(
+                vec![
+                    "--config".into(),
+                    config,
+                    "--json".into(),
+                    "audit".into(),
+                    "verify".into(),
+                ],
+                Some(&dir),
+                env,
+            )
+            .await
+        }
+    };
+    let o = verify(&[("CHIFFON_AUDIT_KEY", "audit-key-kept-elsewhere-0123")]).await;
+    assert!(o.status.success(), "{} {}", stdout(&o), stderr(&o));
+    assert_eq!(json(&o)["ok"], true);
+    for env in [&[][..], &[("CHIFFON_AUDIT_KEY", "some-other-key")][..]] {
+        let o = verify(env).await;
+        assert!(!o.status.success(), "{}", stdout(&o));
+        let v = json(&o);
+        assert_eq!(v["ok"], false);
+        assert_eq!(v["chain"]["first_bad_seq"], 1, "{v}");
+        assert!(!stdout(&o).contains(key) && !stderr(&o).contains(key));
     }
 }
 

@@ -484,8 +484,8 @@ pub struct NewAuditEntry {
     pub request_id: Option<Uuid>,
     /// Who decided: a user, `engine`, an agent id, a rule.
     pub actor: String,
-    /// `received`, `planned`, `fallback`, `approved`, `rejected`, `auto_approved`, `dispatched`, …
-    pub event: String,
+    /// What was decided (stored as [`AuditEvent::as_str`]).
+    pub event: crate::audit::AuditEvent,
     pub details: Value,
 }
 

@@ -141,12 +141,11 @@ impl Redactor {
         self.redact_json(&mut e.details);
     }
 
-    /// Audit entries with their actor, event and details redacted (what
-    /// [`crate::engine::Engine`] appends).
+    /// Audit entries with their actor and details redacted (what [`crate::engine::Engine`]
+    /// appends; the event is a name from [`crate::audit::AuditEvent`]).
     pub fn redact_audit(&self, mut entries: Vec<NewAuditEntry>) -> Vec<NewAuditEntry> {
         for e in &mut entries {
             self.redact_string(&mut e.actor);
-            self.redact_string(&mut e.event);
             self.redact_json(&mut e.details);
         }
         entries
@@ -240,7 +239,7 @@ mod tests {
         let entries = r.redact_audit(vec![NewAuditEntry {
             request_id: None,
             actor: "planner".into(),
-            event: "fallback".into(),
+            event: crate::audit::AuditEvent::Fallback,
             details: json!({"reason": "tok-0123456789abcdef"}),
         }]);
         assert_eq!(entries[0].details["reason"], "[REDACTED]");

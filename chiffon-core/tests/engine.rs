@@ -72,7 +72,7 @@ impl PlanProvider for ListPlanner {
                 skipped: Vec::new(),
             },
             events: vec![PlanEvent {
-                event: "fallback".into(),
+                event: chiffon_core::audit::AuditEvent::Fallback,
                 details: json!({"from": "nowhere"}),
             }],
             input_tokens: 10,
@@ -433,6 +433,7 @@ both_backends!(
     a_plan_awaiting_approval_shows_its_dry_run,
     a_preview_nobody_answers_shows_as_failed,
     audit_verify_catches_a_rechained_or_emptied_log,
+    a_keyed_chain_catches_a_rewrite_after_the_newest_anchor,
     a_failing_git_trail_degrades_health_and_a_stale_lock_is_cleared,
     planning_a_dead_instance_held_resumes_when_its_lease_lapses,
     a_crash_between_commit_and_status_keeps_the_one_commit,
@@ -1812,7 +1813,16 @@ async fn audit_verify_catches_a_rechained_or_emptied_log(backend: &str) {
             e.details.clone()
         };
         let text = serde_json::to_string(&details).unwrap();
-        let hash = entry_hash(&prev, e.seq, e.at, e.request_id, &e.actor, &e.event, &text);
+        let hash = entry_hash(
+            None,
+            &prev,
+            e.seq,
+            e.at,
+            e.request_id,
+            &e.actor,
+            &e.event,
+            &text,
+        );
         rows.push((e.seq, text, prev.clone(), hash.clone()));
         prev = hash;
     }
@@ -1868,6 +1878,132 @@ async fn audit_verify_catches_a_rechained_or_emptied_log(backend: &str) {
             "{:?}",
             report.record_problems
         );
+    }
+    stop.cancel();
+}
+
+/// With `CHIFFON_AUDIT_KEY` the chain is an HMAC chain: a database writer without the key
+/// who rewrites the newest entries (after the newest git anchor, where the anchor cannot
+/// see) and re-chains them is caught, as is verifying with another key or none. (Without
+/// a key a re-chained log passes the chain check: `audit_verify_catches_a_rechained_or_
+/// emptied_log` shows the git anchor catching it, up to the newest anchor only.)
+async fn a_keyed_chain_catches_a_rewrite_after_the_newest_anchor(backend: &str) {
+    use chiffon_core::audit::chain::{entry_hash, AuditKey};
+    let Some((_plain, transport, raw_url, _guard)) = raw_backend(backend).await else {
+        return;
+    };
+    let key = AuditKey::new("an audit key kept outside the database").unwrap();
+    let store = chiffon_core::store::connect_with(&raw_url, Some(key.clone()))
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let git = tempfile::tempdir().unwrap();
+    let engine = start_engine(
+        store.clone(),
+        transport.clone(),
+        git.path(),
+        test_config(|_| {}),
+        &stop,
+    )
+    .await;
+    let _agent = MockAgent::spawn(transport.clone(), stop.clone());
+    let r = engine
+        .submit(SubmitRequest {
+            text: "ok_action".into(),
+            requester: Some("alice".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        engine.wait_until(r.id, &[RequestStatus::AwaitingApproval]),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    engine.approve(r.id, "bob", None).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        engine.wait_until(r.id, &[RequestStatus::Completed]),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // Wait for the git writer's commit and its "committed" entry.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = engine.audit_log(Some(r.id), 0, 100).await.unwrap();
+        if log.iter().any(|e| e.event == "committed") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no committed entry");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let report = engine.verify_audit().await.unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+    let entries = engine.audit_log(None, 0, 10_000).await.unwrap();
+    assert!(entries.len() >= 4);
+    // Every entry is keyed: none has its plain SHA-256.
+    for e in &entries {
+        let text = serde_json::to_string(&e.details).unwrap();
+        let plain = entry_hash(
+            None,
+            &e.prev_hash,
+            e.seq,
+            e.at,
+            e.request_id,
+            &e.actor,
+            &e.event,
+            &text,
+        );
+        assert_ne!(plain, e.hash, "entry {} is not keyed", e.seq);
+    }
+
+    // Without the key: forge the last entry (the newest, after any anchor) and re-chain it.
+    let last = entries.last().unwrap();
+    let forged = serde_json::json!({ "forged": true });
+    let text = serde_json::to_string(&forged).unwrap();
+    let hash = entry_hash(
+        None,
+        &last.prev_hash,
+        last.seq,
+        last.at,
+        last.request_id,
+        &last.actor,
+        &last.event,
+        &text,
+    );
+    raw_sql(
+        &raw_url,
+        format!(
+            "UPDATE audit_log SET details = '{text}', hash = '{hash}' WHERE seq = {seq};\n\
+             UPDATE audit_head SET last_hash = '{hash}' WHERE id = 1;",
+            seq = last.seq
+        ),
+    )
+    .await;
+    let report = engine.verify_audit().await.unwrap();
+    assert!(!report.ok && !report.chain.ok, "{report:?}");
+    assert_eq!(report.chain.first_bad_seq, Some(last.seq));
+    assert!(
+        report
+            .chain
+            .problem
+            .as_deref()
+            .unwrap()
+            .contains("not keyed"),
+        "{report:?}"
+    );
+
+    // Verified with another key, or with none, the chain does not verify at all.
+    for other in [None, AuditKey::new("another key")] {
+        let s = chiffon_core::store::connect_with(&raw_url, other)
+            .await
+            .unwrap();
+        let v = s.verify_audit().await.unwrap();
+        assert!(!v.ok);
+        assert_eq!(v.first_bad_seq, Some(1), "{v:?}");
     }
     stop.cancel();
 }

@@ -214,7 +214,7 @@ impl App {
         // Every secret the configuration holds is struck from what is stored and logged.
         let redactor = config.redactor();
         crate::redact_logs(&redactor);
-        let store = open_store(&config.database_url).await?;
+        let store = open_store(&config).await?;
         let catalog = match options.catalog {
             Some(c) => c,
             None => Arc::new(Catalog::load(&config.playbooks)?),
@@ -462,9 +462,15 @@ pub fn check_bind(addr: SocketAddr, auth_enabled: bool) -> Result<(), ConfigErro
     Ok(())
 }
 
-/// Opens (and migrates) the configured store.
-pub async fn open_store(url: &str) -> Result<Arc<dyn Store>, StartError> {
-    chiffon_core::store::connect(url)
+/// Opens (and migrates) the configured store, its audit chain keyed by `CHIFFON_AUDIT_KEY`
+/// when that is set.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
+    let url = &config.database_url;
+    let key = config
+        .audit_key
+        .as_ref()
+        .and_then(|k| chiffon_core::audit::chain::AuditKey::new(k.expose()));
+    chiffon_core::store::connect_with(url, key)
         .await
         .map_err(|source| StartError::Store {
             url: redact_url(url),

@@ -21,7 +21,6 @@ use std::time::Duration;
 use chiffon_core::engine::Engine;
 use chiffon_core::model::{Request, RequestStatus};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -143,23 +142,10 @@ fn url_host(url: &str) -> &str {
 
 /// `sha256=` + hex HMAC-SHA256 of `body` keyed with `secret` (RFC 2104).
 pub fn signature(secret: &[u8], body: &[u8]) -> String {
-    const BLOCK: usize = 64;
-    let mut key = [0u8; BLOCK];
-    if secret.len() > BLOCK {
-        key[..32].copy_from_slice(&Sha256::digest(secret));
-    } else {
-        key[..secret.len()].copy_from_slice(secret);
-    }
-    let pad = |byte: u8| key.iter().map(|k| k ^ byte).collect::<Vec<u8>>();
-    let inner = Sha256::new()
-        .chain_update(pad(0x36))
-        .chain_update(body)
-        .finalize();
-    let outer = Sha256::new()
-        .chain_update(pad(0x5c))
-        .chain_update(inner)
-        .finalize();
-    format!("sha256={}", hex::encode(outer))
+    format!(
+        "sha256={}",
+        hex::encode(chiffon_core::audit::chain::hmac_sha256(secret, body))
+    )
 }
 
 /// The body one webhook gets for `request` entering its status.

@@ -2,4 +2,7 @@
 //! one git commit per finished request.
 
 pub mod chain;
+pub mod event;
 pub mod git;
+
+pub use event::AuditEvent;

@@ -1,5 +1,6 @@
 //! The public operations of the engine and the lifecycle decisions they make.
 
+use crate::audit::AuditEvent;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -90,11 +91,27 @@ fn spawn_audit_appender(store: Arc<dyn Store>) -> tokio::sync::mpsc::Sender<Audi
             }
             let batch: Vec<NewAuditEntry> =
                 jobs.iter().flat_map(|(e, _)| e.iter().cloned()).collect();
-            let result = store
-                .append_audit(&batch)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string());
+            // A database that is restarting is waited for (about 25 s in all): a decision
+            // already taken must reach the log. Only an outage is retried; if a commit
+            // succeeded but its answer was lost, the retry appends the entries again (a
+            // duplicate in the log rather than a decision missing from it).
+            let mut result = Err(String::new());
+            for delay_ms in [200u64, 800, 2_000, 4_000, 8_000, 10_000, 0] {
+                match store.append_audit(&batch).await {
+                    Ok(_) => {
+                        result = Ok(());
+                        break;
+                    }
+                    Err(e @ StoreError::Unavailable(_)) if delay_ms > 0 => {
+                        tracing::warn!(error = %e, entries = batch.len(), "audit append waits for the database");
+                        tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+                    }
+                    Err(e) => {
+                        result = Err(e.to_string());
+                        break;
+                    }
+                }
+            }
             for (_, done) in jobs {
                 let _ = done.send(result.clone());
             }
@@ -340,7 +357,7 @@ impl Engine {
         self.audit(vec![NewAuditEntry {
             request_id: Some(request.id),
             actor: request.requester.clone(),
-            event: "received".into(),
+            event: AuditEvent::Received,
             details: json!({ "text": request.text, "dry_run": request.dry_run, "trace_id": request.trace_id }),
         }])
         .await;
@@ -438,7 +455,7 @@ impl Engine {
             audit.push(NewAuditEntry {
                 request_id: Some(request.id),
                 actor: "planner".into(),
-                event: e.event.clone(),
+                event: e.event,
                 details: e.details.clone(),
             });
         }
@@ -448,7 +465,7 @@ impl Engine {
                 audit.push(NewAuditEntry {
                     request_id: Some(request.id),
                     actor: "planner".into(),
-                    event: "plan_failed".into(),
+                    event: AuditEvent::PlanFailed,
                     details: json!({ "code": f.code.code(), "message": f.message, "details": f.details }),
                 });
                 self.audit(audit).await;
@@ -487,7 +504,7 @@ impl Engine {
                 audit.push(NewAuditEntry {
                     request_id: Some(request.id),
                     actor: "engine".into(),
-                    event: "plan_failed".into(),
+                    event: AuditEvent::PlanFailed,
                     details: json!({ "code": ErrorCode::ActionNotSupported.code(), "message": msg }),
                 });
                 self.audit(audit).await;
@@ -510,7 +527,7 @@ impl Engine {
         audit.push(NewAuditEntry {
             request_id: Some(request.id),
             actor: "planner".into(),
-            event: "planned".into(),
+            event: AuditEvent::Planned,
             details: json!({
                 "provider": plan.provider, "model": plan.model, "cached": plan.cached,
                 "input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens,
@@ -529,7 +546,7 @@ impl Engine {
                 audit.push(NewAuditEntry {
                     request_id: Some(request.id),
                     actor: "policy:cost_limit".into(),
-                    event: "rejected".into(),
+                    event: AuditEvent::Rejected,
                     details: json!({ "reason": msg, "limit_usd": limit, "estimated_cost_usd": plan.estimated_cost_usd }),
                 });
                 self.audit(audit).await;
@@ -554,7 +571,7 @@ impl Engine {
             audit.push(NewAuditEntry {
                 request_id: Some(request.id),
                 actor: format!("policy:{rule}"),
-                event: "auto_approved".into(),
+                event: AuditEvent::AutoApproved,
                 details: json!({ "rule": rule, "estimated_cost_usd": plan.estimated_cost_usd }),
             });
             self.audit(audit).await;
@@ -636,7 +653,7 @@ impl Engine {
             self.audit(vec![NewAuditEntry {
                 request_id: Some(id),
                 actor: approver.to_string(),
-                event: "approval_refused".into(),
+                event: AuditEvent::ApprovalRefused,
                 details: json!({
                     "reason": "four-eyes rule: the approver must differ from the submitter and the requester",
                     "submitted_by": request.submitted_by,
@@ -666,7 +683,7 @@ impl Engine {
         self.audit(vec![NewAuditEntry {
             request_id: Some(id),
             actor: approver.to_string(),
-            event: "approved".into(),
+            event: AuditEvent::Approved,
             details: json!({ "comment": comment }),
         }])
         .await;
@@ -698,7 +715,7 @@ impl Engine {
         self.audit(vec![NewAuditEntry {
             request_id: Some(id),
             actor: approver.to_string(),
-            event: "rejected".into(),
+            event: AuditEvent::Rejected,
             details: json!({ "comment": comment }),
         }])
         .await;
@@ -748,7 +765,7 @@ impl Engine {
                 self.audit(vec![NewAuditEntry {
                     request_id: Some(id),
                     actor: by.to_string(),
-                    event: "cancel_requested".into(),
+                    event: AuditEvent::CancelRequested,
                     details: json!({ "from": request.status }),
                 }])
                 .await;
@@ -800,7 +817,7 @@ impl Engine {
             self.audit(vec![NewAuditEntry {
                 request_id: Some(id),
                 actor: by.to_string(),
-                event: "cancel_requested".into(),
+                event: AuditEvent::CancelRequested,
                 details: json!({ "tasks": active.iter().map(|s| s.task_id).collect::<Vec<_>>() }),
             }])
             .await;
@@ -948,7 +965,7 @@ impl Engine {
             for e in &page {
                 if let Some(id) = e.request_id {
                     with_entries.insert(id);
-                    if e.event == "committed" {
+                    if e.event == AuditEvent::Committed {
                         if let Some(d) = e.details.get("record_sha256").and_then(|d| d.as_str()) {
                             digests.insert(id, d.to_string());
                         }
@@ -1276,6 +1293,12 @@ impl Engine {
         to: RequestStatus,
         error: Option<ErrorPayload>,
     ) -> Result<(), EngineError> {
+        let Some(ended) = AuditEvent::ended(to) else {
+            return Err(EngineError::Invalid(format!(
+                "a request cannot end in `{}`",
+                to.as_str()
+            )));
+        };
         let request = self.get_request(id).await?;
         let expected = match from {
             Some(f) => request.status == f,
@@ -1304,7 +1327,7 @@ impl Engine {
         let mut audit = vec![NewAuditEntry {
             request_id: Some(id),
             actor: "engine".into(),
-            event: to.as_str().into(),
+            event: ended,
             details: match &error {
                 Some(e) => json!({ "code": e.code.code(), "message": e.message }),
                 None => json!({}),
@@ -1314,13 +1337,13 @@ impl Engine {
             Some(Ok((c, digest))) => audit.push(NewAuditEntry {
                 request_id: Some(id),
                 actor: "engine".into(),
-                event: "committed".into(),
+                event: AuditEvent::Committed,
                 details: json!({ "commit": c, "record_sha256": digest }),
             }),
             Some(Err(message)) => audit.push(NewAuditEntry {
                 request_id: Some(id),
                 actor: "engine".into(),
-                event: "commit_failed".into(),
+                event: AuditEvent::CommitFailed,
                 details: json!({ "code": ErrorCode::GitCommitFailed.code(), "message": message }),
             }),
             None => {}

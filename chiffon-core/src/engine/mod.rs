@@ -87,8 +87,8 @@ pub struct PlanInput {
 /// Something planning decided that belongs in the audit log (a fallback, a skip, a cache hit).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlanEvent {
-    /// `fallback`, `skipped`, `cache_hit`, …
-    pub event: String,
+    /// [`AuditEvent::Fallback`], [`AuditEvent::LlmRefused`], [`AuditEvent::CacheHit`].
+    pub event: crate::audit::AuditEvent,
     pub details: Value,
 }
 

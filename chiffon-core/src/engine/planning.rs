@@ -1,6 +1,7 @@
 //! The engine's view of the planner: [`CatalogPlanner`] adapts [`crate::planner::Planner`]
 //! to [`PlanProvider`], turning its fallbacks and cache hits into audit events.
 
+use crate::audit::AuditEvent;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -28,9 +29,9 @@ fn fallback(e: &FallbackEvent) -> PlanEvent {
     PlanEvent {
         // A model that declined did not fail: audited as what it is.
         event: if e.code == chiffon_protocol::ErrorCode::LlmRefused {
-            "llm_refused".into()
+            AuditEvent::LlmRefused
         } else {
-            "fallback".into()
+            AuditEvent::Fallback
         },
         details: json!({
             "provider": e.provider, "model": e.model, "code": e.code.code(), "reason": e.reason,
@@ -62,7 +63,7 @@ impl PlanProvider for CatalogPlanner {
                     .collect();
                 if o.usage.cached {
                     events.push(PlanEvent {
-                        event: "cache_hit".into(),
+                        event: AuditEvent::CacheHit,
                         details: json!({ "provider": o.usage.provider, "model": o.usage.model, "llm_cost_usd": 0.0 }),
                     });
                 }

@@ -4,6 +4,7 @@
 //! what each step would change (`plan.steps[i].preview`). A failed preview is shown as
 //! such and blocks nothing.
 
+use crate::audit::AuditEvent;
 use chrono::Utc;
 use serde_json::json;
 
@@ -145,7 +146,7 @@ impl Engine {
             self.audit(vec![NewAuditEntry {
                 request_id: Some(request.id),
                 actor: "engine".into(),
-                event: "preview_started".into(),
+                event: AuditEvent::PreviewStarted,
                 details: json!({ "steps": started }),
             }])
             .await;
@@ -195,7 +196,7 @@ impl Engine {
             self.audit(vec![NewAuditEntry {
                 request_id: Some(step.request_id),
                 actor: format!("bus:{publisher}"),
-                event: "preview_finished".into(),
+                event: AuditEvent::PreviewFinished,
                 details: json!({
                     "seq": step.seq,
                     "action": step.action,

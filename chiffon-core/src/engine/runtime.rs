@@ -1,5 +1,6 @@
 //! The engine's background work: intake, results, dispatch, timeouts, expiry, repair.
 
+use crate::audit::AuditEvent;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -347,7 +348,7 @@ impl Engine {
                 self.audit(vec![NewAuditEntry {
                     request_id: env.request_id,
                     actor: format!("bus:{publisher}"),
-                    event: "agent_error".into(),
+                    event: AuditEvent::AgentError,
                     details: json!({ "code": e.code.code(), "message": e.message, "details": e.details }),
                 }])
                 .await;
@@ -365,7 +366,7 @@ impl Engine {
                     self.audit(vec![NewAuditEntry {
                         request_id: Some(request_id),
                         actor: format!("bus:{publisher}"),
-                        event: "message_refused".into(),
+                        event: AuditEvent::MessageRefused,
                         details: json!({
                             "code": ErrorCode::PublisherNotAllowed.code(),
                             "message_type": env.message_type(),
@@ -677,14 +678,18 @@ impl Engine {
             details["code"] = json!(e.code.code());
             details["message"] = json!(e.message);
         }
-        let event = if retry { "retry" } else { "step_result" };
+        let event = if retry {
+            AuditEvent::Retry
+        } else {
+            AuditEvent::StepResult
+        };
         if retry {
             self.inner.metrics.retries.fetch_add(1, Ordering::Relaxed);
         }
         self.audit(vec![NewAuditEntry {
             request_id: Some(step.request_id),
             actor: r.agent_id.clone().unwrap_or_else(|| "agent".into()),
-            event: event.into(),
+            event,
             details,
         }])
         .await;
@@ -731,7 +736,7 @@ impl Engine {
         self.audit(vec![NewAuditEntry {
             request_id: Some(step.request_id),
             actor: format!("bus:{publisher}"),
-            event: "duplicate_result".into(),
+            event: AuditEvent::DuplicateResult,
             details: json!({
                 "task_id": step.task_id, "seq": step.seq, "attempt": r.attempt,
                 "step_attempt": step.attempt, "step_status": step.status.as_str(),
@@ -1053,7 +1058,7 @@ impl Engine {
             audit.push(NewAuditEntry {
                 request_id: Some(request_id),
                 actor: self.inner.config.instance_id.clone(),
-                event: "dispatched".into(),
+                event: AuditEvent::Dispatched,
                 details: json!({ "task_id": step.task_id, "seq": step.seq, "action": step.action, "queue": queue, "agent_id": agent_id, "attempt": attempt }),
             });
         }
@@ -1115,7 +1120,7 @@ impl Engine {
                     self.audit(vec![NewAuditEntry {
                         request_id: Some(r.id),
                         actor: "policy:approval_timeout".into(),
-                        event: "rejected".into(),
+                        event: AuditEvent::Rejected,
                         details: json!({ "reason": msg, "code": ErrorCode::ApprovalExpired.code() }),
                     }])
                     .await;
@@ -1207,7 +1212,7 @@ impl Engine {
             self.audit(vec![NewAuditEntry {
                 request_id: Some(step.request_id),
                 actor: "engine".into(),
-                event: "cancel_timeout".into(),
+                event: AuditEvent::CancelTimeout,
                 details: json!({ "task_id": step.task_id, "seq": step.seq }),
             }])
             .await;
@@ -1255,7 +1260,11 @@ impl Engine {
         self.audit(vec![NewAuditEntry {
             request_id: Some(step.request_id),
             actor: "engine".into(),
-            event: if retry { "timeout_retry" } else { "timeout" }.into(),
+            event: if retry {
+                AuditEvent::TimeoutRetry
+            } else {
+                AuditEvent::Timeout
+            },
             details: json!({ "task_id": step.task_id, "seq": step.seq, "attempt": step.attempt, "code": ErrorCode::AgentTimeout.code() }),
         }])
         .await;

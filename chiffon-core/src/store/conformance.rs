@@ -22,7 +22,7 @@ use chiffon_protocol::{
 };
 
 use super::{Store, StoreError};
-use crate::audit::chain;
+use crate::audit::{chain, AuditEvent};
 use crate::model::*;
 
 /// Raw SQL on the store's database, for cases that tamper with rows behind its back.
@@ -277,11 +277,11 @@ fn reserved_id(r: Reservation) -> Uuid {
     }
 }
 
-fn audit_entry(request_id: Option<Uuid>, event: &str, n: u64) -> NewAuditEntry {
+fn audit_entry(request_id: Option<Uuid>, event: AuditEvent, n: u64) -> NewAuditEntry {
     NewAuditEntry {
         request_id,
         actor: "engine".into(),
-        event: event.into(),
+        event,
         details: json!({"n": n, "z": "last", "a": [1.25, "x", null], "nested": {"k": true}}),
     }
 }
@@ -1695,18 +1695,18 @@ pub async fn audit_append_and_read(h: &Harness) {
     assert!(s.append_audit(&[]).await.unwrap().is_empty());
     let batch = s
         .append_audit(&[
-            audit_entry(Some(r.id), "received", 1),
-            audit_entry(None, "startup", 2),
-            audit_entry(Some(r.id), "planned", 3),
+            audit_entry(Some(r.id), AuditEvent::Received, 1),
+            audit_entry(None, AuditEvent::AgentError, 2),
+            audit_entry(Some(r.id), AuditEvent::Planned, 3),
         ])
         .await
         .unwrap();
     let more = s
-        .append_audit(&[audit_entry(Some(r.id), "approved", 4)])
+        .append_audit(&[audit_entry(Some(r.id), AuditEvent::Approved, 4)])
         .await
         .unwrap();
     let last = s
-        .append_audit(&[audit_entry(None, "config", 5)])
+        .append_audit(&[audit_entry(None, AuditEvent::MessageRefused, 5)])
         .await
         .unwrap();
     let all: Vec<AuditEntry> = batch.into_iter().chain(more).chain(last).collect();
@@ -1724,6 +1724,7 @@ pub async fn audit_append_and_read(h: &Harness) {
         assert_eq!(
             e.hash,
             chain::entry_hash(
+                None,
                 &e.prev_hash,
                 e.seq,
                 e.at,
@@ -1767,8 +1768,8 @@ pub async fn audit_concurrent_appenders(h: &Harness) {
             for i in 0..5u64 {
                 let batch = s
                     .append_audit(&[
-                        audit_entry(None, &format!("t{t}"), i * 2),
-                        audit_entry(None, &format!("t{t}"), i * 2 + 1),
+                        audit_entry(None, AuditEvent::ALL[t as usize], i * 2),
+                        audit_entry(None, AuditEvent::ALL[t as usize], i * 2 + 1),
                     ])
                     .await
                     .unwrap();
@@ -1800,7 +1801,9 @@ pub async fn audit_concurrent_appenders(h: &Harness) {
 pub async fn audit_detects_altered_details(h: &Harness) {
     let s = &*h.store;
     for i in 0..5 {
-        s.append_audit(&[audit_entry(None, "e", i)]).await.unwrap();
+        s.append_audit(&[audit_entry(None, AuditEvent::Dispatched, i)])
+            .await
+            .unwrap();
     }
     assert!(s.verify_audit().await.unwrap().ok);
     let n = h
@@ -1848,7 +1851,7 @@ pub async fn audit_detects_deleted_rows(h: &Harness) {
     let s = &*h.store;
     s.append_audit(
         &(0..4)
-            .map(|i| audit_entry(None, "e", i))
+            .map(|i| audit_entry(None, AuditEvent::Dispatched, i))
             .collect::<Vec<_>>(),
     )
     .await
@@ -1953,7 +1956,7 @@ pub async fn two_instances(a: Arc<dyn Store>, b: Arc<dyn Store>) {
                 }
             }
             for n in 0..5 {
-                s.append_audit(&[audit_entry(None, &owner, n)])
+                s.append_audit(&[audit_entry(None, AuditEvent::Dispatched, n)])
                     .await
                     .unwrap();
             }

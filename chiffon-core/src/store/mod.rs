@@ -263,14 +263,31 @@ pub(crate) fn lease_end(at: DateTime<Utc>, lease: Duration) -> DateTime<Utc> {
 /// Opens the store a URL names: `postgres://…`/`postgresql://…` or `sqlite://PATH`
 /// (the file and its folder are created). Migrations are applied.
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    connect_with(url, None).await
+}
+
+/// [`connect`], with the audit chain keyed by `audit_key` (`CHIFFON_AUDIT_KEY`) when given.
+pub async fn connect_with(
+    url: &str,
+    audit_key: Option<crate::audit::chain::AuditKey>,
+) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         #[cfg(feature = "postgres")]
-        return Ok(Arc::new(postgres::PgStore::connect(url).await?));
+        return Ok(Arc::new(
+            postgres::PgStore::connect(url)
+                .await?
+                .with_audit_key(audit_key),
+        ));
     }
     if url.starts_with("sqlite:") {
         #[cfg(feature = "sqlite")]
-        return Ok(Arc::new(sqlite::SqliteStore::connect(url).await?));
+        return Ok(Arc::new(
+            sqlite::SqliteStore::connect(url)
+                .await?
+                .with_audit_key(audit_key),
+        ));
     }
+    drop(audit_key);
     Err(StoreError::Unavailable(
         format!("unsupported database URL `{url}` (expected postgres://… or sqlite://PATH, with the matching feature)").into(),
     ))

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use chiffon_protocol::{ErrorPayload, Heartbeat, Resources};
 
 use super::{fits_budget, lease_end, preview_status_str, Store, StoreError, AGENT_TAKEOVER_AFTER};
-use crate::audit::chain;
+use crate::audit::chain::{self, AuditKey};
 use crate::model::*;
 
 /// The PostgreSQL schema (`migrations/postgres`), embedded.
@@ -58,6 +58,8 @@ macro_rules! audit_cols {
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Keys the audit chain (HMAC) when set.
+    audit_key: Option<AuditKey>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -67,6 +69,13 @@ impl std::fmt::Debug for PgStore {
 }
 
 impl PgStore {
+    /// Keys the audit chain with `key` (HMAC-SHA256): entries appended from now on are
+    /// keyed, and verification needs the key. See [`chain`].
+    pub fn with_audit_key(mut self, key: Option<AuditKey>) -> Self {
+        self.audit_key = key;
+        self
+    }
+
     /// Connects a pool to `postgres://…` and applies the migrations (sqlx takes an advisory
     /// lock, so instances starting together do not race).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
@@ -76,7 +85,10 @@ impl PgStore {
             .connect(url)
             .await
             .map_err(|e| StoreError::Unavailable(Box::new(e)))?;
-        let store = PgStore { pool };
+        let store = PgStore {
+            pool,
+            audit_key: None,
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -1169,13 +1181,22 @@ impl Store for PgStore {
         let mut out = Vec::with_capacity(entries.len());
         for (e, text) in entries.iter().zip(&texts) {
             seq += 1;
-            let hash = chain::entry_hash(&prev, seq, at, e.request_id, &e.actor, &e.event, text);
+            let hash = chain::entry_hash(
+                self.audit_key.as_ref(),
+                &prev,
+                seq,
+                at,
+                e.request_id,
+                &e.actor,
+                e.event.as_str(),
+                text,
+            );
             out.push(AuditEntry {
                 seq,
                 at,
                 request_id: e.request_id,
                 actor: e.actor.clone(),
-                event: e.event.clone(),
+                event: e.event.as_str().to_string(),
                 details: e.details.clone(),
                 prev_hash: std::mem::replace(&mut prev, hash.clone()),
                 hash,
@@ -1259,8 +1280,7 @@ impl Store for PgStore {
             .ok_or_else(|| StoreError::Corrupt("the audit head row is missing".into()))?;
         let head_seq: i64 = col(&head, "last_seq")?;
         let head_hash: String = col(&head, "last_hash")?;
-        let mut prev_seq = 0i64;
-        let mut prev_hash = chain::GENESIS.to_string();
+        let mut cursor = chain::ChainCursor::default();
         let mut checked = 0u64;
         let bad = |checked: u64, seq: i64, why: String| AuditVerification {
             ok: false,
@@ -1274,7 +1294,7 @@ impl Store for PgStore {
                 audit_cols!(),
                 " FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2"
             ))
-            .bind(prev_seq)
+            .bind(cursor.seq)
             .bind(VERIFY_PAGE)
             .fetch_all(&mut *tx)
             .await
@@ -1292,12 +1312,8 @@ impl Store for PgStore {
                 }
                 page.push(entry);
             }
-            match chain::verify_entries(prev_seq, prev_hash.clone(), &page) {
-                Ok((s, h)) => {
-                    checked += page.len() as u64;
-                    prev_seq = s;
-                    prev_hash = h;
-                }
+            match chain::verify_entries(self.audit_key.as_ref(), &mut cursor, &page) {
+                Ok(()) => checked += page.len() as u64,
                 Err((seq, why)) => {
                     let before = page.iter().take_while(|e| e.seq < seq).count() as u64;
                     return Ok(bad(checked + before, seq, why));
@@ -1308,24 +1324,24 @@ impl Store for PgStore {
             }
         }
         tx.commit().await.map_err(db_err)?;
-        if prev_seq < head_seq {
+        if cursor.seq < head_seq {
             return Ok(bad(
                 checked,
-                prev_seq + 1,
+                cursor.seq + 1,
                 format!(
                     "entries {}..={head_seq} were deleted (the chain's head is at {head_seq})",
-                    prev_seq + 1
+                    cursor.seq + 1
                 ),
             ));
         }
-        if prev_seq > head_seq {
+        if cursor.seq > head_seq {
             return Ok(bad(
                 checked,
                 head_seq + 1,
                 format!("entries after {head_seq} were added past the chain's head"),
             ));
         }
-        if prev_hash != head_hash {
+        if cursor.hash != head_hash {
             return Ok(bad(
                 checked,
                 head_seq,
