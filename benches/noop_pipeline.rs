@@ -214,27 +214,6 @@ async fn main() -> anyhow::Result<()> {
             done.status
         );
         seq_times.push(t.elapsed());
-        if std::env::var("BENCH_TRACE").is_ok() && i == sequential - 1 {
-            for e in engine.audit_log(Some(r.id), 0, 100).await? {
-                println!(
-                    "TRACE {} {} {}",
-                    ms((e.at - done.created_at).to_std().unwrap_or_default()),
-                    e.event,
-                    e.details
-                );
-            }
-            let steps = engine.store().steps(r.id).await?;
-            for st in steps {
-                println!(
-                    "TRACE step ready {:?} dispatched {:?} finished {:?}",
-                    st.ready_at, st.dispatched_at, st.finished_at
-                );
-            }
-            println!(
-                "TRACE created {} updated {}",
-                done.created_at, done.updated_at
-            );
-        }
     }
     seq_times.sort();
     let seq_p50 = seq_times[seq_times.len() / 2];

@@ -4,7 +4,7 @@
 //! `GitTrail`s and several processes write to one repository at once.
 
 use std::collections::{BTreeSet, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Barrier};
 
@@ -780,4 +780,55 @@ fn a_stale_lock_gives_a_clear_error_not_a_hang() {
         .unwrap();
     assert_eq!(commit_count(trail.path()), 2);
     assert_fsck_clean(trail.path());
+}
+
+/// What a pack index (v2) says its pack holds: the object count.
+fn pack_objects(idx: &Path) -> usize {
+    let bytes = std::fs::read(idx).unwrap();
+    assert_eq!(&bytes[..4], b"\xfftOc");
+    u32::from_be_bytes(bytes[1028..1032].try_into().unwrap()) as usize
+}
+
+/// A batch's pack holds what the batch wrote (a blob, three trees, a commit per record),
+/// not the whole tree again, and small packs are merged as they come: after many batches
+/// there are a handful of packs holding each object about once, so a batch's work does not
+/// grow with the trail's history. The merged repository is whole (`git fsck`) and every
+/// record is still found.
+#[test]
+fn packs_hold_each_batch_once_and_stay_few_as_history_grows() {
+    let (dir, trail) = new_trail();
+    let repo = dir.path().join("audit");
+    let mut ids = Vec::new();
+    let mut commits = HashSet::new();
+    for i in 0..300 {
+        let batch: Vec<RequestRecord> = (0..1 + i % 3)
+            .map(|_| record(Uuid::now_v7(), "deploy uptime kuma"))
+            .collect();
+        for (r, c) in batch.iter().zip(trail.commit_batch(&batch)) {
+            ids.push(r.id);
+            commits.insert(c.unwrap());
+        }
+    }
+    let packs: Vec<PathBuf> = std::fs::read_dir(repo.join("objects/pack"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "idx"))
+        .collect();
+    let objects: usize = packs.iter().map(|p| pack_objects(p)).sum();
+    // 600 records: at most 5 objects each (records in one shard share a shard tree).
+    assert!(
+        objects <= 5 * ids.len(),
+        "{objects} objects in {} packs for {} records: packs repeat objects",
+        packs.len(),
+        ids.len()
+    );
+    // Geometric: each pack at least twice all smaller ones, so about log2(objects) packs.
+    assert!(
+        packs.len() <= 14,
+        "{} packs after 300 batches: small packs are not merged",
+        packs.len()
+    );
+    assert_eq!(commit_count(&repo), ids.len());
+    assert_fsck_clean(&repo);
+    assert_all_present(&repo, &trail, &ids, &commits);
 }

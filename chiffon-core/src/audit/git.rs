@@ -408,6 +408,10 @@ impl GitTrail {
             .map_err(AuditError::git("committer signature"))?;
         // Records committed earlier in this batch: path → commit.
         let mut in_batch: std::collections::HashMap<&str, Oid> = Default::default();
+        // The objects this batch wrote (into memory): the pack holds these alone. (libgit2's
+        // own mempack dump packs each commit with its whole tree, every record ever
+        // written, so a batch cost grew with the trail's history.)
+        let mut written: Vec<Oid> = Vec::new();
         let mut out = Vec::with_capacity(prepared.len());
         let mut last = None;
         for p in prepared {
@@ -444,7 +448,7 @@ impl GitTrail {
                 });
                 continue;
             }
-            let tree_id = insert_record(&repo, tree.as_ref(), p.id, blob)?;
+            let tree_id = insert_record(&repo, tree.as_ref(), p.id, blob, &mut written)?;
             let new_tree = repo
                 .find_tree(tree_id)
                 .map_err(AuditError::git("read new tree"))?;
@@ -452,6 +456,7 @@ impl GitTrail {
             let commit = repo
                 .commit(None, &p.author, &committer, &p.message, &new_tree, &parents)
                 .map_err(AuditError::git("write commit"))?;
+            written.extend([blob, commit]);
             in_batch.insert(p.path.as_str(), commit);
             parent = Some(
                 repo.find_commit(commit)
@@ -466,44 +471,20 @@ impl GitTrail {
         };
         // Everything the batch made, as one pack on disk, synced before the branch names it.
         let mut pack = git2::Buf::new();
-        mempack
-            .dump(&repo, &mut pack)
-            .map_err(AuditError::git("pack the batch"))?;
-        let pack_dir = self.objects_dir(&repo).join("pack");
-        let before = list_files(&pack_dir);
-        let mut writer = odb
-            .packwriter()
-            .map_err(AuditError::git("write the batch's pack"))?;
-        std::io::Write::write_all(&mut writer, &pack).map_err(|e| AuditError::Git {
-            context: "write the batch's pack",
-            source: Box::new(e),
-        })?;
-        writer
-            .commit()
-            .map_err(AuditError::git("write the batch's pack"))?;
-        // Other writers' temporary files come and go in the same folder: only finished
-        // packs and indexes, and only those still there.
-        let after = list_files(&pack_dir);
-        for f in after.difference(&before).filter(|f| {
-            f.extension()
-                .is_some_and(|x| x == "pack" || x == "idx" || x == "rev")
-        }) {
-            match std::fs::File::open(f) {
-                Ok(file) => file.sync_all().map_err(|e| AuditError::Git {
-                    context: "fsync",
-                    source: Box::new(e),
-                })?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(AuditError::Git {
-                        context: "fsync",
-                        source: Box::new(e),
-                    }
-                    .into())
-                }
+        {
+            let mut builder = repo
+                .packbuilder()
+                .map_err(AuditError::git("pack the batch"))?;
+            for oid in &written {
+                builder
+                    .insert_object(*oid, None)
+                    .map_err(AuditError::git("pack the batch"))?;
             }
+            builder
+                .write_buf(&mut pack)
+                .map_err(AuditError::git("pack the batch"))?;
         }
-        sync_file(&pack_dir)?;
+        write_pack(&repo, &odb, &pack)?;
         mempack
             .reset()
             .map_err(AuditError::git("in-memory object store"))?;
@@ -520,11 +501,12 @@ impl GitTrail {
                 sync_file(dir)?;
             }
         }
+        // One pack per batch would make every later batch slower (a new object is looked
+        // for in every pack): small packs are merged as they come, geometrically.
+        if let Err(e) = merge_small_packs(&self.path) {
+            tracing::warn!(error = %e, "merging the audit trail's packs failed; the records are safe");
+        }
         Ok(out)
-    }
-
-    fn objects_dir(&self, repo: &Repository) -> PathBuf {
-        repo.path().join("objects")
     }
 
     /// The commit that wrote the record of request `id`, if the branch has it.
@@ -778,6 +760,163 @@ impl From<AuditError> for BatchError {
     }
 }
 
+/// Writes a pack through the object database (it indexes it) and fsyncs the new pack and
+/// index files and their folder, before anything names the objects in it.
+fn write_pack(repo: &Repository, odb: &git2::Odb<'_>, pack: &[u8]) -> Result<(), AuditError> {
+    let pack_dir = repo.path().join("objects").join("pack");
+    let before = list_files(&pack_dir);
+    let mut writer = odb
+        .packwriter()
+        .map_err(AuditError::git("write the batch's pack"))?;
+    std::io::Write::write_all(&mut writer, pack).map_err(|e| AuditError::Git {
+        context: "write the batch's pack",
+        source: Box::new(e),
+    })?;
+    writer
+        .commit()
+        .map_err(AuditError::git("write the batch's pack"))?;
+    // Other writers' temporary files come and go in the same folder: only finished packs
+    // and indexes, and only those still there.
+    let after = list_files(&pack_dir);
+    for f in after.difference(&before).filter(|f| {
+        f.extension()
+            .is_some_and(|x| x == "pack" || x == "idx" || x == "rev")
+    }) {
+        match std::fs::File::open(f) {
+            Ok(file) => file.sync_all().map_err(|e| AuditError::Git {
+                context: "fsync",
+                source: Box::new(e),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(AuditError::Git {
+                    context: "fsync",
+                    source: Box::new(e),
+                })
+            }
+        }
+    }
+    sync_file(&pack_dir)
+}
+
+/// Packs are merged once there are more than this many.
+const PACK_MERGE_ABOVE: usize = 4;
+
+/// How many objects a pack index (version 2, SHA-1) lists, and their ids when `ids`.
+fn pack_index(idx: &Path, ids: bool) -> std::io::Result<(usize, Vec<Oid>)> {
+    use std::io::Read;
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a v2 pack index");
+    let mut file = std::fs::File::open(idx)?;
+    let mut header = [0u8; 8 + 1024];
+    file.read_exact(&mut header)?;
+    if header[..4] != [0xff, b't', b'O', b'c'] || header[4..8] != [0, 0, 0, 2] {
+        return Err(bad());
+    }
+    let n = u32::from_be_bytes([header[1028], header[1029], header[1030], header[1031]]) as usize;
+    if !ids {
+        return Ok((n, Vec::new()));
+    }
+    let mut names = vec![0u8; n * 20];
+    file.read_exact(&mut names)?;
+    let ids = names
+        .chunks_exact(20)
+        .map(|c| Oid::from_bytes(c).map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    Ok((n, ids))
+}
+
+/// Geometric repacking (as `git repack --geometric=2`): with the packs sorted by object
+/// count, the smallest ones are merged into one until every pack holds at least twice the
+/// objects of all smaller packs together. Each object is rewritten O(log n) times over the
+/// trail's life, and a batch looks through O(log n) packs, so a commit's cost stays flat as
+/// history grows. The merged pack is written and synced before the packs it replaces are
+/// removed; a pack with a `.keep` file is left alone.
+fn merge_small_packs(path: &Path) -> Result<(), AuditError> {
+    let repo = Repository::open(path).map_err(AuditError::git("open repository"))?;
+    let pack_dir = repo.path().join("objects").join("pack");
+    let mut packs: Vec<(PathBuf, usize)> = Vec::new();
+    for idx in list_files(&pack_dir)
+        .into_iter()
+        .filter(|f| f.extension().is_some_and(|x| x == "idx"))
+    {
+        if idx.with_extension("keep").exists() {
+            continue;
+        }
+        match pack_index(&idx, false) {
+            Ok((n, _)) => packs.push((idx, n)),
+            // Removed by another process's merge meanwhile: it is in that merge.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(AuditError::Git {
+                    context: "read pack index",
+                    source: Box::new(e),
+                })
+            }
+        }
+    }
+    if packs.len() <= PACK_MERGE_ABOVE {
+        return Ok(());
+    }
+    packs.sort_by_key(|(_, n)| *n);
+    let mut split = 0;
+    let mut sum = 0usize;
+    for (i, (_, n)) in packs.iter().enumerate() {
+        if i > 0 && *n < 2 * sum {
+            split = i + 1;
+        }
+        sum += n;
+    }
+    if split < 2 {
+        return Ok(());
+    }
+    let merged = &packs[..split];
+    let mut builder = repo.packbuilder().map_err(AuditError::git("merge packs"))?;
+    for (idx, _) in merged {
+        let (_, ids) = match pack_index(idx, true) {
+            Ok(found) => found,
+            // Merged and removed by another process meanwhile: not ours to finish.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                return Err(AuditError::Git {
+                    context: "read pack index",
+                    source: Box::new(e),
+                })
+            }
+        };
+        for oid in ids {
+            builder
+                .insert_object(oid, None)
+                .map_err(AuditError::git("merge packs"))?;
+        }
+    }
+    let mut pack = git2::Buf::new();
+    builder
+        .write_buf(&mut pack)
+        .map_err(AuditError::git("merge packs"))?;
+    drop(builder);
+    let odb = repo
+        .odb()
+        .map_err(AuditError::git("open object database"))?;
+    write_pack(&repo, &odb, &pack)?;
+    // Every object of the merged packs is now in the new one, on disk: the old ones go,
+    // index first so that no reader finds a pack without its index.
+    for (idx, _) in merged {
+        for ext in ["idx", "pack", "rev"] {
+            match std::fs::remove_file(idx.with_extension(ext)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(AuditError::Git {
+                        context: "remove merged pack",
+                        source: Box::new(e),
+                    })
+                }
+            }
+        }
+    }
+    sync_file(&pack_dir)
+}
+
 fn list_files(dir: &Path) -> std::collections::HashSet<PathBuf> {
     std::fs::read_dir(dir)
         .map(|entries| entries.flatten().map(|e| e.path()).collect())
@@ -950,11 +1089,14 @@ fn entry_id(tree: &git2::Tree<'_>, path: &str) -> Result<Option<Oid>, AuditError
 
 /// A copy of `root` with `requests/ab/ID.json` set to `blob`; only the two folders on the
 /// path are rewritten, the other shards are shared with the parent.
+/// Writes the trees of `root` with the record `blob` added; returns the new root tree. The
+/// trees it writes are pushed onto `written`.
 fn insert_record(
     repo: &Repository,
     root: Option<&git2::Tree<'_>>,
     id: Uuid,
     blob: Oid,
+    written: &mut Vec<Oid>,
 ) -> Result<Oid, AuditError> {
     let id_text = id.hyphenated().to_string();
     let path = record_path(id);
@@ -988,7 +1130,9 @@ fn insert_record(
     const DIR: i32 = 0o040000;
     let shard_id = write(shard_tree.as_ref(), &format!("{id_text}.json"), blob, FILE)?;
     let requests_id = write(requests.as_ref(), shard, shard_id, DIR)?;
-    write(root, REQUESTS_DIR, requests_id, DIR)
+    let root_id = write(root, REQUESTS_DIR, requests_id, DIR)?;
+    written.extend([shard_id, requests_id, root_id]);
+    Ok(root_id)
 }
 
 /// The commit on the first-parent chain from `tip` that added `path`: the oldest commit in
