@@ -1,5 +1,6 @@
 //! The public operations of the engine and the lifecycle decisions they make.
 
+use super::gate;
 use crate::audit::AuditEvent;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -71,6 +72,9 @@ type AuditJob = (
 /// Most entries one group commit appends.
 const AUDIT_BATCH: usize = 512;
 
+/// Tries after the first while the database is unavailable (backoff 250 ms doubling to 8 s).
+const AUDIT_RETRIES: u32 = 7;
+
 /// Group commit for the audit log: concurrent callers' entries are appended in one
 /// transaction (the chain's head is locked once per batch, not once per decision), and each
 /// caller still waits until its entries are stored.
@@ -91,27 +95,26 @@ fn spawn_audit_appender(store: Arc<dyn Store>) -> tokio::sync::mpsc::Sender<Audi
             }
             let batch: Vec<NewAuditEntry> =
                 jobs.iter().flat_map(|(e, _)| e.iter().cloned()).collect();
-            // A database that is restarting is waited for (about 25 s in all): a decision
+            // A database that is restarting is waited for (up to about 24 s): a decision
             // already taken must reach the log. Only an outage is retried; if a commit
             // succeeded but its answer was lost, the retry appends the entries again (a
             // duplicate in the log rather than a decision missing from it).
-            let mut result = Err(String::new());
-            for delay_ms in [200u64, 800, 2_000, 4_000, 8_000, 10_000, 0] {
+            let backoff = crate::retry::Backoff {
+                initial: std::time::Duration::from_millis(250),
+                max: std::time::Duration::from_secs(8),
+            };
+            let mut retry = 0;
+            let result = loop {
                 match store.append_audit(&batch).await {
-                    Ok(_) => {
-                        result = Ok(());
-                        break;
+                    Ok(_) => break Ok(()),
+                    Err(e @ StoreError::Unavailable(_)) if retry < AUDIT_RETRIES => {
+                        retry += 1;
+                        tracing::warn!(error = %e, entries = batch.len(), retry, "audit append waits for the database");
+                        tokio::time::sleep(backoff.delay(retry)).await;
                     }
-                    Err(e @ StoreError::Unavailable(_)) if delay_ms > 0 => {
-                        tracing::warn!(error = %e, entries = batch.len(), "audit append waits for the database");
-                        tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
-                    }
-                    Err(e) => {
-                        result = Err(e.to_string());
-                        break;
-                    }
+                    Err(e) => break Err(e.to_string()),
                 }
-            }
+            };
             for (_, done) in jobs {
                 let _ = done.send(result.clone());
             }
@@ -536,24 +539,29 @@ impl Engine {
                 "summary": plan.summary,
             }),
         });
-        let policy = &self.inner.config.approval;
-        if let Some(limit) = policy.cost_limit_usd {
-            if plan.estimated_cost_usd > limit {
-                let msg = format!(
-                    "estimated cost ${:.4} is above the per-request limit ${limit:.4}",
-                    plan.estimated_cost_usd
-                );
+        match gate::after_planning(
+            &self.inner.config.approval,
+            &self.inner.catalog,
+            &request,
+            &plan,
+        ) {
+            gate::PlanGate::Reject {
+                actor,
+                code,
+                reason,
+                limit_usd,
+            } => {
                 audit.push(NewAuditEntry {
                     request_id: Some(request.id),
-                    actor: "policy:cost_limit".into(),
+                    actor: actor.clone(),
                     event: AuditEvent::Rejected,
-                    details: json!({ "reason": msg, "limit_usd": limit, "estimated_cost_usd": plan.estimated_cost_usd }),
+                    details: json!({ "reason": reason, "limit_usd": limit_usd, "estimated_cost_usd": plan.estimated_cost_usd }),
                 });
                 self.audit(audit).await;
                 let patch = RequestPatch {
                     plan: Some(plan),
-                    error: Some(ErrorPayload::new(ErrorCode::CostLimitExceeded, msg)),
-                    approver: Some("policy:cost_limit".into()),
+                    error: Some(ErrorPayload::new(code, reason)),
+                    approver: Some(actor),
                     ..Default::default()
                 };
                 self.set_status(
@@ -566,33 +574,34 @@ impl Engine {
                 .ok();
                 return;
             }
-        }
-        if let Some(rule) = self.auto_approval_rule(&request, &plan) {
-            audit.push(NewAuditEntry {
-                request_id: Some(request.id),
-                actor: format!("policy:{rule}"),
-                event: AuditEvent::AutoApproved,
-                details: json!({ "rule": rule, "estimated_cost_usd": plan.estimated_cost_usd }),
-            });
-            self.audit(audit).await;
-            let patch = RequestPatch {
-                plan: Some(plan),
-                approver: Some(format!("policy:{rule}")),
-                ..Default::default()
-            };
-            if self
-                .set_status(
-                    request.id,
-                    RequestStatus::Planning,
-                    RequestStatus::Queued,
-                    patch,
-                )
-                .await
-                .is_ok()
-            {
-                self.promote_next(request.id).await.ok();
+            gate::PlanGate::AutoApprove { rule } => {
+                audit.push(NewAuditEntry {
+                    request_id: Some(request.id),
+                    actor: format!("policy:{rule}"),
+                    event: AuditEvent::AutoApproved,
+                    details: json!({ "rule": rule, "estimated_cost_usd": plan.estimated_cost_usd }),
+                });
+                self.audit(audit).await;
+                let patch = RequestPatch {
+                    plan: Some(plan),
+                    approver: Some(format!("policy:{rule}")),
+                    ..Default::default()
+                };
+                if self
+                    .set_status(
+                        request.id,
+                        RequestStatus::Planning,
+                        RequestStatus::Queued,
+                        patch,
+                    )
+                    .await
+                    .is_ok()
+                {
+                    self.promote_next(request.id).await.ok();
+                }
+                return;
             }
-            return;
+            gate::PlanGate::AwaitApproval => {}
         }
         self.audit(audit).await;
         let patch = RequestPatch {
@@ -612,24 +621,6 @@ impl Engine {
         }
     }
 
-    /// The auto-approval rule that lets this plan skip the gate, if any.
-    fn auto_approval_rule(&self, request: &Request, plan: &Plan) -> Option<String> {
-        let policy = &self.inner.config.approval;
-        if request.dry_run && policy.dry_run_skips_approval {
-            return Some("dry_run".into());
-        }
-        let max = policy.auto_approve_max_cost_usd?;
-        let all_marked = plan.steps.iter().all(|s| {
-            self.inner
-                .catalog
-                .actions
-                .get(&s.action)
-                .is_some_and(|a| a.auto_approve)
-        });
-        (all_marked && plan.estimated_cost_usd <= max)
-            .then(|| format!("auto_approve_under_{max}_usd"))
-    }
-
     /// Approves a request awaiting approval; it is queued for dispatch.
     pub async fn approve(
         &self,
@@ -647,9 +638,7 @@ impl Engine {
         }
         // Authenticated identities are compared: the one that submitted the request (an
         // admin filing it "as bob" is still its submitter) and the requester it names.
-        if self.inner.config.approval.four_eyes
-            && (approver == request.submitted_by || approver == request.requester)
-        {
+        if !gate::may_approve(&self.inner.config.approval, &request, approver) {
             self.audit(vec![NewAuditEntry {
                 request_id: Some(id),
                 actor: approver.to_string(),
@@ -1492,8 +1481,22 @@ impl Engine {
         if lines.is_empty() {
             return;
         }
-        if let Err(e) = self.inner.store.append_logs(&lines).await {
-            tracing::warn!(error = %e, "execution log append failed");
+        let backoff = crate::retry::Backoff {
+            initial: std::time::Duration::from_millis(100),
+            max: std::time::Duration::from_secs(2),
+        };
+        for retry in 1..=4u32 {
+            match self.inner.store.append_logs(&lines).await {
+                Ok(()) => return,
+                // A busy or restarting database: the lines are worth a short wait.
+                Err(StoreError::Unavailable(_)) if retry < 4 => {
+                    tokio::time::sleep(backoff.delay(retry)).await
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, lines = lines.len(), "execution log append failed");
+                    return;
+                }
+            }
         }
     }
 }

@@ -14,6 +14,7 @@
 //! - Every decision is appended to the audit log.
 
 mod events;
+pub mod gate;
 mod lifecycle;
 mod planning;
 mod preview;

@@ -478,6 +478,16 @@ impl Engine {
             progress: Some(s.progress),
             message: message.clone(),
         }];
+        lines.extend(output.iter().map(|line| NewLogLine {
+            request_id: step.request_id,
+            task_id: Some(step.task_id),
+            at,
+            kind: "output".into(),
+            progress: None,
+            message: line.clone(),
+        }));
+        // Stored first, shown after: whoever sees a live line can read it from the log.
+        self.log_lines(lines).await;
         self.inner.events.publish(EngineEvent::Progress {
             request_id: step.request_id,
             task_id: step.task_id,
@@ -486,24 +496,15 @@ impl Engine {
             message,
             at,
         });
-        for line in &output {
-            lines.push(NewLogLine {
-                request_id: step.request_id,
-                task_id: Some(step.task_id),
-                at,
-                kind: "output".into(),
-                progress: None,
-                message: line.clone(),
-            });
+        for line in output {
             self.inner.events.publish(EngineEvent::Output {
                 request_id: step.request_id,
                 task_id: step.task_id,
                 seq: step.seq,
-                line: line.clone(),
+                line,
                 at,
             });
         }
-        self.log_lines(lines).await;
         Ok(())
     }
 
