@@ -233,13 +233,18 @@ async fn run_the_burst() -> Option<()> {
     let mut statuses: HashMap<RequestStatus, usize> = HashMap::new();
     let mut commits = std::collections::HashSet::new();
     for id in &ids {
-        let r = tokio::time::timeout(
+        let r = match tokio::time::timeout(
             Duration::from_secs(120),
             engine.wait_until(*id, &[RequestStatus::Completed]),
         )
         .await
-        .unwrap_or_else(|_| panic!("request {id} never ended"))
-        .unwrap();
+        {
+            Ok(r) => r.unwrap(),
+            Err(_) => {
+                let view = engine.get(*id).await;
+                panic!("request {id} never ended: {view:#?}");
+            }
+        };
         *statuses.entry(r.status).or_default() += 1;
         if let Some(c) = r.commit_id {
             commits.insert(c);

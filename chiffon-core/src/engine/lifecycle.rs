@@ -1353,7 +1353,7 @@ impl Engine {
         let (Some(git), Some(approver)) = (&self.inner.git, &request.approver) else {
             return None;
         };
-        let steps = match self.inner.store.steps(request.id).await {
+        let steps = match with_store_retry(|| self.inner.store.steps(request.id)).await {
             Ok(steps) => steps,
             Err(e) => return Some(Err(format!("cannot read the request's steps: {e}"))),
         };

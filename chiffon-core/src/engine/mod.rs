@@ -421,3 +421,27 @@ mod secs_opt {
         }
     }
 }
+
+/// Runs a store call again while the database is unavailable (a restart, a cut
+/// connection): up to 6 tries over about 6 s, with the shared backoff. Other errors, and
+/// the last unavailability, are returned.
+pub(crate) async fn with_store_retry<T, F, Fut>(mut call: F) -> Result<T, crate::store::StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::store::StoreError>>,
+{
+    let backoff = crate::retry::Backoff {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(3),
+    };
+    let mut retry = 0;
+    loop {
+        match call().await {
+            Err(crate::store::StoreError::Unavailable(_)) if retry < 5 => {
+                retry += 1;
+                tokio::time::sleep(backoff.delay(retry)).await;
+            }
+            other => return other,
+        }
+    }
+}

@@ -853,14 +853,23 @@ impl Engine {
         let mut dispatched = 0;
         let mut outgoing: Vec<Outgoing> = Vec::with_capacity(claimed);
         let topology = self.inner.transport.topology().clone();
+        // An error once a step is marked `dispatched` must not strand it, nor the steps
+        // marked before it: the loop stops, what is marked is published, then the error is
+        // returned.
+        let mut failure: Option<EngineError> = None;
         for step in steps {
             let request = match requests.get(&step.request_id) {
                 Some(r) => r.clone(),
-                None => {
-                    let r = self.get_request(step.request_id).await?;
-                    requests.insert(r.id, r.clone());
-                    r
-                }
+                None => match self.get_request(step.request_id).await {
+                    Ok(r) => {
+                        requests.insert(r.id, r.clone());
+                        r
+                    }
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                },
             };
             if !matches!(
                 request.status,
@@ -910,7 +919,10 @@ impl Engine {
                     }
                     None => {
                         blocked = true;
-                        self.inner.store.release_step(step.task_id, owner).await?;
+                        if let Err(e) = self.inner.store.release_step(step.task_id, owner).await {
+                            failure = Some(e.into());
+                            break;
+                        }
                         continue;
                     }
                 }
@@ -948,13 +960,36 @@ impl Engine {
             {
                 Ok(_) => {}
                 Err(StoreError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    failure = Some(e.into());
+                    break;
+                }
             }
             if let Some(user) = &bound_user {
-                self.inner
+                if let Err(e) = self
+                    .inner
                     .store
                     .bind_step_publisher(step.task_id, attempt, user)
-                    .await?;
+                    .await
+                {
+                    // Never published unbound to an agent's own queue: back to ready.
+                    let back = StepPatch {
+                        not_before: Some(Utc::now() + chrono::TimeDelta::seconds(1)),
+                        ready_at: Some(now),
+                        ..Default::default()
+                    };
+                    let _ = crate::engine::with_store_retry(|| {
+                        self.inner.store.update_step(
+                            step.task_id,
+                            &[StepStatus::Dispatched],
+                            StepStatus::Ready,
+                            &back,
+                        )
+                    })
+                    .await;
+                    failure = Some(e.into());
+                    break;
+                }
             }
             if request.status == RequestStatus::Queued {
                 match self
@@ -970,7 +1005,11 @@ impl Engine {
                         requests.insert(r.id, r);
                     }
                     Err(EngineError::Store(StoreError::Conflict { .. })) => {}
-                    Err(e) => return Err(e),
+                    // The step is marked: it is published whatever the request's status
+                    // says (a result ends a `queued` request as well as a `running` one).
+                    Err(e) => {
+                        tracing::warn!(error = %e, request = %request.id, "could not mark the request running; its step is dispatched anyway")
+                    }
                 }
             }
             let work = WorkRequest {
@@ -1022,17 +1061,25 @@ impl Engine {
                     ready_at: Some(now),
                     ..Default::default()
                 };
-                let _ = self
-                    .inner
-                    .store
-                    .update_step(
+                // The broker and the database often fail together: the step must not stay
+                // `dispatched` with no message anywhere (only its timeout would free it).
+                let reverted = crate::engine::with_store_retry(|| {
+                    self.inner.store.update_step(
                         step.task_id,
                         &[StepStatus::Dispatched],
                         StepStatus::Ready,
                         &back,
                     )
-                    .await;
-                tracing::warn!(error = %e, task = %step.task_id, "dispatch publish failed; will retry");
+                })
+                .await;
+                match reverted {
+                    Ok(_) | Err(StoreError::Conflict { .. }) => {
+                        tracing::warn!(error = %e, task = %step.task_id, "dispatch publish failed; will retry")
+                    }
+                    Err(store) => {
+                        tracing::error!(error = %e, %store, task = %step.task_id, "dispatch publish failed and the step could not be made ready again; its timeout will retry it")
+                    }
+                }
                 continue;
             }
             dispatched += 1;
@@ -1064,7 +1111,10 @@ impl Engine {
             });
         }
         self.audit(audit).await;
-        Ok((claimed, dispatched))
+        match failure {
+            Some(e) => Err(e),
+            None => Ok((claimed, dispatched)),
+        }
     }
 
     /// Publishes to a queue, declaring it first (once per process) so a direct exchange
