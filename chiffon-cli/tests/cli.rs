@@ -264,6 +264,22 @@ fn local_dir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
 
+/// Writes `chiffon.toml` in `dir` (the fixture catalog, an audit repository and a SQLite
+/// database in `dir`, the offline planner only) and returns its path.
+fn offline_config(dir: &Path) -> String {
+    std::fs::write(
+        dir.join("chiffon.toml"),
+        format!(
+            "playbooks = {:?}\naudit_repo = {:?}\ndatabase_url = {:?}\n[llm]\norder = [\"offline\"]\n",
+            fixture_catalog().display().to_string(),
+            dir.join("audit").display().to_string(),
+            format!("sqlite://{}", dir.join("chiffon.db").display()),
+        ),
+    )
+    .unwrap();
+    dir.join("chiffon.toml").display().to_string()
+}
+
 fn local_args(dir: &Path, rest: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
     let db = format!("sqlite://{}", dir.join("chiffon.db").display());
@@ -278,18 +294,7 @@ fn local_args(dir: &Path, rest: &[&str]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_yes_executes_with_the_offline_planner_and_audit_verifies() {
     let dir = local_dir();
-    let catalog = fixture_catalog();
-    std::fs::write(
-        dir.path().join("chiffon.toml"),
-        format!(
-            "playbooks = {:?}\naudit_repo = {:?}\ndatabase_url = {:?}\n[llm]\norder = [\"offline\"]\n",
-            catalog.display().to_string(),
-            dir.path().join("audit").display().to_string(),
-            format!("sqlite://{}", dir.path().join("chiffon.db").display()),
-        ),
-    )
-    .unwrap();
-    let config = dir.path().join("chiffon.toml").display().to_string();
+    let config = offline_config(dir.path());
 
     // Not on a terminal and no --yes: refused before anything happens.
     let o = chiffon(
@@ -394,18 +399,7 @@ async fn run_yes_executes_with_the_offline_planner_and_audit_verifies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_key_keys_the_chain_and_verify_needs_it() {
     let dir = local_dir();
-    let catalog = fixture_catalog();
-    std::fs::write(
-        dir.path().join("chiffon.toml"),
-        format!(
-            "playbooks = {:?}\naudit_repo = {:?}\ndatabase_url = {:?}\n[llm]\norder = [\"offline\"]\n",
-            catalog.display().to_string(),
-            dir.path().join("audit").display().to_string(),
-            format!("sqlite://{}", dir.path().join("chiffon.db").display()),
-        ),
-    )
-    .unwrap();
-    let config = dir.path().join("chiffon.toml").display().to_string();
+    let config = offline_config(dir.path());
     let key = "audit-key-kept-elsewhere-0123";
     let o = chiffon_env(
         vec![

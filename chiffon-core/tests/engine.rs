@@ -269,6 +269,34 @@ async fn start_engine(
     engine
 }
 
+/// Submits `ok_action` as alice, waits for its plan, approves it as bob and waits until it
+/// completed (20 s each).
+async fn ok_action_approved_and_completed(engine: &Engine) -> Request {
+    let r = engine
+        .submit(SubmitRequest {
+            text: "ok_action".into(),
+            requester: Some("alice".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        engine.wait_until(r.id, &[RequestStatus::AwaitingApproval]),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    engine.approve(r.id, "bob", None).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        engine.wait_until(r.id, &[RequestStatus::Completed]),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+}
+
 async fn harness(backend: &str, with_agent: bool, config: EngineConfig) -> Option<Harness> {
     let (store, transport, guard): (
         Arc<dyn Store>,
@@ -1769,29 +1797,7 @@ async fn audit_verify_catches_a_rechained_or_emptied_log(backend: &str) {
     let _agent = MockAgent::spawn(transport.clone(), stop.clone());
     let mut ids = Vec::new();
     for _ in 0..2 {
-        let r = engine
-            .submit(SubmitRequest {
-                text: "ok_action".into(),
-                requester: Some("alice".into()),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        tokio::time::timeout(
-            Duration::from_secs(20),
-            engine.wait_until(r.id, &[RequestStatus::AwaitingApproval]),
-        )
-        .await
-        .unwrap()
-        .unwrap();
-        engine.approve(r.id, "bob", None).await.unwrap();
-        tokio::time::timeout(
-            Duration::from_secs(20),
-            engine.wait_until(r.id, &[RequestStatus::Completed]),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        let r = ok_action_approved_and_completed(&engine).await;
         ids.push(r.id);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1907,29 +1913,7 @@ async fn a_keyed_chain_catches_a_rewrite_after_the_newest_anchor(backend: &str) 
     )
     .await;
     let _agent = MockAgent::spawn(transport.clone(), stop.clone());
-    let r = engine
-        .submit(SubmitRequest {
-            text: "ok_action".into(),
-            requester: Some("alice".into()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    tokio::time::timeout(
-        Duration::from_secs(20),
-        engine.wait_until(r.id, &[RequestStatus::AwaitingApproval]),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    engine.approve(r.id, "bob", None).await.unwrap();
-    tokio::time::timeout(
-        Duration::from_secs(20),
-        engine.wait_until(r.id, &[RequestStatus::Completed]),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let r = ok_action_approved_and_completed(&engine).await;
     // Wait for the git writer's commit and its "committed" entry.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {

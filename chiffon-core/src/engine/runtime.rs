@@ -973,20 +973,9 @@ impl Engine {
                     .await
                 {
                     // Never published unbound to an agent's own queue: back to ready.
-                    let back = StepPatch {
-                        not_before: Some(Utc::now() + chrono::TimeDelta::seconds(1)),
-                        ready_at: Some(now),
-                        ..Default::default()
-                    };
-                    let _ = crate::engine::with_store_retry(|| {
-                        self.inner.store.update_step(
-                            step.task_id,
-                            &[StepStatus::Dispatched],
-                            StepStatus::Ready,
-                            &back,
-                        )
-                    })
-                    .await;
+                    if let Err(store) = self.unmark_dispatched(step.task_id, now).await {
+                        tracing::error!(%store, task = %step.task_id, "a step could not be made ready again; its timeout will retry it");
+                    }
                     failure = Some(e.into());
                     break;
                 }
@@ -1056,24 +1045,8 @@ impl Engine {
             } = o;
             if let Err(e) = sent {
                 // Not published: make it ready again (the attempt stays counted).
-                let back = StepPatch {
-                    not_before: Some(Utc::now() + chrono::TimeDelta::seconds(1)),
-                    ready_at: Some(now),
-                    ..Default::default()
-                };
-                // The broker and the database often fail together: the step must not stay
-                // `dispatched` with no message anywhere (only its timeout would free it).
-                let reverted = crate::engine::with_store_retry(|| {
-                    self.inner.store.update_step(
-                        step.task_id,
-                        &[StepStatus::Dispatched],
-                        StepStatus::Ready,
-                        &back,
-                    )
-                })
-                .await;
-                match reverted {
-                    Ok(_) | Err(StoreError::Conflict { .. }) => {
+                match self.unmark_dispatched(step.task_id, now).await {
+                    Ok(()) => {
                         tracing::warn!(error = %e, task = %step.task_id, "dispatch publish failed; will retry")
                     }
                     Err(store) => {
@@ -1114,6 +1087,35 @@ impl Engine {
         match failure {
             Some(e) => Err(e),
             None => Ok((claimed, dispatched)),
+        }
+    }
+
+    /// Makes a step marked `dispatched` but never published `ready` again (after a second;
+    /// the attempt stays counted). The broker and the database often fail together, so an
+    /// outage is retried: the step must not stay `dispatched` with no message anywhere
+    /// (only its timeout would free it). Someone else having moved it on is fine.
+    async fn unmark_dispatched(
+        &self,
+        task_id: Uuid,
+        ready_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let back = StepPatch {
+            not_before: Some(Utc::now() + chrono::TimeDelta::seconds(1)),
+            ready_at: Some(ready_at),
+            ..Default::default()
+        };
+        match crate::engine::with_store_retry(|| {
+            self.inner.store.update_step(
+                task_id,
+                &[StepStatus::Dispatched],
+                StepStatus::Ready,
+                &back,
+            )
+        })
+        .await
+        {
+            Ok(_) | Err(StoreError::Conflict { .. }) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
