@@ -1,6 +1,7 @@
 //! The `Store` trait: everything the engine persists, behind one mockable boundary.
 //!
-//! Two implementations with the same behaviour, checked by one conformance suite
+//! Two implementations with the same behaviour, written once (`store/sql.rs`: the statements,
+//! over a small dialect per database) and checked by one conformance suite
 //! ([`conformance`], behind the `test-utils` feature):
 //! - [`postgres::PgStore`] (feature `postgres`): the production store; several orchestrator
 //!   instances may share one database.
@@ -22,6 +23,10 @@ use crate::model::*;
 
 #[cfg(feature = "test-utils")]
 pub mod conformance;
+// The one SQL implementation both backends expand (its macros must come first).
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[macro_use]
+mod sql;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "sqlite")]
