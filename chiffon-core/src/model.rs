@@ -199,6 +199,10 @@ pub struct RequestPatch {
     pub approval_comment: Option<String>,
     pub error: Option<ErrorPayload>,
     pub commit_id: Option<String>,
+    /// Audit entries for the decision this change records, appended to the audit log in the
+    /// same transaction: the change and its entries are stored together or not at all (a
+    /// change that loses its race leaves no entry behind).
+    pub audit: Vec<NewAuditEntry>,
 }
 
 /// Filter for [`crate::store::Store::list_requests`]; newest first.

@@ -471,12 +471,12 @@ impl Engine {
                     event: AuditEvent::PlanFailed,
                     details: json!({ "code": f.code.code(), "message": f.message, "details": f.details }),
                 });
-                self.audit(audit).await;
                 let patch = RequestPatch {
                     error: Some(ErrorPayload {
                         details: f.details,
                         ..ErrorPayload::new(f.code, f.message)
                     }),
+                    audit,
                     ..Default::default()
                 };
                 self.set_status(
@@ -510,10 +510,10 @@ impl Engine {
                     event: AuditEvent::PlanFailed,
                     details: json!({ "code": ErrorCode::ActionNotSupported.code(), "message": msg }),
                 });
-                self.audit(audit).await;
                 let patch = RequestPatch {
                     plan: Some(plan),
                     error: Some(ErrorPayload::new(ErrorCode::ActionNotSupported, msg)),
+                    audit,
                     ..Default::default()
                 };
                 self.set_status(
@@ -557,11 +557,11 @@ impl Engine {
                     event: AuditEvent::Rejected,
                     details: json!({ "reason": reason, "limit_usd": limit_usd, "estimated_cost_usd": plan.estimated_cost_usd }),
                 });
-                self.audit(audit).await;
                 let patch = RequestPatch {
                     plan: Some(plan),
                     error: Some(ErrorPayload::new(code, reason)),
                     approver: Some(actor),
+                    audit,
                     ..Default::default()
                 };
                 self.set_status(
@@ -581,10 +581,10 @@ impl Engine {
                     event: AuditEvent::AutoApproved,
                     details: json!({ "rule": rule, "estimated_cost_usd": plan.estimated_cost_usd }),
                 });
-                self.audit(audit).await;
                 let patch = RequestPatch {
                     plan: Some(plan),
                     approver: Some(format!("policy:{rule}")),
+                    audit,
                     ..Default::default()
                 };
                 if self
@@ -603,9 +603,9 @@ impl Engine {
             }
             gate::PlanGate::AwaitApproval => {}
         }
-        self.audit(audit).await;
         let patch = RequestPatch {
             plan: Some(plan),
+            audit,
             ..Default::default()
         };
         if let Ok(waiting) = self
@@ -658,6 +658,12 @@ impl Engine {
         let patch = RequestPatch {
             approver: Some(approver.to_string()),
             approval_comment: comment.clone(),
+            audit: vec![NewAuditEntry {
+                request_id: Some(id),
+                actor: approver.to_string(),
+                event: AuditEvent::Approved,
+                details: json!({ "comment": comment }),
+            }],
             ..Default::default()
         };
         let updated = self
@@ -669,13 +675,6 @@ impl Engine {
                 "approve",
             )
             .await?;
-        self.audit(vec![NewAuditEntry {
-            request_id: Some(id),
-            actor: approver.to_string(),
-            event: AuditEvent::Approved,
-            details: json!({ "comment": comment }),
-        }])
-        .await;
         self.promote_next(id).await?;
         Ok(updated)
     }
@@ -690,6 +689,12 @@ impl Engine {
         let patch = RequestPatch {
             approver: Some(approver.to_string()),
             approval_comment: comment.clone(),
+            audit: vec![NewAuditEntry {
+                request_id: Some(id),
+                actor: approver.to_string(),
+                event: AuditEvent::Rejected,
+                details: json!({ "comment": comment }),
+            }],
             ..Default::default()
         };
         let updated = self
@@ -701,13 +706,6 @@ impl Engine {
                 "reject",
             )
             .await?;
-        self.audit(vec![NewAuditEntry {
-            request_id: Some(id),
-            actor: approver.to_string(),
-            event: AuditEvent::Rejected,
-            details: json!({ "comment": comment }),
-        }])
-        .await;
         Ok(updated)
     }
 
@@ -1214,6 +1212,12 @@ impl Engine {
         if let Some(e) = patch.error.as_mut() {
             self.inner.config.redactor.redact_error(e);
         }
+        // ...nor an audit entry.
+        patch.audit = self
+            .inner
+            .config
+            .redactor
+            .redact_audit(std::mem::take(&mut patch.audit));
         let updated = self.inner.store.transition(id, from, to, &patch).await?;
         // No receiver (no notifier configured) is fine.
         let _ = self.inner.status_changes.send(updated.clone());
@@ -1301,18 +1305,6 @@ impl Engine {
         }
         let from = request.status;
         let commit = self.commit_record(&request, to, error.as_ref()).await;
-        let patch = RequestPatch {
-            error: error.clone(),
-            commit_id: commit
-                .as_ref()
-                .and_then(|c| c.as_ref().ok().map(|(c, _)| c.clone())),
-            ..Default::default()
-        };
-        match self.set_status(id, from, to, patch).await {
-            Ok(_) => {}
-            Err(EngineError::Store(StoreError::Conflict { .. })) => return Ok(()),
-            Err(e) => return Err(e),
-        }
         let mut audit = vec![NewAuditEntry {
             request_id: Some(id),
             actor: "engine".into(),
@@ -1322,7 +1314,7 @@ impl Engine {
                 None => json!({}),
             },
         }];
-        match commit {
+        match &commit {
             Some(Ok((c, digest))) => audit.push(NewAuditEntry {
                 request_id: Some(id),
                 actor: "engine".into(),
@@ -1337,8 +1329,20 @@ impl Engine {
             }),
             None => {}
         }
-        self.audit(audit).await;
-        Ok(())
+        let patch = RequestPatch {
+            error: error.clone(),
+            commit_id: commit
+                .as_ref()
+                .and_then(|c| c.as_ref().ok().map(|(c, _)| c.clone())),
+            audit,
+            ..Default::default()
+        };
+        // The end, its commit and their audit entries are stored together; a lost race
+        // (another instance finished it) stores none of them twice.
+        match self.set_status(id, from, to, patch).await {
+            Ok(_) | Err(EngineError::Store(StoreError::Conflict { .. })) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Writes the git audit record of an approved request ending in `to`. `None` when the

@@ -1158,26 +1158,23 @@ impl Engine {
                 let msg = format!("no approval within {} s", expire.as_secs());
                 let patch = RequestPatch {
                     error: Some(ErrorPayload::new(ErrorCode::ApprovalExpired, msg.clone())),
+                    audit: vec![NewAuditEntry {
+                        request_id: Some(r.id),
+                        actor: "policy:approval_timeout".into(),
+                        event: AuditEvent::Rejected,
+                        details: json!({ "reason": msg, "code": ErrorCode::ApprovalExpired.code() }),
+                    }],
                     ..Default::default()
                 };
-                if self
+                // A lost race (approved meanwhile) stores neither the change nor its entry.
+                let _ = self
                     .set_status(
                         r.id,
                         RequestStatus::AwaitingApproval,
                         RequestStatus::Rejected,
                         patch,
                     )
-                    .await
-                    .is_ok()
-                {
-                    self.audit(vec![NewAuditEntry {
-                        request_id: Some(r.id),
-                        actor: "policy:approval_timeout".into(),
-                        event: AuditEvent::Rejected,
-                        details: json!({ "reason": msg, "code": ErrorCode::ApprovalExpired.code() }),
-                    }])
                     .await;
-                }
             }
         }
         // Planning interrupted by a crash (or a lost instance): its lease lapsed, so plan it

@@ -90,6 +90,7 @@ macro_rules! store_conformance_tests {
             illegal_transition,
             lost_race_conflict,
             transition_is_atomic,
+            transition_stores_its_audit_entries,
             concurrent_transitions,
             not_found,
             list_filter_order,
@@ -498,6 +499,89 @@ pub async fn transition_is_atomic(h: &Harness) {
     }
     assert_eq!(s.get_request(r.id).await.unwrap(), queued);
     assert_eq!(s.steps(r.id).await.unwrap().len(), 3);
+}
+
+/// A transition's audit entries are stored with it or not at all: concurrent transitions
+/// of one request leave exactly the winner's entries, chained, and a transition rolled
+/// back (its steps could not be written) leaves none.
+pub async fn transition_stores_its_audit_entries(h: &Harness) {
+    let s = &h.store;
+    let r = s.create_request(&new_request("x")).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..6u32 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let patch = RequestPatch {
+                plan: Some(plan(2)),
+                audit: vec![
+                    audit_entry(Some(r.id), AuditEvent::Planned, u64::from(i)),
+                    audit_entry(Some(r.id), AuditEvent::AutoApproved, u64::from(i)),
+                ],
+                ..Default::default()
+            };
+            s.transition(r.id, RequestStatus::Planning, RequestStatus::Queued, &patch)
+                .await
+                .map(|_| i)
+        }));
+    }
+    let mut winners = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(i) => winners.push(i),
+            Err(StoreError::Conflict { .. }) => {}
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one transition wins");
+    let entries = s.audit_log(Some(r.id), 0, 100).await.unwrap();
+    let events: Vec<&str> = entries.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(
+        events,
+        ["planned", "auto_approved"],
+        "only the winner's entries"
+    );
+    for e in &entries {
+        assert_eq!(e.details["n"], json!(winners[0]), "{e:?}");
+    }
+    // Rolled back: the status changes, but the plan's steps collide with the stored ones.
+    let rolled_back = RequestPatch {
+        plan: Some(plan(1)),
+        audit: vec![audit_entry(Some(r.id), AuditEvent::Cancelled, 99)],
+        ..Default::default()
+    };
+    assert!(s
+        .transition(
+            r.id,
+            RequestStatus::Queued,
+            RequestStatus::Running,
+            &rolled_back
+        )
+        .await
+        .is_err());
+    assert_eq!(
+        s.get_request(r.id).await.unwrap().status,
+        RequestStatus::Queued
+    );
+    assert_eq!(s.audit_log(Some(r.id), 0, 100).await.unwrap().len(), 2);
+    // Without a plan: the change and its entry, in one transaction.
+    let cancel = RequestPatch {
+        audit: vec![audit_entry(Some(r.id), AuditEvent::Cancelled, 7)],
+        ..Default::default()
+    };
+    s.transition(
+        r.id,
+        RequestStatus::Queued,
+        RequestStatus::Cancelled,
+        &cancel,
+    )
+    .await
+    .unwrap();
+    let entries = s.audit_log(Some(r.id), 0, 100).await.unwrap();
+    assert_eq!(entries.len(), 3);
+    assert_eq!(entries[2].event, AuditEvent::Cancelled);
+    let v = s.verify_audit().await.unwrap();
+    assert!(v.ok, "{v:?}");
+    assert_eq!(v.entries_checked, 3);
 }
 
 pub async fn concurrent_transitions(h: &Harness) {

@@ -249,6 +249,57 @@ macro_rules! sql_store {
                 Ok(r.rows_affected())
             }
 
+            /// Appends `entries` to the audit chain inside `tx`. The head row's lock (or
+            /// SQLite's write lock), held to commit, keeps concurrent appenders (other
+            /// connections or instances) from forking the chain.
+            async fn append_audit_in(
+                &self,
+                tx: &mut sqlx::Transaction<'static, $Db>,
+                entries: &[NewAuditEntry],
+            ) -> Result<Vec<AuditEntry>, StoreError> {
+                let texts = details_texts(entries)?;
+                let head = sqlx::query(concat!(
+                    "SELECT last_seq, last_hash FROM audit_head WHERE id = 1",
+                    $for_update
+                ))
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(db_err)?
+                .ok_or_else(|| StoreError::Corrupt("the audit head row is missing".into()))?;
+                let (out, seq, prev) = chain_entries(
+                    self.audit_key.as_ref(),
+                    (col(&head, "last_seq")?, col(&head, "last_hash")?),
+                    entries,
+                    &texts,
+                    now(),
+                );
+                for (chunk, texts) in out.chunks(INSERT_CHUNK).zip(texts.chunks(INSERT_CHUNK)) {
+                    let mut q = QueryBuilder::<$Db>::new(concat!(
+                        "INSERT INTO audit_log (",
+                        audit_cols!(),
+                        ") "
+                    ));
+                    q.push_values(chunk.iter().zip(texts), |mut b, (e, text)| {
+                        b.push_bind(e.seq)
+                            .push_bind(ts(e.at))
+                            .push_bind(e.request_id)
+                            .push_bind(&e.actor)
+                            .push_bind(&e.event)
+                            .push_bind(text)
+                            .push_bind(&e.prev_hash)
+                            .push_bind(&e.hash);
+                    });
+                    q.build().execute(&mut **tx).await.map_err(db_err)?;
+                }
+                sqlx::query("UPDATE audit_head SET last_seq = $1, last_hash = $2 WHERE id = 1")
+                    .bind(seq)
+                    .bind(&prev)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db_err)?;
+                Ok(out)
+            }
+
             async fn step_status(&self, task_id: Uuid) -> Result<Option<String>, StoreError> {
                 sqlx::query_scalar("SELECT status FROM plan_steps WHERE task_id = $1")
                     .bind(task_id)
@@ -469,10 +520,12 @@ macro_rules! sql_store {
                         current: None,
                     });
                 }
-                // One statement is atomic by itself: a transaction only when steps go in with it.
-                let mut tx = match patch.plan {
-                    Some(_) => Some(self.pool.begin_with(BEGIN_WRITE).await.map_err(db_err)?),
-                    None => None,
+                // One statement is atomic by itself: a transaction only when steps or audit entries
+                // go in with it.
+                let mut tx = if patch.plan.is_some() || !patch.audit.is_empty() {
+                    Some(self.pool.begin_with(BEGIN_WRITE).await.map_err(db_err)?)
+                } else {
+                    None
                 };
                 let update = sqlx::query(concat!(
                     "UPDATE tasks SET status = $1, updated_at = $2, plan = COALESCE($3, plan), \
@@ -540,7 +593,10 @@ macro_rules! sql_store {
                     }
                 }
                 let req = request_from_row(&row)?;
-                if let Some(tx) = tx {
+                if let Some(mut tx) = tx {
+                    if !patch.audit.is_empty() {
+                        self.append_audit_in(&mut tx, &patch.audit).await?;
+                    }
                     tx.commit().await.map_err(db_err)?;
                 }
                 Ok(req)
@@ -1226,49 +1282,8 @@ macro_rules! sql_store {
                 if entries.is_empty() {
                     return Ok(Vec::new());
                 }
-                let texts = details_texts(entries)?;
-                // The head row's lock, held to commit, is what keeps concurrent appenders (other
-                // connections or instances) from forking the chain.
                 let mut tx = self.pool.begin_with(BEGIN_WRITE).await.map_err(db_err)?;
-                let head = sqlx::query(concat!(
-                    "SELECT last_seq, last_hash FROM audit_head WHERE id = 1",
-                    $for_update
-                ))
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_err)?
-                .ok_or_else(|| StoreError::Corrupt("the audit head row is missing".into()))?;
-                let (out, seq, prev) = chain_entries(
-                    self.audit_key.as_ref(),
-                    (col(&head, "last_seq")?, col(&head, "last_hash")?),
-                    entries,
-                    &texts,
-                    now(),
-                );
-                for (chunk, texts) in out.chunks(INSERT_CHUNK).zip(texts.chunks(INSERT_CHUNK)) {
-                    let mut q = QueryBuilder::<$Db>::new(concat!(
-                        "INSERT INTO audit_log (",
-                        audit_cols!(),
-                        ") "
-                    ));
-                    q.push_values(chunk.iter().zip(texts), |mut b, (e, text)| {
-                        b.push_bind(e.seq)
-                            .push_bind(ts(e.at))
-                            .push_bind(e.request_id)
-                            .push_bind(&e.actor)
-                            .push_bind(&e.event)
-                            .push_bind(text)
-                            .push_bind(&e.prev_hash)
-                            .push_bind(&e.hash);
-                    });
-                    q.build().execute(&mut *tx).await.map_err(db_err)?;
-                }
-                sqlx::query("UPDATE audit_head SET last_seq = $1, last_hash = $2 WHERE id = 1")
-                    .bind(seq)
-                    .bind(&prev)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_err)?;
+                let out = self.append_audit_in(&mut tx, entries).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(out)
             }
