@@ -3,7 +3,6 @@
 
 mod llm_support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use chiffon_core::llm::*;
@@ -272,86 +271,6 @@ async fn retries_are_bounded_and_skip_permanent_errors() {
         .await
         .unwrap_err();
     assert_eq!(s.hits(), 1, "a permanent error is not retried");
-}
-
-#[tokio::test]
-async fn server_error_falls_back_to_the_next_provider() {
-    let bad = MockLlm::start(
-        Wire::OpenAi,
-        vec![Reply::error(Wire::OpenAi, 500, "server_error", "boom")],
-    )
-    .await;
-    let good = MockLlm::start(
-        Wire::Ollama,
-        vec![Reply::text(Wire::Ollama, "from ollama", 5, 5)],
-    )
-    .await;
-    let f = Fallback::new(vec![
-        Arc::new(Retry::new(openai(&bad.base_url()), quick_retry(2))),
-        Arc::new(ollama(&good.base_url())),
-    ]);
-    let mut events = Vec::new();
-    let a = f
-        .complete_with(&request(), |c| Ok(c.text.clone()), &mut events)
-        .await
-        .unwrap();
-    assert_eq!(a.value, "from ollama");
-    assert_eq!(a.provider, "ollama");
-    assert_eq!(bad.hits(), 2);
-    assert_eq!(events.len(), 1);
-    assert_eq!(events[0].provider, "openai");
-    assert_eq!(events[0].code, ErrorCode::LlmUnavailable);
-    assert!(events[0].reason.contains("500"), "{}", events[0].reason);
-
-    // As a plain provider too.
-    assert_eq!(f.complete(request()).await.unwrap().text, "from ollama");
-
-    // All down: the last error, and one event per provider.
-    let f = Fallback::new(vec![
-        Arc::new(openai(&bad.base_url())),
-        Arc::new(ollama(&dead_url().await)),
-    ]);
-    let mut events = Vec::new();
-    let e = f
-        .complete_with(&request(), |c| Ok(c.text.clone()), &mut events)
-        .await
-        .unwrap_err();
-    assert!(matches!(e, LlmError::Connect(_)));
-    assert_eq!(events.len(), 2);
-}
-
-#[tokio::test]
-async fn rejected_answers_fall_back_and_count_as_failures() {
-    let first = MockLlm::start(
-        Wire::Anthropic,
-        vec![Reply::text(Wire::Anthropic, "not json", 5, 5)],
-    )
-    .await;
-    let second = MockLlm::start(Wire::OpenAi, vec![Reply::text(Wire::OpenAi, "{}", 5, 5)]).await;
-    let breaker = Arc::new(CircuitBreaker::new(
-        anthropic(&first.base_url()),
-        CircuitConfig {
-            failure_threshold: 1,
-            cooldown_ms: 60_000,
-        },
-    ));
-    let f = Fallback::new(vec![breaker.clone(), Arc::new(openai(&second.base_url()))]);
-    let accept = |c: &Completion| {
-        serde_json::from_str::<serde_json::Value>(&c.text).map_err(|e| LlmError::InvalidPlan {
-            code: ErrorCode::LlmInvalidResponse,
-            message: e.to_string(),
-        })
-    };
-    let mut events = Vec::new();
-    let a = f
-        .complete_with(&request(), accept, &mut events)
-        .await
-        .unwrap();
-    assert_eq!(a.provider, "openai");
-    assert_eq!(events[0].code, ErrorCode::LlmInvalidResponse);
-    // The rejected answer was billed: the event says what it cost.
-    assert!(events[0].cost_usd > 0.0);
-    assert!(breaker.is_open(), "a rejected answer counts as a failure");
 }
 
 #[tokio::test]

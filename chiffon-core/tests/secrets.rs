@@ -86,9 +86,11 @@ async fn configured_providers_strike_every_configured_secret() {
         redactor: Redactor::new([OTHER_SECRET]),
         ..Default::default()
     };
-    let e = Router::from_config(&llm, store)
-        .unwrap()
-        .fallback()
+    let router = Router::from_config(&llm, store).unwrap();
+    let [Link::Llm(provider), Link::Offline] = router.links() else {
+        panic!("expected the configured provider, then offline: {router:?}")
+    };
+    let e = provider
         .complete(CompletionRequest::new("sys", "hi"))
         .await
         .unwrap_err();

@@ -9,9 +9,10 @@
 //! - [`budget::Budget`]: reserves the worst-case cost of each call in the [`Store`] before
 //!   it, settles the real cost after, so budgets hold across restarts and instances.
 //! - [`circuit::CircuitBreaker`]: stops calling a provider that keeps failing.
-//! - [`router`]: [`router::Fallback`] over several providers and the [`router::Router`]
-//!   built from [`router::LlmConfig`] (`CHIFFON_LLM_ORDER` semantics), which reports every
-//!   skip as a [`router::FallbackEvent`] so the engine can audit it.
+//! - [`router`]: the [`router::Router`] built from [`router::LlmConfig`]
+//!   (`CHIFFON_LLM_ORDER` semantics), and [`router::attempt`], one provider's call, which
+//!   reports a skip as a [`router::FallbackEvent`] so the engine can audit it. The planner
+//!   walks the links ([`crate::planner::chain`]).
 //!
 //! [`Store`]: crate::store::Store
 
@@ -39,7 +40,7 @@ pub use providers::{
     OpenAiConfig, OpenAiProvider,
 };
 pub use retry::{Retry, RetryConfig};
-pub use router::{Accepted, Fallback, FallbackEvent, Link, LlmConfig, ProviderEntry, Router};
+pub use router::{Accepted, FallbackEvent, Link, LlmConfig, ProviderEntry, Router};
 
 /// Who said a [`Message`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,8 +1,9 @@
 //! Provider order and fallback.
 //!
-//! [`Fallback`] tries providers in order until one answers something the caller accepts;
-//! each provider skipped or failed becomes a [`FallbackEvent`] (provider, code, reason) that
-//! the engine writes to the audit log. [`Router`] is the configured order
+//! [`attempt`] calls one provider and lets the caller judge its answer; a provider skipped
+//! or failed becomes a [`FallbackEvent`] (provider, code, reason) that the engine writes to
+//! the audit log. The walk over the links is the planner's ([`crate::planner::chain`]).
+//! [`Router`] is the configured order
 //! (`CHIFFON_LLM_ORDER` semantics: `anthropic,openai,ollama` then `offline`), each provider
 //! wrapped as `CircuitBreaker<Retry<Budget<Provider>>>`, with the offline planner as a link
 //! of its own.
@@ -10,14 +11,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use chiffon_protocol::ErrorCode;
 use serde::{Deserialize, Serialize};
 
 use super::{
     AnthropicConfig, AnthropicProvider, Budget, CircuitBreaker, CircuitConfig, Completion,
     CompletionRequest, LlmError, LlmProvider, OllamaConfig, OllamaProvider, OpenAiConfig,
-    OpenAiProvider, Pricing, Retry, RetryConfig,
+    OpenAiProvider, Retry, RetryConfig,
 };
 use crate::model::micros_to_usd;
 use crate::store::Store;
@@ -84,93 +84,6 @@ where
             }
         },
         Err(e) => Err((event(&e, None), e)),
-    }
-}
-
-/// Tries providers in order. Also an [`LlmProvider`] itself (accepting any completion).
-#[derive(Clone, Default)]
-pub struct Fallback {
-    providers: Vec<Arc<dyn LlmProvider>>,
-}
-
-impl std::fmt::Debug for Fallback {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<_> = self.providers.iter().map(|p| p.name()).collect();
-        f.debug_struct("Fallback")
-            .field("providers", &names)
-            .finish()
-    }
-}
-
-impl Fallback {
-    pub fn new(providers: Vec<Arc<dyn LlmProvider>>) -> Self {
-        Fallback { providers }
-    }
-
-    pub fn providers(&self) -> &[Arc<dyn LlmProvider>] {
-        &self.providers
-    }
-
-    /// The first completion `accept` takes; every failure before it is pushed to `events`.
-    /// When all fail: the last error. A refusal ([`LlmError::Refused`]) ends the walk: the
-    /// model said why it will not do it, and another one is not asked to.
-    pub async fn complete_with<T, F>(
-        &self,
-        req: &CompletionRequest,
-        mut accept: F,
-        events: &mut Vec<FallbackEvent>,
-    ) -> Result<Accepted<T>, LlmError>
-    where
-        F: FnMut(&Completion) -> Result<T, LlmError> + Send,
-    {
-        let mut last = LlmError::Config("no llm provider configured".into());
-        for p in &self.providers {
-            match attempt(p.as_ref(), req, &mut accept).await {
-                Ok(a) => return Ok(a),
-                Err((event, e)) => {
-                    tracing::info!(provider = %event.provider, code = %event.code, reason = %event.reason, "llm fallback");
-                    events.push(event);
-                    if matches!(e, LlmError::Refused { .. }) {
-                        return Err(e);
-                    }
-                    last = e;
-                }
-            }
-        }
-        Err(last)
-    }
-}
-
-#[async_trait]
-impl LlmProvider for Fallback {
-    fn name(&self) -> &str {
-        "fallback"
-    }
-
-    fn model(&self) -> &str {
-        self.providers.first().map(|p| p.model()).unwrap_or("")
-    }
-
-    /// The dearest prices of all, so a reservation against it is a worst case.
-    fn pricing(&self) -> Pricing {
-        self.providers
-            .iter()
-            .map(|p| p.pricing())
-            .fold(Pricing::FREE, |a, b| Pricing {
-                input_usd_per_mtok: a.input_usd_per_mtok.max(b.input_usd_per_mtok),
-                output_usd_per_mtok: a.output_usd_per_mtok.max(b.output_usd_per_mtok),
-                cache_write_usd_per_mtok: a
-                    .cache_write_usd_per_mtok
-                    .max(b.cache_write_usd_per_mtok),
-                cache_read_usd_per_mtok: a.cache_read_usd_per_mtok.max(b.cache_read_usd_per_mtok),
-            })
-    }
-
-    async fn complete(&self, req: CompletionRequest) -> Result<Completion, LlmError> {
-        let mut events = Vec::new();
-        self.complete_with(&req, |_| Ok(()), &mut events)
-            .await
-            .map(|a| a.completion)
     }
 }
 
@@ -388,19 +301,6 @@ impl Router {
     /// The links' names in order, e.g. `["anthropic", "ollama", "offline"]`.
     pub fn names(&self) -> Vec<String> {
         self.links.iter().map(|l| l.name().to_string()).collect()
-    }
-
-    /// The LLM links alone, as a [`Fallback`].
-    pub fn fallback(&self) -> Fallback {
-        Fallback::new(
-            self.links
-                .iter()
-                .filter_map(|l| match l {
-                    Link::Llm(p) => Some(p.clone()),
-                    Link::Offline => None,
-                })
-                .collect(),
-        )
     }
 }
 

@@ -1,6 +1,7 @@
 //! The planner: a request in plain words becomes a validated [`Plan`].
 //!
-//! It walks the [`Router`]'s links in order. An LLM link gets the prompt of [`prompt`]
+//! It walks the [`Router`]'s links in order, each a [`PlanSource`], through
+//! [`chain::walk`], the one fallback there is. An LLM link gets the prompt of [`prompt`]
 //! (role, rules, the whole catalog, the inventory) and the plan's JSON Schema generated
 //! from the catalog ([`schema`]), which each provider asks for through its structured
 //! output (free text where the server has none); the answer is parsed strictly and
@@ -16,6 +17,7 @@
 //! Offline plans are not cached, so an LLM gets its chance again once one is back.
 
 pub mod cache;
+pub mod chain;
 pub mod eval;
 pub mod offline;
 pub mod parse;
@@ -30,10 +32,11 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::catalog::Catalog;
-use crate::llm::router::{attempt, FallbackEvent, Link, Router};
+use crate::llm::router::{FallbackEvent, Router};
 use crate::model::{micros_to_usd, Plan};
 use crate::store::Store;
 
+pub use chain::{PlanSource, Walked};
 pub use offline::{OfflineError, OfflinePlanner};
 
 /// The `[planner]` configuration.
@@ -172,113 +175,60 @@ impl Planner {
             self.config.temperature,
         );
         req.request_id = options.request_id;
+        let ask = chain::Ask {
+            catalog,
+            text,
+            request: &req,
+            offline_min_score: self.config.offline_min_score,
+        };
         let mut events: Vec<FallbackEvent> = Vec::new();
-        let mut spent_micros = 0i64;
-        let mut tokens = (0u64, 0u64);
-        let mut refusal: Option<(ErrorCode, serde_json::Value)> = None;
-        for link in self.router.links() {
-            match link {
-                Link::Llm(provider) => {
-                    let mut accept =
-                        |c: &crate::llm::Completion| parse::parse_completion(c, catalog);
-                    match attempt(provider.as_ref(), &req, &mut accept).await {
-                        Ok(a) => {
-                            spent_micros += a.completion.cost_micros;
-                            tokens.0 += a.completion.input_tokens;
-                            tokens.1 += a.completion.output_tokens;
-                            let llm_cost = micros_to_usd(spent_micros);
-                            let mut plan = a.value;
-                            provenance::annotate(&mut plan, catalog, text);
-                            plan.provider = a.provider.clone();
-                            plan.model = a.model.clone();
-                            plan.llm_cost_usd = llm_cost;
-                            plan.estimated_cost_usd =
-                                llm_cost + parse::actions_cost_usd(&plan, catalog);
-                            if self.config.cache {
-                                if let Err(e) = self.store.cache_plan(&key, &plan).await {
-                                    tracing::warn!(error = %e, "cannot cache plan");
-                                }
-                            }
-                            let usage = PlanUsage {
-                                provider: a.provider,
-                                model: a.model,
-                                input_tokens: tokens.0,
-                                output_tokens: tokens.1,
-                                llm_cost_usd: llm_cost,
-                                cached: false,
-                            };
-                            return Ok(PlanOutcome {
-                                plan,
-                                events,
-                                usage,
-                            });
-                        }
-                        Err((event, crate::llm::LlmError::Refused { reason })) => {
-                            let message = format!(
-                                "{} ({}) declined to plan the request: {reason}",
-                                event.provider, event.model
-                            );
-                            tracing::info!(provider = %event.provider, %reason, "the model declined to plan");
-                            let event_provider = event.provider.clone();
-                            events.push(event);
-                            return Err(PlanError {
-                                code: ErrorCode::LlmRefused,
-                                message,
-                                details: serde_json::json!({
-                                    "reason": reason,
-                                    "provider": event_provider,
-                                }),
-                                events,
-                            });
-                        }
-                        Err((event, _)) => {
-                            spent_micros += crate::model::usd_to_micros(event.cost_usd);
-                            tokens.0 += event.input_tokens;
-                            tokens.1 += event.output_tokens;
-                            tracing::info!(provider = %event.provider, code = %event.code, reason = %event.reason, "planning fell back");
-                            events.push(event);
-                        }
+        let sources: Vec<&dyn PlanSource> = self
+            .router
+            .links()
+            .iter()
+            .map(|l| l as &dyn PlanSource)
+            .collect();
+        let (walked, spent) = chain::walk(&sources, &ask, &mut events).await;
+        let llm_cost = micros_to_usd(spent.cost_micros);
+        let verdict = match walked {
+            Walked::Planned(p) => {
+                let mut plan = p.plan;
+                plan.llm_cost_usd = llm_cost;
+                plan.estimated_cost_usd += llm_cost;
+                if p.cacheable && self.config.cache {
+                    if let Err(e) = self.store.cache_plan(&key, &plan).await {
+                        tracing::warn!(error = %e, "cannot cache plan");
                     }
                 }
-                Link::Offline => {
-                    let planner = OfflinePlanner {
-                        min_score: self.config.offline_min_score,
-                    };
-                    match planner.plan(catalog, text) {
-                        Ok(mut plan) => {
-                            let llm_cost = micros_to_usd(spent_micros);
-                            plan.llm_cost_usd = llm_cost;
-                            plan.estimated_cost_usd += llm_cost;
-                            let usage = PlanUsage {
-                                provider: plan.provider.clone(),
-                                model: plan.model.clone(),
-                                input_tokens: tokens.0,
-                                output_tokens: tokens.1,
-                                llm_cost_usd: llm_cost,
-                                cached: false,
-                            };
-                            return Ok(PlanOutcome {
-                                plan,
-                                events,
-                                usage,
-                            });
-                        }
-                        Err(e) => {
-                            refusal = Some((e.code(), e.details.clone()));
-                            events.push(FallbackEvent {
-                                provider: offline::PROVIDER.into(),
-                                model: offline::MODEL.into(),
-                                code: e.code(),
-                                reason: e.message,
-                                cost_usd: 0.0,
-                                input_tokens: 0,
-                                output_tokens: 0,
-                            })
-                        }
-                    }
-                }
+                let usage = PlanUsage {
+                    provider: plan.provider.clone(),
+                    model: plan.model.clone(),
+                    input_tokens: spent.input_tokens,
+                    output_tokens: spent.output_tokens,
+                    llm_cost_usd: llm_cost,
+                    cached: false,
+                };
+                return Ok(PlanOutcome {
+                    plan,
+                    events,
+                    usage,
+                });
             }
-        }
+            Walked::Refused { reason } => {
+                let (provider, model) = events
+                    .last()
+                    .map(|e| (e.provider.clone(), e.model.clone()))
+                    .unwrap_or_default();
+                tracing::info!(%provider, %reason, "the model declined to plan");
+                return Err(PlanError {
+                    code: ErrorCode::LlmRefused,
+                    message: format!("{provider} ({model}) declined to plan the request: {reason}"),
+                    details: serde_json::json!({ "reason": reason, "provider": provider }),
+                    events,
+                });
+            }
+            Walked::Exhausted { verdict } => verdict,
+        };
         let message = if events.is_empty() {
             "no planner is configured (the provider order is empty)".to_string()
         } else {
@@ -290,7 +240,7 @@ impl Planner {
         };
         // The offline planner's refusal is the last word: its code (5207, or 5206 for a value
         // that fails the schema) and what it refused.
-        let (code, details) = refusal.unwrap_or((ErrorCode::NoPlan, serde_json::json!({})));
+        let (code, details) = verdict.unwrap_or((ErrorCode::NoPlan, serde_json::json!({})));
         Err(PlanError {
             code,
             message,
