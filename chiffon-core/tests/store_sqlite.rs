@@ -55,7 +55,7 @@ async fn connect_creates_the_folder_and_data_persists() {
         .unwrap();
     drop(s);
     let again = SqliteStore::connect(&url).await.unwrap();
-    let got = chiffon_core::store::Store::get_request(&again, req.id)
+    let got = chiffon_core::store::Requests::get_request(&again, req.id)
         .await
         .unwrap();
     assert_eq!(got, req);

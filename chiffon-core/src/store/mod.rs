@@ -75,7 +75,6 @@ impl StoreError {
     }
 }
 
-/// Persistence for the engine. Object-safe: the engine holds an `Arc<dyn Store>`.
 /// `plan_steps.preview_status` of a preview.
 pub(crate) fn preview_status_str(s: crate::model::PreviewStatus) -> &'static str {
     match s {
@@ -88,21 +87,17 @@ pub(crate) fn preview_status_str(s: crate::model::PreviewStatus) -> &'static str
 /// How long an agent must be silent before another broker user may register its id.
 pub const AGENT_TAKEOVER_AFTER: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
 
+/// Requests (`tasks`): creation, conditional status changes, planning leases.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
-    /// `postgres` or `sqlite`.
-    fn backend(&self) -> &'static str;
-    /// Applies pending migrations (also done on connect).
-    async fn migrate(&self) -> Result<(), StoreError>;
-    /// A cheap round trip (`SELECT 1`).
-    async fn health(&self) -> Result<(), StoreError>;
-
-    // ---- requests (`tasks`) ----
+pub trait Requests: Send + Sync {
     /// Inserts a request in status `planning`. A duplicate id is a `Conflict`.
     async fn create_request(&self, req: &NewRequest) -> Result<Request, StoreError>;
+
     async fn get_request(&self, id: Uuid) -> Result<Request, StoreError>;
+
     /// Newest first.
     async fn list_requests(&self, filter: &RequestFilter) -> Result<Vec<Request>, StoreError>;
+
     /// Moves a request from `from` to `to` and applies `patch`, atomically and only if its
     /// status is still `from`; otherwise `Conflict` with the status found. Checks
     /// [`RequestStatus::can_transition_to`]. A patch with a plan also inserts its steps
@@ -117,42 +112,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records the audit commit of a request (any status); only sets it once.
     async fn set_commit_id(&self, id: Uuid, commit_id: &str) -> Result<(), StoreError>;
+
     /// How many requests are in each status (for `/metrics`).
     async fn request_counts(&self) -> Result<Vec<(RequestStatus, u64)>, StoreError>;
 
-    // ---- steps (`plan_steps`) ----
-    /// A request's steps in plan order.
-    async fn steps(&self, request_id: Uuid) -> Result<Vec<Step>, StoreError>;
-    async fn get_step(&self, task_id: Uuid) -> Result<Step, StoreError>;
-    /// Moves a step to `to` and applies `patch`, only if its status is one of `from`;
-    /// otherwise `Conflict`. Also releases any dispatch claim on it.
-    async fn update_step(
-        &self,
-        task_id: Uuid,
-        from: &[StepStatus],
-        to: StepStatus,
-        patch: &StepPatch,
-    ) -> Result<Step, StoreError>;
-    /// Claims up to `limit` `ready` steps whose `not_before` has passed and that no one else
-    /// holds, oldest `ready_at` first, for `lease`. Two concurrent claimers never get the
-    /// same step (PostgreSQL: `FOR UPDATE SKIP LOCKED`).
-    async fn claim_ready_steps(
-        &self,
-        owner: &str,
-        limit: u32,
-        lease: Duration,
-    ) -> Result<Vec<Step>, StoreError>;
-    /// Gives a claimed step back without changing it (no agent had room).
-    async fn release_step(&self, task_id: Uuid, owner: &str) -> Result<(), StoreError>;
-    /// Binds the step's attempt `attempt` (if it is the current one) to the publisher
-    /// `broker_user`, unless that attempt is already bound to another publisher. Returns
-    /// whether `broker_user` is now the attempt's publisher.
-    async fn bind_step_publisher(
-        &self,
-        task_id: Uuid,
-        attempt: u32,
-        broker_user: &str,
-    ) -> Result<bool, StoreError>;
     /// Claims (or renews) the planning of request `id` for `owner` until now + `lease`:
     /// only while it is `planning` and nobody else holds an unexpired claim. Returns whether
     /// `owner` holds it now.
@@ -162,6 +125,7 @@ pub trait Store: Send + Sync + 'static {
         owner: &str,
         lease: Duration,
     ) -> Result<bool, StoreError>;
+
     /// Requests in `planning` nobody is planning: their claim lapsed, or they were never
     /// claimed and last changed before `stale_unleased`. Oldest first.
     async fn planning_to_resume(
@@ -169,10 +133,49 @@ pub trait Store: Send + Sync + 'static {
         stale_unleased: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<Request>, StoreError>;
-    /// The audit chain's head: the last sequence number and its hash.
-    async fn audit_head(&self) -> Result<(i64, String), StoreError>;
-    /// The hash of audit entry `seq`, if it exists.
-    async fn audit_hash_at(&self, seq: i64) -> Result<Option<String>, StoreError>;
+}
+
+/// A plan's steps (`plan_steps`): conditional updates, dispatch claims, publisher binding, dry-run previews, deadlines.
+#[async_trait]
+pub trait Steps: Send + Sync {
+    /// A request's steps in plan order.
+    async fn steps(&self, request_id: Uuid) -> Result<Vec<Step>, StoreError>;
+
+    async fn get_step(&self, task_id: Uuid) -> Result<Step, StoreError>;
+
+    /// Moves a step to `to` and applies `patch`, only if its status is one of `from`;
+    /// otherwise `Conflict`. Also releases any dispatch claim on it.
+    async fn update_step(
+        &self,
+        task_id: Uuid,
+        from: &[StepStatus],
+        to: StepStatus,
+        patch: &StepPatch,
+    ) -> Result<Step, StoreError>;
+
+    /// Claims up to `limit` `ready` steps whose `not_before` has passed and that no one else
+    /// holds, oldest `ready_at` first, for `lease`. Two concurrent claimers never get the
+    /// same step (PostgreSQL: `FOR UPDATE SKIP LOCKED`).
+    async fn claim_ready_steps(
+        &self,
+        owner: &str,
+        limit: u32,
+        lease: Duration,
+    ) -> Result<Vec<Step>, StoreError>;
+
+    /// Gives a claimed step back without changing it (no agent had room).
+    async fn release_step(&self, task_id: Uuid, owner: &str) -> Result<(), StoreError>;
+
+    /// Binds the step's attempt `attempt` (if it is the current one) to the publisher
+    /// `broker_user`, unless that attempt is already bound to another publisher. Returns
+    /// whether `broker_user` is now the attempt's publisher.
+    async fn bind_step_publisher(
+        &self,
+        task_id: Uuid,
+        attempt: u32,
+        broker_user: &str,
+    ) -> Result<bool, StoreError>;
+
     /// Records that the step's automatic dry run was published (`preview.task_id`,
     /// status `pending`), replacing an earlier one.
     async fn start_step_preview(
@@ -180,8 +183,10 @@ pub trait Store: Send + Sync + 'static {
         task_id: Uuid,
         preview: &StepPreview,
     ) -> Result<(), StoreError>;
+
     /// The step whose dry-run task is `preview_task_id`, if any.
     async fn step_by_preview(&self, preview_task_id: Uuid) -> Result<Option<Step>, StoreError>;
+
     /// Stores the dry run's outcome, once: only while that preview task is still pending.
     /// Returns whether it was stored.
     async fn finish_step_preview(
@@ -189,11 +194,16 @@ pub trait Store: Send + Sync + 'static {
         task_id: Uuid,
         preview: &StepPreview,
     ) -> Result<bool, StoreError>;
+
     /// Steps `dispatched` or `running` whose `deadline_at` is before `now`.
     async fn overdue_steps(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Step>, StoreError>;
+}
 
-    // ---- execution logs ----
+/// Execution logs (`execution_logs`).
+#[async_trait]
+pub trait Logs: Send + Sync {
     async fn append_logs(&self, lines: &[NewLogLine]) -> Result<(), StoreError>;
+
     /// A request's log lines in order, after `after_id` if given.
     async fn logs(
         &self,
@@ -201,8 +211,11 @@ pub trait Store: Send + Sync + 'static {
         after_id: Option<i64>,
         limit: u32,
     ) -> Result<Vec<LogLine>, StoreError>;
+}
 
-    // ---- agents and resource metrics ----
+/// Agents and their resource metrics (`agents`, `resource_metrics`).
+#[async_trait]
+pub trait Agents: Send + Sync {
     /// Upserts the agent and appends a `resource_metrics` row.
     /// `broker_user` is the publisher the broker authenticated. An agent id registered by
     /// another broker user is refused (`Conflict`) until that agent has been silent for
@@ -213,30 +226,44 @@ pub trait Store: Send + Sync + 'static {
         at: DateTime<Utc>,
         broker_user: Option<&str>,
     ) -> Result<(), StoreError>;
+
     /// Every agent seen, with its last heartbeat.
     async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+}
 
-    // ---- LLM usage and budgets ----
+/// LLM spend against monthly budgets (`llm_budget`, `llm_usage`): reservations and settlements.
+#[async_trait]
+pub trait BudgetLedger: Send + Sync {
     /// Atomically reserves `amount_micros` against the provider's monthly budget: succeeds
     /// only if settled spend + open reservations + amount <= budget, even with concurrent
     /// reservers on several instances. A reservation counts until it is settled or its
     /// [`LlmReservation::lease`] has passed (a crashed caller's reservation then stops
     /// holding budget).
     async fn reserve_llm(&self, r: &LlmReservation) -> Result<Reservation, StoreError>;
+
     /// Replaces a reservation by the real cost and token counts (in full, also when the
     /// cost passes what was reserved, and also after the lease has passed).
     async fn settle_llm(&self, reservation: Uuid, s: &LlmSettlement) -> Result<(), StoreError>;
+
     /// Spend per provider for `month` (`YYYY-MM`).
     async fn llm_spend(&self, month: &str) -> Result<Vec<ProviderSpend>, StoreError>;
+}
 
-    // ---- plan cache ----
+/// Plans reused for the same request and catalog (`plan_cache`).
+#[async_trait]
+pub trait PlanCache: Send + Sync {
     async fn cached_plan(&self, key: &str) -> Result<Option<Plan>, StoreError>;
-    async fn cache_plan(&self, key: &str, plan: &Plan) -> Result<(), StoreError>;
 
-    // ---- audit log (append-only, hash-chained) ----
+    async fn cache_plan(&self, key: &str, plan: &Plan) -> Result<(), StoreError>;
+}
+
+/// The append-only, hash-chained audit log (`audit_log`, `audit_head`).
+#[async_trait]
+pub trait AuditLog: Send + Sync {
     /// Appends entries in order, chaining each to the one before; safe with concurrent
     /// appenders on several instances (the chain never forks).
     async fn append_audit(&self, entries: &[NewAuditEntry]) -> Result<Vec<AuditEntry>, StoreError>;
+
     /// Entries in seq order, for one request or all, after `after_seq`.
     async fn audit_log(
         &self,
@@ -244,8 +271,31 @@ pub trait Store: Send + Sync + 'static {
         after_seq: i64,
         limit: u32,
     ) -> Result<Vec<AuditEntry>, StoreError>;
+
     /// Recomputes the whole chain; detects altered, inserted or deleted rows.
     async fn verify_audit(&self) -> Result<AuditVerification, StoreError>;
+
+    /// The audit chain's head: the last sequence number and its hash.
+    async fn audit_head(&self) -> Result<(i64, String), StoreError>;
+
+    /// The hash of audit entry `seq`, if it exists.
+    async fn audit_hash_at(&self, seq: i64) -> Result<Option<String>, StoreError>;
+}
+
+/// Persistence for the engine: the sum of one small trait per concern, each mockable on
+/// its own. Object-safe: the engine holds an `Arc<dyn Store>` (whose methods need no import).
+#[async_trait]
+pub trait Store:
+    Requests + Steps + Logs + Agents + BudgetLedger + PlanCache + AuditLog + Send + Sync + 'static
+{
+    /// `postgres` or `sqlite`.
+    fn backend(&self) -> &'static str;
+
+    /// Applies pending migrations (also done on connect).
+    async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// A cheap round trip (`SELECT 1`).
+    async fn health(&self) -> Result<(), StoreError>;
 }
 
 /// Whether a reservation fits: settled spend, open (unexpired) reservations and this one

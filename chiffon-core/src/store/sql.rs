@@ -413,31 +413,7 @@ macro_rules! sql_store {
         }
 
         #[async_trait]
-        impl Store for $Store {
-            fn backend(&self) -> &'static str {
-                $backend
-            }
-
-            async fn migrate(&self) -> Result<(), StoreError> {
-                MIGRATOR
-                    .run(&self.pool)
-                    .await
-                    .map_err(|e| StoreError::Migration(Box::new(e)))
-            }
-
-            async fn health(&self) -> Result<(), StoreError> {
-                sqlx::query("SELECT 1")
-                    .execute(&self.pool)
-                    .await
-                    .map_err(|e| match db_err(e) {
-                        StoreError::Backend(e) => StoreError::Unavailable(e),
-                        e => e,
-                    })?;
-                Ok(())
-            }
-
-            // ---- requests ----
-
+        impl Requests for $Store {
             async fn create_request(&self, req: &NewRequest) -> Result<Request, StoreError> {
                 let now = ts(now());
                 let row = sqlx::query(concat!(
@@ -647,8 +623,59 @@ macro_rules! sql_store {
                     .collect()
             }
 
-            // ---- steps ----
+            async fn claim_planning(
+                &self,
+                id: Uuid,
+                owner: &str,
+                lease: Duration,
+            ) -> Result<bool, StoreError> {
+                let now = chrono::Utc::now();
+                let until = ts(trunc(
+                    now + chrono::TimeDelta::from_std(lease).unwrap_or(chrono::TimeDelta::MAX),
+                ));
+                let now = ts(trunc(now));
+                let done = sqlx::query(
+                    "UPDATE tasks SET planning_owner = $2, planning_until = $3 \
+                     WHERE id = $1 AND status = 'planning' \
+                     AND (planning_until IS NULL OR planning_until < $4 OR planning_owner = $2)",
+                )
+                .bind(id)
+                .bind(owner)
+                .bind(until)
+                .bind(now)
+                .execute(&self.pool)
+                .await
+                .map_err(db_err)?;
+                Ok(done.rows_affected() == 1)
+            }
 
+            async fn planning_to_resume(
+                &self,
+                stale_unleased: DateTime<Utc>,
+                limit: u32,
+            ) -> Result<Vec<Request>, StoreError> {
+                let now = ts(trunc(chrono::Utc::now()));
+                let stale = ts(trunc(stale_unleased));
+                let rows = sqlx::query(concat!(
+                    "SELECT ",
+                    req_cols!(),
+                    " FROM tasks WHERE status = 'planning' AND \
+                     ((planning_until IS NOT NULL AND planning_until < $1) \
+                      OR (planning_until IS NULL AND updated_at < $2)) \
+                     ORDER BY created_at LIMIT $3"
+                ))
+                .bind(now)
+                .bind(stale)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
+                rows.iter().map(request_from_row).collect()
+            }
+        }
+
+        #[async_trait]
+        impl Steps for $Store {
             async fn steps(&self, request_id: Uuid) -> Result<Vec<Step>, StoreError> {
                 let rows = sqlx::query(concat!(
                     "SELECT ",
@@ -790,76 +817,6 @@ macro_rules! sql_store {
                 }
             }
 
-            async fn overdue_steps(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Step>, StoreError> {
-                let rows = sqlx::query(concat!(
-                    "SELECT ",
-                    step_cols!(),
-                    " FROM plan_steps WHERE status IN ('dispatched', 'running') AND deadline_at < $1 \
-                     ORDER BY deadline_at LIMIT $2"
-                ))
-                .bind(ts(trunc(now)))
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db_err)?;
-                rows.iter().map(step_from_row).collect()
-            }
-
-            // ---- execution logs ----
-
-            async fn append_logs(&self, lines: &[NewLogLine]) -> Result<(), StoreError> {
-                if lines.is_empty() {
-                    return Ok(());
-                }
-                // One chunk is one statement, atomic by itself: a transaction only for several.
-                let mut tx = if lines.len() > INSERT_CHUNK {
-                    Some(self.pool.begin_with(BEGIN_WRITE).await.map_err(db_err)?)
-                } else {
-                    None
-                };
-                for chunk in lines.chunks(INSERT_CHUNK) {
-                    let mut q = QueryBuilder::<$Db>::new(
-                        "INSERT INTO execution_logs (request_id, task_id, at, kind, progress, message) ",
-                    );
-                    q.push_values(chunk, |mut b, l| {
-                        b.push_bind(l.request_id)
-                            .push_bind(l.task_id)
-                            .push_bind(ts(trunc(l.at)))
-                            .push_bind(&l.kind)
-                            .push_bind(l.progress.map(i64::from))
-                            .push_bind(&l.message);
-                    });
-                    match tx.as_mut() {
-                        Some(tx) => q.build().execute(&mut **tx).await,
-                        None => q.build().execute(&self.pool).await,
-                    }
-                    .map_err(db_err)?;
-                }
-                match tx {
-                    Some(tx) => tx.commit().await.map_err(db_err),
-                    None => Ok(()),
-                }
-            }
-
-            async fn logs(
-                &self,
-                request_id: Uuid,
-                after_id: Option<i64>,
-                limit: u32,
-            ) -> Result<Vec<LogLine>, StoreError> {
-                let rows = sqlx::query(
-                    "SELECT id, request_id, task_id, at, kind, progress, message FROM execution_logs \
-                     WHERE request_id = $1 AND id > $2 ORDER BY id LIMIT $3",
-                )
-                .bind(request_id)
-                .bind(after_id.unwrap_or(0))
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db_err)?;
-                rows.iter().map(log_from_row).collect()
-            }
-
             async fn bind_step_publisher(
                 &self,
                 task_id: Uuid,
@@ -934,75 +891,80 @@ macro_rules! sql_store {
                 Ok(done.rows_affected() == 1)
             }
 
-            async fn audit_head(&self) -> Result<(i64, String), StoreError> {
-                let head = sqlx::query("SELECT last_seq, last_hash FROM audit_head WHERE id = 1")
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(db_err)?
-                    .ok_or_else(|| StoreError::Corrupt("the audit head row is missing".into()))?;
-                Ok((col(&head, "last_seq")?, col(&head, "last_hash")?))
-            }
-
-            async fn audit_hash_at(&self, seq: i64) -> Result<Option<String>, StoreError> {
-                sqlx::query_scalar("SELECT hash FROM audit_log WHERE seq = $1")
-                    .bind(seq)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(db_err)
-            }
-
-            async fn claim_planning(
-                &self,
-                id: Uuid,
-                owner: &str,
-                lease: Duration,
-            ) -> Result<bool, StoreError> {
-                let now = chrono::Utc::now();
-                let until = ts(trunc(
-                    now + chrono::TimeDelta::from_std(lease).unwrap_or(chrono::TimeDelta::MAX),
-                ));
-                let now = ts(trunc(now));
-                let done = sqlx::query(
-                    "UPDATE tasks SET planning_owner = $2, planning_until = $3 \
-                     WHERE id = $1 AND status = 'planning' \
-                     AND (planning_until IS NULL OR planning_until < $4 OR planning_owner = $2)",
-                )
-                .bind(id)
-                .bind(owner)
-                .bind(until)
-                .bind(now)
-                .execute(&self.pool)
-                .await
-                .map_err(db_err)?;
-                Ok(done.rows_affected() == 1)
-            }
-
-            async fn planning_to_resume(
-                &self,
-                stale_unleased: DateTime<Utc>,
-                limit: u32,
-            ) -> Result<Vec<Request>, StoreError> {
-                let now = ts(trunc(chrono::Utc::now()));
-                let stale = ts(trunc(stale_unleased));
+            async fn overdue_steps(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Step>, StoreError> {
                 let rows = sqlx::query(concat!(
                     "SELECT ",
-                    req_cols!(),
-                    " FROM tasks WHERE status = 'planning' AND \
-                     ((planning_until IS NOT NULL AND planning_until < $1) \
-                      OR (planning_until IS NULL AND updated_at < $2)) \
-                     ORDER BY created_at LIMIT $3"
+                    step_cols!(),
+                    " FROM plan_steps WHERE status IN ('dispatched', 'running') AND deadline_at < $1 \
+                     ORDER BY deadline_at LIMIT $2"
                 ))
-                .bind(now)
-                .bind(stale)
+                .bind(ts(trunc(now)))
                 .bind(i64::from(limit))
                 .fetch_all(&self.pool)
                 .await
                 .map_err(db_err)?;
-                rows.iter().map(request_from_row).collect()
+                rows.iter().map(step_from_row).collect()
+            }
+        }
+
+        #[async_trait]
+        impl Logs for $Store {
+            async fn append_logs(&self, lines: &[NewLogLine]) -> Result<(), StoreError> {
+                if lines.is_empty() {
+                    return Ok(());
+                }
+                // One chunk is one statement, atomic by itself: a transaction only for several.
+                let mut tx = if lines.len() > INSERT_CHUNK {
+                    Some(self.pool.begin_with(BEGIN_WRITE).await.map_err(db_err)?)
+                } else {
+                    None
+                };
+                for chunk in lines.chunks(INSERT_CHUNK) {
+                    let mut q = QueryBuilder::<$Db>::new(
+                        "INSERT INTO execution_logs (request_id, task_id, at, kind, progress, message) ",
+                    );
+                    q.push_values(chunk, |mut b, l| {
+                        b.push_bind(l.request_id)
+                            .push_bind(l.task_id)
+                            .push_bind(ts(trunc(l.at)))
+                            .push_bind(&l.kind)
+                            .push_bind(l.progress.map(i64::from))
+                            .push_bind(&l.message);
+                    });
+                    match tx.as_mut() {
+                        Some(tx) => q.build().execute(&mut **tx).await,
+                        None => q.build().execute(&self.pool).await,
+                    }
+                    .map_err(db_err)?;
+                }
+                match tx {
+                    Some(tx) => tx.commit().await.map_err(db_err),
+                    None => Ok(()),
+                }
             }
 
-            // ---- agents and resource metrics ----
+            async fn logs(
+                &self,
+                request_id: Uuid,
+                after_id: Option<i64>,
+                limit: u32,
+            ) -> Result<Vec<LogLine>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT id, request_id, task_id, at, kind, progress, message FROM execution_logs \
+                     WHERE request_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+                )
+                .bind(request_id)
+                .bind(after_id.unwrap_or(0))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
+                rows.iter().map(log_from_row).collect()
+            }
+        }
 
+        #[async_trait]
+        impl Agents for $Store {
             async fn record_heartbeat(
                 &self,
                 hb: &Heartbeat,
@@ -1104,9 +1066,10 @@ macro_rules! sql_store {
                     })
                     .collect()
             }
+        }
 
-            // ---- LLM usage and budgets ----
-
+        #[async_trait]
+        impl BudgetLedger for $Store {
             async fn reserve_llm(&self, r: &LlmReservation) -> Result<Reservation, StoreError> {
                 let at = now();
                 let mut tx = self.pool.begin_with(BEGIN_WRITE).await.map_err(db_err)?;
@@ -1249,9 +1212,10 @@ macro_rules! sql_store {
                     })
                     .collect()
             }
+        }
 
-            // ---- plan cache ----
-
+        #[async_trait]
+        impl PlanCache for $Store {
             async fn cached_plan(&self, key: &str) -> Result<Option<Plan>, StoreError> {
                 let plan: Option<Json<Plan>> =
                     sqlx::query_scalar("SELECT plan FROM plan_cache WHERE key = $1")
@@ -1275,9 +1239,10 @@ macro_rules! sql_store {
                 .map_err(db_err)?;
                 Ok(())
             }
+        }
 
-            // ---- audit log ----
-
+        #[async_trait]
+        impl AuditLog for $Store {
             async fn append_audit(&self, entries: &[NewAuditEntry]) -> Result<Vec<AuditEntry>, StoreError> {
                 if entries.is_empty() {
                     return Ok(Vec::new());
@@ -1377,6 +1342,48 @@ macro_rules! sql_store {
                 }
                 tx.commit().await.map_err(db_err)?;
                 Ok(chain_verdict(checked, &cursor, head_seq, &head_hash))
+            }
+
+            async fn audit_head(&self) -> Result<(i64, String), StoreError> {
+                let head = sqlx::query("SELECT last_seq, last_hash FROM audit_head WHERE id = 1")
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db_err)?
+                    .ok_or_else(|| StoreError::Corrupt("the audit head row is missing".into()))?;
+                Ok((col(&head, "last_seq")?, col(&head, "last_hash")?))
+            }
+
+            async fn audit_hash_at(&self, seq: i64) -> Result<Option<String>, StoreError> {
+                sqlx::query_scalar("SELECT hash FROM audit_log WHERE seq = $1")
+                    .bind(seq)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db_err)
+            }
+        }
+
+        #[async_trait]
+        impl Store for $Store {
+            fn backend(&self) -> &'static str {
+                $backend
+            }
+
+            async fn migrate(&self) -> Result<(), StoreError> {
+                MIGRATOR
+                    .run(&self.pool)
+                    .await
+                    .map_err(|e| StoreError::Migration(Box::new(e)))
+            }
+
+            async fn health(&self) -> Result<(), StoreError> {
+                sqlx::query("SELECT 1")
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| match db_err(e) {
+                        StoreError::Backend(e) => StoreError::Unavailable(e),
+                        e => e,
+                    })?;
+                Ok(())
             }
         }
     };

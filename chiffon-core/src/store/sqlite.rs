@@ -27,7 +27,10 @@ use uuid::Uuid;
 use chiffon_protocol::{ErrorPayload, Heartbeat, Resources};
 
 use super::sql::*;
-use super::{fits_budget, lease_end, preview_status_str, Store, StoreError, AGENT_TAKEOVER_AFTER};
+use super::{
+    fits_budget, lease_end, preview_status_str, Agents, AuditLog, BudgetLedger, Logs, PlanCache,
+    Requests, Steps, Store, StoreError, AGENT_TAKEOVER_AFTER,
+};
 use crate::audit::chain::{self, AuditKey};
 use crate::model::*;
 
