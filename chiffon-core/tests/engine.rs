@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use chiffon_core::audit::git::GitTrail;
 use chiffon_core::catalog::Catalog;
 use chiffon_core::engine::*;
+use chiffon_core::llm::FallbackEvent;
 use chiffon_core::model::*;
 use chiffon_core::store::Store;
 use chiffon_core::transport::{ConsumeOptions, Transport};
@@ -38,11 +39,11 @@ struct ListPlanner {
 
 #[async_trait]
 impl PlanProvider for ListPlanner {
-    async fn plan(&self, input: &PlanInput) -> Result<PlanOutcome, PlanFailure> {
+    async fn plan(&self, input: &PlanInput) -> Result<PlanOutcome, PlanError> {
         let mut steps = Vec::new();
         let mut cost = 0.01;
         for name in input.text.split(',').map(str::trim) {
-            let spec = self.catalog.get(name).map_err(|e| PlanFailure {
+            let spec = self.catalog.get(name).map_err(|e| PlanError {
                 code: e.code(),
                 message: e.to_string(),
                 events: vec![],
@@ -71,12 +72,23 @@ impl PlanProvider for ListPlanner {
                 cached: false,
                 skipped: Vec::new(),
             },
-            events: vec![PlanEvent {
-                event: chiffon_core::audit::AuditEvent::Fallback,
-                details: json!({"from": "nowhere"}),
+            events: vec![FallbackEvent {
+                provider: "nowhere".into(),
+                model: "none".into(),
+                code: chiffon_protocol::ErrorCode::LlmUnavailable,
+                reason: "not there".into(),
+                cost_usd: 0.0,
+                input_tokens: 0,
+                output_tokens: 0,
             }],
-            input_tokens: 10,
-            output_tokens: 5,
+            usage: PlanUsage {
+                provider: "test".into(),
+                model: "list".into(),
+                input_tokens: 10,
+                output_tokens: 5,
+                llm_cost_usd: 0.01,
+                cached: false,
+            },
         })
     }
 }

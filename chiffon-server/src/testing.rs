@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chiffon_core::engine::{PlanFailure, PlanInput, PlanOutcome, PlanProvider};
+use chiffon_core::engine::{PlanError, PlanInput, PlanOutcome, PlanProvider, PlanUsage};
 use chiffon_core::model::{Plan, PlanStep};
 use chiffon_protocol::{ErrorCode, Resources};
 use serde_json::{json, Map};
@@ -26,9 +26,9 @@ fn arg<T: std::str::FromStr>(text: &str, key: &str) -> Option<T> {
 
 #[async_trait]
 impl PlanProvider for MockPlanner {
-    async fn plan(&self, input: &PlanInput) -> Result<PlanOutcome, PlanFailure> {
+    async fn plan(&self, input: &PlanInput) -> Result<PlanOutcome, PlanError> {
         if input.text.contains("unplannable") {
-            return Err(PlanFailure {
+            return Err(PlanError {
                 code: ErrorCode::NoPlan,
                 message: "the mock planner was told not to plan".into(),
                 events: vec![],
@@ -66,8 +66,14 @@ impl PlanProvider for MockPlanner {
         Ok(PlanOutcome {
             plan,
             events: vec![],
-            input_tokens: 0,
-            output_tokens: 0,
+            usage: PlanUsage {
+                provider: "mock".into(),
+                model: "mock-1".into(),
+                input_tokens: 0,
+                output_tokens: 0,
+                llm_cost_usd: 0.0,
+                cached: false,
+            },
         })
     }
 }

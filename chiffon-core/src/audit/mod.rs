@@ -2,6 +2,7 @@
 //! one git commit per finished request.
 
 pub mod chain;
+pub mod entries;
 pub mod event;
 pub mod git;
 

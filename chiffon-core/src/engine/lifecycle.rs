@@ -1,7 +1,7 @@
 //! The public operations of the engine and the lifecycle decisions they make.
 
 use super::gate;
-use crate::audit::AuditEvent;
+use crate::audit::{entries, AuditEvent};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -449,19 +449,10 @@ impl Engine {
             dry_run: request.dry_run,
         };
         let outcome = self.inner.planner.plan(&input).await;
-        let mut audit: Vec<NewAuditEntry> = Vec::new();
-        let events = match &outcome {
-            Ok(o) => &o.events,
-            Err(f) => &f.events,
+        let mut audit = match &outcome {
+            Ok(o) => entries::planning(request.id, &o.events, Some(&o.usage)),
+            Err(f) => entries::planning(request.id, &f.events, None),
         };
-        for e in events {
-            audit.push(NewAuditEntry {
-                request_id: Some(request.id),
-                actor: "planner".into(),
-                event: e.event,
-                details: e.details.clone(),
-            });
-        }
         let outcome = match outcome {
             Ok(o) => o,
             Err(f) => {
@@ -533,7 +524,7 @@ impl Engine {
             event: AuditEvent::Planned,
             details: json!({
                 "provider": plan.provider, "model": plan.model, "cached": plan.cached,
-                "input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens,
+                "input_tokens": outcome.usage.input_tokens, "output_tokens": outcome.usage.output_tokens,
                 "llm_cost_usd": plan.llm_cost_usd, "estimated_cost_usd": plan.estimated_cost_usd,
                 "steps": plan.steps.iter().map(|s| s.action.as_str()).collect::<Vec<_>>(),
                 "summary": plan.summary,

@@ -23,6 +23,8 @@ mod runtime;
 pub mod waiting;
 pub use runtime::MAX_FAILED_DELIVERIES;
 
+/// What planning returns: the planner's own outcome and error, for every [`PlanProvider`].
+pub use crate::planner::{PlanError, PlanOutcome, PlanUsage};
 pub use events::{EngineEvent, EventHub, Subscription};
 pub use lifecycle::{AuditReport, MAX_TEXT_LEN};
 pub use planning::CatalogPlanner;
@@ -35,12 +37,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chiffon_protocol::ErrorCode;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use uuid::Uuid;
 
 use crate::audit::git::GitTrail;
 use crate::catalog::{Catalog, CatalogError};
-use crate::model::{Plan, Request, Step};
+use crate::model::{Request, Step};
 use crate::store::{Store, StoreError};
 use crate::transport::{Transport, TransportError};
 
@@ -85,39 +86,11 @@ pub struct PlanInput {
     pub dry_run: bool,
 }
 
-/// Something planning decided that belongs in the audit log (a fallback, a skip, a cache hit).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PlanEvent {
-    /// [`AuditEvent::Fallback`], [`AuditEvent::LlmRefused`], [`AuditEvent::CacheHit`].
-    pub event: crate::audit::AuditEvent,
-    pub details: Value,
-}
-
-/// A plan and how it was made.
-#[derive(Debug, Clone)]
-pub struct PlanOutcome {
-    pub plan: Plan,
-    pub events: Vec<PlanEvent>,
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-}
-
-/// Planning failed (every provider, the offline planner included).
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{code}: {message}")]
-pub struct PlanFailure {
-    pub code: ErrorCode,
-    pub message: String,
-    pub events: Vec<PlanEvent>,
-    /// What the planner refused (the request's error `details`); `{}` when it says nothing.
-    pub details: serde_json::Value,
-}
-
 /// What the engine needs from the planner: implemented by [`crate::planner`]'s planner and by
 /// test doubles.
 #[async_trait]
 pub trait PlanProvider: Send + Sync + 'static {
-    async fn plan(&self, input: &PlanInput) -> Result<PlanOutcome, PlanFailure>;
+    async fn plan(&self, input: &PlanInput) -> Result<PlanOutcome, PlanError>;
 }
 
 /// The approval gate's policy.

@@ -194,6 +194,16 @@ impl Planner {
             Walked::Planned(p) => {
                 let mut plan = p.plan;
                 plan.llm_cost_usd = llm_cost;
+                // The person approving sees who was passed over, and why.
+                plan.skipped = events
+                    .iter()
+                    .map(|e| crate::model::SkippedProvider {
+                        provider: e.provider.clone(),
+                        model: e.model.clone(),
+                        code: e.code,
+                        reason: e.reason.clone(),
+                    })
+                    .collect();
                 plan.estimated_cost_usd += llm_cost;
                 if p.cacheable && self.config.cache {
                     if let Err(e) = self.store.cache_plan(&key, &plan).await {
