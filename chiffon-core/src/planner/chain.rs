@@ -18,14 +18,38 @@ use crate::llm::{CompletionRequest, LlmError};
 use crate::model::{usd_to_micros, Plan};
 
 /// What every source is asked.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct Ask<'a> {
     pub catalog: &'a Catalog,
     pub text: &'a str,
-    /// The planning prompt (for LLM sources).
-    pub request: &'a CompletionRequest,
+    pub dry_run: bool,
+    /// Recorded with the LLM spend.
+    pub request_id: Option<uuid::Uuid>,
+    /// The LLM's answer budget and temperature.
+    pub max_tokens: u32,
+    pub temperature: f32,
     /// How strongly the offline planner must match an action.
     pub offline_min_score: f64,
+    /// The planning prompt, built by the first LLM source that needs it (the catalog and
+    /// its schema are large: a chain that reaches no LLM never builds it).
+    pub prompt: std::sync::OnceLock<CompletionRequest>,
+}
+
+impl Ask<'_> {
+    /// The planning prompt ([`super::prompt::planning_request`]), built once.
+    pub fn request(&self) -> &CompletionRequest {
+        self.prompt.get_or_init(|| {
+            let mut req = super::prompt::planning_request(
+                self.catalog,
+                self.text,
+                self.dry_run,
+                self.max_tokens,
+                self.temperature,
+            );
+            req.request_id = self.request_id;
+            req
+        })
+    }
 }
 
 /// A plan a source proposes: validated against the catalog, its `provider` and `model`
@@ -72,7 +96,7 @@ impl PlanSource for Link {
             Link::Llm(provider) => {
                 let mut accept =
                     |c: &crate::llm::Completion| parse::parse_completion(c, ask.catalog);
-                match attempt(provider.as_ref(), ask.request, &mut accept).await {
+                match attempt(provider.as_ref(), ask.request(), &mut accept).await {
                     Ok(a) => {
                         let mut plan = a.value;
                         provenance::annotate(&mut plan, ask.catalog, ask.text);

@@ -167,19 +167,15 @@ impl Planner {
                 return Ok(hit);
             }
         }
-        let mut req = prompt::planning_request(
-            catalog,
-            text,
-            options.dry_run,
-            self.config.max_tokens,
-            self.config.temperature,
-        );
-        req.request_id = options.request_id;
         let ask = chain::Ask {
             catalog,
             text,
-            request: &req,
+            dry_run: options.dry_run,
+            request_id: options.request_id,
+            max_tokens: self.config.max_tokens,
+            temperature: self.config.temperature,
             offline_min_score: self.config.offline_min_score,
+            prompt: Default::default(),
         };
         let mut events: Vec<FallbackEvent> = Vec::new();
         let sources: Vec<&dyn PlanSource> = self
