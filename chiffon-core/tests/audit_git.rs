@@ -726,6 +726,22 @@ fn verify_records_catches_amends_and_rewritten_history() {
         problems[0].reason.contains("not in the branch's history"),
         "{problems:?}"
     );
+    // A stored id no commit has, and one that is no commit id at all.
+    let problems = trail
+        .verify_records(&[
+            expect(b, &"7".repeat(40), &rb),
+            expect(b, "not-a-commit", &rb),
+            expect(b, &cb2, &rb),
+        ])
+        .unwrap();
+    let reasons: Vec<&str> = problems.iter().map(|p| p.reason.as_str()).collect();
+    assert_eq!(
+        reasons,
+        [
+            "its stored commit does not exist",
+            "its stored commit id is not a commit id"
+        ]
+    );
 }
 
 #[test]
