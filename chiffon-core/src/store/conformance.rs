@@ -114,6 +114,7 @@ macro_rules! store_conformance_tests {
             audit_concurrent_appenders,
             audit_detects_altered_details,
             audit_detects_deleted_rows,
+            audit_detects_a_log_cut_back,
             commit_id_and_counts,
         );
     };
@@ -1963,6 +1964,52 @@ pub async fn audit_detects_deleted_rows(h: &Harness) {
     assert!(!v.ok);
     assert_eq!(v.first_bad_seq, Some(3), "{v:?}");
     assert!(v.problem.as_deref().unwrap().contains("missing"), "{v:?}");
+}
+
+/// The newest entries deleted and the chain's head moved back to the last one kept: the
+/// chain alone is valid, but a request's status change names an entry that is gone.
+pub async fn audit_detects_a_log_cut_back(h: &Harness) {
+    let s = &*h.store;
+    let r = s.create_request(&new_request("x")).await.unwrap();
+    s.append_audit(&[audit_entry(Some(r.id), AuditEvent::Received, 1)])
+        .await
+        .unwrap();
+    let patch = RequestPatch {
+        audit: vec![
+            audit_entry(Some(r.id), AuditEvent::Planned, 2),
+            audit_entry(Some(r.id), AuditEvent::Rejected, 3),
+        ],
+        ..Default::default()
+    };
+    s.transition(
+        r.id,
+        RequestStatus::Planning,
+        RequestStatus::Rejected,
+        &patch,
+    )
+    .await
+    .unwrap();
+    s.append_audit(&[audit_entry(None, AuditEvent::AgentError, 4)])
+        .await
+        .unwrap();
+    let v = s.verify_audit().await.unwrap();
+    assert!(v.ok, "{v:?}");
+    // Cut back to entry 2: the head moved back with it, so the chain itself is whole.
+    for sql in [
+        "DELETE FROM audit_log WHERE seq > 2",
+        "UPDATE audit_head SET last_seq = 2, last_hash = (SELECT hash FROM audit_log WHERE seq = 2)",
+    ] {
+        h.raw.execute_raw(sql).await.unwrap();
+    }
+    let v = s.verify_audit().await.unwrap();
+    assert!(!v.ok, "a log cut back passed: {v:?}");
+    assert_eq!(v.first_bad_seq, Some(3), "{v:?}");
+    assert_eq!(v.entries_checked, 2);
+    let why = v.problem.unwrap();
+    assert!(
+        why.contains(&r.id.to_string()) && why.contains("missing"),
+        "{why}"
+    );
 }
 
 /// Two store instances (two pools, as two orchestrator processes would have) on one

@@ -571,7 +571,17 @@ macro_rules! sql_store {
                 let req = request_from_row(&row)?;
                 if let Some(mut tx) = tx {
                     if !patch.audit.is_empty() {
-                        self.append_audit_in(&mut tx, &patch.audit).await?;
+                        let written = self.append_audit_in(&mut tx, &patch.audit).await?;
+                        // The request names its newest entry: verify finds it gone if the log is
+                        // cut back (the row is locked by the update above already).
+                        if let Some(last) = written.last() {
+                            sqlx::query("UPDATE tasks SET audit_seq = $1 WHERE id = $2")
+                                .bind(last.seq)
+                                .bind(id)
+                                .execute(&mut *tx)
+                                .await
+                                .map_err(db_err)?;
+                        }
                     }
                     tx.commit().await.map_err(db_err)?;
                 }
@@ -1340,8 +1350,36 @@ macro_rules! sql_store {
                         return Ok(unverified(checked, seq, why));
                     }
                 }
+                let verdict = chain_verdict(checked, &cursor, head_seq, &head_hash);
+                if !verdict.ok {
+                    return Ok(verdict);
+                }
+                // Every request names the newest entry its status changes wrote: a log cut back
+                // (its newest entries deleted, the head moved back) no longer has it.
+                let cut = sqlx::query(
+                    "SELECT t.id, t.audit_seq FROM tasks t WHERE t.audit_seq IS NOT NULL AND \
+                     (t.audit_seq > $1 OR NOT EXISTS (SELECT 1 FROM audit_log a \
+                      WHERE a.seq = t.audit_seq AND a.request_id = t.id)) \
+                     ORDER BY t.audit_seq LIMIT 1",
+                )
+                .bind(head_seq)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
                 tx.commit().await.map_err(db_err)?;
-                Ok(chain_verdict(checked, &cursor, head_seq, &head_hash))
+                if let Some(row) = cut {
+                    let id: Uuid = col(&row, "id")?;
+                    let seq: i64 = col(&row, "audit_seq")?;
+                    return Ok(unverified(
+                        checked,
+                        seq,
+                        format!(
+                            "entry {seq}, written with request {id}'s last status change, is missing \
+                             (the log was cut back or rewritten)"
+                        ),
+                    ));
+                }
+                Ok(verdict)
             }
 
             async fn audit_head(&self) -> Result<(i64, String), StoreError> {
