@@ -404,11 +404,14 @@ impl Engine {
         // lapses, and never plans one someone else is planning.
         let lease = self.inner.config.dispatch.planning_lease;
         let owner = self.inner.config.instance_id.clone();
-        match self
-            .inner
-            .store
-            .claim_planning(request.id, &owner, lease)
-            .await
+        // A cut connection is waited through: a request never claimed is resumed by the
+        // sweeper only after STALE_PLANNING (it may be waiting for a planning slot).
+        match with_store_retry(|| {
+            self.inner
+                .store
+                .claim_planning(request.id, &owner, lease)
+        })
+        .await
         {
             Ok(true) => {}
             Ok(false) => {
@@ -1211,7 +1214,10 @@ impl Engine {
             .config
             .redactor
             .redact_audit(std::mem::take(&mut patch.audit));
-        let updated = self.inner.store.transition(id, from, to, &patch).await?;
+        // Conditional, so safe to repeat through a cut connection: a change whose commit
+        // was lost on the way back comes back as a conflict, stored once.
+        let updated =
+            with_store_retry(|| self.inner.store.transition(id, from, to, &patch)).await?;
         // No receiver (no notifier configured) is fine.
         let _ = self.inner.status_changes.send(updated.clone());
         self.inner.events.publish(EngineEvent::Status {
