@@ -188,9 +188,6 @@ pub struct NewRequest {
     /// The authenticated identity that submitted it.
     pub submitted_by: String,
     pub dry_run: bool,
-    /// Audit entries appended in the same transaction (the `received` entry): the request
-    /// and its entries are stored together or not at all.
-    pub audit: Vec<NewAuditEntry>,
 }
 
 /// Fields a transition may set along with the status. `None` leaves a field as it is.

@@ -2085,7 +2085,6 @@ async fn planning_a_dead_instance_held_resumes_when_its_lease_lapses(backend: &s
             requester: "alice".into(),
             submitted_by: "alice".into(),
             dry_run: false,
-            audit: Vec::new(),
         })
         .await
         .unwrap();

@@ -50,7 +50,6 @@ async fn connect_creates_the_folder_and_data_persists() {
             requester: "alice".into(),
             submitted_by: "alice".into(),
             dry_run: true,
-            audit: Vec::new(),
         })
         .await
         .unwrap();

@@ -331,7 +331,7 @@ impl Engine {
                 "text is longer than {MAX_TEXT_LEN} bytes"
             )));
         }
-        let mut new = NewRequest {
+        let new = NewRequest {
             id: req.request_id.unwrap_or_else(Uuid::now_v7),
             trace_id: req
                 .trace_id
@@ -349,16 +349,7 @@ impl Engine {
                 .filter(|r| !r.is_empty())
                 .unwrap_or_else(|| "anonymous".into()),
             dry_run: req.dry_run,
-            audit: Vec::new(),
         };
-        // Stored with the request, or not at all (a resubmitted id writes no second entry).
-        // Redaction choke point: no configured secret reaches the audit log.
-        new.audit = self.inner.config.redactor.redact_audit(vec![NewAuditEntry {
-            request_id: Some(new.id),
-            actor: new.requester.clone(),
-            event: AuditEvent::Received,
-            details: json!({ "text": new.text, "dry_run": new.dry_run, "trace_id": new.trace_id }),
-        }]);
         let request = match self.inner.store.create_request(&new).await {
             Ok(r) => r,
             Err(StoreError::Conflict { .. }) => {
@@ -366,6 +357,13 @@ impl Engine {
             }
             Err(e) => return Err(e.into()),
         };
+        self.audit(vec![NewAuditEntry {
+            request_id: Some(request.id),
+            actor: request.requester.clone(),
+            event: AuditEvent::Received,
+            details: json!({ "text": request.text, "dry_run": request.dry_run, "trace_id": request.trace_id }),
+        }])
+        .await;
         let engine = self.clone();
         let r = request.clone();
         self.inner

@@ -91,7 +91,6 @@ macro_rules! store_conformance_tests {
             lost_race_conflict,
             transition_is_atomic,
             transition_stores_its_audit_entries,
-            create_stores_its_audit_entries,
             concurrent_transitions,
             not_found,
             list_filter_order,
@@ -140,7 +139,6 @@ fn new_request(text: &str) -> NewRequest {
         requester: "alice".into(),
         submitted_by: "token:alice".into(),
         dry_run: false,
-        audit: Vec::new(),
     }
 }
 
@@ -585,33 +583,6 @@ pub async fn transition_stores_its_audit_entries(h: &Harness) {
     let v = s.verify_audit().await.unwrap();
     assert!(v.ok, "{v:?}");
     assert_eq!(v.entries_checked, 3);
-}
-
-/// A new request's entries (its `received`) are stored with it: a duplicate id stores
-/// neither the request again nor a second entry.
-pub async fn create_stores_its_audit_entries(h: &Harness) {
-    let s = &*h.store;
-    let mut new = new_request("x");
-    new.audit = vec![audit_entry(Some(new.id), AuditEvent::Received, 1)];
-    s.create_request(&new).await.unwrap();
-    assert_conflict(s.create_request(&new).await, None);
-    let entries = s.audit_log(Some(new.id), 0, 10).await.unwrap();
-    assert_eq!(entries.len(), 1, "{entries:?}");
-    assert_eq!(entries[0].event, AuditEvent::Received);
-    assert!(s.verify_audit().await.unwrap().ok);
-    // The request names its entry: cutting it off the log is caught.
-    for sql in [
-        "DELETE FROM audit_log".to_string(),
-        format!(
-            "UPDATE audit_head SET last_seq = 0, last_hash = '{}'",
-            chain::GENESIS
-        ),
-    ] {
-        h.raw.execute_raw(&sql).await.unwrap();
-    }
-    let v = s.verify_audit().await.unwrap();
-    assert!(!v.ok, "{v:?}");
-    assert_eq!(v.first_bad_seq, Some(1), "{v:?}");
 }
 
 pub async fn concurrent_transitions(h: &Harness) {

@@ -300,31 +300,6 @@ macro_rules! sql_store {
                 Ok(out)
             }
 
-            /// Appends a request's audit entries inside `tx`, after the request's row was
-            /// written (so its lock is taken before the chain's head, always in that order),
-            /// and has the row name the newest of them (`audit_seq`): verify finds it gone if
-            /// the log is cut back.
-            async fn append_request_audit(
-                &self,
-                tx: &mut sqlx::Transaction<'static, $Db>,
-                id: Uuid,
-                entries: &[NewAuditEntry],
-            ) -> Result<(), StoreError> {
-                if entries.is_empty() {
-                    return Ok(());
-                }
-                let written = self.append_audit_in(tx, entries).await?;
-                if let Some(last) = written.last() {
-                    sqlx::query("UPDATE tasks SET audit_seq = $1 WHERE id = $2")
-                        .bind(last.seq)
-                        .bind(id)
-                        .execute(&mut **tx)
-                        .await
-                        .map_err(db_err)?;
-                }
-                Ok(())
-            }
-
             async fn step_status(&self, task_id: Uuid) -> Result<Option<String>, StoreError> {
                 sqlx::query_scalar("SELECT status FROM plan_steps WHERE task_id = $1")
                     .bind(task_id)
@@ -441,14 +416,7 @@ macro_rules! sql_store {
         impl Requests for $Store {
             async fn create_request(&self, req: &NewRequest) -> Result<Request, StoreError> {
                 let now = ts(now());
-                // One statement is atomic by itself: a transaction only when audit entries go in
-                // with it.
-                let mut tx = if req.audit.is_empty() {
-                    None
-                } else {
-                    Some(self.pool.begin_with(BEGIN_WRITE).await.map_err(db_err)?)
-                };
-                let insert = sqlx::query(concat!(
+                let row = sqlx::query(concat!(
                     "INSERT INTO tasks (id, trace_id, text, requester, dry_run, status, created_at, \
                      updated_at, submitted_by) \
                      VALUES ($1, $2, $3, $4, $5, 'planning', $6, $6, $7) RETURNING ",
@@ -460,11 +428,9 @@ macro_rules! sql_store {
                 .bind(&req.requester)
                 .bind(req.dry_run)
                 .bind(now)
-                .bind(&req.submitted_by);
-                let row = match tx.as_mut() {
-                    Some(tx) => insert.fetch_one(&mut **tx).await,
-                    None => insert.fetch_one(&self.pool).await,
-                }
+                .bind(&req.submitted_by)
+                .fetch_one(&self.pool)
+                .await
                 .map_err(|e| match db_err(e) {
                     StoreError::Conflict { current, .. } => StoreError::Conflict {
                         message: format!("request {} already exists", req.id),
@@ -472,12 +438,7 @@ macro_rules! sql_store {
                     },
                     e => e,
                 })?;
-                let created = request_from_row(&row)?;
-                if let Some(mut tx) = tx {
-                    self.append_request_audit(&mut tx, req.id, &req.audit).await?;
-                    tx.commit().await.map_err(db_err)?;
-                }
-                Ok(created)
+                request_from_row(&row)
             }
 
             async fn get_request(&self, id: Uuid) -> Result<Request, StoreError> {
@@ -609,7 +570,19 @@ macro_rules! sql_store {
                 }
                 let req = request_from_row(&row)?;
                 if let Some(mut tx) = tx {
-                    self.append_request_audit(&mut tx, id, &patch.audit).await?;
+                    if !patch.audit.is_empty() {
+                        let written = self.append_audit_in(&mut tx, &patch.audit).await?;
+                        // The request names its newest entry: verify finds it gone if the log is
+                        // cut back (the row is locked by the update above already).
+                        if let Some(last) = written.last() {
+                            sqlx::query("UPDATE tasks SET audit_seq = $1 WHERE id = $2")
+                                .bind(last.seq)
+                                .bind(id)
+                                .execute(&mut *tx)
+                                .await
+                                .map_err(db_err)?;
+                        }
+                    }
                     tx.commit().await.map_err(db_err)?;
                 }
                 Ok(req)
