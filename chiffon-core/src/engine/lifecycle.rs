@@ -404,12 +404,7 @@ impl Engine {
         let owner = self.inner.config.instance_id.clone();
         // A cut connection is waited through: a request never claimed is resumed by the
         // sweeper only after STALE_PLANNING (it may be waiting for a planning slot).
-        match with_store_retry(|| {
-            self.inner
-                .store
-                .claim_planning(request.id, &owner, lease)
-        })
-        .await
+        match with_store_retry(|| self.inner.store.claim_planning(request.id, &owner, lease)).await
         {
             Ok(true) => {}
             Ok(false) => {
