@@ -190,6 +190,20 @@ pub struct NewRequest {
     pub dry_run: bool,
 }
 
+/// One write of a group commit ([`crate::store::Requests::commit_group`]).
+#[derive(Debug, Clone)]
+pub enum GroupWrite {
+    /// A conditional status change, as [`crate::store::Requests::transition`].
+    Transition {
+        id: Uuid,
+        from: RequestStatus,
+        to: RequestStatus,
+        patch: Box<RequestPatch>,
+    },
+    /// Audit entries no status change carries.
+    Audit(Vec<NewAuditEntry>),
+}
+
 /// Fields a transition may set along with the status. `None` leaves a field as it is.
 #[derive(Debug, Clone, Default)]
 pub struct RequestPatch {

@@ -2,6 +2,7 @@
 
 use super::gate;
 use crate::audit::{entries, AuditEvent};
+use crate::model::GroupWrite;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -64,63 +65,100 @@ impl Metrics {
     }
 }
 
-type AuditJob = (
-    Vec<NewAuditEntry>,
-    tokio::sync::oneshot::Sender<Result<(), String>>,
+/// One write for the group writer and where its outcome goes.
+type GroupJob = (
+    GroupWrite,
+    tokio::sync::oneshot::Sender<Result<Option<Request>, StoreError>>,
 );
 
-/// Most entries one group commit appends.
-const AUDIT_BATCH: usize = 512;
+/// Most writes one group commit holds.
+const GROUP_BATCH: usize = 256;
 
 /// Tries after the first while the database is unavailable (backoff 250 ms doubling to 8 s).
-const AUDIT_RETRIES: u32 = 7;
+const GROUP_RETRIES: u32 = 7;
 
-/// Group commit for the audit log: concurrent callers' entries are appended in one
-/// transaction (the chain's head is locked once per batch, not once per decision), and each
-/// caller still waits until its entries are stored.
-fn spawn_audit_appender(store: Arc<dyn Store>) -> tokio::sync::mpsc::Sender<AuditJob> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<AuditJob>(1024);
+/// The same error again, for each waiter of a group that failed whole.
+fn each_waiter(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Unavailable(_) => StoreError::Unavailable(e.to_string().into()),
+        StoreError::NotFound { what } => StoreError::not_found(what.clone()),
+        StoreError::Conflict { message, current } => StoreError::Conflict {
+            message: message.clone(),
+            current: current.clone(),
+        },
+        StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
+        _ => StoreError::Backend(e.to_string().into()),
+    }
+}
+
+/// Group commit for request status changes and audit entries: the writes of concurrent
+/// callers are committed in one transaction ([`Store::commit_group`]): each status change
+/// with its own entries, the chain's head locked once per group, not once per decision.
+/// Each caller waits for its own outcome. A database that is restarting is waited for (up
+/// to about 24 s). A group that fails for one write's sake (steps that cannot be written)
+/// is split: each write is tried alone, so only that one fails.
+fn spawn_group_writer(store: Arc<dyn Store>) -> tokio::sync::mpsc::Sender<GroupJob> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<GroupJob>(1024);
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
             let mut jobs = vec![first];
-            let mut count = jobs[0].0.len();
-            while count < AUDIT_BATCH {
+            while jobs.len() < GROUP_BATCH {
                 match rx.try_recv() {
-                    Ok(job) => {
-                        count += job.0.len();
-                        jobs.push(job);
-                    }
+                    Ok(job) => jobs.push(job),
                     Err(_) => break,
                 }
             }
-            let batch: Vec<NewAuditEntry> =
-                jobs.iter().flat_map(|(e, _)| e.iter().cloned()).collect();
-            // A database that is restarting is waited for (up to about 24 s): a decision
-            // already taken must reach the log. Only an outage is retried; if a commit
-            // succeeded but its answer was lost, the retry appends the entries again (a
-            // duplicate in the log rather than a decision missing from it).
-            let backoff = crate::retry::Backoff {
-                initial: std::time::Duration::from_millis(250),
-                max: std::time::Duration::from_secs(8),
-            };
-            let mut retry = 0;
-            let result = loop {
-                match store.append_audit(&batch).await {
-                    Ok(_) => break Ok(()),
-                    Err(e @ StoreError::Unavailable(_)) if retry < AUDIT_RETRIES => {
-                        retry += 1;
-                        tracing::warn!(error = %e, entries = batch.len(), retry, "audit append waits for the database");
-                        tokio::time::sleep(backoff.delay(retry)).await;
+            let (writes, waiters): (Vec<GroupWrite>, Vec<_>) = jobs.into_iter().unzip();
+            match commit_retrying(store.as_ref(), &writes).await {
+                Ok(slots) => {
+                    for (slot, done) in slots.into_iter().zip(waiters) {
+                        let _ = done.send(slot);
                     }
-                    Err(e) => break Err(e.to_string()),
                 }
-            };
-            for (_, done) in jobs {
-                let _ = done.send(result.clone());
+                Err(e) if writes.len() > 1 && !e.is_transient() => {
+                    for (w, done) in writes.iter().zip(waiters) {
+                        let slot =
+                            match commit_retrying(store.as_ref(), std::slice::from_ref(w)).await {
+                                Ok(mut slots) => slots.pop().unwrap_or(Ok(None)),
+                                Err(e) => Err(e),
+                            };
+                        let _ = done.send(slot);
+                    }
+                }
+                Err(e) => {
+                    for done in waiters {
+                        let _ = done.send(Err(each_waiter(&e)));
+                    }
+                }
             }
         }
     });
     tx
+}
+
+/// [`Store::commit_group`], waiting through an outage. Only an outage is retried; if a
+/// commit succeeded but its answer was lost, the retry finds the status changes made (each
+/// a conflict now, stored once) and appends the plain entries again (a duplicate in the log
+/// rather than a decision missing from it).
+async fn commit_retrying(
+    store: &dyn Store,
+    writes: &[GroupWrite],
+) -> Result<Vec<Result<Option<Request>, StoreError>>, StoreError> {
+    let backoff = crate::retry::Backoff {
+        initial: std::time::Duration::from_millis(250),
+        max: std::time::Duration::from_secs(8),
+    };
+    let mut retry = 0;
+    loop {
+        match store.commit_group(writes).await {
+            Err(e @ StoreError::Unavailable(_)) if retry < GROUP_RETRIES => {
+                retry += 1;
+                tracing::warn!(error = %e, writes = writes.len(), retry, "group commit waits for the database");
+                tokio::time::sleep(backoff.delay(retry)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 type GitJob = (
@@ -221,7 +259,7 @@ pub(super) struct Inner {
     /// Memory promised to agents by dispatches their last heartbeat cannot show yet:
     /// agent id → (task, GiB, dispatched at).
     /// The audit log's group-commit task, started on first use.
-    pub audit_appender: std::sync::OnceLock<tokio::sync::mpsc::Sender<AuditJob>>,
+    pub group_writer: std::sync::OnceLock<tokio::sync::mpsc::Sender<GroupJob>>,
     /// The git trail's group-commit task, started on first use.
     pub git_writer: std::sync::OnceLock<tokio::sync::mpsc::Sender<GitJob>>,
     /// When the git writer's current batch started (unset between batches): `/health` is
@@ -281,7 +319,7 @@ impl Engine {
                 declared: Mutex::new(Default::default()),
                 reservations: Mutex::new(Default::default()),
                 planning_now: Mutex::new(Default::default()),
-                audit_appender: std::sync::OnceLock::new(),
+                group_writer: std::sync::OnceLock::new(),
                 git_writer: std::sync::OnceLock::new(),
                 git_busy_since: Arc::new(Mutex::new(None)),
                 rejected: Default::default(),
@@ -1207,10 +1245,18 @@ impl Engine {
             .config
             .redactor
             .redact_audit(std::mem::take(&mut patch.audit));
-        // Conditional, so safe to repeat through a cut connection: a change whose commit
-        // was lost on the way back comes back as a conflict, stored once.
-        let updated =
-            with_store_retry(|| self.inner.store.transition(id, from, to, &patch)).await?;
+        // Group-committed with other callers' writes, its entries with it; waits through a
+        // database outage (a change whose commit was lost on the way back comes back as a
+        // conflict, stored once).
+        let updated = self
+            .group_write(GroupWrite::Transition {
+                id,
+                from,
+                to,
+                patch: Box::new(patch),
+            })
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("a status change without its outcome".into()))?;
         // No receiver (no notifier configured) is fine.
         let _ = self.inner.status_changes.send(updated.clone());
         self.inner.events.publish(EngineEvent::Status {
@@ -1455,19 +1501,22 @@ impl Engine {
         // Redaction choke point: no configured secret reaches the append-only audit log.
         let entries = self.inner.config.redactor.redact_audit(entries);
         let n = entries.len();
-        let appender = self
-            .inner
-            .audit_appender
-            .get_or_init(|| spawn_audit_appender(self.inner.store.clone()));
-        let (done, wait) = tokio::sync::oneshot::channel();
-        let result = match appender.send((entries, done)).await {
-            Ok(()) => wait
-                .await
-                .unwrap_or_else(|_| Err("the audit appender stopped".into())),
-            Err(_) => Err("the audit appender stopped".into()),
-        };
-        if let Err(e) = result {
+        if let Err(e) = self.group_write(GroupWrite::Audit(entries)).await {
             tracing::error!(error = %e, entries = n, "audit append failed");
+        }
+    }
+
+    /// Hands a write to the group writer and waits for its outcome.
+    async fn group_write(&self, write: GroupWrite) -> Result<Option<Request>, StoreError> {
+        let writer = self
+            .inner
+            .group_writer
+            .get_or_init(|| spawn_group_writer(self.inner.store.clone()));
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let stopped = || StoreError::Unavailable("the group writer stopped".into());
+        match writer.send((write, done)).await {
+            Ok(()) => wait.await.unwrap_or_else(|_| Err(stopped())),
+            Err(_) => Err(stopped()),
         }
     }
 

@@ -91,6 +91,7 @@ macro_rules! store_conformance_tests {
             lost_race_conflict,
             transition_is_atomic,
             transition_stores_its_audit_entries,
+            group_commit,
             concurrent_transitions,
             not_found,
             list_filter_order,
@@ -583,6 +584,112 @@ pub async fn transition_stores_its_audit_entries(h: &Harness) {
     let v = s.verify_audit().await.unwrap();
     assert!(v.ok, "{v:?}");
     assert_eq!(v.entries_checked, 3);
+}
+
+/// Several status changes and plain entries in one transaction: each change's outcome in
+/// its slot, the entries of the changes that applied and the plain ones in order, one chain;
+/// a group that cannot be written (steps that already exist) stores nothing of it.
+pub async fn group_commit(h: &Harness) {
+    let s = &*h.store;
+    let a = s.create_request(&new_request("a")).await.unwrap();
+    let b = s.create_request(&new_request("b")).await.unwrap();
+    let change = |id, from, to, plan: Option<Plan>, n| GroupWrite::Transition {
+        id,
+        from,
+        to,
+        patch: Box::new(RequestPatch {
+            plan,
+            audit: vec![audit_entry(Some(id), AuditEvent::Planned, n)],
+            ..Default::default()
+        }),
+    };
+    let slots = s
+        .commit_group(&[
+            GroupWrite::Audit(vec![audit_entry(Some(a.id), AuditEvent::Received, 1)]),
+            change(
+                a.id,
+                RequestStatus::Planning,
+                RequestStatus::Queued,
+                Some(plan(2)),
+                2,
+            ),
+            // Lost its race: b is not queued.
+            change(b.id, RequestStatus::Queued, RequestStatus::Running, None, 3),
+            change(
+                Uuid::new_v4(),
+                RequestStatus::Planning,
+                RequestStatus::Queued,
+                None,
+                4,
+            ),
+            GroupWrite::Audit(vec![audit_entry(Some(b.id), AuditEvent::Received, 5)]),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(slots.len(), 5);
+    assert!(matches!(slots[0], Ok(None)));
+    assert_eq!(
+        slots[1].as_ref().unwrap().as_ref().unwrap().status,
+        RequestStatus::Queued
+    );
+    assert_conflict(
+        slots[2].as_ref().map(|_| ()).map_err(clone_err),
+        Some("planning"),
+    );
+    assert_not_found(slots[3].as_ref().map(|_| ()).map_err(clone_err));
+    assert!(matches!(slots[4], Ok(None)));
+    assert_eq!(s.steps(a.id).await.unwrap().len(), 2);
+    let ns: Vec<serde_json::Value> = s
+        .audit_log(None, 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.details["n"].clone())
+        .collect();
+    assert_eq!(
+        ns,
+        [json!(1), json!(2), json!(5)],
+        "in order, the loser's left out"
+    );
+    // Steps that already exist fail the whole group: b's change is not stored either.
+    let err = s
+        .commit_group(&[
+            change(
+                b.id,
+                RequestStatus::Planning,
+                RequestStatus::Queued,
+                None,
+                6,
+            ),
+            change(
+                a.id,
+                RequestStatus::Queued,
+                RequestStatus::Running,
+                Some(plan(1)),
+                7,
+            ),
+        ])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("already has steps"), "{err}");
+    assert_eq!(
+        s.get_request(b.id).await.unwrap().status,
+        RequestStatus::Planning
+    );
+    assert_eq!(s.audit_log(None, 0, 100).await.unwrap().len(), 3);
+    assert!(s.verify_audit().await.unwrap().ok);
+    assert!(s.commit_group(&[]).await.unwrap().is_empty());
+}
+
+fn clone_err(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Conflict { message, current } => StoreError::Conflict {
+            message: message.clone(),
+            current: current.clone(),
+        },
+        StoreError::NotFound { what } => StoreError::not_found(what.clone()),
+        other => StoreError::Corrupt(other.to_string()),
+    }
 }
 
 pub async fn concurrent_transitions(h: &Harness) {

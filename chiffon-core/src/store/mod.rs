@@ -110,6 +110,19 @@ pub trait Requests: Send + Sync {
         patch: &RequestPatch,
     ) -> Result<Request, StoreError>;
 
+    /// Several writes in one transaction, in order: the engine's group commit. Each
+    /// transition is checked and applied as [`Requests::transition`], its outcome in its
+    /// slot (a status found changed, or an unknown request, is an error there and changes
+    /// nothing); an `Audit` write's slot is `Ok(None)`. The entries of the transitions that
+    /// applied and of the `Audit` writes are appended in order, under one lock of the
+    /// chain's head, and each request changed names its newest entry (`audit_seq`). An
+    /// error of the group itself (the database; steps that cannot be written) is the outer
+    /// error: nothing of the group is stored.
+    async fn commit_group(
+        &self,
+        writes: &[GroupWrite],
+    ) -> Result<Vec<Result<Option<Request>, StoreError>>, StoreError>;
+
     /// Records the audit commit of a request (any status); only sets it once.
     async fn set_commit_id(&self, id: Uuid, commit_id: &str) -> Result<(), StoreError>;
 

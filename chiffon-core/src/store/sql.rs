@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use super::StoreError;
 use crate::audit::chain::{self, AuditKey};
-use crate::model::{AuditEntry, AuditVerification, NewAuditEntry};
+use crate::model::{AuditEntry, AuditVerification, NewAuditEntry, RequestStatus};
 
 /// Rows per multi-row INSERT (PostgreSQL allows 65535 bound parameters per statement,
 /// SQLite 32766).
@@ -69,6 +69,18 @@ pub(super) fn trunc(at: DateTime<Utc>) -> DateTime<Utc> {
 
 pub(super) fn sat_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Why a conditional update of request `id` from `from` changed nothing: it is unknown, or
+/// its status (`current`) is another.
+pub(super) fn why_not(id: Uuid, from: RequestStatus, current: Option<String>) -> StoreError {
+    match current {
+        None => StoreError::not_found(format!("request {id}")),
+        Some(s) => StoreError::Conflict {
+            message: format!("request {id} is {s}, not {from}"),
+            current: Some(s),
+        },
+    }
 }
 
 pub(super) fn step_conflict(task_id: Uuid, current: Option<String>) -> StoreError {
@@ -300,6 +312,91 @@ macro_rules! sql_store {
                 Ok(out)
             }
 
+            async fn request_status(&self, id: Uuid) -> Result<Option<String>, StoreError> {
+                sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db_err)
+            }
+
+            /// One transition inside a group's transaction: the outer error fails the group
+            /// (the database, steps that cannot be written), the inner one is this
+            /// transition's own outcome (illegal, changed meanwhile, unknown).
+            async fn transition_in(
+                &self,
+                tx: &mut sqlx::Transaction<'static, $Db>,
+                id: Uuid,
+                from: RequestStatus,
+                to: RequestStatus,
+                patch: &RequestPatch,
+            ) -> Result<Result<Request, StoreError>, StoreError> {
+                if !from.can_transition_to(to) {
+                    return Ok(Err(StoreError::Conflict {
+                        message: format!("illegal transition from {from} to {to}"),
+                        current: None,
+                    }));
+                }
+                let row = sqlx::query(concat!(
+                    "UPDATE tasks SET status = $1, updated_at = $2, plan = COALESCE($3, plan), \
+                     approver = COALESCE($4, approver), \
+                     approval_comment = COALESCE($5, approval_comment), \
+                     error = COALESCE($6, error), commit_id = COALESCE($7, commit_id) \
+                     WHERE id = $8 AND status = $9 RETURNING ",
+                    req_cols!()
+                ))
+                .bind(to.as_str())
+                .bind(ts(now()))
+                .bind(patch.plan.as_ref().map(Json))
+                .bind(&patch.approver)
+                .bind(&patch.approval_comment)
+                .bind(patch.error.as_ref().map(Json))
+                .bind(&patch.commit_id)
+                .bind(id)
+                .bind(from.as_str())
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(db_err)?;
+                let Some(row) = row else {
+                    let current: Option<String> =
+                        sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
+                            .bind(id)
+                            .fetch_optional(&mut **tx)
+                            .await
+                            .map_err(db_err)?;
+                    return Ok(Err(why_not(id, from, current)));
+                };
+                if let Some(plan) = &patch.plan {
+                    for (n, chunk) in plan.steps.chunks(INSERT_CHUNK).enumerate() {
+                        let mut q = QueryBuilder::<$Db>::new(
+                            "INSERT INTO plan_steps (task_id, request_id, seq, action, parameters, \
+                             agent_type, resources, status) ",
+                        );
+                        q.push_values(chunk.iter().enumerate(), |mut b, (i, s)| {
+                            b.push_bind(Uuid::now_v7())
+                                .push_bind(id)
+                                .push_bind((n * INSERT_CHUNK + i) as i64)
+                                .push_bind(&s.action)
+                                .push_bind(Json(&s.parameters))
+                                .push_bind(&s.agent_type)
+                                .push_bind(Json(&s.resources))
+                                .push_bind(StepStatus::Pending.as_str());
+                        });
+                        q.build()
+                            .execute(&mut **tx)
+                            .await
+                            .map_err(|e| match db_err(e) {
+                                StoreError::Conflict { current, .. } => StoreError::Conflict {
+                                    message: format!("request {id} already has steps"),
+                                    current,
+                                },
+                                e => e,
+                            })?;
+                    }
+                }
+                Ok(request_from_row(&row))
+            }
+
             async fn step_status(&self, task_id: Uuid) -> Result<Option<String>, StoreError> {
                 sqlx::query_scalar("SELECT status FROM plan_steps WHERE task_id = $1")
                     .bind(task_id)
@@ -498,11 +595,20 @@ macro_rules! sql_store {
                 }
                 // One statement is atomic by itself: a transaction only when steps or audit entries
                 // go in with it.
-                let mut tx = if patch.plan.is_some() || !patch.audit.is_empty() {
-                    Some(self.pool.begin_with(BEGIN_WRITE).await.map_err(db_err)?)
-                } else {
-                    None
-                };
+                if patch.plan.is_some() || !patch.audit.is_empty() {
+                    let write = GroupWrite::Transition {
+                        id,
+                        from,
+                        to,
+                        patch: Box::new(patch.clone()),
+                    };
+                    let mut slots = self.commit_group(std::slice::from_ref(&write)).await?;
+                    return match slots.pop() {
+                        Some(Ok(Some(req))) => Ok(req),
+                        Some(Err(e)) => Err(e),
+                        _ => Err(StoreError::Corrupt("a transition without its outcome".into())),
+                    };
+                }
                 let update = sqlx::query(concat!(
                     "UPDATE tasks SET status = $1, updated_at = $2, plan = COALESCE($3, plan), \
                      approver = COALESCE($4, approver), \
@@ -519,73 +625,64 @@ macro_rules! sql_store {
                 .bind(patch.error.as_ref().map(Json))
                 .bind(&patch.commit_id)
                 .bind(id)
-                .bind(from.as_str());
-                let row = match tx.as_mut() {
-                    Some(tx) => update.fetch_optional(&mut **tx).await,
-                    None => update.fetch_optional(&self.pool).await,
-                }
+                .bind(from.as_str())
+                .fetch_optional(&self.pool)
+                .await
                 .map_err(db_err)?;
-                let Some(row) = row else {
-                    let read = sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1").bind(id);
-                    let current: Option<String> = match tx.as_mut() {
-                        Some(tx) => read.fetch_optional(&mut **tx).await,
-                        None => read.fetch_optional(&self.pool).await,
-                    }
-                    .map_err(db_err)?;
-                    return Err(match current {
-                        None => StoreError::not_found(format!("request {id}")),
-                        Some(s) => StoreError::Conflict {
-                            message: format!("request {id} is {s}, not {from}"),
-                            current: Some(s),
-                        },
-                    });
-                };
-                if let (Some(plan), Some(tx)) = (&patch.plan, tx.as_mut()) {
-                    for (n, chunk) in plan.steps.chunks(INSERT_CHUNK).enumerate() {
-                        let mut q = QueryBuilder::<$Db>::new(
-                            "INSERT INTO plan_steps (task_id, request_id, seq, action, parameters, \
-                             agent_type, resources, status) ",
-                        );
-                        q.push_values(chunk.iter().enumerate(), |mut b, (i, s)| {
-                            b.push_bind(Uuid::now_v7())
-                                .push_bind(id)
-                                .push_bind((n * INSERT_CHUNK + i) as i64)
-                                .push_bind(&s.action)
-                                .push_bind(Json(&s.parameters))
-                                .push_bind(&s.agent_type)
-                                .push_bind(Json(&s.resources))
-                                .push_bind(StepStatus::Pending.as_str());
-                        });
-                        q.build()
-                            .execute(&mut **tx)
-                            .await
-                            .map_err(|e| match db_err(e) {
-                                StoreError::Conflict { current, .. } => StoreError::Conflict {
-                                    message: format!("request {id} already has steps"),
-                                    current,
-                                },
-                                e => e,
-                            })?;
-                    }
+                match update {
+                    Some(row) => request_from_row(&row),
+                    None => Err(why_not(id, from, self.request_status(id).await?)),
                 }
-                let req = request_from_row(&row)?;
-                if let Some(mut tx) = tx {
-                    if !patch.audit.is_empty() {
-                        let written = self.append_audit_in(&mut tx, &patch.audit).await?;
-                        // The request names its newest entry: verify finds it gone if the log is
-                        // cut back (the row is locked by the update above already).
-                        if let Some(last) = written.last() {
-                            sqlx::query("UPDATE tasks SET audit_seq = $1 WHERE id = $2")
-                                .bind(last.seq)
-                                .bind(id)
-                                .execute(&mut *tx)
-                                .await
-                                .map_err(db_err)?;
+            }
+
+            async fn commit_group(
+                &self,
+                writes: &[GroupWrite],
+            ) -> Result<Vec<Result<Option<Request>, StoreError>>, StoreError> {
+                if writes.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let mut tx = self.pool.begin_with(BEGIN_WRITE).await.map_err(db_err)?;
+                let mut out = Vec::with_capacity(writes.len());
+                let mut entries: Vec<NewAuditEntry> = Vec::new();
+                // (request, index of its newest entry in `entries`)
+                let mut newest: Vec<(Uuid, usize)> = Vec::new();
+                for w in writes {
+                    match w {
+                        GroupWrite::Transition {
+                            id,
+                            from,
+                            to,
+                            patch,
+                        } => {
+                            let slot = self.transition_in(&mut tx, *id, *from, *to, patch).await?;
+                            if slot.is_ok() && !patch.audit.is_empty() {
+                                entries.extend(patch.audit.iter().cloned());
+                                newest.push((*id, entries.len() - 1));
+                            }
+                            out.push(slot.map(Some));
+                        }
+                        GroupWrite::Audit(e) => {
+                            entries.extend(e.iter().cloned());
+                            out.push(Ok(None));
                         }
                     }
-                    tx.commit().await.map_err(db_err)?;
                 }
-                Ok(req)
+                if !entries.is_empty() {
+                    let written = self.append_audit_in(&mut tx, &entries).await?;
+                    // Each request names its newest entry: verify finds it gone if the log is cut
+                    // back (the rows are locked by the updates above already).
+                    for (id, i) in newest {
+                        sqlx::query("UPDATE tasks SET audit_seq = $1 WHERE id = $2")
+                            .bind(written[i].seq)
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_err)?;
+                    }
+                }
+                tx.commit().await.map_err(db_err)?;
+                Ok(out)
             }
 
             async fn set_commit_id(&self, id: Uuid, commit_id: &str) -> Result<(), StoreError> {
