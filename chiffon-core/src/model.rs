@@ -193,6 +193,12 @@ pub struct NewRequest {
 /// One write of a group commit ([`crate::store::Requests::commit_group`]).
 #[derive(Debug, Clone)]
 pub enum GroupWrite {
+    /// A new request (in `planning`) and its entries (its `received`). A duplicate id is a
+    /// `Conflict` in its slot and stores nothing.
+    Create {
+        request: Box<NewRequest>,
+        audit: Vec<NewAuditEntry>,
+    },
     /// A conditional status change, as [`crate::store::Requests::transition`].
     Transition {
         id: Uuid,

@@ -388,20 +388,32 @@ impl Engine {
                 .unwrap_or_else(|| "anonymous".into()),
             dry_run: req.dry_run,
         };
-        let request = match self.inner.store.create_request(&new).await {
-            Ok(r) => r,
+        // Stored with its `received` entry, group-committed with other callers' writes; a
+        // resubmitted id stores neither again. Redaction choke point: no configured secret
+        // reaches the audit log.
+        let received = self.inner.config.redactor.redact_audit(vec![NewAuditEntry {
+            request_id: Some(new.id),
+            actor: new.requester.clone(),
+            event: AuditEvent::Received,
+            details: json!({ "text": new.text, "dry_run": new.dry_run, "trace_id": new.trace_id }),
+        }]);
+        let id = new.id;
+        let created = self
+            .group_write(GroupWrite::Create {
+                request: Box::new(new),
+                audit: received,
+            })
+            .await;
+        let request = match created {
+            Ok(Some(r)) => r,
             Err(StoreError::Conflict { .. }) => {
-                return Ok(self.inner.store.get_request(new.id).await?)
+                return Ok(self.inner.store.get_request(id).await?)
+            }
+            Ok(None) => {
+                return Err(StoreError::Corrupt("a new request without its row".into()).into())
             }
             Err(e) => return Err(e.into()),
         };
-        self.audit(vec![NewAuditEntry {
-            request_id: Some(request.id),
-            actor: request.requester.clone(),
-            event: AuditEvent::Received,
-            details: json!({ "text": request.text, "dry_run": request.dry_run, "trace_id": request.trace_id }),
-        }])
-        .await;
         let engine = self.clone();
         let r = request.clone();
         self.inner

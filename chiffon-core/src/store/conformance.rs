@@ -679,6 +679,24 @@ pub async fn group_commit(h: &Harness) {
     assert_eq!(s.audit_log(None, 0, 100).await.unwrap().len(), 3);
     assert!(s.verify_audit().await.unwrap().ok);
     assert!(s.commit_group(&[]).await.unwrap().is_empty());
+    // A new request with its entry; its id again is a conflict in its slot, and nothing.
+    let c = new_request("c");
+    let create = GroupWrite::Create {
+        request: Box::new(c.clone()),
+        audit: vec![audit_entry(Some(c.id), AuditEvent::Received, 8)],
+    };
+    let slots = s
+        .commit_group(&[create.clone(), create.clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        slots[0].as_ref().unwrap().as_ref().unwrap().status,
+        RequestStatus::Planning
+    );
+    assert_conflict(slots[1].as_ref().map(|_| ()).map_err(clone_err), None);
+    assert_eq!(s.audit_log(Some(c.id), 0, 10).await.unwrap().len(), 1);
+    let v = s.verify_audit().await.unwrap();
+    assert!(v.ok, "{v:?}");
 }
 
 fn clone_err(e: &StoreError) -> StoreError {

@@ -110,10 +110,11 @@ pub trait Requests: Send + Sync {
         patch: &RequestPatch,
     ) -> Result<Request, StoreError>;
 
-    /// Several writes in one transaction, in order: the engine's group commit. Each
-    /// transition is checked and applied as [`Requests::transition`], its outcome in its
-    /// slot (a status found changed, or an unknown request, is an error there and changes
-    /// nothing); an `Audit` write's slot is `Ok(None)`. The entries of the transitions that
+    /// Several writes in one transaction, in order: the engine's group commit. A `Create`
+    /// inserts a request as [`Requests::create_request`] (a duplicate id is a `Conflict` in
+    /// its slot); each transition is checked and applied as [`Requests::transition`], its
+    /// outcome in its slot (a status found changed, or an unknown request, is an error there
+    /// and changes nothing); an `Audit` write's slot is `Ok(None)`. The entries of the transitions that
     /// applied and of the `Audit` writes are appended in order, under one lock of the
     /// chain's head, and each request changed names its newest entry (`audit_seq`). An
     /// error of the group itself (the database; steps that cannot be written) is the outer

@@ -320,6 +320,39 @@ macro_rules! sql_store {
                     .map_err(db_err)
             }
 
+            /// One new request inside a group's transaction: a duplicate id is its own
+            /// outcome (nothing inserted, the group goes on), not the group's error.
+            async fn create_in(
+                &self,
+                tx: &mut sqlx::Transaction<'static, $Db>,
+                req: &NewRequest,
+            ) -> Result<Result<Request, StoreError>, StoreError> {
+                let row = sqlx::query(concat!(
+                    "INSERT INTO tasks (id, trace_id, text, requester, dry_run, status, created_at, \
+                     updated_at, submitted_by) \
+                     VALUES ($1, $2, $3, $4, $5, 'planning', $6, $6, $7) \
+                     ON CONFLICT (id) DO NOTHING RETURNING ",
+                    req_cols!()
+                ))
+                .bind(req.id)
+                .bind(&req.trace_id)
+                .bind(&req.text)
+                .bind(&req.requester)
+                .bind(req.dry_run)
+                .bind(ts(now()))
+                .bind(&req.submitted_by)
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(db_err)?;
+                Ok(match row {
+                    Some(row) => request_from_row(&row),
+                    None => Err(StoreError::Conflict {
+                        message: format!("request {} already exists", req.id),
+                        current: None,
+                    }),
+                })
+            }
+
             /// One transition inside a group's transaction: the outer error fails the group
             /// (the database, steps that cannot be written), the inner one is this
             /// transition's own outcome (illegal, changed meanwhile, unknown).
@@ -659,6 +692,14 @@ macro_rules! sql_store {
                             if slot.is_ok() && !patch.audit.is_empty() {
                                 entries.extend(patch.audit.iter().cloned());
                                 newest.push((*id, entries.len() - 1));
+                            }
+                            out.push(slot.map(Some));
+                        }
+                        GroupWrite::Create { request, audit } => {
+                            let slot = self.create_in(&mut tx, request).await?;
+                            if slot.is_ok() && !audit.is_empty() {
+                                entries.extend(audit.iter().cloned());
+                                newest.push((request.id, entries.len() - 1));
                             }
                             out.push(slot.map(Some));
                         }
