@@ -256,9 +256,8 @@ pub(super) struct Inner {
     pub tasks: TaskTracker,
     pub metrics: Metrics,
     pub declared: Mutex<std::collections::HashSet<String>>,
-    /// Memory promised to agents by dispatches their last heartbeat cannot show yet:
-    /// agent id → (task, GiB, dispatched at).
-    /// The audit log's group-commit task, started on first use.
+    /// The group-commit task for new requests, status changes and audit entries, started on
+    /// first use.
     pub group_writer: std::sync::OnceLock<tokio::sync::mpsc::Sender<GroupJob>>,
     /// The git trail's group-commit task, started on first use.
     pub git_writer: std::sync::OnceLock<tokio::sync::mpsc::Sender<GitJob>>,
@@ -267,6 +266,8 @@ pub(super) struct Inner {
     pub git_busy_since: Arc<Mutex<Option<std::time::Instant>>>,
     /// Requests this instance is planning now.
     pub planning_now: Mutex<std::collections::HashSet<Uuid>>,
+    /// Memory promised to agents by dispatches their last heartbeat cannot show yet:
+    /// agent id → (task, GiB, dispatched at).
     pub reservations: Mutex<std::collections::HashMap<String, Vec<Reservation>>>,
     /// Senders whose messages were dead-lettered, for `GET /agents` and quiet logs.
     pub rejected: super::rejected::RejectedLog,
