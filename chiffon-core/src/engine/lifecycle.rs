@@ -74,8 +74,10 @@ type GroupJob = (
 /// Most writes one group commit holds.
 const GROUP_BATCH: usize = 256;
 
-/// Tries after the first while the database is unavailable (backoff 250 ms doubling to 8 s).
-const GROUP_RETRIES: u32 = 7;
+/// Tries after the first while the database is unavailable: backoff from 100 ms doubling
+/// to 1 s (with jitter), about 24 s in all. The pauses stay short because status changes
+/// wait on this writer: once the database is back, work goes on within a second.
+const GROUP_RETRIES: u32 = 34;
 
 /// The same error again, for each waiter of a group that failed whole.
 fn each_waiter(e: &StoreError) -> StoreError {
@@ -145,8 +147,8 @@ async fn commit_retrying(
     writes: &[GroupWrite],
 ) -> Result<Vec<Result<Option<Request>, StoreError>>, StoreError> {
     let backoff = crate::retry::Backoff {
-        initial: std::time::Duration::from_millis(250),
-        max: std::time::Duration::from_secs(8),
+        initial: std::time::Duration::from_millis(100),
+        max: std::time::Duration::from_secs(1),
     };
     let mut retry = 0;
     loop {
