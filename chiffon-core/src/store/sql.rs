@@ -312,14 +312,6 @@ macro_rules! sql_store {
                 Ok(out)
             }
 
-            async fn request_status(&self, id: Uuid) -> Result<Option<String>, StoreError> {
-                sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
-                    .bind(id)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(db_err)
-            }
-
             /// One new request inside a group's transaction: a duplicate id is its own
             /// outcome (nothing inserted, the group goes on), not the group's error.
             async fn create_in(
@@ -620,51 +612,18 @@ macro_rules! sql_store {
                 to: RequestStatus,
                 patch: &RequestPatch,
             ) -> Result<Request, StoreError> {
-                if !from.can_transition_to(to) {
-                    return Err(StoreError::Conflict {
-                        message: format!("illegal transition from {from} to {to}"),
-                        current: None,
-                    });
-                }
-                // One statement is atomic by itself: a transaction only when steps or audit entries
-                // go in with it.
-                if patch.plan.is_some() || !patch.audit.is_empty() {
-                    let write = GroupWrite::Transition {
-                        id,
-                        from,
-                        to,
-                        patch: Box::new(patch.clone()),
-                    };
-                    let mut slots = self.commit_group(std::slice::from_ref(&write)).await?;
-                    return match slots.pop() {
-                        Some(Ok(Some(req))) => Ok(req),
-                        Some(Err(e)) => Err(e),
-                        _ => Err(StoreError::Corrupt("a transition without its outcome".into())),
-                    };
-                }
-                let update = sqlx::query(concat!(
-                    "UPDATE tasks SET status = $1, updated_at = $2, plan = COALESCE($3, plan), \
-                     approver = COALESCE($4, approver), \
-                     approval_comment = COALESCE($5, approval_comment), \
-                     error = COALESCE($6, error), commit_id = COALESCE($7, commit_id) \
-                     WHERE id = $8 AND status = $9 RETURNING ",
-                    req_cols!()
-                ))
-                .bind(to.as_str())
-                .bind(ts(now()))
-                .bind(patch.plan.as_ref().map(Json))
-                .bind(&patch.approver)
-                .bind(&patch.approval_comment)
-                .bind(patch.error.as_ref().map(Json))
-                .bind(&patch.commit_id)
-                .bind(id)
-                .bind(from.as_str())
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db_err)?;
-                match update {
-                    Some(row) => request_from_row(&row),
-                    None => Err(why_not(id, from, self.request_status(id).await?)),
+                // A group of one: the change, its steps and its entries in one transaction.
+                let write = GroupWrite::Transition {
+                    id,
+                    from,
+                    to,
+                    patch: Box::new(patch.clone()),
+                };
+                let mut slots = self.commit_group(std::slice::from_ref(&write)).await?;
+                match slots.pop() {
+                    Some(Ok(Some(req))) => Ok(req),
+                    Some(Err(e)) => Err(e),
+                    _ => Err(StoreError::Corrupt("a transition without its outcome".into())),
                 }
             }
 
