@@ -206,8 +206,29 @@ pub enum GroupWrite {
         to: RequestStatus,
         patch: Box<RequestPatch>,
     },
+    /// A conditional step change, as [`crate::store::Steps::update_step`], with the log
+    /// lines and audit entries of what it records (a result).
+    Step {
+        task_id: Uuid,
+        from: Vec<StepStatus>,
+        to: StepStatus,
+        patch: Box<StepPatch>,
+        logs: Vec<NewLogLine>,
+        audit: Vec<NewAuditEntry>,
+    },
     /// Audit entries no status change carries.
     Audit(Vec<NewAuditEntry>),
+}
+
+/// What one write of a group commit stored.
+#[derive(Debug, Clone)]
+pub enum Written {
+    /// The request as created or changed.
+    Request(Request),
+    /// The step as changed.
+    Step(Step),
+    /// Audit entries appended.
+    Appended,
 }
 
 /// Fields a transition may set along with the status. `None` leaves a field as it is.

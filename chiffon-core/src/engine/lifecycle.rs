@@ -2,7 +2,7 @@
 
 use super::gate;
 use crate::audit::{entries, AuditEvent};
-use crate::model::GroupWrite;
+use crate::model::{GroupWrite, Written};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -68,7 +68,7 @@ impl Metrics {
 /// One write for the group writer and where its outcome goes.
 type GroupJob = (
     GroupWrite,
-    tokio::sync::oneshot::Sender<Result<Option<Request>, StoreError>>,
+    tokio::sync::oneshot::Sender<Result<Written, StoreError>>,
 );
 
 /// Most writes one group commit holds.
@@ -121,7 +121,9 @@ fn spawn_group_writer(store: Arc<dyn Store>) -> tokio::sync::mpsc::Sender<GroupJ
                     for (w, done) in writes.iter().zip(waiters) {
                         let slot =
                             match commit_retrying(store.as_ref(), std::slice::from_ref(w)).await {
-                                Ok(mut slots) => slots.pop().unwrap_or(Ok(None)),
+                                Ok(mut slots) => slots.pop().unwrap_or_else(|| {
+                                    Err(StoreError::Corrupt("a write without its outcome".into()))
+                                }),
                                 Err(e) => Err(e),
                             };
                         let _ = done.send(slot);
@@ -145,7 +147,7 @@ fn spawn_group_writer(store: Arc<dyn Store>) -> tokio::sync::mpsc::Sender<GroupJ
 async fn commit_retrying(
     store: &dyn Store,
     writes: &[GroupWrite],
-) -> Result<Vec<Result<Option<Request>, StoreError>>, StoreError> {
+) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
     let backoff = crate::retry::Backoff {
         initial: std::time::Duration::from_millis(100),
         max: std::time::Duration::from_secs(1),
@@ -408,13 +410,11 @@ impl Engine {
             })
             .await;
         let request = match created {
-            Ok(Some(r)) => r,
+            Ok(Written::Request(r)) => r,
             Err(StoreError::Conflict { .. }) => {
                 return Ok(self.inner.store.get_request(id).await?)
             }
-            Ok(None) => {
-                return Err(StoreError::Corrupt("a new request without its row".into()).into())
-            }
+            Ok(_) => return Err(StoreError::Corrupt("a new request without its row".into()).into()),
             Err(e) => return Err(e.into()),
         };
         let engine = self.clone();
@@ -1263,7 +1263,7 @@ impl Engine {
         // Group-committed with other callers' writes, its entries with it; waits through a
         // database outage (a change whose commit was lost on the way back comes back as a
         // conflict, stored once).
-        let updated = self
+        let updated = match self
             .group_write(GroupWrite::Transition {
                 id,
                 from,
@@ -1271,7 +1271,14 @@ impl Engine {
                 patch: Box::new(patch),
             })
             .await?
-            .ok_or_else(|| StoreError::Corrupt("a status change without its outcome".into()))?;
+        {
+            Written::Request(r) => r,
+            _ => {
+                return Err(
+                    StoreError::Corrupt("a status change without its outcome".into()).into(),
+                )
+            }
+        };
         // No receiver (no notifier configured) is fine.
         let _ = self.inner.status_changes.send(updated.clone());
         self.inner.events.publish(EngineEvent::Status {
@@ -1522,7 +1529,7 @@ impl Engine {
     }
 
     /// Hands a write to the group writer and waits for its outcome.
-    async fn group_write(&self, write: GroupWrite) -> Result<Option<Request>, StoreError> {
+    pub(super) async fn group_write(&self, write: GroupWrite) -> Result<Written, StoreError> {
         let writer = self
             .inner
             .group_writer

@@ -1,6 +1,7 @@
 //! The engine's background work: intake, results, dispatch, timeouts, expiry, repair.
 
 use crate::audit::AuditEvent;
+use crate::model::GroupWrite;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -596,27 +597,8 @@ impl Engine {
                 _ => StepStatus::Failed,
             }
         };
-        match self
-            .inner
-            .store
-            .update_step(step.task_id, &active, to, &patch)
-            .await
-        {
-            Ok(_) => {}
-            Err(StoreError::Conflict { .. }) => {
-                // Another copy of this result (or a timeout) got there first.
-                let step = self.inner.store.get_step(step.task_id).await?;
-                self.duplicate_result(&step, r, publisher).await;
-                return Ok(());
-            }
-            Err(e) => return Err(e.into()),
-        }
-        self.inner.metrics.results.fetch_add(1, Ordering::Relaxed);
-        if let Some(d) = step.dispatched_at {
-            self.inner
-                .metrics
-                .observe_latency(((now - d).num_microseconds().unwrap_or(0) as f64 / 1e6).max(0.0));
-        }
+        // What the result records, built first: the step's change, its log lines and its
+        // audit entry commit together (group-committed with other callers' writes).
         let mut lines = Vec::new();
         if step.status == StepStatus::Dispatched {
             // No status of this attempt came first, so none carried its lines: the result's
@@ -630,22 +612,9 @@ impl Engine {
                     progress: None,
                     message: line.to_string(),
                 });
-                self.inner.events.publish(EngineEvent::Output {
-                    request_id: step.request_id,
-                    task_id: step.task_id,
-                    seq: step.seq,
-                    line: line.to_string(),
-                    at: env.timestamp,
-                });
             }
         }
-        self.inner.events.publish(EngineEvent::Step {
-            request_id: step.request_id,
-            task_id: step.task_id,
-            seq: step.seq,
-            status: to,
-            at: now,
-        });
+        let output_lines = lines.len();
         lines.push(NewLogLine {
             request_id: step.request_id,
             task_id: Some(step.task_id),
@@ -669,7 +638,6 @@ impl Engine {
                 ),
             },
         });
-        self.log_lines(lines).await;
         let mut details = json!({
             "task_id": step.task_id, "seq": step.seq, "action": step.action, "attempt": step.attempt,
             "agent_id": r.agent_id, "status": r.status, "duration_seconds": r.duration_seconds,
@@ -684,17 +652,55 @@ impl Engine {
         } else {
             AuditEvent::StepResult
         };
-        if retry {
-            self.inner.metrics.retries.fetch_add(1, Ordering::Relaxed);
-        }
-        self.audit(vec![NewAuditEntry {
+        // Redaction choke point: no configured secret reaches the audit log.
+        let audit = self.inner.config.redactor.redact_audit(vec![NewAuditEntry {
             request_id: Some(step.request_id),
             actor: r.agent_id.clone().unwrap_or_else(|| "agent".into()),
             event,
             details,
-        }])
-        .await;
+        }]);
+        let write = GroupWrite::Step {
+            task_id: step.task_id,
+            from: active.to_vec(),
+            to,
+            patch: Box::new(patch),
+            logs: lines.clone(),
+            audit,
+        };
+        match self.group_write(write).await {
+            Ok(_) => {}
+            Err(StoreError::Conflict { .. }) => {
+                // Another copy of this result (or a timeout) got there first.
+                let step = self.inner.store.get_step(step.task_id).await?;
+                self.duplicate_result(&step, r, publisher).await;
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.inner.metrics.results.fetch_add(1, Ordering::Relaxed);
+        if let Some(d) = step.dispatched_at {
+            self.inner
+                .metrics
+                .observe_latency(((now - d).num_microseconds().unwrap_or(0) as f64 / 1e6).max(0.0));
+        }
+        for l in &lines[..output_lines] {
+            self.inner.events.publish(EngineEvent::Output {
+                request_id: step.request_id,
+                task_id: step.task_id,
+                seq: step.seq,
+                line: l.message.clone(),
+                at: env.timestamp,
+            });
+        }
+        self.inner.events.publish(EngineEvent::Step {
+            request_id: step.request_id,
+            task_id: step.task_id,
+            seq: step.seq,
+            status: to,
+            at: now,
+        });
         if retry {
+            self.inner.metrics.retries.fetch_add(1, Ordering::Relaxed);
             self.inner.wake.notify_one();
             return Ok(());
         }

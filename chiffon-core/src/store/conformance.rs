@@ -627,17 +627,14 @@ pub async fn group_commit(h: &Harness) {
         .await
         .unwrap();
     assert_eq!(slots.len(), 5);
-    assert!(matches!(slots[0], Ok(None)));
-    assert_eq!(
-        slots[1].as_ref().unwrap().as_ref().unwrap().status,
-        RequestStatus::Queued
-    );
+    assert!(matches!(slots[0], Ok(Written::Appended)));
+    assert_eq!(written_request(&slots[1]).status, RequestStatus::Queued);
     assert_conflict(
         slots[2].as_ref().map(|_| ()).map_err(clone_err),
         Some("planning"),
     );
     assert_not_found(slots[3].as_ref().map(|_| ()).map_err(clone_err));
-    assert!(matches!(slots[4], Ok(None)));
+    assert!(matches!(slots[4], Ok(Written::Appended)));
     assert_eq!(s.steps(a.id).await.unwrap().len(), 2);
     let ns: Vec<serde_json::Value> = s
         .audit_log(None, 0, 100)
@@ -689,14 +686,61 @@ pub async fn group_commit(h: &Harness) {
         .commit_group(&[create.clone(), create.clone()])
         .await
         .unwrap();
-    assert_eq!(
-        slots[0].as_ref().unwrap().as_ref().unwrap().status,
-        RequestStatus::Planning
-    );
+    assert_eq!(written_request(&slots[0]).status, RequestStatus::Planning);
     assert_conflict(slots[1].as_ref().map(|_| ()).map_err(clone_err), None);
     assert_eq!(s.audit_log(Some(c.id), 0, 10).await.unwrap().len(), 1);
+    // A step change with its log lines and entries; one that lost its race stores neither.
+    let first = s.steps(a.id).await.unwrap()[0].clone();
+    let step_write = |from: StepStatus, n| GroupWrite::Step {
+        task_id: first.task_id,
+        from: vec![from],
+        to: StepStatus::Ready,
+        patch: Box::default(),
+        logs: vec![NewLogLine {
+            request_id: a.id,
+            task_id: Some(first.task_id),
+            at: Utc::now(),
+            kind: "result".into(),
+            progress: None,
+            message: format!("line {n}"),
+        }],
+        audit: vec![audit_entry(Some(a.id), AuditEvent::StepResult, n)],
+    };
+    let slots = s
+        .commit_group(&[
+            step_write(StepStatus::Pending, 9),
+            step_write(StepStatus::Pending, 10),
+        ])
+        .await
+        .unwrap();
+    match &slots[0] {
+        Ok(Written::Step(step)) => assert_eq!(step.status, StepStatus::Ready),
+        other => panic!("expected the step, got {other:?}"),
+    }
+    assert_conflict(
+        slots[1].as_ref().map(|_| ()).map_err(clone_err),
+        Some("ready"),
+    );
+    let logs = s.logs(a.id, None, 10).await.unwrap();
+    let messages: Vec<&str> = logs.iter().map(|l| l.line.message.as_str()).collect();
+    assert_eq!(messages, ["line 9"]);
+    let ns: Vec<serde_json::Value> = s
+        .audit_log(Some(a.id), 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.details["n"].clone())
+        .collect();
+    assert_eq!(ns, [json!(1), json!(2), json!(9)]);
     let v = s.verify_audit().await.unwrap();
     assert!(v.ok, "{v:?}");
+}
+
+fn written_request(slot: &Result<Written, StoreError>) -> &Request {
+    match slot {
+        Ok(Written::Request(r)) => r,
+        other => panic!("expected a request, got {other:?}"),
+    }
 }
 
 fn clone_err(e: &StoreError) -> StoreError {

@@ -114,15 +114,16 @@ pub trait Requests: Send + Sync {
     /// inserts a request as [`Requests::create_request`] (a duplicate id is a `Conflict` in
     /// its slot); each transition is checked and applied as [`Requests::transition`], its
     /// outcome in its slot (a status found changed, or an unknown request, is an error there
-    /// and changes nothing); an `Audit` write's slot is `Ok(None)`. The entries of the transitions that
-    /// applied and of the `Audit` writes are appended in order, under one lock of the
-    /// chain's head, and each request changed names its newest entry (`audit_seq`). An
+    /// and changes nothing); a `Step` change likewise, as [`Steps::update_step`], with its
+    /// log lines; an `Audit` write's slot is `Appended`. The entries of the writes that
+    /// applied are appended in order, under one lock of the chain's head, and each request
+    /// created or changed names its newest entry (`audit_seq`). An
     /// error of the group itself (the database; steps that cannot be written) is the outer
     /// error: nothing of the group is stored.
     async fn commit_group(
         &self,
         writes: &[GroupWrite],
-    ) -> Result<Vec<Result<Option<Request>, StoreError>>, StoreError>;
+    ) -> Result<Vec<Result<Written, StoreError>>, StoreError>;
 
     /// Records the audit commit of a request (any status); only sets it once.
     async fn set_commit_id(&self, id: Uuid, commit_id: &str) -> Result<(), StoreError>;

@@ -312,6 +312,92 @@ macro_rules! sql_store {
                 Ok(out)
             }
 
+            /// A conditional step change on `conn` (alone, or inside a group's transaction):
+            /// the outer error is the database's, the inner one this change's own outcome
+            /// (changed meanwhile, unknown).
+            async fn update_step_in(
+                &self,
+                conn: &mut <$Db as sqlx::Database>::Connection,
+                task_id: Uuid,
+                from: &[StepStatus],
+                to: StepStatus,
+                patch: &StepPatch,
+            ) -> Result<Result<Step, StoreError>, StoreError> {
+                // A step that becomes ready joins the dispatch queue now unless told otherwise.
+                let ready_at = patch
+                    .ready_at
+                    .or_else(|| (to == StepStatus::Ready).then(Utc::now));
+                let row = sqlx::query(concat!(
+                    "UPDATE plan_steps SET status = $1, attempt = COALESCE($2, attempt), \
+                     agent_id = COALESCE($3, agent_id), queue = COALESCE($4, queue), \
+                     progress = COALESCE($5, progress), output = COALESCE($6, output), \
+                     diff = COALESCE($7, diff), changed = COALESCE($8, changed), \
+                     error = COALESCE($9, error), ready_at = COALESCE($10, ready_at), \
+                     dispatched_at = COALESCE($11, dispatched_at), \
+                     deadline_at = COALESCE($12, deadline_at), \
+                     finished_at = COALESCE($13, finished_at), \
+                     not_before = COALESCE($14, not_before), claimed_by = NULL, claim_until = NULL \
+                     WHERE task_id = $15 AND status ",
+                    $one_of_16,
+                    " RETURNING ",
+                    step_cols!()
+                ))
+                .bind(to.as_str())
+                .bind(patch.attempt.map(i64::from))
+                .bind(&patch.agent_id)
+                .bind(&patch.queue)
+                .bind(patch.progress.map(i64::from))
+                .bind(&patch.output)
+                .bind(&patch.diff)
+                .bind(patch.changed)
+                .bind(patch.error.as_ref().map(Json))
+                .bind(ready_at.map(|t| ts(trunc(t))))
+                .bind(patch.dispatched_at.map(|t| ts(trunc(t))))
+                .bind(patch.deadline_at.map(|t| ts(trunc(t))))
+                .bind(patch.finished_at.map(|t| ts(trunc(t))))
+                .bind(patch.not_before.map(|t| ts(trunc(t))))
+                .bind(task_id)
+                .bind(status_list(from)?)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(db_err)?;
+                Ok(match row {
+                    Some(row) => step_from_row(&row),
+                    None => {
+                        let current: Option<String> =
+                            sqlx::query_scalar("SELECT status FROM plan_steps WHERE task_id = $1")
+                                .bind(task_id)
+                                .fetch_optional(&mut *conn)
+                                .await
+                                .map_err(db_err)?;
+                        Err(step_conflict(task_id, current))
+                    }
+                })
+            }
+
+            /// Inserts log lines on `conn`, in chunks of [`INSERT_CHUNK`] rows.
+            async fn append_logs_in(
+                &self,
+                conn: &mut <$Db as sqlx::Database>::Connection,
+                lines: &[NewLogLine],
+            ) -> Result<(), StoreError> {
+                for chunk in lines.chunks(INSERT_CHUNK) {
+                    let mut q = QueryBuilder::<$Db>::new(
+                        "INSERT INTO execution_logs (request_id, task_id, at, kind, progress, message) ",
+                    );
+                    q.push_values(chunk, |mut b, l| {
+                        b.push_bind(l.request_id)
+                            .push_bind(l.task_id)
+                            .push_bind(ts(trunc(l.at)))
+                            .push_bind(&l.kind)
+                            .push_bind(l.progress.map(i64::from))
+                            .push_bind(&l.message);
+                    });
+                    q.build().execute(&mut *conn).await.map_err(db_err)?;
+                }
+                Ok(())
+            }
+
             /// One new request inside a group's transaction: a duplicate id is its own
             /// outcome (nothing inserted, the group goes on), not the group's error.
             async fn create_in(
@@ -621,7 +707,7 @@ macro_rules! sql_store {
                 };
                 let mut slots = self.commit_group(std::slice::from_ref(&write)).await?;
                 match slots.pop() {
-                    Some(Ok(Some(req))) => Ok(req),
+                    Some(Ok(Written::Request(req))) => Ok(req),
                     Some(Err(e)) => Err(e),
                     _ => Err(StoreError::Corrupt("a transition without its outcome".into())),
                 }
@@ -630,7 +716,7 @@ macro_rules! sql_store {
             async fn commit_group(
                 &self,
                 writes: &[GroupWrite],
-            ) -> Result<Vec<Result<Option<Request>, StoreError>>, StoreError> {
+            ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
                 if writes.is_empty() {
                     return Ok(Vec::new());
                 }
@@ -652,7 +738,7 @@ macro_rules! sql_store {
                                 entries.extend(patch.audit.iter().cloned());
                                 newest.push((*id, entries.len() - 1));
                             }
-                            out.push(slot.map(Some));
+                            out.push(slot.map(Written::Request));
                         }
                         GroupWrite::Create { request, audit } => {
                             let slot = self.create_in(&mut tx, request).await?;
@@ -660,11 +746,28 @@ macro_rules! sql_store {
                                 entries.extend(audit.iter().cloned());
                                 newest.push((request.id, entries.len() - 1));
                             }
-                            out.push(slot.map(Some));
+                            out.push(slot.map(Written::Request));
+                        }
+                        GroupWrite::Step {
+                            task_id,
+                            from,
+                            to,
+                            patch,
+                            logs,
+                            audit,
+                        } => {
+                            let slot = self
+                                .update_step_in(&mut tx, *task_id, from, *to, patch)
+                                .await?;
+                            if slot.is_ok() {
+                                self.append_logs_in(&mut tx, logs).await?;
+                                entries.extend(audit.iter().cloned());
+                            }
+                            out.push(slot.map(Written::Step));
                         }
                         GroupWrite::Audit(e) => {
                             entries.extend(e.iter().cloned());
-                            out.push(Ok(None));
+                            out.push(Ok(Written::Appended));
                         }
                     }
                 }
@@ -821,48 +924,8 @@ macro_rules! sql_store {
                 to: StepStatus,
                 patch: &StepPatch,
             ) -> Result<Step, StoreError> {
-                // A step that becomes ready joins the dispatch queue now unless told otherwise.
-                let ready_at = patch
-                    .ready_at
-                    .or_else(|| (to == StepStatus::Ready).then(Utc::now));
-                let row = sqlx::query(concat!(
-                    "UPDATE plan_steps SET status = $1, attempt = COALESCE($2, attempt), \
-                     agent_id = COALESCE($3, agent_id), queue = COALESCE($4, queue), \
-                     progress = COALESCE($5, progress), output = COALESCE($6, output), \
-                     diff = COALESCE($7, diff), changed = COALESCE($8, changed), \
-                     error = COALESCE($9, error), ready_at = COALESCE($10, ready_at), \
-                     dispatched_at = COALESCE($11, dispatched_at), \
-                     deadline_at = COALESCE($12, deadline_at), \
-                     finished_at = COALESCE($13, finished_at), \
-                     not_before = COALESCE($14, not_before), claimed_by = NULL, claim_until = NULL \
-                     WHERE task_id = $15 AND status ",
-                    $one_of_16,
-                    " RETURNING ",
-                    step_cols!()
-                ))
-                .bind(to.as_str())
-                .bind(patch.attempt.map(i64::from))
-                .bind(&patch.agent_id)
-                .bind(&patch.queue)
-                .bind(patch.progress.map(i64::from))
-                .bind(&patch.output)
-                .bind(&patch.diff)
-                .bind(patch.changed)
-                .bind(patch.error.as_ref().map(Json))
-                .bind(ready_at.map(|t| ts(trunc(t))))
-                .bind(patch.dispatched_at.map(|t| ts(trunc(t))))
-                .bind(patch.deadline_at.map(|t| ts(trunc(t))))
-                .bind(patch.finished_at.map(|t| ts(trunc(t))))
-                .bind(patch.not_before.map(|t| ts(trunc(t))))
-                .bind(task_id)
-                .bind(status_list(from)?)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db_err)?;
-                match row {
-                    Some(row) => step_from_row(&row),
-                    None => Err(step_conflict(task_id, self.step_status(task_id).await?)),
-                }
+                let mut conn = self.pool.acquire().await.map_err(db_err)?;
+                self.update_step_in(&mut conn, task_id, from, to, patch).await?
             }
 
             async fn claim_ready_steps(
@@ -1021,32 +1084,20 @@ macro_rules! sql_store {
                     return Ok(());
                 }
                 // One chunk is one statement, atomic by itself: a transaction only for several.
-                let mut tx = if lines.len() > INSERT_CHUNK {
+                let tx = if lines.len() > INSERT_CHUNK {
                     Some(self.pool.begin_with(BEGIN_WRITE).await.map_err(db_err)?)
                 } else {
                     None
                 };
-                for chunk in lines.chunks(INSERT_CHUNK) {
-                    let mut q = QueryBuilder::<$Db>::new(
-                        "INSERT INTO execution_logs (request_id, task_id, at, kind, progress, message) ",
-                    );
-                    q.push_values(chunk, |mut b, l| {
-                        b.push_bind(l.request_id)
-                            .push_bind(l.task_id)
-                            .push_bind(ts(trunc(l.at)))
-                            .push_bind(&l.kind)
-                            .push_bind(l.progress.map(i64::from))
-                            .push_bind(&l.message);
-                    });
-                    match tx.as_mut() {
-                        Some(tx) => q.build().execute(&mut **tx).await,
-                        None => q.build().execute(&self.pool).await,
-                    }
-                    .map_err(db_err)?;
-                }
                 match tx {
-                    Some(tx) => tx.commit().await.map_err(db_err),
-                    None => Ok(()),
+                    Some(mut tx) => {
+                        self.append_logs_in(&mut tx, lines).await?;
+                        tx.commit().await.map_err(db_err)
+                    }
+                    None => {
+                        let mut conn = self.pool.acquire().await.map_err(db_err)?;
+                        self.append_logs_in(&mut conn, lines).await
+                    }
                 }
             }
 
