@@ -394,14 +394,13 @@ impl Engine {
             dry_run: req.dry_run,
         };
         // Stored with its `received` entry, group-committed with other callers' writes; a
-        // resubmitted id stores neither again. Redaction choke point: no configured secret
-        // reaches the audit log.
-        let received = self.inner.config.redactor.redact_audit(vec![NewAuditEntry {
+        // resubmitted id stores neither again.
+        let received = vec![NewAuditEntry {
             request_id: Some(new.id),
             actor: new.requester.clone(),
             event: AuditEvent::Received,
             details: json!({ "text": new.text, "dry_run": new.dry_run, "trace_id": new.trace_id }),
-        }]);
+        }];
         let id = new.id;
         let created = self
             .group_write(GroupWrite::Create {
@@ -1248,18 +1247,8 @@ impl Engine {
         id: Uuid,
         from: RequestStatus,
         to: RequestStatus,
-        mut patch: RequestPatch,
+        patch: RequestPatch,
     ) -> Result<Request, EngineError> {
-        // Redaction choke point: no configured secret is stored in a request's error.
-        if let Some(e) = patch.error.as_mut() {
-            self.inner.config.redactor.redact_error(e);
-        }
-        // ...nor an audit entry.
-        patch.audit = self
-            .inner
-            .config
-            .redactor
-            .redact_audit(std::mem::take(&mut patch.audit));
         // Group-committed with other callers' writes, its entries with it; waits through a
         // database outage (a change whose commit was lost on the way back comes back as a
         // conflict, stored once).
@@ -1520,8 +1509,6 @@ impl Engine {
         if entries.is_empty() {
             return;
         }
-        // Redaction choke point: no configured secret reaches the append-only audit log.
-        let entries = self.inner.config.redactor.redact_audit(entries);
         let n = entries.len();
         if let Err(e) = self.group_write(GroupWrite::Audit(entries)).await {
             tracing::error!(error = %e, entries = n, "audit append failed");
@@ -1529,7 +1516,21 @@ impl Engine {
     }
 
     /// Hands a write to the group writer and waits for its outcome.
-    pub(super) async fn group_write(&self, write: GroupWrite) -> Result<Written, StoreError> {
+    pub(super) async fn group_write(&self, mut write: GroupWrite) -> Result<Written, StoreError> {
+        // Redaction choke point: no configured secret reaches the append-only audit log or a
+        // request's error.
+        let redactor = &self.inner.config.redactor;
+        let entries = match &mut write {
+            GroupWrite::Create { audit, .. } | GroupWrite::Step { audit, .. } => audit,
+            GroupWrite::Transition { patch, .. } => {
+                if let Some(e) = patch.error.as_mut() {
+                    redactor.redact_error(e);
+                }
+                &mut patch.audit
+            }
+            GroupWrite::Audit(entries) => entries,
+        };
+        *entries = redactor.redact_audit(std::mem::take(entries));
         let writer = self
             .inner
             .group_writer

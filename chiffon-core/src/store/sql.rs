@@ -398,11 +398,12 @@ macro_rules! sql_store {
                 Ok(())
             }
 
-            /// One new request inside a group's transaction: a duplicate id is its own
-            /// outcome (nothing inserted, the group goes on), not the group's error.
+            /// One new request on `conn` (alone, or inside a group's transaction): a
+            /// duplicate id is its own outcome (nothing inserted, a group goes on), not the
+            /// database's error.
             async fn create_in(
                 &self,
-                tx: &mut sqlx::Transaction<'static, $Db>,
+                conn: &mut <$Db as sqlx::Database>::Connection,
                 req: &NewRequest,
             ) -> Result<Result<Request, StoreError>, StoreError> {
                 let row = sqlx::query(concat!(
@@ -419,7 +420,7 @@ macro_rules! sql_store {
                 .bind(req.dry_run)
                 .bind(ts(now()))
                 .bind(&req.submitted_by)
-                .fetch_optional(&mut **tx)
+                .fetch_optional(&mut *conn)
                 .await
                 .map_err(db_err)?;
                 Ok(match row {
@@ -623,30 +624,8 @@ macro_rules! sql_store {
         #[async_trait]
         impl Requests for $Store {
             async fn create_request(&self, req: &NewRequest) -> Result<Request, StoreError> {
-                let now = ts(now());
-                let row = sqlx::query(concat!(
-                    "INSERT INTO tasks (id, trace_id, text, requester, dry_run, status, created_at, \
-                     updated_at, submitted_by) \
-                     VALUES ($1, $2, $3, $4, $5, 'planning', $6, $6, $7) RETURNING ",
-                    req_cols!()
-                ))
-                .bind(req.id)
-                .bind(&req.trace_id)
-                .bind(&req.text)
-                .bind(&req.requester)
-                .bind(req.dry_run)
-                .bind(now)
-                .bind(&req.submitted_by)
-                .fetch_one(&self.pool)
-                .await
-                .map_err(|e| match db_err(e) {
-                    StoreError::Conflict { current, .. } => StoreError::Conflict {
-                        message: format!("request {} already exists", req.id),
-                        current,
-                    },
-                    e => e,
-                })?;
-                request_from_row(&row)
+                let mut conn = self.pool.acquire().await.map_err(db_err)?;
+                self.create_in(&mut conn, req).await?
             }
 
             async fn get_request(&self, id: Uuid) -> Result<Request, StoreError> {
