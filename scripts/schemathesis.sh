@@ -70,7 +70,8 @@ run() {
   if [ -n "$token" ]; then auth=(-H "Authorization: Bearer $token"); fi
   echo "== schemathesis ($mode) against $url"
   local status=0
-  (cd "$dir" && "$venv/bin/st" run "$url/openapi.json" "${auth[@]}" \
+  (cd "$dir" && "$venv/bin/st" --config-file "$root/scripts/schemathesis.toml" \
+    run "$url/openapi.json" "${auth[@]}" \
     --max-examples "$examples" \
     --request-timeout 10 \
     --workers 1 \
