@@ -326,6 +326,22 @@ impl System {
         panic!("request {id} never reached {status}");
     }
 
+    /// The request once its audit commit id is stored (the git trail writes it in the
+    /// background, just after the request ends).
+    async fn committed(&self, id: &str) -> Value {
+        for _ in 0..200 {
+            let (code, body) = self
+                .call("GET", &format!("/request/{id}"), Some("viewer-token"), None)
+                .await;
+            assert_eq!(code, 200, "{body}");
+            if body["commit_id"].is_string() {
+                return body;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("request {id} has no audit commit id after 20 s");
+    }
+
     async fn approve(&self, id: &str, approved: bool) {
         let (code, body) = self
             .call(
@@ -481,7 +497,7 @@ async fn request_plan_approve_ansible_completed() {
     );
 
     // The audit: the hash chain verifies, and the git trail has the commit, authored by the approver.
-    let commit = done["commit_id"]
+    let commit = sys.committed(&id).await["commit_id"]
         .as_str()
         .expect("commit id on the request")
         .to_string();
@@ -629,7 +645,7 @@ async fn cancel_while_running_stops_ansible() {
         !Path::new(&format!("/proc/{pid}")).exists(),
         "the playbook process is gone"
     );
-    assert!(body["commit_id"].is_string());
+    assert!(sys.committed(&id).await["commit_id"].is_string());
     sys.stop().await;
 }
 
@@ -780,7 +796,15 @@ async fn chiffon_up_with_sqlite_and_the_in_process_bus() {
     }
     assert_eq!(body["status"], "completed", "{body:#}");
     assert!(target.is_dir(), "ansible made the directory");
-    assert!(body["commit_id"].is_string());
+    // The audit commit id follows the end (written in the background).
+    for _ in 0..200 {
+        if body["commit_id"].is_string() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        body = cli(&["status", &id]);
+    }
+    assert!(body["commit_id"].is_string(), "{body:#}");
     let verify = chiffon(dir.path())
         .args(["audit", "verify"])
         .output()

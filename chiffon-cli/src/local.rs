@@ -269,15 +269,9 @@ async fn run_in(
         }
     }
     progress.finish();
-    // The audit commit is written right after the terminal status; give it a moment.
-    let mut end: RequestDto = engine.get(id).await?.into();
-    for _ in 0..100 {
-        if end.commit_id.is_some() || end.approver.is_none() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        end = engine.get(id).await?.into();
-    }
+    // The audit commit is written just after the terminal status; give it a moment.
+    engine.settled(id, Duration::from_secs(5)).await?;
+    let end: RequestDto = engine.get(id).await?.into();
     finish(&end, json)
 }
 

@@ -218,6 +218,14 @@ pub enum GroupWrite {
     },
     /// Audit entries no status change carries.
     Audit(Vec<NewAuditEntry>),
+    /// The git trail's outcome for an ended request: its commit id, or why it has none
+    /// (a failure that retrying cannot mend), with its entry. Stored once: a request that
+    /// has either already is a `Conflict` in its slot and stores nothing.
+    Commit {
+        id: Uuid,
+        commit: Result<String, String>,
+        audit: Vec<NewAuditEntry>,
+    },
 }
 
 /// What one write of a group commit stored.

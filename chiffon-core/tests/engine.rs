@@ -379,6 +379,12 @@ impl Harness {
         r
     }
 
+    /// The request once the git trail has stored its commit id (written in the background,
+    /// just after the request ends).
+    async fn committed(&self, id: Uuid) -> Request {
+        committed(&self.engine, id).await
+    }
+
     /// The request's audit events. An ended request's last entries are appended just
     /// after its status changes: wait (briefly) for them.
     async fn events(&self, id: Uuid) -> Vec<String> {
@@ -678,7 +684,8 @@ async fn cancel_while_queued_and_awaiting(backend: &str) {
         RequestStatus::Queued
     );
     h.engine.cancel(queued, "bob").await.unwrap();
-    let r = h.wait(queued, RequestStatus::Cancelled).await;
+    h.wait(queued, RequestStatus::Cancelled).await;
+    let r = h.committed(queued).await;
     assert!(
         r.commit_id.is_some(),
         "an approved request that ended is committed"
@@ -705,7 +712,8 @@ async fn cancel_while_running_stops_the_agent(backend: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     h.engine.cancel(id, "bob").await.unwrap();
-    let r = h.wait(id, RequestStatus::Cancelled).await;
+    h.wait(id, RequestStatus::Cancelled).await;
+    let r = h.committed(id).await;
     let view = h.engine.get(id).await.unwrap();
     assert_eq!(view.steps[0].status, StepStatus::Cancelled);
     assert_eq!(view.steps[1].status, StepStatus::Cancelled);
@@ -749,7 +757,7 @@ async fn permanent_failure_fails_the_request(backend: &str) {
         "permanent failures are not retried"
     );
     assert_eq!(view.steps[1].status, StepStatus::Skipped);
-    assert!(r.commit_id.is_some());
+    assert!(h.committed(id).await.commit_id.is_some());
 }
 
 async fn agent_timeout_retries_then_fails(backend: &str) {
@@ -1683,6 +1691,7 @@ async fn agent_output_is_redacted_everywhere(backend: &str) {
         .await
         .unwrap();
     h.wait(id, RequestStatus::Failed).await;
+    h.committed(id).await;
     let view = h.engine.get(id).await.unwrap();
     let everything = format!(
         "{}\n{}\n{}",
@@ -2012,6 +2021,18 @@ async fn a_keyed_chain_catches_a_rewrite_after_the_newest_anchor(backend: &str) 
     stop.cancel();
 }
 
+/// The request once its commit id is stored (the git trail writes it in the background).
+async fn committed(engine: &Engine, id: Uuid) -> Request {
+    for _ in 0..400 {
+        let r = engine.get(id).await.unwrap().request;
+        if r.commit_id.is_some() {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("request {id} has no commit id after 20 s");
+}
+
 /// A git trail that cannot commit shows in `/health` (degraded) until a commit succeeds; a
 /// lock left by a crashed writer is cleared once it is stale, so the trail recovers.
 async fn a_failing_git_trail_degrades_health_and_a_stale_lock_is_cleared(backend: &str) {
@@ -2051,7 +2072,10 @@ async fn a_failing_git_trail_degrades_health_and_a_stale_lock_is_cleared(backend
     // A writer "crashed" just now while moving the branch: its lock is fresh, so it stays.
     let lock = h.git_dir.path().join("refs/heads/main.lock");
     std::fs::write(&lock, "").unwrap();
-    let r = run(&h).await;
+    let locked = run(&h).await;
+    // Everything waiting is tried: this one fails and stays in the backlog.
+    h.engine.flush_trail(Duration::from_secs(30)).await;
+    let r = h.engine.get(locked.id).await.unwrap().request;
     assert_eq!(r.commit_id, None, "no commit while the branch is locked");
     let health = h.engine.health().await;
     assert_eq!(health.status, "degraded");
@@ -2065,8 +2089,11 @@ async fn a_failing_git_trail_degrades_health_and_a_stale_lock_is_cleared(backend
         .set_modified(old)
         .unwrap();
     let r = run(&h).await;
-    assert!(r.commit_id.is_some());
+    assert!(h.committed(r.id).await.commit_id.is_some());
     assert!(!lock.exists());
+    // The one that waited is written from the backlog.
+    h.engine.flush_trail(Duration::from_secs(30)).await;
+    assert!(h.committed(locked.id).await.commit_id.is_some());
     assert_eq!(h.engine.health().await.audit, "ok");
 }
 
@@ -2147,7 +2174,10 @@ async fn a_crash_between_commit_and_status_keeps_the_one_commit(backend: &str) {
     .await
     .unwrap()
     .unwrap();
-    let commit = done.commit_id.clone().expect("a commit id");
+    let commit = committed(&engine, done.id)
+        .await
+        .commit_id
+        .expect("a commit id");
     // The state the crash left: committed in git, still running in the store, untouched
     // for longer than the sweeper waits.
     let id = if raw_url.starts_with("sqlite") {
@@ -2171,6 +2201,7 @@ async fn a_crash_between_commit_and_status_keeps_the_one_commit(backend: &str) {
     .unwrap()
     .unwrap();
     assert_eq!(again.status, RequestStatus::Completed);
+    let again = committed(&engine, r.id).await;
     assert_eq!(again.commit_id.as_deref(), Some(commit.as_str()));
     let out = std::process::Command::new("git")
         .args([

@@ -292,6 +292,11 @@ pub async fn events(
             match sub.recv().await {
                 Ok(ev) => {
                     let last = ev.is_final();
+                    if last {
+                        // The stream ends settled: an approved request's audit commit id
+                        // (written just after the end) is there for the client's next read.
+                        let _ = engine.settled(id, SETTLE_LIMIT).await;
+                    }
                     let dto = EventDto::from(ev);
                     Some((sse_event(&dto), (None, (!last).then_some(sub), engine)))
                 }
@@ -305,6 +310,9 @@ pub async fn events(
                         at: r.request.updated_at,
                     };
                     let last = ev.is_final();
+                    if last {
+                        let _ = engine.settled(id, SETTLE_LIMIT).await;
+                    }
                     if closed && !last {
                         sub.renew();
                     }
@@ -321,6 +329,9 @@ pub async fn events(
         KeepAlive::new().interval(Duration::from_secs(state.server.sse_keepalive_secs.max(1))),
     ))
 }
+
+/// How long an event stream's end waits for the ended request's audit commit id.
+const SETTLE_LIMIT: Duration = Duration::from_secs(5);
 
 fn sse_event(ev: &EventDto) -> Result<Event, Infallible> {
     let data = serde_json::to_string(ev).unwrap_or_else(|_| "{}".into());

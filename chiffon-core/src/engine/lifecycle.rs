@@ -14,16 +14,15 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use super::*;
-use crate::audit::git::RequestRecord;
 use crate::model::{
     micros_to_usd, AgentRecord, AuditEntry, AuditVerification, LogLine, NewAuditEntry, NewLogLine,
     NewRequest, RequestFilter, RequestPatch, RequestStatus, StepPatch, StepStatus,
 };
 
 /// A git lock file older than this was left by a crashed writer.
-const STALE_GIT_LOCK: std::time::Duration = std::time::Duration::from_secs(10);
+pub(super) const STALE_GIT_LOCK: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// A git batch running longer than this means the trail lags: `/health` says so.
+/// A record waiting longer than this for its commit means the trail lags: `/health` says so.
 const GIT_LAG_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Status changes kept for a slow notifier.
@@ -80,7 +79,7 @@ const GROUP_BATCH: usize = 256;
 const GROUP_RETRIES: u32 = 34;
 
 /// The same error again, for each waiter of a group that failed whole.
-fn each_waiter(e: &StoreError) -> StoreError {
+pub(super) fn each_waiter(e: &StoreError) -> StoreError {
     match e {
         StoreError::Unavailable(_) => StoreError::Unavailable(e.to_string().into()),
         StoreError::NotFound { what } => StoreError::not_found(what.clone()),
@@ -165,83 +164,8 @@ async fn commit_retrying(
     }
 }
 
-type GitJob = (
-    RequestRecord,
-    tokio::sync::oneshot::Sender<Result<String, String>>,
-);
-
 /// Most records one git batch commits.
-const GIT_BATCH: usize = 256;
-
-/// Group commit for the git trail: the records of requests finishing at the same time are
-/// committed as one batch (one pack, one branch move, one fsync each; see
-/// [`GitTrail::commit_batch`]), each still one commit, and each caller waits for its own
-/// commit id. Every batch's commits carry the audit chain's head, read once per batch.
-fn spawn_git_writer(
-    store: Arc<dyn Store>,
-    git: Arc<GitTrail>,
-    lag: Arc<Mutex<Option<std::time::Instant>>>,
-) -> tokio::sync::mpsc::Sender<GitJob> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<GitJob>(GIT_BATCH * 4);
-    tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
-            let started = std::time::Instant::now();
-            *lag.lock().unwrap_or_else(|e| e.into_inner()) = Some(started);
-            let mut jobs = vec![first];
-            while jobs.len() < GIT_BATCH {
-                match rx.try_recv() {
-                    Ok(job) => jobs.push(job),
-                    Err(_) => break,
-                }
-            }
-            let anchor = store
-                .audit_head()
-                .await
-                .ok()
-                .map(|(seq, hash)| crate::audit::git::ChainAnchor { seq, hash });
-            let (mut records, waiters): (Vec<RequestRecord>, Vec<_>) = jobs.into_iter().unzip();
-            for r in &mut records {
-                r.anchor = anchor.clone();
-            }
-            let git = git.clone();
-            let outcome = tokio::task::spawn_blocking(move || {
-                let mut out = git.commit_batch(&records);
-                // A ref lock left by a crashed writer stops the trail for good unless it
-                // goes: clear stale ones and try those records once more.
-                if out
-                    .iter()
-                    .any(|r| r.as_ref().is_err_and(|e| e.is_transient()))
-                    && !git.clear_stale_locks(STALE_GIT_LOCK).is_empty()
-                {
-                    let retry: Vec<usize> = (0..out.len())
-                        .filter(|&i| out[i].as_ref().is_err_and(|e| e.is_transient()))
-                        .collect();
-                    let again: Vec<RequestRecord> =
-                        retry.iter().map(|&i| records[i].clone()).collect();
-                    for (i, r) in retry.into_iter().zip(git.commit_batch(&again)) {
-                        out[i] = r;
-                    }
-                }
-                out
-            })
-            .await;
-            match outcome {
-                Ok(results) => {
-                    for (done, r) in waiters.into_iter().zip(results) {
-                        let _ = done.send(r.map_err(|e| e.to_string()));
-                    }
-                }
-                Err(e) => {
-                    for done in waiters {
-                        let _ = done.send(Err(format!("audit commit task failed: {e}")));
-                    }
-                }
-            }
-            *lag.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        }
-    });
-    tx
-}
+pub(super) const GIT_BATCH: usize = 256;
 
 /// Memory (GiB) promised to an agent by one dispatch: (task, GiB, dispatched at).
 pub(super) type Reservation = (Uuid, f64, chrono::DateTime<Utc>);
@@ -263,10 +187,10 @@ pub(super) struct Inner {
     /// The group-commit task for new requests, status changes and audit entries, started on
     /// first use.
     pub group_writer: std::sync::OnceLock<tokio::sync::mpsc::Sender<GroupJob>>,
-    /// The git trail's group-commit task, started on first use.
-    pub git_writer: std::sync::OnceLock<tokio::sync::mpsc::Sender<GitJob>>,
-    /// When the git writer's current batch started (unset between batches): `/health` is
-    /// degraded while a batch takes longer than [`GIT_LAG_LIMIT`].
+    /// The git trail's writer ([`super::trail`]), started on first use.
+    pub git_writer: std::sync::OnceLock<tokio::sync::mpsc::Sender<super::trail::TrailJob>>,
+    /// Since when the git writer has had records waiting (unset when it has none): `/health`
+    /// is degraded while that is longer than [`GIT_LAG_LIMIT`].
     pub git_busy_since: Arc<Mutex<Option<std::time::Instant>>>,
     /// Requests this instance is planning now.
     pub planning_now: Mutex<std::collections::HashSet<Uuid>>,
@@ -628,7 +552,9 @@ impl Engine {
                     audit,
                     ..Default::default()
                 };
-                if self
+                // Queued with its first step ready (one transaction); a plan without steps
+                // has nothing to run and ends now.
+                if let Ok(queued) = self
                     .set_status(
                         request.id,
                         RequestStatus::Planning,
@@ -636,9 +562,10 @@ impl Engine {
                         patch,
                     )
                     .await
-                    .is_ok()
                 {
-                    self.promote_next(request.id).await.ok();
+                    if queued.plan.as_ref().is_none_or(|p| p.steps.is_empty()) {
+                        self.promote_next(request.id).await.ok();
+                    }
                 }
                 return;
             }
@@ -716,7 +643,10 @@ impl Engine {
                 "approve",
             )
             .await?;
-        self.promote_next(id).await?;
+        // Its first step became ready with the change; a plan without steps ends now.
+        if updated.plan.as_ref().is_none_or(|p| p.steps.is_empty()) {
+            self.promote_next(id).await?;
+        }
         Ok(updated)
     }
 
@@ -972,6 +902,9 @@ impl Engine {
     /// Checks the audit log's hash chain and that every approved request that ended has its
     /// git commit.
     pub async fn verify_audit(&self) -> Result<AuditReport, EngineError> {
+        // Records still waiting for their commits are written first: what is missing
+        // afterwards is missing.
+        self.flush_trail(std::time::Duration::from_secs(60)).await;
         let chain = self.inner.store.verify_audit().await?;
         let mut problems = Vec::new();
         if !chain.ok {
@@ -1134,7 +1067,7 @@ impl Engine {
                 .unwrap_or_else(|e| e.into_inner())
             {
                 Some(since) if since.elapsed() > GIT_LAG_LIMIT => format!(
-                    "error: the git trail lags: a batch of commits has been writing for {} s",
+                    "error: the git trail lags: records have waited for their commits for {} s",
                     since.elapsed().as_secs()
                 ),
                 _ => "ok".to_string(),
@@ -1323,11 +1256,11 @@ impl Engine {
         self.finish(id, None, RequestStatus::Completed, None).await
     }
 
-    /// Ends a request: the git commit of an approved request first (so a terminal approved
-    /// request always carries its commit), then the terminal transition with the commit id,
-    /// then the audit entries. `from`: the status the caller saw; `None` for whichever of
-    /// `queued`/`running` the request is in (an execution ending). Any other status means
-    /// someone else moved it on: nothing to do.
+    /// Ends a request: the terminal transition with its error and its entry, stored
+    /// together; then the git trail is handed the ended request (an approved one gets its
+    /// commit in the background; [`super::trail`]). `from`: the status the caller saw;
+    /// `None` for whichever of `queued`/`running` the request is in (an execution ending).
+    /// Any other status means someone else moved it on: nothing to do.
     pub(super) async fn finish(
         &self,
         id: Uuid,
@@ -1341,166 +1274,50 @@ impl Engine {
                 to.as_str()
             )));
         };
-        let request = self.get_request(id).await?;
-        let expected = match from {
-            Some(f) => request.status == f,
-            None => matches!(
-                request.status,
-                RequestStatus::Queued | RequestStatus::Running
-            ),
+        // An execution ends from `running` (where dispatch put it) or, rarely, `queued`.
+        let tries = match from {
+            Some(f) => vec![f],
+            None => vec![RequestStatus::Running, RequestStatus::Queued],
         };
-        if !expected {
-            return Ok(());
-        }
-        let from = request.status;
-        let commit = self.commit_record(&request, to, error.as_ref()).await;
-        let mut audit = vec![NewAuditEntry {
-            request_id: Some(id),
-            actor: "engine".into(),
-            event: ended,
-            details: match &error {
-                Some(e) => json!({ "code": e.code.code(), "message": e.message }),
-                None => json!({}),
-            },
-        }];
-        match &commit {
-            Some(Ok((c, digest))) => audit.push(NewAuditEntry {
-                request_id: Some(id),
-                actor: "engine".into(),
-                event: AuditEvent::Committed,
-                details: json!({ "commit": c, "record_sha256": digest }),
-            }),
-            Some(Err(message)) => audit.push(NewAuditEntry {
-                request_id: Some(id),
-                actor: "engine".into(),
-                event: AuditEvent::CommitFailed,
-                details: json!({ "code": ErrorCode::GitCommitFailed.code(), "message": message }),
-            }),
-            None => {}
-        }
         let patch = RequestPatch {
             error: error.clone(),
-            commit_id: commit
-                .as_ref()
-                .and_then(|c| c.as_ref().ok().map(|(c, _)| c.clone())),
-            audit,
+            audit: vec![NewAuditEntry {
+                request_id: Some(id),
+                actor: "engine".into(),
+                event: ended,
+                details: match &error {
+                    Some(e) => json!({ "code": e.code.code(), "message": e.message }),
+                    None => json!({}),
+                },
+            }],
             ..Default::default()
         };
-        // The end, its commit and their audit entries are stored together; a lost race
-        // (another instance finished it) stores none of them twice.
-        match self.set_status(id, from, to, patch).await {
-            Ok(_) | Err(EngineError::Store(StoreError::Conflict { .. })) => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Writes the git audit record of an approved request ending in `to`. `None` when the
-    /// request was never approved (or git is off); `Some(Err)` when the commit failed (it
-    /// is audited, and `chiffon audit verify` reports the missing commit).
-    async fn commit_record(
-        &self,
-        request: &Request,
-        to: RequestStatus,
-        error: Option<&ErrorPayload>,
-    ) -> Option<Result<(String, String), String>> {
-        let (Some(git), Some(approver)) = (&self.inner.git, &request.approver) else {
-            return None;
-        };
-        let steps = match with_store_retry(|| self.inner.store.steps(request.id)).await {
-            Ok(steps) => steps,
-            Err(e) => return Some(Err(format!("cannot read the request's steps: {e}"))),
-        };
-        let summary = request
-            .plan
-            .as_ref()
-            .map(|p| p.summary.clone())
-            .unwrap_or_else(|| request.text.clone());
-        // Only stored facts go into the record, never the clock: written again after a
-        // crash between the commit and the status change, it is byte for byte the same, so
-        // the commit already made is found and reused (not refused as a different record).
-        let finished = steps
-            .iter()
-            .filter_map(|s| s.finished_at)
-            .max()
-            .unwrap_or(request.updated_at)
-            .max(request.created_at);
-        let duration = (finished - request.created_at).num_milliseconds() as f64 / 1000.0;
-        let mut document = json!({
-            "id": request.id,
-            "text": request.text,
-            "requester": request.requester,
-            "approver": approver,
-            "approval_comment": request.approval_comment,
-            "dry_run": request.dry_run,
-            "outcome": to,
-            "error": error,
-            "plan": request.plan,
-            "cost_usd": request.plan.as_ref().map(|p| p.estimated_cost_usd),
-            "steps": steps.iter().map(|s| json!({
-                "seq": s.seq, "action": s.action, "parameters": s.parameters, "status": s.status,
-                "attempt": s.attempt, "agent_id": s.agent_id, "changed": s.changed, "diff": s.diff,
-                "error": s.error, "output_tail": s.output,
-            })).collect::<Vec<_>>(),
-            "created_at": request.created_at,
-            "finished_at": finished,
-            "duration_seconds": duration,
-            "trace_id": request.trace_id,
-        });
-        // The git trail is as permanent as the audit log: no configured secret goes in.
-        self.inner.config.redactor.redact_json(&mut document);
-        let record = RequestRecord {
-            id: request.id,
-            summary: if request.dry_run {
-                format!("[dry run] {summary}")
-            } else {
-                summary
-            },
-            // Set by the writer, once per batch.
-            anchor: None,
-            author_name: approver.clone(),
-            author_email: format!(
-                "{}@chiffon",
-                approver.replace(
-                    |c: char| !c.is_ascii_alphanumeric() && c != '.' && c != '-',
-                    "_"
-                )
-            ),
-            document,
-        };
-        let digest = match crate::audit::git::record_digest(&record) {
-            Ok(d) => d,
-            Err(e) => return Some(Err(e.to_string())),
-        };
-        let writer = self.inner.git_writer.get_or_init(|| {
-            spawn_git_writer(
-                self.inner.store.clone(),
-                git.clone(),
-                self.inner.git_busy_since.clone(),
-            )
-        });
-        let (done, wait) = tokio::sync::oneshot::channel();
-        let outcome = match writer.send((record, done)).await {
-            Ok(()) => wait
-                .await
-                .unwrap_or_else(|_| Err("the git writer stopped".into())),
-            Err(_) => Err("the git writer stopped".into()),
-        };
-        let outcome = match outcome {
-            Ok(commit) => Some(Ok((commit, digest))),
-            Err(e) => {
-                tracing::error!(request = %request.id, error = %e, "audit commit failed; `chiffon audit verify` will report it");
-                Some(Err(e))
+        // The end and its entry are stored together; a lost race (another instance finished
+        // it, or the status moved on) stores neither.
+        let execution = from.is_none();
+        for from in tries {
+            match self.set_status(id, from, to, patch.clone()).await {
+                Ok(ended) => {
+                    self.trail_ended(ended);
+                    return Ok(());
+                }
+                Err(EngineError::Store(StoreError::Conflict { .. })) => {}
+                Err(e) => return Err(e),
             }
-        };
-        *self
-            .inner
-            .git_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = match &outcome {
-            Some(Err(e)) => Some(e.clone()),
-            _ => None,
-        };
-        outcome
+        }
+        // Moved between the two tries (dispatch marking it running): once more, from what
+        // it is now, if that is still an execution.
+        if execution {
+            let now = self.get_request(id).await?.status;
+            if matches!(now, RequestStatus::Queued | RequestStatus::Running) {
+                match self.set_status(id, now, to, patch).await {
+                    Ok(ended) => self.trail_ended(ended),
+                    Err(EngineError::Store(StoreError::Conflict { .. })) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Appends to the audit log. A failure is logged, never swallowed silently: the
@@ -1521,7 +1338,9 @@ impl Engine {
         // request's error.
         let redactor = &self.inner.config.redactor;
         let entries = match &mut write {
-            GroupWrite::Create { audit, .. } | GroupWrite::Step { audit, .. } => audit,
+            GroupWrite::Create { audit, .. }
+            | GroupWrite::Step { audit, .. }
+            | GroupWrite::Commit { audit, .. } => audit,
             GroupWrite::Transition { patch, .. } => {
                 if let Some(e) = patch.error.as_mut() {
                     redactor.redact_error(e);

@@ -20,6 +20,7 @@ mod planning;
 mod preview;
 mod rejected;
 mod runtime;
+mod trail;
 pub mod waiting;
 pub use runtime::MAX_FAILED_DELIVERIES;
 

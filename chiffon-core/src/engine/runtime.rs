@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::model::{
     AgentRecord, NewAuditEntry, NewLogLine, RequestFilter, RequestPatch, RequestStatus, StepPatch,
-    StepStatus,
+    StepStatus, Written,
 };
 use crate::transport::{ConsumeOptions, Delivery};
 
@@ -64,9 +64,12 @@ struct Outgoing {
     request_id: Uuid,
     queue: String,
     agent_id: Option<String>,
+    /// The agent's own broker user, for an attempt sent to its own queue.
+    bound_user: Option<String>,
     needs: bool,
     attempt: u32,
     now: DateTime<Utc>,
+    timeout: Duration,
     env: Envelope,
 }
 
@@ -114,6 +117,10 @@ impl Engine {
             .consume(&t.results_queue, ConsumeOptions { prefetch })
             .await?;
         tracing::info!(instance = %self.inner.config.instance_id, store = self.inner.store.backend(), bus = self.inner.transport.backend(), "engine running");
+        // The git trail's writer starts now: it first writes what a stopped instance left.
+        if self.inner.git.is_some() {
+            self.trail();
+        }
 
         let limit = prefetch.max(1) as usize;
         let intake = consume_each(requests, limit, shutdown.clone(), "intake", {
@@ -157,6 +164,9 @@ impl Engine {
         tokio::join!(intake, results, dispatcher);
         self.inner.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.inner.tasks.wait()).await;
+        // The records of the requests that ended are written before the engine stops (a
+        // crash leaves them in the store's backlog instead, for the next start).
+        self.flush_trail(Duration::from_secs(10)).await;
         tracing::info!(instance = %self.inner.config.instance_id, "engine stopped");
         Ok(())
     }
@@ -853,10 +863,19 @@ impl Engine {
                 }
             }
         }
-        let mut requests: HashMap<Uuid, Request> = HashMap::new();
+        // The claimed steps' requests, read together.
+        let mut ids: Vec<Uuid> = steps.iter().map(|s| s.request_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut requests: HashMap<Uuid, Request> = self
+            .inner
+            .store
+            .get_requests(&ids)
+            .await?
+            .into_iter()
+            .map(|r| (r.id, r))
+            .collect();
         let mut blocked = false;
-        let mut audit = Vec::new();
-        let mut dispatched = 0;
         let mut outgoing: Vec<Outgoing> = Vec::with_capacity(claimed);
         let topology = self.inner.transport.topology().clone();
         // An error once a step is marked `dispatched` must not strand it, nor the steps
@@ -864,18 +883,9 @@ impl Engine {
         // returned.
         let mut failure: Option<EngineError> = None;
         for step in steps {
-            let request = match requests.get(&step.request_id) {
-                Some(r) => r.clone(),
-                None => match self.get_request(step.request_id).await {
-                    Ok(r) => {
-                        requests.insert(r.id, r.clone());
-                        r
-                    }
-                    Err(e) => {
-                        failure = Some(e);
-                        break;
-                    }
-                },
+            let Some(request) = requests.get(&step.request_id).cloned() else {
+                // Its request is gone: the claim lapses and nothing runs.
+                continue;
             };
             if !matches!(
                 request.status,
@@ -945,68 +955,6 @@ impl Engine {
                 .map(Duration::from_secs)
                 .unwrap_or(cfg.step_timeout);
             let attempt = step.attempt + 1;
-            let patch = StepPatch {
-                attempt: Some(attempt),
-                queue: Some(queue.clone()),
-                agent_id: agent_id.clone(),
-                dispatched_at: Some(now),
-                deadline_at: Some(now + chrono_dur(timeout)),
-                ..Default::default()
-            };
-            match self
-                .inner
-                .store
-                .update_step(
-                    step.task_id,
-                    &[StepStatus::Ready],
-                    StepStatus::Dispatched,
-                    &patch,
-                )
-                .await
-            {
-                Ok(_) => {}
-                Err(StoreError::Conflict { .. }) => continue,
-                Err(e) => {
-                    failure = Some(e.into());
-                    break;
-                }
-            }
-            if let Some(user) = &bound_user {
-                if let Err(e) = self
-                    .inner
-                    .store
-                    .bind_step_publisher(step.task_id, attempt, user)
-                    .await
-                {
-                    // Never published unbound to an agent's own queue: back to ready.
-                    if let Err(store) = self.unmark_dispatched(step.task_id, now).await {
-                        tracing::error!(%store, task = %step.task_id, "a step could not be made ready again; its timeout will retry it");
-                    }
-                    failure = Some(e.into());
-                    break;
-                }
-            }
-            if request.status == RequestStatus::Queued {
-                match self
-                    .set_status(
-                        request.id,
-                        RequestStatus::Queued,
-                        RequestStatus::Running,
-                        Default::default(),
-                    )
-                    .await
-                {
-                    Ok(r) => {
-                        requests.insert(r.id, r);
-                    }
-                    Err(EngineError::Store(StoreError::Conflict { .. })) => {}
-                    // The step is marked: it is published whatever the request's status
-                    // says (a result ends a `queued` request as well as a `running` one).
-                    Err(e) => {
-                        tracing::warn!(error = %e, request = %request.id, "could not mark the request running; its step is dispatched anyway")
-                    }
-                }
-            }
             let work = WorkRequest {
                 agent_type: step.agent_type.clone(),
                 task_id: step.task_id,
@@ -1027,25 +975,122 @@ impl Engine {
                 request_id: request.id,
                 queue,
                 agent_id,
+                bound_user,
                 needs,
                 attempt,
                 now,
+                timeout,
                 env,
             });
         }
-        // Every claimed step's message at once: the broker confirms them together, instead
+        // Every mark in one group commit, each with its `dispatched` entry, and the
+        // requests' first steps moving them to `running`: no transaction per step.
+        let mut writes: Vec<GroupWrite> = outgoing
+            .iter()
+            .map(|o| GroupWrite::Step {
+                task_id: o.step.task_id,
+                from: vec![StepStatus::Ready],
+                to: StepStatus::Dispatched,
+                patch: Box::new(StepPatch {
+                    attempt: Some(o.attempt),
+                    queue: Some(o.queue.clone()),
+                    agent_id: o.agent_id.clone(),
+                    dispatched_at: Some(o.now),
+                    deadline_at: Some(o.now + chrono_dur(o.timeout)),
+                    ..Default::default()
+                }),
+                logs: Vec::new(),
+                audit: vec![NewAuditEntry {
+                    request_id: Some(o.request_id),
+                    actor: self.inner.config.instance_id.clone(),
+                    event: AuditEvent::Dispatched,
+                    details: json!({ "task_id": o.step.task_id, "seq": o.step.seq, "action": o.step.action, "queue": o.queue, "agent_id": o.agent_id, "attempt": o.attempt }),
+                }],
+            })
+            .collect();
+        let marks = writes.len();
+        let mut starting: Vec<Uuid> = outgoing
+            .iter()
+            .filter(|o| {
+                requests
+                    .get(&o.request_id)
+                    .is_some_and(|r| r.status == RequestStatus::Queued)
+            })
+            .map(|o| o.request_id)
+            .collect();
+        starting.sort_unstable();
+        starting.dedup();
+        writes.extend(starting.iter().map(|id| GroupWrite::Transition {
+            id: *id,
+            from: RequestStatus::Queued,
+            to: RequestStatus::Running,
+            patch: Box::default(),
+        }));
+        let written =
+            futures::future::join_all(writes.into_iter().map(|w| self.group_write(w))).await;
+        let (marked, started) = written.split_at(marks);
+        for (id, r) in starting.iter().zip(started) {
+            match r {
+                Ok(Written::Request(r)) => {
+                    let _ = self.inner.status_changes.send(r.clone());
+                    self.inner.events.publish(EngineEvent::Status {
+                        request_id: *id,
+                        status: RequestStatus::Running,
+                        at: r.updated_at,
+                    });
+                    requests.insert(*id, r.clone());
+                }
+                Ok(_) | Err(StoreError::Conflict { .. }) => {}
+                // The step is marked: it is published whatever the request's status says
+                // (a result ends a `queued` request as well as a `running` one).
+                Err(e) => {
+                    tracing::warn!(error = %e, request = %id, "could not mark the request running; its step is dispatched anyway")
+                }
+            }
+        }
+        let mut ready = Vec::with_capacity(outgoing.len());
+        for (o, m) in outgoing.into_iter().zip(marked) {
+            match m {
+                Ok(_) => {}
+                // Someone else moved it on (cancelled, another instance).
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => {
+                    if failure.is_none() {
+                        failure = Some(EngineError::Store(super::lifecycle::each_waiter(e)));
+                    }
+                    continue;
+                }
+            }
+            if let Some(user) = &o.bound_user {
+                if let Err(e) = self
+                    .inner
+                    .store
+                    .bind_step_publisher(o.step.task_id, o.attempt, user)
+                    .await
+                {
+                    // Never published unbound to an agent's own queue: back to ready.
+                    if let Err(store) = self.unmark_dispatched(o.step.task_id, o.now).await {
+                        tracing::error!(%store, task = %o.step.task_id, "a step could not be made ready again; its timeout will retry it");
+                    }
+                    failure = Some(e.into());
+                    continue;
+                }
+            }
+            ready.push(o);
+        }
+        let outgoing = ready;
+        // Every marked step's message at once: the broker confirms them together, instead
         // of one round trip per step.
         let published =
             futures::future::join_all(outgoing.iter().map(|o| self.publish_to(&o.queue, &o.env)))
                 .await;
+        let mut dispatched = 0;
         for (o, sent) in outgoing.into_iter().zip(published) {
             let Outgoing {
                 step,
                 request_id,
-                queue,
                 agent_id,
                 needs,
-                attempt,
                 now,
                 ..
             } = o;
@@ -1082,14 +1127,7 @@ impl Engine {
                 status: StepStatus::Dispatched,
                 at: now,
             });
-            audit.push(NewAuditEntry {
-                request_id: Some(request_id),
-                actor: self.inner.config.instance_id.clone(),
-                event: AuditEvent::Dispatched,
-                details: json!({ "task_id": step.task_id, "seq": step.seq, "action": step.action, "queue": queue, "agent_id": agent_id, "attempt": attempt }),
-            });
         }
-        self.audit(audit).await;
         match failure {
             Some(e) => Err(e),
             None => Ok((claimed, dispatched)),

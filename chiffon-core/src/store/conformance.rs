@@ -117,6 +117,7 @@ macro_rules! store_conformance_tests {
             audit_detects_deleted_rows,
             audit_detects_a_log_cut_back,
             commit_id_and_counts,
+            git_backlog,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -217,12 +218,13 @@ async fn queued_with_ready_steps(s: &dyn Store, n: usize) -> (Request, Vec<Step>
     )
     .await
     .unwrap();
+    // The first became ready as the request was queued; the others are made ready too.
     let mut steps = Vec::new();
     for st in s.steps(req.id).await.unwrap() {
         steps.push(
             s.update_step(
                 st.task_id,
-                &[StepStatus::Pending],
+                &[StepStatus::Pending, StepStatus::Ready],
                 StepStatus::Ready,
                 &StepPatch::default(),
             )
@@ -690,15 +692,20 @@ pub async fn group_commit(h: &Harness) {
     assert_conflict(slots[1].as_ref().map(|_| ()).map_err(clone_err), None);
     assert_eq!(s.audit_log(Some(c.id), 0, 10).await.unwrap().len(), 1);
     // A step change with its log lines and entries; one that lost its race stores neither.
-    let first = s.steps(a.id).await.unwrap()[0].clone();
+    // Queued made the first step ready, in the same transaction; the second waits.
+    let steps = s.steps(a.id).await.unwrap();
+    assert_eq!(steps[0].status, StepStatus::Ready);
+    assert!(steps[0].ready_at.is_some());
+    assert_eq!(steps[1].status, StepStatus::Pending);
+    let second = steps[1].clone();
     let step_write = |from: StepStatus, n| GroupWrite::Step {
-        task_id: first.task_id,
+        task_id: second.task_id,
         from: vec![from],
         to: StepStatus::Ready,
         patch: Box::default(),
         logs: vec![NewLogLine {
             request_id: a.id,
-            task_id: Some(first.task_id),
+            task_id: Some(second.task_id),
             at: Utc::now(),
             kind: "result".into(),
             progress: None,
@@ -1000,7 +1007,8 @@ pub async fn step_updates(h: &Harness) {
     )
     .await
     .unwrap();
-    let st = s.steps(r.id).await.unwrap().remove(0);
+    // The second: queued made the first ready already.
+    let st = s.steps(r.id).await.unwrap().remove(1);
     let before = Utc::now() - ChronoDuration::seconds(1);
     let ready = s
         .update_step(
@@ -1110,10 +1118,11 @@ pub async fn step_updates(h: &Harness) {
     assert_eq!(done.attempt, 1);
     assert_eq!(s.get_step(st.task_id).await.unwrap(), done);
 
-    // The other step was untouched.
-    let other = s.steps(r.id).await.unwrap().remove(1);
-    assert_eq!(other.status, StepStatus::Pending);
-    assert_eq!(other.ready_at, None);
+    // The other step (the first, made ready by queueing) was untouched.
+    let other = s.steps(r.id).await.unwrap().remove(0);
+    assert_eq!(other.status, StepStatus::Ready);
+    assert_eq!(other.attempt, 0);
+    assert_eq!(other.output, None);
 }
 
 pub async fn concurrent_claims(h: &Harness) {
@@ -1200,12 +1209,12 @@ pub async fn claim_respects_not_before_and_lease(h: &Harness) {
         .await
         .unwrap();
     assert_eq!(again.iter().map(|st| st.seq).collect::<Vec<_>>(), vec![3]);
-    // Pending steps are never claimed.
+    // Pending steps are never claimed (a request awaiting approval has only those).
     let r2 = s.create_request(&new_request("pending")).await.unwrap();
     s.transition(
         r2.id,
         RequestStatus::Planning,
-        RequestStatus::Queued,
+        RequestStatus::AwaitingApproval,
         &with_plan(plan(3)),
     )
     .await
@@ -1445,14 +1454,7 @@ pub async fn identities_and_step_binding(h: &Harness) {
     .unwrap();
     let st = s.steps(r.id).await.unwrap().remove(0);
     assert_eq!(st.broker_user, None);
-    s.update_step(
-        st.task_id,
-        &[StepStatus::Pending],
-        StepStatus::Ready,
-        &StepPatch::default(),
-    )
-    .await
-    .unwrap();
+    assert_eq!(st.status, StepStatus::Ready, "queued made it ready");
     let attempt1 = StepPatch {
         attempt: Some(1),
         ..Default::default()
@@ -2219,6 +2221,103 @@ pub async fn commit_id_and_counts(h: &Harness) {
         s.set_commit_id(Uuid::new_v4(), commit).await,
         Err(StoreError::NotFound { .. })
     ));
+}
+
+/// The git trail's backlog: requests that ended after approval without a commit id or a
+/// refusal, oldest first; a `Commit` write takes one out of it, once.
+pub async fn git_backlog(h: &Harness) {
+    let s = &*h.store;
+    let approved = RequestPatch {
+        approver: Some("bob".into()),
+        ..Default::default()
+    };
+    let mut ids = Vec::new();
+    for text in ["never approved", "completed", "failed", "still queued"] {
+        let r = s.create_request(&new_request(text)).await.unwrap();
+        ids.push(r.id);
+        if text == "never approved" {
+            s.transition(
+                r.id,
+                RequestStatus::Planning,
+                RequestStatus::Cancelled,
+                &RequestPatch::default(),
+            )
+            .await
+            .unwrap();
+            continue;
+        }
+        s.transition(
+            r.id,
+            RequestStatus::Planning,
+            RequestStatus::Queued,
+            &approved,
+        )
+        .await
+        .unwrap();
+        let end = match text {
+            "completed" => RequestStatus::Completed,
+            "failed" => RequestStatus::Failed,
+            _ => continue,
+        };
+        s.transition(r.id, RequestStatus::Queued, end, &RequestPatch::default())
+            .await
+            .unwrap();
+        // Distinct end times, so the order is known.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let later = Utc::now() + ChronoDuration::seconds(1);
+    let backlog = |before, limit| async move {
+        s.uncommitted(before, limit)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(backlog(later, 10).await, vec![ids[1], ids[2]]);
+    assert_eq!(backlog(later, 1).await, vec![ids[1]]);
+    let long_ago = Utc::now() - ChronoDuration::hours(1);
+    assert_eq!(backlog(long_ago, 10).await, Vec::<Uuid>::new());
+
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let before = s.audit_log(None, 0, 100).await.unwrap().len();
+    let write = |id, commit: Result<&str, &str>, n| GroupWrite::Commit {
+        id,
+        commit: commit.map(str::to_string).map_err(str::to_string),
+        audit: vec![audit_entry(Some(id), AuditEvent::Committed, n)],
+    };
+    let slots = s
+        .commit_group(&[
+            write(ids[1], Ok(commit), 1),
+            write(ids[2], Err("a different record is committed"), 2),
+            write(Uuid::new_v4(), Ok(commit), 3),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        written_request(&slots[0]).commit_id.as_deref(),
+        Some(commit)
+    );
+    assert_eq!(written_request(&slots[1]).commit_id, None);
+    assert!(matches!(slots[2], Err(StoreError::Conflict { .. })));
+    assert_eq!(s.audit_log(None, 0, 100).await.unwrap().len(), before + 2);
+    assert_eq!(backlog(later, 10).await, Vec::<Uuid>::new());
+    // Stored once: a second outcome (another instance, a retry) changes nothing.
+    let slots = s
+        .commit_group(&[write(
+            ids[1],
+            Ok("ffffffffffffffffffffffffffffffffffffffff"),
+            4,
+        )])
+        .await
+        .unwrap();
+    assert!(matches!(slots[0], Err(StoreError::Conflict { .. })));
+    assert_eq!(s.audit_log(None, 0, 100).await.unwrap().len(), before + 2);
+    assert_eq!(
+        s.get_request(ids[1]).await.unwrap().commit_id.as_deref(),
+        Some(commit)
+    );
+    assert!(s.verify_audit().await.unwrap().ok);
 }
 
 pub async fn two_instances(a: Arc<dyn Store>, b: Arc<dyn Store>) {

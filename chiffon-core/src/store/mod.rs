@@ -95,13 +95,17 @@ pub trait Requests: Send + Sync {
 
     async fn get_request(&self, id: Uuid) -> Result<Request, StoreError>;
 
+    /// The requests of these ids that exist, in no particular order (one read for many).
+    async fn get_requests(&self, ids: &[Uuid]) -> Result<Vec<Request>, StoreError>;
+
     /// Newest first.
     async fn list_requests(&self, filter: &RequestFilter) -> Result<Vec<Request>, StoreError>;
 
     /// Moves a request from `from` to `to` and applies `patch`, atomically and only if its
     /// status is still `from`; otherwise `Conflict` with the status found. Checks
     /// [`RequestStatus::can_transition_to`]. A patch with a plan also inserts its steps
-    /// (status `pending`, fresh task ids) in the same transaction.
+    /// (status `pending`, fresh task ids) in the same transaction; entering `queued` makes
+    /// the first step `ready` (it joins the dispatch queue) in it too.
     async fn transition(
         &self,
         id: Uuid,
@@ -127,6 +131,16 @@ pub trait Requests: Send + Sync {
 
     /// Records the audit commit of a request (any status); only sets it once.
     async fn set_commit_id(&self, id: Uuid, commit_id: &str) -> Result<(), StoreError>;
+
+    /// Requests that ended after approval (`completed`, `failed`, `cancelled` with an
+    /// approver) and updated before `ended_before`, whose git record is neither written
+    /// (no commit id) nor refused for good (a `Commit` write with an error): the git
+    /// trail's durable backlog, oldest first.
+    async fn uncommitted(
+        &self,
+        ended_before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Request>, StoreError>;
 
     /// How many requests are in each status (for `/metrics`).
     async fn request_counts(&self) -> Result<Vec<(RequestStatus, u64)>, StoreError>;

@@ -506,6 +506,20 @@ macro_rules! sql_store {
                             })?;
                     }
                 }
+                if to == RequestStatus::Queued {
+                    // Approved: its first step joins the dispatch queue in the same
+                    // transaction (the others wait for the one before them).
+                    sqlx::query(
+                        "UPDATE plan_steps SET status = 'ready', ready_at = $2 \
+                         WHERE request_id = $1 AND status = 'pending' \
+                         AND seq = (SELECT MIN(seq) FROM plan_steps WHERE request_id = $1)",
+                    )
+                    .bind(id)
+                    .bind(ts(now()))
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db_err)?;
+                }
                 Ok(request_from_row(&row))
             }
 
@@ -638,6 +652,26 @@ macro_rules! sql_store {
                 request_from_row(&row)
             }
 
+            async fn get_requests(&self, ids: &[Uuid]) -> Result<Vec<Request>, StoreError> {
+                let mut out = Vec::with_capacity(ids.len());
+                for chunk in ids.chunks(INSERT_CHUNK) {
+                    let mut q = QueryBuilder::<$Db>::new(concat!(
+                        "SELECT ",
+                        req_cols!(),
+                        " FROM tasks WHERE id IN ("
+                    ));
+                    let mut each = q.separated(", ");
+                    for id in chunk {
+                        each.push_bind(*id);
+                    }
+                    q.push(")");
+                    for row in q.build().fetch_all(&self.pool).await.map_err(db_err)? {
+                        out.push(request_from_row(&row)?);
+                    }
+                }
+                Ok(out)
+            }
+
             async fn list_requests(&self, filter: &RequestFilter) -> Result<Vec<Request>, StoreError> {
                 let mut q = QueryBuilder::<$Db>::new(concat!(
                     "SELECT ",
@@ -748,6 +782,38 @@ macro_rules! sql_store {
                             entries.extend(e.iter().cloned());
                             out.push(Ok(Written::Appended));
                         }
+                        GroupWrite::Commit { id, commit, audit } => {
+                            let (commit_id, failed) = match commit {
+                                Ok(c) => (Some(c.as_str()), None),
+                                Err(e) => (None, Some(e.as_str())),
+                            };
+                            let row = sqlx::query(concat!(
+                                "UPDATE tasks SET commit_id = $1, commit_error = $2 \
+                                 WHERE id = $3 AND commit_id IS NULL AND commit_error IS NULL \
+                                 RETURNING ",
+                                req_cols!()
+                            ))
+                            .bind(commit_id)
+                            .bind(failed)
+                            .bind(id)
+                            .fetch_optional(&mut *tx)
+                            .await
+                            .map_err(db_err)?;
+                            let slot = match row {
+                                Some(row) => request_from_row(&row),
+                                None => Err(StoreError::Conflict {
+                                    message: format!(
+                                        "request {id} is unknown or its git record is already stored"
+                                    ),
+                                    current: None,
+                                }),
+                            };
+                            if slot.is_ok() && !audit.is_empty() {
+                                entries.extend(audit.iter().cloned());
+                                newest.push((*id, entries.len() - 1));
+                            }
+                            out.push(slot.map(Written::Request));
+                        }
                     }
                 }
                 if !entries.is_empty() {
@@ -795,6 +861,27 @@ macro_rules! sql_store {
                     }
                 }
                 Ok(())
+            }
+
+            async fn uncommitted(
+                &self,
+                ended_before: DateTime<Utc>,
+                limit: u32,
+            ) -> Result<Vec<Request>, StoreError> {
+                // `tasks_commit_pending_idx` holds exactly these rows.
+                let rows = sqlx::query(concat!(
+                    "SELECT ",
+                    req_cols!(),
+                    " FROM tasks WHERE commit_id IS NULL AND commit_error IS NULL \
+                     AND approver IS NOT NULL AND status IN ('completed', 'failed', 'cancelled') \
+                     AND updated_at < $1 ORDER BY updated_at LIMIT $2"
+                ))
+                .bind(ts(trunc(ended_before)))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
+                rows.iter().map(request_from_row).collect()
             }
 
             async fn request_counts(&self) -> Result<Vec<(RequestStatus, u64)>, StoreError> {
