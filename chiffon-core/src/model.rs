@@ -218,6 +218,17 @@ pub enum GroupWrite {
     },
     /// Audit entries no status change carries.
     Audit(Vec<NewAuditEntry>),
+    /// After a step completed (a `Step` write earlier in the same group): the request's
+    /// next step (`after_seq + 1`) made ready if step `after_seq` is `completed` and the
+    /// next one `pending`, or, when every step is completed or skipped,
+    /// the request completed (from `queued` or `running`) with these entries. Slot:
+    /// `Advanced` with the completed request, or without one (a next step made ready, or
+    /// nothing to do).
+    Advance {
+        request_id: Uuid,
+        after_seq: u32,
+        audit: Vec<NewAuditEntry>,
+    },
     /// The git trail's outcome for an ended request: its commit id, or why it has none
     /// (a failure that retrying cannot mend), with its entry. Stored once: a request that
     /// has either already is a `Conflict` in its slot and stores nothing.
@@ -237,6 +248,8 @@ pub enum Written {
     Step(Step),
     /// Audit entries appended.
     Appended,
+    /// What an `Advance` did: the request, when it completed it.
+    Advanced(Option<Request>),
 }
 
 /// Fields a transition may set along with the status. `None` leaves a field as it is.

@@ -64,10 +64,11 @@ impl Metrics {
     }
 }
 
-/// One write for the group writer and where its outcome goes.
+/// Writes for the group writer, committed in the same transaction, and where their
+/// outcomes go (one slot each, in order).
 type GroupJob = (
-    GroupWrite,
-    tokio::sync::oneshot::Sender<Result<Written, StoreError>>,
+    Vec<GroupWrite>,
+    tokio::sync::oneshot::Sender<Vec<Result<Written, StoreError>>>,
 );
 
 /// Most writes one group commit holds.
@@ -102,35 +103,40 @@ fn spawn_group_writer(store: Arc<dyn Store>) -> tokio::sync::mpsc::Sender<GroupJ
     let (tx, mut rx) = tokio::sync::mpsc::channel::<GroupJob>(1024);
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
+            let mut n = first.0.len();
             let mut jobs = vec![first];
-            while jobs.len() < GROUP_BATCH {
+            while n < GROUP_BATCH {
                 match rx.try_recv() {
-                    Ok(job) => jobs.push(job),
+                    Ok(job) => {
+                        n += job.0.len();
+                        jobs.push(job);
+                    }
                     Err(_) => break,
                 }
             }
-            let (writes, waiters): (Vec<GroupWrite>, Vec<_>) = jobs.into_iter().unzip();
-            match commit_retrying(store.as_ref(), &writes).await {
+            let sizes: Vec<usize> = jobs.iter().map(|j| j.0.len()).collect();
+            let (writes, waiters): (Vec<Vec<GroupWrite>>, Vec<_>) = jobs.into_iter().unzip();
+            let all: Vec<GroupWrite> = writes.iter().flatten().cloned().collect();
+            match commit_retrying(store.as_ref(), &all).await {
                 Ok(slots) => {
-                    for (slot, done) in slots.into_iter().zip(waiters) {
-                        let _ = done.send(slot);
+                    let mut slots = slots.into_iter();
+                    for (size, done) in sizes.into_iter().zip(waiters) {
+                        let _ = done.send(slots.by_ref().take(size).collect());
                     }
                 }
                 Err(e) if writes.len() > 1 && !e.is_transient() => {
+                    // Each job alone: only the one that cannot be written fails.
                     for (w, done) in writes.iter().zip(waiters) {
-                        let slot =
-                            match commit_retrying(store.as_ref(), std::slice::from_ref(w)).await {
-                                Ok(mut slots) => slots.pop().unwrap_or_else(|| {
-                                    Err(StoreError::Corrupt("a write without its outcome".into()))
-                                }),
-                                Err(e) => Err(e),
-                            };
-                        let _ = done.send(slot);
+                        let slots = match commit_retrying(store.as_ref(), w).await {
+                            Ok(slots) => slots,
+                            Err(e) => w.iter().map(|_| Err(each_waiter(&e))).collect(),
+                        };
+                        let _ = done.send(slots);
                     }
                 }
                 Err(e) => {
-                    for done in waiters {
-                        let _ = done.send(Err(each_waiter(&e)));
+                    for (w, done) in writes.iter().zip(waiters) {
+                        let _ = done.send(w.iter().map(|_| Err(each_waiter(&e))).collect());
                     }
                 }
             }
@@ -1201,17 +1207,29 @@ impl Engine {
                 )
             }
         };
-        // No receiver (no notifier configured) is fine.
-        let _ = self.inner.status_changes.send(updated.clone());
-        self.inner.events.publish(EngineEvent::Status {
-            request_id: id,
-            status: to,
-            at: updated.updated_at,
-        });
+        self.changed(&updated);
         if to == RequestStatus::Queued {
             self.inner.wake.notify_one();
         }
         Ok(updated)
+    }
+
+    /// Tells notifiers and live events about a status change this instance stored.
+    pub(super) fn changed(&self, updated: &Request) {
+        // No receiver (no notifier configured) is fine.
+        let _ = self.inner.status_changes.send(updated.clone());
+        self.inner.events.publish(EngineEvent::Status {
+            request_id: updated.id,
+            status: updated.status,
+            at: updated.updated_at,
+        });
+    }
+
+    /// A request this instance ended: notifiers and live events told, the git trail handed
+    /// its record.
+    pub(super) fn ended(&self, request: Request) {
+        self.changed(&request);
+        self.trail_ended(request);
     }
 
     /// Marks the first pending step ready when no step is active or failed; finishes the
@@ -1333,14 +1351,48 @@ impl Engine {
     }
 
     /// Hands a write to the group writer and waits for its outcome.
-    pub(super) async fn group_write(&self, mut write: GroupWrite) -> Result<Written, StoreError> {
-        // Redaction choke point: no configured secret reaches the append-only audit log or a
-        // request's error.
+    pub(super) async fn group_write(&self, write: GroupWrite) -> Result<Written, StoreError> {
+        self.group_writes(vec![write])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Corrupt("a write without its outcome".into())))
+    }
+
+    /// Hands writes to the group writer, to be committed in one transaction (with other
+    /// callers' writes), and waits for their outcomes, in order.
+    pub(super) async fn group_writes(
+        &self,
+        mut writes: Vec<GroupWrite>,
+    ) -> Vec<Result<Written, StoreError>> {
+        for w in &mut writes {
+            self.redact_write(w);
+        }
+        let writer = self
+            .inner
+            .group_writer
+            .get_or_init(|| spawn_group_writer(self.inner.store.clone()));
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let n = writes.len();
+        let stopped = |n| {
+            (0..n)
+                .map(|_| Err(StoreError::Unavailable("the group writer stopped".into())))
+                .collect()
+        };
+        match writer.send((writes, done)).await {
+            Ok(()) => wait.await.unwrap_or_else(|_| stopped(n)),
+            Err(_) => stopped(n),
+        }
+    }
+
+    /// Redaction choke point: no configured secret reaches the append-only audit log or a
+    /// request's error.
+    fn redact_write(&self, write: &mut GroupWrite) {
         let redactor = &self.inner.config.redactor;
-        let entries = match &mut write {
+        let entries = match write {
             GroupWrite::Create { audit, .. }
             | GroupWrite::Step { audit, .. }
-            | GroupWrite::Commit { audit, .. } => audit,
+            | GroupWrite::Commit { audit, .. }
+            | GroupWrite::Advance { audit, .. } => audit,
             GroupWrite::Transition { patch, .. } => {
                 if let Some(e) = patch.error.as_mut() {
                     redactor.redact_error(e);
@@ -1350,16 +1402,6 @@ impl Engine {
             GroupWrite::Audit(entries) => entries,
         };
         *entries = redactor.redact_audit(std::mem::take(entries));
-        let writer = self
-            .inner
-            .group_writer
-            .get_or_init(|| spawn_group_writer(self.inner.store.clone()));
-        let (done, wait) = tokio::sync::oneshot::channel();
-        let stopped = || StoreError::Unavailable("the group writer stopped".into());
-        match writer.send((write, done)).await {
-            Ok(()) => wait.await.unwrap_or_else(|_| Err(stopped())),
-            Err(_) => Err(stopped()),
-        }
     }
 
     /// Appends execution log lines. Callers pass text already redacted (`on_status` strikes

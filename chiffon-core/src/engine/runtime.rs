@@ -675,7 +675,28 @@ impl Engine {
             logs: lines,
             audit,
         };
-        match self.group_write(write).await {
+        // A completed step moves its request on in the same transaction: its next step
+        // becomes ready, or the request completes with its entry.
+        let advance = to == StepStatus::Completed && !cancel_requested;
+        let mut writes = vec![write];
+        if advance {
+            writes.push(GroupWrite::Advance {
+                request_id: step.request_id,
+                after_seq: step.seq,
+                audit: vec![NewAuditEntry {
+                    request_id: Some(step.request_id),
+                    actor: "engine".into(),
+                    event: AuditEvent::Completed,
+                    details: json!({}),
+                }],
+            });
+        }
+        let mut slots = self.group_writes(writes).await.into_iter();
+        let stored = slots
+            .next()
+            .unwrap_or_else(|| Err(StoreError::Corrupt("a result without its outcome".into())));
+        let advanced = slots.next();
+        match stored {
             Ok(_) => {}
             Err(StoreError::Conflict { .. }) => {
                 // Another copy of this result (or a timeout) got there first.
@@ -728,7 +749,18 @@ impl Engine {
                 .end_request(step.request_id, RequestStatus::Failed, error)
                 .await;
         }
-        self.promote_next(step.request_id).await
+        match advanced {
+            Some(Ok(Written::Advanced(Some(done)))) => {
+                self.ended(done);
+                Ok(())
+            }
+            Some(Ok(_)) => {
+                self.inner.wake.notify_one();
+                Ok(())
+            }
+            // Not moved on with the result: the slower way, reading the steps.
+            _ => self.promote_next(step.request_id).await,
+        }
     }
 
     /// A result that is not applied: a copy of one already applied (a redelivery, an agent
@@ -1026,18 +1058,12 @@ impl Engine {
             to: RequestStatus::Running,
             patch: Box::default(),
         }));
-        let written =
-            futures::future::join_all(writes.into_iter().map(|w| self.group_write(w))).await;
+        let written = self.group_writes(writes).await;
         let (marked, started) = written.split_at(marks);
         for (id, r) in starting.iter().zip(started) {
             match r {
                 Ok(Written::Request(r)) => {
-                    let _ = self.inner.status_changes.send(r.clone());
-                    self.inner.events.publish(EngineEvent::Status {
-                        request_id: *id,
-                        status: RequestStatus::Running,
-                        at: r.updated_at,
-                    });
+                    self.changed(r);
                     requests.insert(*id, r.clone());
                 }
                 Ok(_) | Err(StoreError::Conflict { .. }) => {}

@@ -184,8 +184,7 @@ impl Engine {
             .unwrap_or_else(|e| e.into_inner()) = transient;
         // Each outcome stored once, group-committed together (another instance that stored
         // one first leaves a conflict here, and nothing twice).
-        let stored =
-            futures::future::join_all(writes.into_iter().map(|w| self.group_write(w))).await;
+        let stored = self.group_writes(writes).await;
         for s in stored {
             match s {
                 Ok(_) | Err(StoreError::Conflict { .. }) => {}

@@ -118,6 +118,7 @@ macro_rules! store_conformance_tests {
             audit_detects_a_log_cut_back,
             commit_id_and_counts,
             git_backlog,
+            group_advance,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -2317,6 +2318,123 @@ pub async fn git_backlog(h: &Harness) {
         s.get_request(ids[1]).await.unwrap().commit_id.as_deref(),
         Some(commit)
     );
+    assert!(s.verify_audit().await.unwrap().ok);
+}
+
+/// A completed step's result moves its request on in the same transaction: the next step
+/// becomes ready, and after the last one the request completes with its entry; a step that
+/// did not complete moves nothing.
+pub async fn group_advance(h: &Harness) {
+    let s = &*h.store;
+    let r = s.create_request(&new_request("two steps")).await.unwrap();
+    s.transition(
+        r.id,
+        RequestStatus::Planning,
+        RequestStatus::Queued,
+        &with_plan(plan(2)),
+    )
+    .await
+    .unwrap();
+    let steps = s.steps(r.id).await.unwrap();
+    let finish = |task_id, to| GroupWrite::Step {
+        task_id,
+        from: vec![StepStatus::Ready],
+        to,
+        patch: Box::new(StepPatch {
+            finished_at: Some(Utc::now()),
+            ..Default::default()
+        }),
+        logs: Vec::new(),
+        audit: Vec::new(),
+    };
+    let advance = |after_seq, n| GroupWrite::Advance {
+        request_id: r.id,
+        after_seq,
+        audit: vec![audit_entry(Some(r.id), AuditEvent::Completed, n)],
+    };
+    // A step that failed moves nothing on.
+    let other = s.create_request(&new_request("fails")).await.unwrap();
+    s.transition(
+        other.id,
+        RequestStatus::Planning,
+        RequestStatus::Queued,
+        &with_plan(plan(2)),
+    )
+    .await
+    .unwrap();
+    let other_steps = s.steps(other.id).await.unwrap();
+    let slots = s
+        .commit_group(&[
+            finish(other_steps[0].task_id, StepStatus::Failed),
+            GroupWrite::Advance {
+                request_id: other.id,
+                after_seq: 0,
+                audit: vec![audit_entry(Some(other.id), AuditEvent::Completed, 0)],
+            },
+        ])
+        .await
+        .unwrap();
+    assert!(matches!(slots[1], Ok(Written::Advanced(None))));
+    assert_eq!(
+        s.steps(other.id).await.unwrap()[1].status,
+        StepStatus::Pending
+    );
+    assert_eq!(
+        s.get_request(other.id).await.unwrap().status,
+        RequestStatus::Queued
+    );
+
+    let slots = s
+        .commit_group(&[
+            finish(steps[0].task_id, StepStatus::Completed),
+            advance(0, 1),
+        ])
+        .await
+        .unwrap();
+    assert!(matches!(slots[1], Ok(Written::Advanced(None))));
+    assert_eq!(s.steps(r.id).await.unwrap()[1].status, StepStatus::Ready);
+    assert_eq!(
+        s.get_request(r.id).await.unwrap().status,
+        RequestStatus::Queued
+    );
+    // A copy of that result again: the step is no longer ready, nothing moves.
+    let slots = s
+        .commit_group(&[
+            finish(steps[0].task_id, StepStatus::Completed),
+            advance(0, 2),
+        ])
+        .await
+        .unwrap();
+    assert!(matches!(slots[0], Err(StoreError::Conflict { .. })));
+    assert!(matches!(slots[1], Ok(Written::Advanced(None))));
+
+    let slots = s
+        .commit_group(&[
+            finish(steps[1].task_id, StepStatus::Completed),
+            advance(1, 3),
+        ])
+        .await
+        .unwrap();
+    match &slots[1] {
+        Ok(Written::Advanced(Some(done))) => assert_eq!(done.status, RequestStatus::Completed),
+        other => panic!("expected the completed request, got {other:?}"),
+    }
+    assert_eq!(
+        s.get_request(r.id).await.unwrap().status,
+        RequestStatus::Completed
+    );
+    let ns: Vec<serde_json::Value> = s
+        .audit_log(Some(r.id), 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.details["n"].clone())
+        .collect();
+    assert_eq!(ns, [json!(3)], "the completion's entry, once");
+    // Completed already: advancing again completes nothing twice.
+    let slots = s.commit_group(&[advance(1, 4)]).await.unwrap();
+    assert!(matches!(slots[0], Ok(Written::Advanced(None))));
+    assert_eq!(s.audit_log(Some(r.id), 0, 100).await.unwrap().len(), 1);
     assert!(s.verify_audit().await.unwrap().ok);
 }
 

@@ -782,6 +782,52 @@ macro_rules! sql_store {
                             entries.extend(e.iter().cloned());
                             out.push(Ok(Written::Appended));
                         }
+                        GroupWrite::Advance {
+                            request_id,
+                            after_seq,
+                            audit,
+                        } => {
+                            let now = ts(now());
+                            let next = sqlx::query(
+                                "UPDATE plan_steps SET status = 'ready', ready_at = $3 \
+                                 WHERE request_id = $1 AND seq = $2 + 1 AND status = 'pending' \
+                                 AND EXISTS (SELECT 1 FROM plan_steps WHERE request_id = $1 \
+                                 AND seq = $2 AND status = 'completed')",
+                            )
+                            .bind(request_id)
+                            .bind(i64::from(*after_seq))
+                            .bind(&now)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_err)?;
+                            if next.rows_affected() > 0 {
+                                out.push(Ok(Written::Advanced(None)));
+                                continue;
+                            }
+                            let row = sqlx::query(concat!(
+                                "UPDATE tasks SET status = 'completed', updated_at = $2 \
+                                 WHERE id = $1 AND status IN ('queued', 'running') \
+                                 AND NOT EXISTS (SELECT 1 FROM plan_steps WHERE request_id = $1 \
+                                 AND status NOT IN ('completed', 'skipped')) RETURNING ",
+                                req_cols!()
+                            ))
+                            .bind(request_id)
+                            .bind(&now)
+                            .fetch_optional(&mut *tx)
+                            .await
+                            .map_err(db_err)?;
+                            match row {
+                                Some(row) => {
+                                    let done = request_from_row(&row);
+                                    if done.is_ok() && !audit.is_empty() {
+                                        entries.extend(audit.iter().cloned());
+                                        newest.push((*request_id, entries.len() - 1));
+                                    }
+                                    out.push(done.map(|r| Written::Advanced(Some(r))));
+                                }
+                                None => out.push(Ok(Written::Advanced(None))),
+                            }
+                        }
                         GroupWrite::Commit { id, commit, audit } => {
                             let (commit_id, failed) = match commit {
                                 Ok(c) => (Some(c.as_str()), None),
