@@ -405,11 +405,12 @@ macro_rules! sql_store {
                 &self,
                 conn: &mut <$Db as sqlx::Database>::Connection,
                 req: &NewRequest,
+                audit_seq: Option<i64>,
             ) -> Result<Result<Request, StoreError>, StoreError> {
                 let row = sqlx::query(concat!(
                     "INSERT INTO tasks (id, trace_id, text, requester, dry_run, status, created_at, \
-                     updated_at, submitted_by) \
-                     VALUES ($1, $2, $3, $4, $5, 'planning', $6, $6, $7) \
+                     updated_at, submitted_by, audit_seq) \
+                     VALUES ($1, $2, $3, $4, $5, 'planning', $6, $6, $7, $8) \
                      ON CONFLICT (id) DO NOTHING RETURNING ",
                     req_cols!()
                 ))
@@ -420,6 +421,7 @@ macro_rules! sql_store {
                 .bind(req.dry_run)
                 .bind(ts(now()))
                 .bind(&req.submitted_by)
+                .bind(audit_seq)
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(db_err)?;
@@ -442,6 +444,7 @@ macro_rules! sql_store {
                 from: RequestStatus,
                 to: RequestStatus,
                 patch: &RequestPatch,
+                audit_seq: Option<i64>,
             ) -> Result<Result<Request, StoreError>, StoreError> {
                 if !from.can_transition_to(to) {
                     return Ok(Err(StoreError::Conflict {
@@ -453,7 +456,8 @@ macro_rules! sql_store {
                     "UPDATE tasks SET status = $1, updated_at = $2, plan = COALESCE($3, plan), \
                      approver = COALESCE($4, approver), \
                      approval_comment = COALESCE($5, approval_comment), \
-                     error = COALESCE($6, error), commit_id = COALESCE($7, commit_id) \
+                     error = COALESCE($6, error), commit_id = COALESCE($7, commit_id), \
+                     audit_seq = COALESCE($10, audit_seq) \
                      WHERE id = $8 AND status = $9 RETURNING ",
                     req_cols!()
                 ))
@@ -466,6 +470,7 @@ macro_rules! sql_store {
                 .bind(&patch.commit_id)
                 .bind(id)
                 .bind(from.as_str())
+                .bind(audit_seq)
                 .fetch_optional(&mut **tx)
                 .await
                 .map_err(db_err)?;
@@ -639,7 +644,7 @@ macro_rules! sql_store {
         impl Requests for $Store {
             async fn create_request(&self, req: &NewRequest) -> Result<Request, StoreError> {
                 let mut conn = self.pool.acquire().await.map_err(db_err)?;
-                self.create_in(&mut conn, req).await?
+                self.create_in(&mut conn, req, None).await?
             }
 
             async fn get_request(&self, id: Uuid) -> Result<Request, StoreError> {
@@ -736,8 +741,33 @@ macro_rules! sql_store {
                 let mut tx = self.pool.begin_with(BEGIN_WRITE).await.map_err(db_err)?;
                 let mut out = Vec::with_capacity(writes.len());
                 let mut entries: Vec<NewAuditEntry> = Vec::new();
-                // (request, index of its newest entry in `entries`)
-                let mut newest: Vec<(Uuid, usize)> = Vec::new();
+                // The chain's head, locked once for the group: each request changed names
+                // its newest entry (`audit_seq`) in the same statement that changes it, and
+                // verify finds that entry gone if the log is cut back.
+                let carries = writes.iter().any(|w| match w {
+                    GroupWrite::Create { audit, .. }
+                    | GroupWrite::Step { audit, .. }
+                    | GroupWrite::Advance { audit, .. }
+                    | GroupWrite::Commit { audit, .. } => !audit.is_empty(),
+                    GroupWrite::Transition { patch, .. } => !patch.audit.is_empty(),
+                    GroupWrite::Audit(e) => !e.is_empty(),
+                });
+                let base: i64 = if carries {
+                    sqlx::query_scalar(concat!(
+                        "SELECT last_seq FROM audit_head WHERE id = 1",
+                        $for_update
+                    ))
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_err)?
+                    .ok_or_else(|| StoreError::Corrupt("the audit head row is missing".into()))?
+                } else {
+                    0
+                };
+                // The seq the newest of `audit` gets if it is appended next.
+                let newest = |entries: &Vec<NewAuditEntry>, audit: &[NewAuditEntry]| {
+                    (!audit.is_empty()).then(|| base + (entries.len() + audit.len()) as i64)
+                };
                 for w in writes {
                     match w {
                         GroupWrite::Transition {
@@ -746,18 +776,20 @@ macro_rules! sql_store {
                             to,
                             patch,
                         } => {
-                            let slot = self.transition_in(&mut tx, *id, *from, *to, patch).await?;
-                            if slot.is_ok() && !patch.audit.is_empty() {
+                            let seq = newest(&entries, &patch.audit);
+                            let slot = self
+                                .transition_in(&mut tx, *id, *from, *to, patch, seq)
+                                .await?;
+                            if slot.is_ok() {
                                 entries.extend(patch.audit.iter().cloned());
-                                newest.push((*id, entries.len() - 1));
                             }
                             out.push(slot.map(Written::Request));
                         }
                         GroupWrite::Create { request, audit } => {
-                            let slot = self.create_in(&mut tx, request).await?;
-                            if slot.is_ok() && !audit.is_empty() {
+                            let seq = newest(&entries, audit);
+                            let slot = self.create_in(&mut tx, request, seq).await?;
+                            if slot.is_ok() {
                                 entries.extend(audit.iter().cloned());
-                                newest.push((request.id, entries.len() - 1));
                             }
                             out.push(slot.map(Written::Request));
                         }
@@ -805,7 +837,8 @@ macro_rules! sql_store {
                                 continue;
                             }
                             let row = sqlx::query(concat!(
-                                "UPDATE tasks SET status = 'completed', updated_at = $2 \
+                                "UPDATE tasks SET status = 'completed', updated_at = $2, \
+                                 audit_seq = COALESCE($3, audit_seq) \
                                  WHERE id = $1 AND status IN ('queued', 'running') \
                                  AND NOT EXISTS (SELECT 1 FROM plan_steps WHERE request_id = $1 \
                                  AND status NOT IN ('completed', 'skipped')) RETURNING ",
@@ -813,15 +846,15 @@ macro_rules! sql_store {
                             ))
                             .bind(request_id)
                             .bind(&now)
+                            .bind(newest(&entries, audit))
                             .fetch_optional(&mut *tx)
                             .await
                             .map_err(db_err)?;
                             match row {
                                 Some(row) => {
                                     let done = request_from_row(&row);
-                                    if done.is_ok() && !audit.is_empty() {
+                                    if done.is_ok() {
                                         entries.extend(audit.iter().cloned());
-                                        newest.push((*request_id, entries.len() - 1));
                                     }
                                     out.push(done.map(|r| Written::Advanced(Some(r))));
                                 }
@@ -834,7 +867,8 @@ macro_rules! sql_store {
                                 Err(e) => (None, Some(e.as_str())),
                             };
                             let row = sqlx::query(concat!(
-                                "UPDATE tasks SET commit_id = $1, commit_error = $2 \
+                                "UPDATE tasks SET commit_id = $1, commit_error = $2, \
+                                 audit_seq = COALESCE($4, audit_seq) \
                                  WHERE id = $3 AND commit_id IS NULL AND commit_error IS NULL \
                                  RETURNING ",
                                 req_cols!()
@@ -842,6 +876,7 @@ macro_rules! sql_store {
                             .bind(commit_id)
                             .bind(failed)
                             .bind(id)
+                            .bind(newest(&entries, audit))
                             .fetch_optional(&mut *tx)
                             .await
                             .map_err(db_err)?;
@@ -854,9 +889,8 @@ macro_rules! sql_store {
                                     current: None,
                                 }),
                             };
-                            if slot.is_ok() && !audit.is_empty() {
+                            if slot.is_ok() {
                                 entries.extend(audit.iter().cloned());
-                                newest.push((*id, entries.len() - 1));
                             }
                             out.push(slot.map(Written::Request));
                         }
@@ -864,15 +898,10 @@ macro_rules! sql_store {
                 }
                 if !entries.is_empty() {
                     let written = self.append_audit_in(&mut tx, &entries).await?;
-                    // Each request names its newest entry: verify finds it gone if the log is cut
-                    // back (the rows are locked by the updates above already).
-                    for (id, i) in newest {
-                        sqlx::query("UPDATE tasks SET audit_seq = $1 WHERE id = $2")
-                            .bind(written[i].seq)
-                            .bind(id)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(db_err)?;
+                    if written.first().map(|e| e.seq) != Some(base + 1) {
+                        return Err(StoreError::Corrupt(
+                            "the audit chain's head moved while it was locked".into(),
+                        ));
                     }
                 }
                 tx.commit().await.map_err(db_err)?;
