@@ -229,6 +229,11 @@ pub enum GroupWrite {
         after_seq: u32,
         audit: Vec<NewAuditEntry>,
     },
+    /// A work message for the outbox, stored only if its step is `dispatched` with its
+    /// attempt (marked earlier in the same group); slot `Appended`, or a `Conflict`.
+    Send(OutboxMessage),
+    /// Outbox messages the broker confirmed (or that must not go): deleted.
+    Sent(Vec<Uuid>),
     /// The git trail's outcome for an ended request: its commit id, or why it has none
     /// (a failure that retrying cannot mend), with its entry. Stored once: a request that
     /// has either already is a `Conflict` in its slot and stores nothing.
@@ -237,6 +242,20 @@ pub enum GroupWrite {
         commit: Result<String, String>,
         audit: Vec<NewAuditEntry>,
     },
+}
+
+/// A message waiting in the outbox: published by the dispatcher after the commit that
+/// stored it, or, if that never happened (a crash, a failed publish), by the engine's relay.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxMessage {
+    /// Its envelope's message id.
+    pub id: Uuid,
+    pub task_id: Uuid,
+    pub attempt: u32,
+    pub queue: String,
+    /// The envelope, as JSON.
+    pub body: String,
+    pub created_at: DateTime<Utc>,
 }
 
 /// What one write of a group commit stored.

@@ -483,6 +483,7 @@ both_backends!(
     a_failing_git_trail_degrades_health_and_a_stale_lock_is_cleared,
     planning_a_dead_instance_held_resumes_when_its_lease_lapses,
     a_crash_between_commit_and_status_keeps_the_one_commit,
+    a_crash_between_mark_and_publish_is_relayed_from_the_outbox,
 );
 
 async fn approve_runs_to_completion_with_audit_and_commit(backend: &str) {
@@ -2218,5 +2219,154 @@ async fn a_crash_between_commit_and_status_keeps_the_one_commit(backend: &str) {
         1,
         "one commit for the request: {log}"
     );
+    stop.cancel();
+}
+
+/// The dispatcher died after the transaction that marked a step `dispatched` (with its
+/// message in the outbox) and before the publish: nothing is on the bus, and the step's
+/// deadline is an hour away. The engine's relay publishes the stored message, the agent
+/// runs that attempt once, and the request completes; the outbox is emptied.
+async fn a_crash_between_mark_and_publish_is_relayed_from_the_outbox(backend: &str) {
+    let Some((store, transport, _raw_url, _guard)) = raw_backend(backend).await else {
+        return;
+    };
+    let r = store
+        .create_request(&NewRequest {
+            id: Uuid::now_v7(),
+            trace_id: "outbox".into(),
+            text: "ok_action".into(),
+            requester: "alice".into(),
+            submitted_by: "alice".into(),
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+    let plan = Plan {
+        summary: "run ok_action".into(),
+        steps: vec![PlanStep {
+            action: "ok_action".into(),
+            parameters: Map::new(),
+            agent_type: "infrastructure".into(),
+            resources: Default::default(),
+            reason: "asked for".into(),
+            provenance: Default::default(),
+        }],
+        risks: vec![],
+        estimated_cost_usd: 0.0,
+        llm_cost_usd: 0.0,
+        provider: "test".into(),
+        model: "list".into(),
+        cached: false,
+        skipped: Vec::new(),
+    };
+    store
+        .transition(
+            r.id,
+            RequestStatus::Planning,
+            RequestStatus::Queued,
+            &RequestPatch {
+                plan: Some(plan),
+                approver: Some("bob".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let step = store.steps(r.id).await.unwrap().remove(0);
+    let queue = transport.topology().agent_queue("infrastructure");
+    let now = chrono::Utc::now();
+    let env = Envelope::new(
+        "outbox",
+        Some(r.id),
+        Message::WorkRequest(WorkRequest {
+            agent_type: "infrastructure".into(),
+            task_id: step.task_id,
+            action: "ok_action".into(),
+            parameters: Map::new(),
+            resources_required: Default::default(),
+            dry_run: false,
+            attempt: 1,
+            timeout_seconds: Some(3600),
+        }),
+    );
+    // What the dispatcher committed before it died: the mark, the message, `running`.
+    let slots = store
+        .commit_group(&[
+            GroupWrite::Step {
+                task_id: step.task_id,
+                from: vec![StepStatus::Ready],
+                to: StepStatus::Dispatched,
+                patch: Box::new(StepPatch {
+                    attempt: Some(1),
+                    queue: Some(queue.clone()),
+                    dispatched_at: Some(now),
+                    deadline_at: Some(now + chrono::TimeDelta::hours(1)),
+                    ..Default::default()
+                }),
+                logs: vec![],
+                audit: vec![],
+            },
+            GroupWrite::Send(OutboxMessage {
+                id: env.message_id,
+                task_id: step.task_id,
+                attempt: 1,
+                queue: queue.clone(),
+                body: serde_json::to_string(&env).unwrap(),
+                created_at: now - chrono::TimeDelta::seconds(60),
+            }),
+            GroupWrite::Transition {
+                id: r.id,
+                from: RequestStatus::Queued,
+                to: RequestStatus::Running,
+                patch: Box::default(),
+            },
+        ])
+        .await
+        .unwrap();
+    assert!(slots.iter().all(Result::is_ok), "{slots:?}");
+    assert_eq!(
+        store
+            .outbox_due(chrono::Utc::now(), 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let stop = CancellationToken::new();
+    let git = tempfile::tempdir().unwrap();
+    let engine = start_engine(
+        store.clone(),
+        transport.clone(),
+        git.path(),
+        test_config(|_| {}),
+        &stop,
+    )
+    .await;
+    let agent = MockAgent::spawn(transport.clone(), stop.clone());
+    let done = tokio::time::timeout(
+        Duration::from_secs(20),
+        engine.wait_until(r.id, &[RequestStatus::Completed]),
+    )
+    .await
+    .expect("the relay published the stored message")
+    .unwrap();
+    assert_eq!(done.status, RequestStatus::Completed, "{:?}", done.error);
+    let step = store.get_step(step.task_id).await.unwrap();
+    assert_eq!(step.attempt, 1, "the stored attempt ran, not a retry");
+    assert_eq!(agent.started.load(Ordering::SeqCst), 1);
+    let mut left = usize::MAX;
+    for _ in 0..100 {
+        left = store
+            .outbox_due(chrono::Utc::now() + chrono::TimeDelta::seconds(1), 10)
+            .await
+            .unwrap()
+            .len();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(left, 0, "the outbox is emptied");
     stop.cancel();
 }

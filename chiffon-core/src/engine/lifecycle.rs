@@ -1400,6 +1400,7 @@ impl Engine {
                 &mut patch.audit
             }
             GroupWrite::Audit(entries) => entries,
+            GroupWrite::Send(_) | GroupWrite::Sent(_) => return,
         };
         *entries = redactor.redact_audit(std::mem::take(entries));
     }

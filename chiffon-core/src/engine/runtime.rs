@@ -1,7 +1,7 @@
 //! The engine's background work: intake, results, dispatch, timeouts, expiry, repair.
 
 use crate::audit::AuditEvent;
-use crate::model::GroupWrite;
+use crate::model::{GroupWrite, OutboxMessage};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -24,6 +24,8 @@ use crate::transport::{ConsumeOptions, Delivery};
 
 /// Most output kept on a step (the tail).
 const OUTPUT_TAIL: usize = 16 * 1024;
+/// An outbox message this old was not published by its dispatcher: the relay sends it.
+const OUTBOX_AFTER: Duration = Duration::from_secs(10);
 /// How long a claim on a ready step lasts before another instance may take it.
 const CLAIM_LEASE: Duration = Duration::from_secs(30);
 /// A request `planning` this long was interrupted and is planned again.
@@ -1041,6 +1043,24 @@ impl Engine {
             })
             .collect();
         let marks = writes.len();
+        // Each message goes into the outbox with its mark: a crash before the publish
+        // leaves it there for the relay ([`Engine::relay_outbox`]), not a step `dispatched`
+        // with no message anywhere until its deadline.
+        let mut unsendable = Vec::new();
+        for o in &outgoing {
+            match serde_json::to_string(&o.env) {
+                Ok(body) => writes.push(GroupWrite::Send(OutboxMessage {
+                    id: o.env.message_id,
+                    task_id: o.step.task_id,
+                    attempt: o.attempt,
+                    queue: o.queue.clone(),
+                    body,
+                    created_at: o.now,
+                })),
+                Err(e) => unsendable.push((o.step.task_id, e.to_string())),
+            }
+        }
+        let sends = writes.len() - marks;
         let mut starting: Vec<Uuid> = outgoing
             .iter()
             .filter(|o| {
@@ -1059,7 +1079,11 @@ impl Engine {
             patch: Box::default(),
         }));
         let written = self.group_writes(writes).await;
-        let (marked, started) = written.split_at(marks);
+        let (marked, rest) = written.split_at(marks);
+        let started = &rest[sends..];
+        for (task, e) in unsendable {
+            tracing::error!(task = %task, error = %e, "a work message could not be encoded; its timeout will retry it");
+        }
         for (id, r) in starting.iter().zip(started) {
             match r {
                 Ok(Written::Request(r)) => {
@@ -1111,6 +1135,8 @@ impl Engine {
             futures::future::join_all(outgoing.iter().map(|o| self.publish_to(&o.queue, &o.env)))
                 .await;
         let mut dispatched = 0;
+        // Outbox rows done with: confirmed by the broker, or their steps ready again.
+        let mut done: Vec<Uuid> = Vec::with_capacity(outgoing.len());
         for (o, sent) in outgoing.into_iter().zip(published) {
             let Outgoing {
                 step,
@@ -1118,20 +1144,23 @@ impl Engine {
                 agent_id,
                 needs,
                 now,
+                env,
                 ..
             } = o;
             if let Err(e) = sent {
                 // Not published: make it ready again (the attempt stays counted).
                 match self.unmark_dispatched(step.task_id, now).await {
                     Ok(()) => {
+                        done.push(env.message_id);
                         tracing::warn!(error = %e, task = %step.task_id, "dispatch publish failed; will retry")
                     }
                     Err(store) => {
-                        tracing::error!(error = %e, %store, task = %step.task_id, "dispatch publish failed and the step could not be made ready again; its timeout will retry it")
+                        tracing::error!(error = %e, %store, task = %step.task_id, "dispatch publish failed and the step could not be made ready again; the outbox relay publishes it")
                     }
                 }
                 continue;
             }
+            done.push(env.message_id);
             dispatched += 1;
             if let (Some(agent), true) = (&agent_id, needs) {
                 if let Ok(mut reserved) = self.inner.reservations.lock() {
@@ -1154,10 +1183,65 @@ impl Engine {
                 at: now,
             });
         }
+        if !done.is_empty() {
+            // Not waited for: a row left behind is found by the relay, which sees its step
+            // moved on (or publishes a copy the agent and the engine recognise).
+            let engine = self.clone();
+            self.inner.tasks.spawn(async move {
+                if let Err(e) = engine.group_write(GroupWrite::Sent(done)).await {
+                    tracing::warn!(error = %e, "sent messages not cleared from the outbox; the relay clears them");
+                }
+            });
+        }
         match failure {
             Some(e) => Err(e),
             None => Ok((claimed, dispatched)),
         }
+    }
+
+    /// Publishes what the outbox still holds after [`OUTBOX_AFTER`]: messages whose step is
+    /// still `dispatched` with their attempt (a crash came between the commit and the
+    /// publish, or the publish failed and the step could not be made ready again); the
+    /// others are dropped. A copy of a message already delivered is recognised downstream
+    /// (the agent's ledger answers a finished attempt again, the engine applies a result
+    /// once).
+    pub(super) async fn relay_outbox(&self) -> Result<(), EngineError> {
+        let before = Utc::now() - chrono_dur(OUTBOX_AFTER);
+        let due = self.inner.store.outbox_due(before, 100).await?;
+        if due.is_empty() {
+            return Ok(());
+        }
+        let mut done = Vec::with_capacity(due.len());
+        for m in due {
+            let live = match self.inner.store.get_step(m.task_id).await {
+                Ok(step) => step.status == StepStatus::Dispatched && step.attempt == m.attempt,
+                Err(StoreError::NotFound { .. }) => false,
+                Err(e) => return Err(e.into()),
+            };
+            if !live {
+                done.push(m.id);
+                continue;
+            }
+            let env: Envelope = match serde_json::from_str(&m.body) {
+                Ok(env) => env,
+                Err(e) => {
+                    tracing::error!(task = %m.task_id, error = %e, "an outbox message does not parse; dropped (the step's timeout retries it)");
+                    done.push(m.id);
+                    continue;
+                }
+            };
+            match self.publish_to(&m.queue, &env).await {
+                Ok(()) => {
+                    tracing::warn!(task = %m.task_id, attempt = m.attempt, "published from the outbox (its first publish never happened)");
+                    done.push(m.id);
+                }
+                Err(e) => {
+                    tracing::warn!(task = %m.task_id, error = %e, "outbox publish failed; tried again later")
+                }
+            }
+        }
+        self.group_write(GroupWrite::Sent(done)).await?;
+        Ok(())
     }
 
     /// Makes a step marked `dispatched` but never published `ready` again (after a second;
@@ -1211,8 +1295,10 @@ impl Engine {
         self.inner.transport.publish(queue, env).await
     }
 
-    /// Timeouts, expired approvals, and requests interrupted between two writes.
+    /// The outbox relay, timeouts, expired approvals, and requests interrupted between two
+    /// writes.
     pub(super) async fn sweep(&self) -> Result<(), EngineError> {
+        self.relay_outbox().await?;
         let now = Utc::now();
         for step in self.inner.store.overdue_steps(now, 100).await? {
             self.on_timeout(step, now).await?;

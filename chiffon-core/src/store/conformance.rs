@@ -119,6 +119,7 @@ macro_rules! store_conformance_tests {
             commit_id_and_counts,
             git_backlog,
             group_advance,
+            outbox,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -2436,6 +2437,81 @@ pub async fn group_advance(h: &Harness) {
     assert!(matches!(slots[0], Ok(Written::Advanced(None))));
     assert_eq!(s.audit_log(Some(r.id), 0, 100).await.unwrap().len(), 1);
     assert!(s.verify_audit().await.unwrap().ok);
+}
+
+/// Outbox messages are stored only with their step's mark (dispatched, that attempt),
+/// listed once due, oldest first, and deleted once sent.
+pub async fn outbox(h: &Harness) {
+    let s = &*h.store;
+    let (_, steps) = queued_with_ready_steps(s, 2).await;
+    let now = Utc::now();
+    s.update_step(
+        steps[0].task_id,
+        &[StepStatus::Ready],
+        StepStatus::Dispatched,
+        &StepPatch {
+            attempt: Some(1),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let message = |task_id, attempt, age: i64| OutboxMessage {
+        id: Uuid::now_v7(),
+        task_id,
+        attempt,
+        queue: "agent.infrastructure".into(),
+        body: format!("{{\"attempt\": {attempt}}}"),
+        created_at: now - ChronoDuration::seconds(age),
+    };
+    let first = message(steps[0].task_id, 1, 30);
+    let later = message(steps[0].task_id, 1, 20);
+    let slots = s
+        .commit_group(&[
+            GroupWrite::Send(later.clone()),
+            GroupWrite::Send(first.clone()),
+            // Not the step's attempt, and a step not dispatched: not stored.
+            GroupWrite::Send(message(steps[0].task_id, 2, 30)),
+            GroupWrite::Send(message(steps[1].task_id, 1, 30)),
+        ])
+        .await
+        .unwrap();
+    assert!(matches!(slots[0], Ok(Written::Appended)));
+    assert!(matches!(slots[1], Ok(Written::Appended)));
+    assert!(matches!(slots[2], Err(StoreError::Conflict { .. })));
+    assert!(matches!(slots[3], Err(StoreError::Conflict { .. })));
+    let due = s.outbox_due(now, 10).await.unwrap();
+    assert_eq!(
+        due.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![first.id, later.id],
+        "oldest first"
+    );
+    assert_eq!(due[0].body, first.body);
+    assert_eq!(due[0].queue, first.queue);
+    assert_eq!(due[0].attempt, 1);
+    assert_eq!(
+        due[0].created_at.timestamp_micros(),
+        first.created_at.timestamp_micros()
+    );
+    assert_eq!(s.outbox_due(now, 1).await.unwrap().len(), 1);
+    assert!(s
+        .outbox_due(now - ChronoDuration::seconds(25), 10)
+        .await
+        .unwrap()
+        .iter()
+        .all(|m| m.id == first.id));
+    s.commit_group(&[GroupWrite::Sent(vec![first.id, Uuid::now_v7()])])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.outbox_due(now, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.id)
+            .collect::<Vec<_>>(),
+        vec![later.id]
+    );
 }
 
 pub async fn two_instances(a: Arc<dyn Store>, b: Arc<dyn Store>) {

@@ -167,6 +167,14 @@ pub trait Requests: Send + Sync {
 /// A plan's steps (`plan_steps`): conditional updates, dispatch claims, publisher binding, dry-run previews, deadlines.
 #[async_trait]
 pub trait Steps: Send + Sync {
+    /// Outbox messages stored before `before`, oldest first: the ones whose publish never
+    /// happened (or was never confirmed).
+    async fn outbox_due(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<OutboxMessage>, StoreError>;
+
     /// A request's steps in plan order.
     async fn steps(&self, request_id: Uuid) -> Result<Vec<Step>, StoreError>;
 

@@ -745,6 +745,7 @@ macro_rules! sql_store {
                 // its newest entry (`audit_seq`) in the same statement that changes it, and
                 // verify finds that entry gone if the log is cut back.
                 let carries = writes.iter().any(|w| match w {
+                    GroupWrite::Send(_) | GroupWrite::Sent(_) => false,
                     GroupWrite::Create { audit, .. }
                     | GroupWrite::Step { audit, .. }
                     | GroupWrite::Advance { audit, .. }
@@ -860,6 +861,45 @@ macro_rules! sql_store {
                                 }
                                 None => out.push(Ok(Written::Advanced(None))),
                             }
+                        }
+                        GroupWrite::Send(m) => {
+                            let done = sqlx::query(
+                                "INSERT INTO outbox (id, task_id, attempt, queue, body, created_at) \
+                                 SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS (SELECT 1 FROM plan_steps \
+                                 WHERE task_id = $2 AND status = 'dispatched' AND attempt = $3)",
+                            )
+                            .bind(m.id)
+                            .bind(m.task_id)
+                            .bind(i64::from(m.attempt))
+                            .bind(&m.queue)
+                            .bind(&m.body)
+                            .bind(ts(trunc(m.created_at)))
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_err)?;
+                            out.push(if done.rows_affected() == 1 {
+                                Ok(Written::Appended)
+                            } else {
+                                Err(StoreError::Conflict {
+                                    message: format!(
+                                        "step {} is not dispatched with attempt {}",
+                                        m.task_id, m.attempt
+                                    ),
+                                    current: None,
+                                })
+                            });
+                        }
+                        GroupWrite::Sent(ids) => {
+                            for chunk in ids.chunks(INSERT_CHUNK) {
+                                let mut q = QueryBuilder::<$Db>::new("DELETE FROM outbox WHERE id IN (");
+                                let mut each = q.separated(", ");
+                                for id in chunk {
+                                    each.push_bind(*id);
+                                }
+                                q.push(")");
+                                q.build().execute(&mut *tx).await.map_err(db_err)?;
+                            }
+                            out.push(Ok(Written::Appended));
                         }
                         GroupWrite::Commit { id, commit, audit } => {
                             let (commit_id, failed) = match commit {
@@ -1067,6 +1107,34 @@ macro_rules! sql_store {
             ) -> Result<Step, StoreError> {
                 let mut conn = self.pool.acquire().await.map_err(db_err)?;
                 self.update_step_in(&mut conn, task_id, from, to, patch).await?
+            }
+
+            async fn outbox_due(
+                &self,
+                before: DateTime<Utc>,
+                limit: u32,
+            ) -> Result<Vec<OutboxMessage>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT id, task_id, attempt, queue, body, created_at FROM outbox \
+                     WHERE created_at < $1 ORDER BY created_at LIMIT $2",
+                )
+                .bind(ts(trunc(before)))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(OutboxMessage {
+                            id: col(row, "id")?,
+                            task_id: col(row, "task_id")?,
+                            attempt: u32_col(row, "attempt")?,
+                            queue: col(row, "queue")?,
+                            body: col(row, "body")?,
+                            created_at: ts_col(row, "created_at")?,
+                        })
+                    })
+                    .collect()
             }
 
             async fn claim_ready_steps(
