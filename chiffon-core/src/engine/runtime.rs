@@ -1405,23 +1405,25 @@ impl Engine {
                 finished_at: Some(now),
                 ..Default::default()
             };
-            match self
-                .inner
-                .store
-                .update_step(step.task_id, &active, StepStatus::Cancelled, &patch)
-                .await
-            {
+            // The change and its entry in one transaction.
+            let write = GroupWrite::Step {
+                task_id: step.task_id,
+                from: active.to_vec(),
+                to: StepStatus::Cancelled,
+                patch: Box::new(patch),
+                logs: Vec::new(),
+                audit: vec![NewAuditEntry {
+                    request_id: Some(step.request_id),
+                    actor: "engine".into(),
+                    event: AuditEvent::CancelTimeout,
+                    details: json!({ "task_id": step.task_id, "seq": step.seq }),
+                }],
+            };
+            match self.group_write(write).await {
                 Ok(_) => {}
                 Err(StoreError::Conflict { .. }) => return Ok(()),
                 Err(e) => return Err(e.into()),
             }
-            self.audit(vec![NewAuditEntry {
-                request_id: Some(step.request_id),
-                actor: "engine".into(),
-                event: AuditEvent::CancelTimeout,
-                details: json!({ "task_id": step.task_id, "seq": step.seq }),
-            }])
-            .await;
             return self
                 .end_request(
                     step.request_id,
@@ -1453,27 +1455,29 @@ impl Engine {
             patch.finished_at = Some(now);
             StepStatus::Failed
         };
-        match self
-            .inner
-            .store
-            .update_step(step.task_id, &active, to, &patch)
-            .await
-        {
+        // The change and its entry in one transaction.
+        let write = GroupWrite::Step {
+            task_id: step.task_id,
+            from: active.to_vec(),
+            to,
+            patch: Box::new(patch),
+            logs: Vec::new(),
+            audit: vec![NewAuditEntry {
+                request_id: Some(step.request_id),
+                actor: "engine".into(),
+                event: if retry {
+                    AuditEvent::TimeoutRetry
+                } else {
+                    AuditEvent::Timeout
+                },
+                details: json!({ "task_id": step.task_id, "seq": step.seq, "attempt": step.attempt, "code": ErrorCode::AgentTimeout.code() }),
+            }],
+        };
+        match self.group_write(write).await {
             Ok(_) => {}
             Err(StoreError::Conflict { .. }) => return Ok(()),
             Err(e) => return Err(e.into()),
         }
-        self.audit(vec![NewAuditEntry {
-            request_id: Some(step.request_id),
-            actor: "engine".into(),
-            event: if retry {
-                AuditEvent::TimeoutRetry
-            } else {
-                AuditEvent::Timeout
-            },
-            details: json!({ "task_id": step.task_id, "seq": step.seq, "attempt": step.attempt, "code": ErrorCode::AgentTimeout.code() }),
-        }])
-        .await;
         if retry {
             self.inner.metrics.retries.fetch_add(1, Ordering::Relaxed);
             self.inner.wake.notify_one();
