@@ -229,6 +229,14 @@ pub enum GroupWrite {
         after_seq: u32,
         audit: Vec<NewAuditEntry>,
     },
+    /// Claims (or renews) the planning of a request for `owner` until now + `lease`, as
+    /// [`crate::store::Requests::claim_planning`]: slot `Appended` if claimed, else a
+    /// `Conflict`. After a `Create` in the same group, a new request is born claimed.
+    ClaimPlanning {
+        id: Uuid,
+        owner: String,
+        lease: std::time::Duration,
+    },
     /// A work message for the outbox, stored only if its step is `dispatched` with its
     /// attempt (marked earlier in the same group); slot `Appended`, or a `Conflict`.
     Send(OutboxMessage),

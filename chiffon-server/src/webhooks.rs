@@ -9,10 +9,13 @@
 //! `format = "slack"` posts `{"text": …}` instead (Slack's incoming-webhook body).
 //!
 //! Delivery never blocks the engine: the notifier reads the engine's bounded broadcast of
-//! status changes (a lagging notifier loses the oldest and counts them), sends at most
-//! [`MAX_IN_FLIGHT`] at once, and retries a failed POST (connection error, 5xx, 429) with
-//! exponential backoff, [`MAX_ATTEMPTS`] times in all. Outcomes are counted for `/metrics`
-//! and failures logged (without the secret).
+//! status changes (a lagging notifier loses the oldest and counts them). Each webhook has
+//! its own sender, which posts its events one at a time in the order the changes were made
+//! (a request's `completed` never arrives before its `awaiting_approval`), with a bounded
+//! queue of [`QUEUE_PER_HOOK`] (beyond it events are dropped and counted as lagged); a
+//! failed POST (connection error, 5xx, 429) is retried with exponential backoff,
+//! [`MAX_ATTEMPTS`] times in all. Outcomes are counted for `/metrics` and failures logged
+//! (without the secret).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,11 +24,11 @@ use std::time::Duration;
 use chiffon_core::engine::Engine;
 use chiffon_core::model::{Request, RequestStatus};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, Semaphore};
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-/// POSTs in flight at once, over every webhook.
-pub const MAX_IN_FLIGHT: usize = 8;
+/// Events waiting for one webhook's sender.
+pub const QUEUE_PER_HOOK: usize = 256;
 /// Tries per delivery (the first one included).
 pub const MAX_ATTEMPTS: u32 = 5;
 /// Time one POST may take.
@@ -215,8 +218,22 @@ pub async fn run(
         }
     };
     let hooks = Arc::new(hooks);
-    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let tasks = tokio_util::task::TaskTracker::new();
+    // One sender per webhook: its events in order, one POST at a time.
+    let senders: Vec<tokio::sync::mpsc::Sender<(&'static str, uuid::Uuid, Vec<u8>)>> = (0..hooks
+        .len())
+        .map(|i| {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(QUEUE_PER_HOOK);
+            let (client, hooks, metrics, stop) =
+                (client.clone(), hooks.clone(), metrics.clone(), stop.clone());
+            tasks.spawn(async move {
+                while let Some((event, id, payload)) = rx.recv().await {
+                    deliver(&client, &hooks[i], event, id, payload, &metrics, &stop).await;
+                }
+            });
+            tx
+        })
+        .collect();
     loop {
         let request = tokio::select! {
             _ = stop.cancelled() => break,
@@ -238,18 +255,17 @@ pub async fn run(
                 continue;
             }
             let payload = body(hook, event, &request, &console);
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
-            };
-            let (client, hooks, metrics, stop) =
-                (client.clone(), hooks.clone(), metrics.clone(), stop.clone());
-            let id = request.id;
-            tasks.spawn(async move {
-                let _permit = permit;
-                deliver(&client, &hooks[i], event, id, payload, &metrics, &stop).await;
-            });
+            if senders[i].try_send((event, request.id, payload)).is_err() {
+                metrics.lagged.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    host = url_host(&hook.url),
+                    event,
+                    "webhooks: this webhook's queue is full; the event was not sent"
+                );
+            }
         }
     }
+    drop(senders);
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
 }

@@ -332,12 +332,28 @@ impl Engine {
             details: json!({ "text": new.text, "dry_run": new.dry_run, "trace_id": new.trace_id }),
         }];
         let id = new.id;
-        let created = self
-            .group_write(GroupWrite::Create {
-                request: Box::new(new),
-                audit: received,
-            })
-            .await;
+        // Born claimed for planning by this instance (its lease in the same transaction):
+        // a planner that dies is replaced once the lease lapses.
+        let mut slots = self
+            .group_writes(vec![
+                GroupWrite::Create {
+                    request: Box::new(new),
+                    audit: received,
+                },
+                GroupWrite::ClaimPlanning {
+                    id,
+                    owner: self.inner.config.instance_id.clone(),
+                    lease: self.inner.config.dispatch.planning_lease,
+                },
+            ])
+            .await
+            .into_iter();
+        let created = slots.next().unwrap_or_else(|| {
+            Err(StoreError::Corrupt(
+                "a new request without its outcome".into(),
+            ))
+        });
+        let claimed = matches!(slots.next(), Some(Ok(_)));
         let request = match created {
             Ok(Written::Request(r)) => r,
             Err(StoreError::Conflict { .. }) => {
@@ -350,13 +366,14 @@ impl Engine {
         let r = request.clone();
         self.inner
             .tasks
-            .spawn(async move { engine.plan_request(r).await });
+            .spawn(async move { engine.plan_request(r, claimed).await });
         Ok(request)
     }
 
     /// Plans a request in `planning` and moves it on: to `awaiting_approval`, straight to
     /// `queued` under an auto-approval rule, `rejected` above the cost limit, or `failed`.
-    pub(super) async fn plan_request(&self, request: Request) {
+    /// `claimed`: this instance holds its planning lease already (it just created it).
+    pub(super) async fn plan_request(&self, request: Request, claimed: bool) {
         // One planning per request per instance (the sweeper may find it stale meanwhile).
         if !self
             .inner
@@ -376,9 +393,13 @@ impl Engine {
             }
         }
         let _done = Done(&self.inner, request.id);
+        let waiting = std::time::Instant::now();
         let Ok(_permit) = self.inner.planning.clone().acquire_owned().await else {
             return;
         };
+        // A lease taken at creation may have lapsed while the request waited for a planning
+        // slot (another instance may hold it now): then it is claimed again, as any other.
+        let claimed = claimed && waiting.elapsed() < self.inner.config.dispatch.planning_lease / 3;
         // Planning is claimed with a lease, renewed while it runs: another instance (or
         // this one after a restart) resumes a request whose planner died once the lease
         // lapses, and never plans one someone else is planning.
@@ -386,8 +407,13 @@ impl Engine {
         let owner = self.inner.config.instance_id.clone();
         // A cut connection is waited through: a request never claimed is resumed by the
         // sweeper only after STALE_PLANNING (it may be waiting for a planning slot).
-        match with_store_retry(|| self.inner.store.claim_planning(request.id, &owner, lease)).await
-        {
+        let claim = async {
+            if claimed {
+                return Ok(true);
+            }
+            with_store_retry(|| self.inner.store.claim_planning(request.id, &owner, lease)).await
+        };
+        match claim.await {
             Ok(true) => {}
             Ok(false) => {
                 tracing::debug!(request = %request.id, "planned elsewhere (or no longer planning)");
@@ -1400,7 +1426,7 @@ impl Engine {
                 &mut patch.audit
             }
             GroupWrite::Audit(entries) => entries,
-            GroupWrite::Send(_) | GroupWrite::Sent(_) => return,
+            GroupWrite::Send(_) | GroupWrite::Sent(_) | GroupWrite::ClaimPlanning { .. } => return,
         };
         *entries = redactor.redact_audit(std::mem::take(entries));
     }

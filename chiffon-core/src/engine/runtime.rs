@@ -60,6 +60,81 @@ fn task_of(m: &Message) -> Option<Uuid> {
     }
 }
 
+/// A task's newest turn: its number and the signal that it is done.
+type LastTurn = (u64, tokio::sync::watch::Receiver<bool>);
+
+/// Keeps the messages about one task in arrival order while others run at once: each
+/// message's turn waits for the one before it about the same task.
+#[derive(Default, Clone)]
+struct TaskOrder {
+    last: Arc<std::sync::Mutex<HashMap<Uuid, LastTurn>>>,
+    next: Arc<std::sync::atomic::AtomicU64>,
+}
+
+struct Turn {
+    task: Uuid,
+    n: u64,
+    before: Option<tokio::sync::watch::Receiver<bool>>,
+    done: tokio::sync::watch::Sender<bool>,
+    order: TaskOrder,
+}
+
+/// Held while a message is handled; its drop lets the next message about the task go.
+struct TurnDone {
+    task: Uuid,
+    n: u64,
+    done: tokio::sync::watch::Sender<bool>,
+    order: TaskOrder,
+}
+
+impl TaskOrder {
+    /// Taken in arrival order (synchronously, as each delivery comes).
+    fn turn(&self, task: Uuid) -> Turn {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let (done, rx) = tokio::sync::watch::channel(false);
+        let before = self
+            .last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(task, (n, rx))
+            .map(|(_, rx)| rx);
+        Turn {
+            task,
+            n,
+            before,
+            done,
+            order: self.clone(),
+        }
+    }
+}
+
+impl Turn {
+    /// Waits until the message before it about the same task was handled.
+    async fn wait(self) -> TurnDone {
+        if let Some(mut before) = self.before {
+            // An error: the one before is gone (handled and dropped): go.
+            let _ = before.wait_for(|done| *done).await;
+        }
+        TurnDone {
+            task: self.task,
+            n: self.n,
+            done: self.done,
+            order: self.order,
+        }
+    }
+}
+
+impl Drop for TurnDone {
+    fn drop(&mut self) {
+        let _ = self.done.send(true);
+        let mut last = self.order.last.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget the task unless a newer message about it is queued behind this one.
+        if last.get(&self.task).is_some_and(|(n, _)| *n == self.n) {
+            last.remove(&self.task);
+        }
+    }
+}
+
 /// A claimed step marked dispatched, its `work_request` not yet published.
 struct Outgoing {
     step: Step,
@@ -132,11 +207,25 @@ impl Engine {
                 async move { engine.on_intake(d).await }
             }
         });
+        // Messages about one task are handled in the order they came (a step's progress
+        // before its result); messages about different tasks at once.
+        let order = TaskOrder::default();
         let results = consume_each(results, limit, shutdown.clone(), "results", {
             let engine = self.clone();
             move |d| {
                 let engine = engine.clone();
-                async move { engine.on_result_delivery(d).await }
+                let turn = d
+                    .parse()
+                    .ok()
+                    .and_then(|env| task_of(&env.body))
+                    .map(|task| order.turn(task));
+                async move {
+                    let _done = match turn {
+                        Some(turn) => Some(turn.wait().await),
+                        None => None,
+                    };
+                    engine.on_result_delivery(d).await
+                }
             }
         });
         let dispatcher = {
@@ -1345,7 +1434,7 @@ impl Engine {
             let engine = self.clone();
             self.inner
                 .tasks
-                .spawn(async move { engine.plan_request(r).await });
+                .spawn(async move { engine.plan_request(r, false).await });
         }
         for status in [RequestStatus::Queued, RequestStatus::Running] {
             let filter = RequestFilter {

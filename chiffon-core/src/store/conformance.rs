@@ -120,6 +120,7 @@ macro_rules! store_conformance_tests {
             git_backlog,
             group_advance,
             outbox,
+            born_claimed,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -2512,6 +2513,43 @@ pub async fn outbox(h: &Harness) {
             .collect::<Vec<_>>(),
         vec![later.id]
     );
+}
+
+/// A request created and claimed for planning in one group: born claimed; another owner's
+/// claim in a later group is a conflict in its slot, the owner's own renewal is not.
+pub async fn born_claimed(h: &Harness) {
+    let s = &*h.store;
+    let new = new_request("born claimed");
+    let claim = |owner: &str| GroupWrite::ClaimPlanning {
+        id: new.id,
+        owner: owner.into(),
+        lease: Duration::from_secs(60),
+    };
+    let slots = s
+        .commit_group(&[
+            GroupWrite::Create {
+                request: Box::new(new.clone()),
+                audit: vec![audit_entry(Some(new.id), AuditEvent::Received, 1)],
+            },
+            claim("a"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(written_request(&slots[0]).status, RequestStatus::Planning);
+    assert!(matches!(slots[1], Ok(Written::Appended)));
+    let slots = s.commit_group(&[claim("b"), claim("a")]).await.unwrap();
+    assert!(matches!(slots[0], Err(StoreError::Conflict { .. })));
+    assert!(matches!(slots[1], Ok(Written::Appended)));
+    assert!(!s
+        .claim_planning(new.id, "b", Duration::from_secs(60))
+        .await
+        .unwrap());
+    // Nothing to resume: its lease holds.
+    assert!(s
+        .planning_to_resume(Utc::now() + ChronoDuration::hours(1), 10)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 pub async fn two_instances(a: Arc<dyn Store>, b: Arc<dyn Store>) {

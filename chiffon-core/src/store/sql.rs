@@ -528,6 +528,35 @@ macro_rules! sql_store {
                 Ok(request_from_row(&row))
             }
 
+            /// [`Requests::claim_planning`] on `conn` (alone, or inside a group's
+            /// transaction).
+            async fn claim_planning_in(
+                &self,
+                conn: &mut <$Db as sqlx::Database>::Connection,
+                id: Uuid,
+                owner: &str,
+                lease: Duration,
+            ) -> Result<bool, StoreError> {
+                let now = chrono::Utc::now();
+                let until = ts(trunc(
+                    now + chrono::TimeDelta::from_std(lease).unwrap_or(chrono::TimeDelta::MAX),
+                ));
+                let now = ts(trunc(now));
+                let done = sqlx::query(
+                    "UPDATE tasks SET planning_owner = $2, planning_until = $3 \
+                     WHERE id = $1 AND status = 'planning' \
+                     AND (planning_until IS NULL OR planning_until < $4 OR planning_owner = $2)",
+                )
+                .bind(id)
+                .bind(owner)
+                .bind(until)
+                .bind(now)
+                .execute(&mut *conn)
+                .await
+                .map_err(db_err)?;
+                Ok(done.rows_affected() == 1)
+            }
+
             async fn step_status(&self, task_id: Uuid) -> Result<Option<String>, StoreError> {
                 sqlx::query_scalar("SELECT status FROM plan_steps WHERE task_id = $1")
                     .bind(task_id)
@@ -745,7 +774,9 @@ macro_rules! sql_store {
                 // its newest entry (`audit_seq`) in the same statement that changes it, and
                 // verify finds that entry gone if the log is cut back.
                 let carries = writes.iter().any(|w| match w {
-                    GroupWrite::Send(_) | GroupWrite::Sent(_) => false,
+                    GroupWrite::Send(_) | GroupWrite::Sent(_) | GroupWrite::ClaimPlanning { .. } => {
+                        false
+                    }
                     GroupWrite::Create { audit, .. }
                     | GroupWrite::Step { audit, .. }
                     | GroupWrite::Advance { audit, .. }
@@ -861,6 +892,16 @@ macro_rules! sql_store {
                                 }
                                 None => out.push(Ok(Written::Advanced(None))),
                             }
+                        }
+                        GroupWrite::ClaimPlanning { id, owner, lease } => {
+                            out.push(if self.claim_planning_in(&mut tx, *id, owner, *lease).await? {
+                                Ok(Written::Appended)
+                            } else {
+                                Err(StoreError::Conflict {
+                                    message: format!("request {id} is not planning or is claimed by another"),
+                                    current: None,
+                                })
+                            });
                         }
                         GroupWrite::Send(m) => {
                             let done = sqlx::query(
@@ -1020,24 +1061,8 @@ macro_rules! sql_store {
                 owner: &str,
                 lease: Duration,
             ) -> Result<bool, StoreError> {
-                let now = chrono::Utc::now();
-                let until = ts(trunc(
-                    now + chrono::TimeDelta::from_std(lease).unwrap_or(chrono::TimeDelta::MAX),
-                ));
-                let now = ts(trunc(now));
-                let done = sqlx::query(
-                    "UPDATE tasks SET planning_owner = $2, planning_until = $3 \
-                     WHERE id = $1 AND status = 'planning' \
-                     AND (planning_until IS NULL OR planning_until < $4 OR planning_owner = $2)",
-                )
-                .bind(id)
-                .bind(owner)
-                .bind(until)
-                .bind(now)
-                .execute(&self.pool)
-                .await
-                .map_err(db_err)?;
-                Ok(done.rows_affected() == 1)
+                let mut conn = self.pool.acquire().await.map_err(db_err)?;
+                self.claim_planning_in(&mut conn, id, owner, lease).await
             }
 
             async fn planning_to_resume(
