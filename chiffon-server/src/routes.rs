@@ -97,7 +97,11 @@ pub async fn get_request(
     Path(id): Path<Uuid>,
 ) -> Result<Json<RequestDto>, AppError> {
     who.require(Role::Viewer, "read requests")?;
-    Ok(Json(state.engine.get(id).await?.into()))
+    // A request that just ended is answered with its audit commit id (written by the git
+    // trail just after the end): a client that sees the end sees the commit.
+    Ok(Json(
+        state.engine.get_settled(id, SETTLE_LIMIT).await?.into(),
+    ))
 }
 
 /// Approve (`approved: true`) or reject (`approved: false`) a request awaiting approval.

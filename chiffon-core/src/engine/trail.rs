@@ -34,6 +34,10 @@ const BACKLOG_AFTER: Duration = Duration::from_secs(5);
 /// How often the writer looks at the store's backlog.
 const SCAN_EVERY: Duration = Duration::from_secs(2);
 
+/// How recently a request must have ended for [`Engine::get_settled`] to wait for its
+/// commit id (an older one without it waits on a failing trail: answered as it is).
+const SETTLE_RECENT: Duration = Duration::from_secs(10);
+
 /// Requests waiting in memory for the writer; beyond this they wait in the store.
 const QUEUE: usize = GIT_BATCH * 4;
 
@@ -86,6 +90,33 @@ impl Engine {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// A request with its steps, as [`Engine::get`]; one that ended after approval in the
+    /// last [`SETTLE_RECENT`] and whose commit id is not stored yet is answered once it is
+    /// (at most `limit` later): a reader that sees the end sees its audit commit.
+    pub async fn get_settled(
+        &self,
+        id: Uuid,
+        limit: Duration,
+    ) -> Result<super::RequestView, EngineError> {
+        let view = self.get(id).await?;
+        let r = &view.request;
+        let recent = Utc::now() - r.updated_at
+            < chrono::TimeDelta::from_std(SETTLE_RECENT).unwrap_or_default();
+        if self.inner.git.is_none()
+            || r.approver.is_none()
+            || r.commit_id.is_some()
+            || !recent
+            || !matches!(
+                r.status,
+                RequestStatus::Completed | RequestStatus::Failed | RequestStatus::Cancelled
+            )
+        {
+            return Ok(view);
+        }
+        self.settled(id, limit).await?;
+        self.get(id).await
     }
 
     /// Starts the writer on first use (with the engine's first end, or its run).
