@@ -252,6 +252,34 @@ pub enum GroupWrite {
     },
 }
 
+impl GroupWrite {
+    /// The audit entries this write carries (appended if it applies), if it can carry any.
+    pub fn audit_mut(&mut self) -> Option<&mut Vec<NewAuditEntry>> {
+        match self {
+            GroupWrite::Create { audit, .. }
+            | GroupWrite::Step { audit, .. }
+            | GroupWrite::Advance { audit, .. }
+            | GroupWrite::Commit { audit, .. }
+            | GroupWrite::Audit(audit) => Some(audit),
+            GroupWrite::Transition { patch, .. } => Some(&mut patch.audit),
+            GroupWrite::ClaimPlanning { .. } | GroupWrite::Send(_) | GroupWrite::Sent(_) => None,
+        }
+    }
+
+    /// Whether this write carries audit entries.
+    pub fn carries_audit(&self) -> bool {
+        match self {
+            GroupWrite::Create { audit, .. }
+            | GroupWrite::Step { audit, .. }
+            | GroupWrite::Advance { audit, .. }
+            | GroupWrite::Commit { audit, .. }
+            | GroupWrite::Audit(audit) => !audit.is_empty(),
+            GroupWrite::Transition { patch, .. } => !patch.audit.is_empty(),
+            GroupWrite::ClaimPlanning { .. } | GroupWrite::Send(_) | GroupWrite::Sent(_) => false,
+        }
+    }
+}
+
 /// A message waiting in the outbox: published by the dispatcher after the commit that
 /// stored it, or, if that never happened (a crash, a failed publish), by the engine's relay.
 #[derive(Debug, Clone, PartialEq)]

@@ -1318,11 +1318,6 @@ impl Engine {
                 to.as_str()
             )));
         };
-        // An execution ends from `running` (where dispatch put it) or, rarely, `queued`.
-        let tries = match from {
-            Some(f) => vec![f],
-            None => vec![RequestStatus::Running, RequestStatus::Queued],
-        };
         let patch = RequestPatch {
             error: error.clone(),
             audit: vec![NewAuditEntry {
@@ -1337,10 +1332,11 @@ impl Engine {
             ..Default::default()
         };
         // The end and its entry are stored together; a lost race (another instance finished
-        // it, or the status moved on) stores neither.
-        let execution = from.is_none();
-        for from in tries {
-            match self.set_status(id, from, to, patch.clone()).await {
+        // it, or the status moved on) stores neither. An execution ends from `running`
+        // (where dispatch put it) or, rarely, `queued`: read only when `running` was wrong.
+        let mut from_status = from.unwrap_or(RequestStatus::Running);
+        for _ in 0..3 {
+            match self.set_status(id, from_status, to, patch.clone()).await {
                 Ok(ended) => {
                     self.trail_ended(ended);
                     return Ok(());
@@ -1348,17 +1344,12 @@ impl Engine {
                 Err(EngineError::Store(StoreError::Conflict { .. })) => {}
                 Err(e) => return Err(e),
             }
-        }
-        // Moved between the two tries (dispatch marking it running): once more, from what
-        // it is now, if that is still an execution.
-        if execution {
-            let now = self.get_request(id).await?.status;
-            if matches!(now, RequestStatus::Queued | RequestStatus::Running) {
-                match self.set_status(id, now, to, patch).await {
-                    Ok(ended) => self.trail_ended(ended),
-                    Err(EngineError::Store(StoreError::Conflict { .. })) => {}
-                    Err(e) => return Err(e),
-                }
+            if from.is_some() {
+                return Ok(());
+            }
+            from_status = self.get_request(id).await?.status;
+            if !matches!(from_status, RequestStatus::Queued | RequestStatus::Running) {
+                return Ok(());
             }
         }
         Ok(())
@@ -1414,21 +1405,20 @@ impl Engine {
     /// request's error.
     fn redact_write(&self, write: &mut GroupWrite) {
         let redactor = &self.inner.config.redactor;
-        let entries = match write {
-            GroupWrite::Create { audit, .. }
-            | GroupWrite::Step { audit, .. }
-            | GroupWrite::Commit { audit, .. }
-            | GroupWrite::Advance { audit, .. } => audit,
+        match write {
             GroupWrite::Transition { patch, .. } => {
                 if let Some(e) = patch.error.as_mut() {
                     redactor.redact_error(e);
                 }
-                &mut patch.audit
             }
-            GroupWrite::Audit(entries) => entries,
-            GroupWrite::Send(_) | GroupWrite::Sent(_) | GroupWrite::ClaimPlanning { .. } => return,
-        };
-        *entries = redactor.redact_audit(std::mem::take(entries));
+            GroupWrite::Commit {
+                commit: Err(why), ..
+            } => *why = redactor.redact(why).into_owned(),
+            _ => {}
+        }
+        if let Some(entries) = write.audit_mut() {
+            *entries = redactor.redact_audit(std::mem::take(entries));
+        }
     }
 
     /// Appends execution log lines. Callers pass text already redacted (`on_status` strikes

@@ -214,8 +214,9 @@ impl Engine {
             let engine = self.clone();
             move |d| {
                 let engine = engine.clone();
-                let turn = d
-                    .parse()
+                let parsed = d.parse();
+                let turn = parsed
+                    .as_ref()
                     .ok()
                     .and_then(|env| task_of(&env.body))
                     .map(|task| order.turn(task));
@@ -224,7 +225,7 @@ impl Engine {
                         Some(turn) => Some(turn.wait().await),
                         None => None,
                     };
-                    engine.on_result_delivery(d).await
+                    engine.on_result_delivery(d, parsed).await
                 }
             }
         });
@@ -392,8 +393,13 @@ impl Engine {
         }
     }
 
-    async fn on_result_delivery(&self, d: Delivery) {
-        let env = match d.parse() {
+    /// A delivery from the results queue, `parsed` as its consumer read it.
+    async fn on_result_delivery(
+        &self,
+        d: Delivery,
+        parsed: Result<Envelope, chiffon_protocol::ProtocolError>,
+    ) {
+        let env = match parsed {
             Ok(env) => env,
             Err(e) => {
                 self.note_unparsable(&d, &e);
@@ -990,7 +996,7 @@ impl Engine {
         let mut ids: Vec<Uuid> = steps.iter().map(|s| s.request_id).collect();
         ids.sort_unstable();
         ids.dedup();
-        let mut requests: HashMap<Uuid, Request> = self
+        let requests: HashMap<Uuid, Request> = self
             .inner
             .store
             .get_requests(&ids)
@@ -1171,14 +1177,11 @@ impl Engine {
         let (marked, rest) = written.split_at(marks);
         let started = &rest[sends..];
         for (task, e) in unsendable {
-            tracing::error!(task = %task, error = %e, "a work message could not be encoded; its timeout will retry it");
+            tracing::error!(task = %task, error = %e, "a work message could not be stored in the outbox; it is published without it");
         }
         for (id, r) in starting.iter().zip(started) {
             match r {
-                Ok(Written::Request(r)) => {
-                    self.changed(r);
-                    requests.insert(*id, r.clone());
-                }
+                Ok(Written::Request(r)) => self.changed(r),
                 Ok(_) | Err(StoreError::Conflict { .. }) => {}
                 // The step is marked: it is published whatever the request's status says
                 // (a result ends a `queued` request as well as a `running` one).
@@ -1329,7 +1332,9 @@ impl Engine {
                 }
             }
         }
-        self.group_write(GroupWrite::Sent(done)).await?;
+        if !done.is_empty() {
+            self.group_write(GroupWrite::Sent(done)).await?;
+        }
         Ok(())
     }
 

@@ -78,14 +78,7 @@ impl Engine {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let r = self.get_request(id).await?;
-            let waiting = self.inner.git.is_some()
-                && r.approver.is_some()
-                && r.commit_id.is_none()
-                && matches!(
-                    r.status,
-                    RequestStatus::Completed | RequestStatus::Failed | RequestStatus::Cancelled
-                );
-            if !waiting || tokio::time::Instant::now() >= deadline {
+            if !self.awaits_commit(&r) || tokio::time::Instant::now() >= deadline {
                 return Ok(r);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -104,19 +97,23 @@ impl Engine {
         let r = &view.request;
         let recent = Utc::now() - r.updated_at
             < chrono::TimeDelta::from_std(SETTLE_RECENT).unwrap_or_default();
-        if self.inner.git.is_none()
-            || r.approver.is_none()
-            || r.commit_id.is_some()
-            || !recent
-            || !matches!(
-                r.status,
-                RequestStatus::Completed | RequestStatus::Failed | RequestStatus::Cancelled
-            )
-        {
+        if !recent || !self.awaits_commit(r) {
             return Ok(view);
         }
         self.settled(id, limit).await?;
         self.get(id).await
+    }
+
+    /// Whether the trail still owes this request its commit id: it ended after approval
+    /// and has none (git on).
+    fn awaits_commit(&self, r: &Request) -> bool {
+        self.inner.git.is_some()
+            && r.approver.is_some()
+            && r.commit_id.is_none()
+            && matches!(
+                r.status,
+                RequestStatus::Completed | RequestStatus::Failed | RequestStatus::Cancelled
+            )
     }
 
     /// Starts the writer on first use (with the engine's first end, or its run).

@@ -773,17 +773,7 @@ macro_rules! sql_store {
                 // The chain's head, locked once for the group: each request changed names
                 // its newest entry (`audit_seq`) in the same statement that changes it, and
                 // verify finds that entry gone if the log is cut back.
-                let carries = writes.iter().any(|w| match w {
-                    GroupWrite::Send(_) | GroupWrite::Sent(_) | GroupWrite::ClaimPlanning { .. } => {
-                        false
-                    }
-                    GroupWrite::Create { audit, .. }
-                    | GroupWrite::Step { audit, .. }
-                    | GroupWrite::Advance { audit, .. }
-                    | GroupWrite::Commit { audit, .. } => !audit.is_empty(),
-                    GroupWrite::Transition { patch, .. } => !patch.audit.is_empty(),
-                    GroupWrite::Audit(e) => !e.is_empty(),
-                });
+                let carries = writes.iter().any(GroupWrite::carries_audit);
                 let base: i64 = if carries {
                     sqlx::query_scalar(concat!(
                         "SELECT last_seq FROM audit_head WHERE id = 1",
