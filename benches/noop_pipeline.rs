@@ -17,14 +17,19 @@
 //! RabbitMQ persistent request/reply measured in the same run and the ratio. On PostgreSQL
 //! it also prints transactions and WAL fsyncs per request (from `pg_stat_database` and
 //! `pg_stat_wal`), and the process's resident memory at the end.
+//!
+//! `CHIFFON_BENCH_STORED=100000` first stores that many finished requests (rejected at
+//! planning, each with its audit entries) through the store, so the memory and the speed
+//! are measured with a history behind them.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chiffon_agent_kit::infra::{InfraAgent, InfraConfig};
 use chiffon_agent_kit::runner::{Runner, RunnerConfig};
+use chiffon_core::audit::AuditEvent;
 use chiffon_core::engine::SubmitRequest;
-use chiffon_core::model::RequestStatus;
+use chiffon_core::model::{GroupWrite, NewAuditEntry, NewRequest, RequestPatch, RequestStatus};
 use chiffon_core::transport::amqp::AmqpTransport;
 use chiffon_core::transport::{Topology, Transport};
 use chiffon_server::{App, AppOptions, Config};
@@ -70,6 +75,54 @@ fn rss_mib() -> Option<f64> {
         .parse()
         .ok()?;
     Some(kb / 1024.0)
+}
+
+/// Stores `n` finished requests (rejected at planning, with their `received` and `rejected`
+/// entries) through the store's group commit, 500 at a time.
+async fn preseed(engine: &chiffon_core::engine::Engine, n: usize) -> anyhow::Result<()> {
+    let store = engine.store();
+    let mut left = n;
+    while left > 0 {
+        let batch = left.min(500);
+        left -= batch;
+        let mut writes = Vec::with_capacity(batch * 2);
+        for _ in 0..batch {
+            let id = uuid::Uuid::now_v7();
+            let entry = |event, details| NewAuditEntry {
+                request_id: Some(id),
+                actor: "bench".into(),
+                event,
+                details,
+            };
+            writes.push(GroupWrite::Create {
+                request: Box::new(NewRequest {
+                    id,
+                    trace_id: id.simple().to_string(),
+                    text: "noop (stored before the run)".into(),
+                    requester: "bench-history".into(),
+                    submitted_by: "bench-history".into(),
+                    dry_run: false,
+                }),
+                audit: vec![entry(AuditEvent::Received, serde_json::json!({}))],
+            });
+            writes.push(GroupWrite::Transition {
+                id,
+                from: RequestStatus::Planning,
+                to: RequestStatus::Rejected,
+                patch: Box::new(RequestPatch {
+                    audit: vec![entry(
+                        AuditEvent::Rejected,
+                        serde_json::json!({ "reason": "history" }),
+                    )],
+                    ..Default::default()
+                }),
+            });
+        }
+        for slot in store.commit_group(&writes).await? {
+            slot?;
+        }
+    }
+    Ok(())
 }
 
 fn ms(d: Duration) -> f64 {
@@ -131,6 +184,19 @@ async fn main() -> anyhow::Result<()> {
         engine.store().backend(),
         engine.transport().backend()
     );
+
+    let stored: usize = std::env::var("CHIFFON_BENCH_STORED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if stored > 0 {
+        let t = Instant::now();
+        preseed(&engine, stored).await?;
+        println!(
+            "history: {stored} finished requests stored first ({:.1}s)",
+            t.elapsed().as_secs_f64()
+        );
+    }
 
     let pg_url = std::env::var("CHIFFON_BENCH_DATABASE_URL")
         .ok()

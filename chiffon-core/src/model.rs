@@ -508,6 +508,10 @@ pub struct StepPatch {
     pub deadline_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub not_before: Option<DateTime<Utc>>,
+    /// The broker user reporting on (or sent) the step's attempt (after this change): the
+    /// change applies only if that attempt is bound to no one or to this user, and binds
+    /// it, in the same statement (two agents racing cannot both win).
+    pub reported_by: Option<String>,
 }
 
 /// A line of `execution_logs` to append.

@@ -93,19 +93,55 @@ pub(super) fn each_waiter(e: &StoreError) -> StoreError {
     }
 }
 
+/// How long a write nobody waits on (see [`can_wait`]) may be held back for a group that
+/// commits anyway.
+const HOLD_BACK: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Writes no decision waits on: outbox rows the broker confirmed (the relay looks only at
+/// rows older than [`super::runtime::OUTBOX_AFTER`]) and the git trail's commit ids. They
+/// ride along with the next group commit rather than costing one of their own (at most
+/// [`HOLD_BACK`] later).
+fn can_wait(job: &GroupJob) -> bool {
+    job.0
+        .iter()
+        .all(|w| matches!(w, GroupWrite::Sent(_) | GroupWrite::Commit { .. }))
+}
+
 /// Group commit for request status changes and audit entries: the writes of concurrent
 /// callers are committed in one transaction ([`Store::commit_group`]): each status change
 /// with its own entries, the chain's head locked once per group, not once per decision.
-/// Each caller waits for its own outcome. A database that is restarting is waited for (up
-/// to about 24 s). A group that fails for one write's sake (steps that cannot be written)
-/// is split: each write is tried alone, so only that one fails.
+/// Each caller waits for its own outcome. Writes nobody waits on ([`can_wait`]) join the
+/// next group instead of committing alone. A database that is restarting is waited for
+/// (up to about 24 s). A group that fails for one write's sake (steps that cannot be
+/// written) is split: each write is tried alone, so only that one fails.
 fn spawn_group_writer(store: Arc<dyn Store>) -> tokio::sync::mpsc::Sender<GroupJob> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<GroupJob>(1024);
     tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
-            let mut n = first.0.len();
-            let mut jobs = vec![first];
-            while n < GROUP_BATCH {
+        // Jobs held back, and since when.
+        let mut held: Vec<GroupJob> = Vec::new();
+        let mut held_since = tokio::time::Instant::now();
+        let mut open = true;
+        while open || !held.is_empty() {
+            let next = if held.is_empty() {
+                rx.recv().await
+            } else if open {
+                tokio::time::timeout_at(held_since + HOLD_BACK, rx.recv())
+                    .await
+                    .unwrap_or(None)
+            } else {
+                None
+            };
+            let mut jobs = Vec::new();
+            let mut n = 0;
+            match next {
+                Some(job) => {
+                    n += job.0.len();
+                    jobs.push(job);
+                }
+                // Closed, or held back long enough: what is held commits now.
+                None => open = !rx.is_closed() && open,
+            }
+            while n < GROUP_BATCH && !jobs.is_empty() {
                 match rx.try_recv() {
                     Ok(job) => {
                         n += job.0.len();
@@ -113,6 +149,19 @@ fn spawn_group_writer(store: Arc<dyn Store>) -> tokio::sync::mpsc::Sender<GroupJ
                     }
                     Err(_) => break,
                 }
+            }
+            let urgent = jobs.iter().any(|j| !can_wait(j));
+            let waited = held_since.elapsed() >= HOLD_BACK;
+            if !jobs.is_empty() && !urgent && open && (held.is_empty() || !waited) {
+                if held.is_empty() {
+                    held_since = tokio::time::Instant::now();
+                }
+                held.extend(jobs);
+                continue;
+            }
+            jobs.append(&mut held);
+            if jobs.is_empty() {
+                continue;
             }
             let sizes: Vec<usize> = jobs.iter().map(|j| j.0.len()).collect();
             let (writes, waiters): (Vec<Vec<GroupWrite>>, Vec<_>) = jobs.into_iter().unzip();

@@ -25,7 +25,7 @@ use crate::transport::{ConsumeOptions, Delivery};
 /// Most output kept on a step (the tail).
 const OUTPUT_TAIL: usize = 16 * 1024;
 /// An outbox message this old was not published by its dispatcher: the relay sends it.
-const OUTBOX_AFTER: Duration = Duration::from_secs(10);
+pub(super) const OUTBOX_AFTER: Duration = Duration::from_secs(10);
 /// How long a claim on a ready step lasts before another instance may take it.
 const CLAIM_LEASE: Duration = Duration::from_secs(30);
 /// A request `planning` this long was interrupted and is planned again.
@@ -35,6 +35,14 @@ const REPAIR_AFTER: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
 
 fn chrono_dur(d: Duration) -> chrono::TimeDelta {
     chrono::TimeDelta::from_std(d).unwrap_or(chrono::TimeDelta::MAX)
+}
+
+/// A report on an attempt bound to another agent's broker user.
+fn not_theirs(step: &Step) -> EngineError {
+    EngineError::PublisherNotAllowed(format!(
+        "task {} attempt {} belongs to another agent",
+        step.task_id, step.attempt
+    ))
 }
 
 fn tail(s: &str) -> String {
@@ -534,10 +542,7 @@ impl Engine {
             return Ok(());
         }
         if !self.may_report(&step, step.attempt, publisher).await? {
-            return Err(EngineError::PublisherNotAllowed(format!(
-                "task {} attempt {} belongs to another agent",
-                step.task_id, step.attempt
-            )));
+            return Err(not_theirs(&step));
         }
         if step.status == StepStatus::Dispatched
             && matches!(s.status, TaskState::Accepted | TaskState::Running)
@@ -641,16 +646,16 @@ impl Engine {
             Err(e) => return Err(e.into()),
         };
         let active = [StepStatus::Dispatched, StepStatus::Running];
-        if r.attempt == step.attempt
-            && active.contains(&step.status)
-            && !self.may_report(&step, r.attempt, publisher).await?
-        {
-            return Err(EngineError::PublisherNotAllowed(format!(
-                "task {} attempt {} belongs to another agent",
-                step.task_id, step.attempt
-            )));
+        let current = r.attempt == step.attempt && active.contains(&step.status);
+        // An attempt bound to an agent's broker user takes results from that user only; one
+        // bound to no one yet is bound to this publisher by the result's own write (no
+        // write of its own).
+        if let (true, Some(bound)) = (current, step.broker_user.as_deref()) {
+            if bound != publisher {
+                return Err(not_theirs(&step));
+            }
         }
-        if r.attempt != step.attempt || !active.contains(&step.status) || !r.status.is_terminal() {
+        if !current || !r.status.is_terminal() {
             self.duplicate_result(&step, r, publisher).await;
             return Ok(());
         }
@@ -688,6 +693,7 @@ impl Engine {
             changed: r.changed,
             error: error.clone(),
             agent_id: r.agent_id.clone(),
+            reported_by: step.broker_user.is_none().then(|| publisher.to_string()),
             ..Default::default()
         };
         let to = if retry {
@@ -796,8 +802,15 @@ impl Engine {
         match stored {
             Ok(_) => {}
             Err(StoreError::Conflict { .. }) => {
-                // Another copy of this result (or a timeout) got there first.
+                // Another agent reported on this attempt first (it is bound to them), or
+                // another copy of this result (or a timeout) got there first.
                 let step = self.inner.store.get_step(step.task_id).await?;
+                if step.attempt == r.attempt
+                    && active.contains(&step.status)
+                    && step.broker_user.as_deref().is_some_and(|b| b != publisher)
+                {
+                    return Err(not_theirs(&step));
+                }
                 self.duplicate_result(&step, r, publisher).await;
                 return Ok(());
             }
@@ -1122,6 +1135,9 @@ impl Engine {
                 to: StepStatus::Dispatched,
                 patch: Box::new(StepPatch {
                     attempt: Some(o.attempt),
+                    // A queue of an agent's own: the attempt is bound to its broker user in
+                    // the mark itself, so it is never published unbound.
+                    reported_by: o.bound_user.clone(),
                     queue: Some(o.queue.clone()),
                     agent_id: o.agent_id.clone(),
                     dispatched_at: Some(o.now),
@@ -1200,21 +1216,6 @@ impl Engine {
                     if failure.is_none() {
                         failure = Some(EngineError::Store(super::lifecycle::each_waiter(e)));
                     }
-                    continue;
-                }
-            }
-            if let Some(user) = &o.bound_user {
-                if let Err(e) = self
-                    .inner
-                    .store
-                    .bind_step_publisher(o.step.task_id, o.attempt, user)
-                    .await
-                {
-                    // Never published unbound to an agent's own queue: back to ready.
-                    if let Err(store) = self.unmark_dispatched(o.step.task_id, o.now).await {
-                        tracing::error!(%store, task = %o.step.task_id, "a step could not be made ready again; its timeout will retry it");
-                    }
-                    failure = Some(e.into());
                     continue;
                 }
             }

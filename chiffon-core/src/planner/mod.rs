@@ -162,7 +162,14 @@ impl Planner {
             });
         }
         let key = cache::cache_key(text, &catalog.fingerprint, options.dry_run);
-        if self.config.cache {
+        // Only LLM plans are cached: a chain without an LLM plans offline (deterministic,
+        // free) and never asks the cache.
+        let has_llm = self
+            .router
+            .links()
+            .iter()
+            .any(|l| matches!(l, crate::llm::router::Link::Llm(_)));
+        if self.config.cache && has_llm {
             if let Some(hit) = self.cached(&key, catalog).await {
                 return Ok(hit);
             }

@@ -121,6 +121,7 @@ macro_rules! store_conformance_tests {
             group_advance,
             outbox,
             born_claimed,
+            reported_by_binds_the_attempt,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -1521,6 +1522,88 @@ pub async fn identities_and_step_binding(h: &Harness) {
     assert!(a.unwrap() ^ b.unwrap());
 }
 
+/// A step change made by a report (`reported_by`) binds the attempt to its reporter in the
+/// same statement, and is refused for an attempt bound to someone else.
+pub async fn reported_by_binds_the_attempt(h: &Harness) {
+    let s = &*h.store;
+    let r = s.create_request(&new_request("x")).await.unwrap();
+    s.transition(
+        r.id,
+        RequestStatus::Planning,
+        RequestStatus::Queued,
+        &with_plan(plan(1)),
+    )
+    .await
+    .unwrap();
+    let st = s.steps(r.id).await.unwrap().remove(0);
+    let dispatch = |attempt: u32, to: Option<&str>| StepPatch {
+        attempt: Some(attempt),
+        reported_by: to.map(String::from),
+        ..Default::default()
+    };
+    // Dispatched to an agent's own queue: bound by the mark itself.
+    s.update_step(
+        st.task_id,
+        &[StepStatus::Ready],
+        StepStatus::Dispatched,
+        &dispatch(1, Some("agent-a")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.get_step(st.task_id).await.unwrap().broker_user.as_deref(),
+        Some("agent-a")
+    );
+    let report = |by: &str| StepPatch {
+        progress: Some(10),
+        reported_by: Some(by.into()),
+        ..Default::default()
+    };
+    let active = [StepStatus::Dispatched, StepStatus::Running];
+    assert!(matches!(
+        s.update_step(st.task_id, &active, StepStatus::Running, &report("mallory"))
+            .await,
+        Err(StoreError::Conflict { .. })
+    ));
+    assert_eq!(s.get_step(st.task_id).await.unwrap().progress, 0);
+    let running = s
+        .update_step(st.task_id, &active, StepStatus::Running, &report("agent-a"))
+        .await
+        .unwrap();
+    assert_eq!(running.progress, 10);
+    // A new attempt on the shared queue starts unbound; the first report binds it.
+    s.update_step(
+        st.task_id,
+        &active,
+        StepStatus::Ready,
+        &StepPatch::default(),
+    )
+    .await
+    .unwrap();
+    s.update_step(
+        st.task_id,
+        &[StepStatus::Ready],
+        StepStatus::Dispatched,
+        &dispatch(2, None),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.get_step(st.task_id).await.unwrap().broker_user, None);
+    let (by_b, by_c) = (report("agent-b"), report("agent-c"));
+    let (b, c) = tokio::join!(
+        s.update_step(st.task_id, &active, StepStatus::Running, &by_b),
+        s.update_step(st.task_id, &active, StepStatus::Running, &by_c),
+    );
+    assert!(
+        b.is_ok() ^ c.is_ok(),
+        "exactly one reporter wins the attempt"
+    );
+    let winner = if b.is_ok() { "agent-b" } else { "agent-c" };
+    let step = s.get_step(st.task_id).await.unwrap();
+    assert_eq!(step.broker_user.as_deref(), Some(winner));
+    assert_eq!(step.attempt, 2);
+}
+
 pub async fn step_previews(h: &Harness) {
     let s = &*h.store;
     let r = s.create_request(&new_request("x")).await.unwrap();
@@ -2542,6 +2625,23 @@ pub async fn born_claimed(h: &Harness) {
     assert!(matches!(slots[1], Ok(Written::Appended)));
     assert!(!s
         .claim_planning(new.id, "b", Duration::from_secs(60))
+        .await
+        .unwrap());
+    // The same id created again with another's claim: neither is stored.
+    let slots = s
+        .commit_group(&[
+            GroupWrite::Create {
+                request: Box::new(new.clone()),
+                audit: vec![audit_entry(Some(new.id), AuditEvent::Received, 2)],
+            },
+            claim("b"),
+        ])
+        .await
+        .unwrap();
+    assert!(matches!(slots[0], Err(StoreError::Conflict { .. })));
+    assert!(matches!(slots[1], Err(StoreError::Conflict { .. })));
+    assert!(s
+        .claim_planning(new.id, "a", Duration::from_secs(60))
         .await
         .unwrap());
     // Nothing to resume: its lease holds.

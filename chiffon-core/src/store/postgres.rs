@@ -46,6 +46,8 @@ sql_store! {
     // Claimers on several instances stay off each other's rows.
     skip_locked: " FOR UPDATE SKIP LOCKED",
     one_of_16: "= ANY($16)",
+    // The audit head moves in a data-modifying WITH of the entries' INSERT.
+    head_in_insert: true,
 }
 
 impl PgStore {

@@ -7,7 +7,8 @@
 //! - SQL fragments passed to the macro: the row lock of a read-before-write
 //!   (`FOR UPDATE` / nothing: SQLite's `BEGIN IMMEDIATE` already holds the one write lock),
 //!   the claim's `SKIP LOCKED`, and "status is one of a bound list" (`= ANY($16)` / `IN
-//!   (SELECT value FROM json_each($16))`);
+//!   (SELECT value FROM json_each($16))`), and whether the audit head may move in a
+//!   data-modifying `WITH` of the entries' `INSERT` (PostgreSQL) or in its own statement;
 //! - items the module defines: `BEGIN_WRITE` and `BEGIN_SNAPSHOT` (the statements that open
 //!   a writing and a consistent-reading transaction), `ts`, `ts_col` and `opt_ts_col` (the
 //!   stored form of an instant: TIMESTAMPTZ, or fixed-format RFC 3339 text that sorts like
@@ -214,7 +215,8 @@ macro_rules! sql_store {
         backend: $backend:literal,
         for_update: $for_update:literal,
         skip_locked: $skip_locked:literal,
-        one_of_16: $one_of_16:literal $(,)?
+        one_of_16: $one_of_16:literal,
+        head_in_insert: $head_in_insert:literal $(,)?
     ) => {
         /// A [`Store`](crate::store::Store) over one connection pool. Cheap to clone (a pool
         /// handle).
@@ -268,29 +270,29 @@ macro_rules! sql_store {
                 &self,
                 tx: &mut sqlx::Transaction<'static, $Db>,
                 entries: &[NewAuditEntry],
+                head: Option<(i64, String)>,
             ) -> Result<Vec<AuditEntry>, StoreError> {
                 let texts = details_texts(entries)?;
-                let head = sqlx::query(concat!(
-                    "SELECT last_seq, last_hash FROM audit_head WHERE id = 1",
-                    $for_update
-                ))
-                .fetch_optional(&mut **tx)
-                .await
-                .map_err(db_err)?
-                .ok_or_else(|| StoreError::Corrupt("the audit head row is missing".into()))?;
-                let (out, seq, prev) = chain_entries(
-                    self.audit_key.as_ref(),
-                    (col(&head, "last_seq")?, col(&head, "last_hash")?),
-                    entries,
-                    &texts,
-                    now(),
-                );
+                let head = match head {
+                    Some(head) => head,
+                    None => Self::lock_audit_head(tx).await?,
+                };
+                let (out, seq, prev) =
+                    chain_entries(self.audit_key.as_ref(), head, entries, &texts, now());
+                // The head moves in the same statement as the first rows where the dialect
+                // allows it (one round trip fewer per group).
+                let mut head_pending = true;
                 for (chunk, texts) in out.chunks(INSERT_CHUNK).zip(texts.chunks(INSERT_CHUNK)) {
-                    let mut q = QueryBuilder::<$Db>::new(concat!(
-                        "INSERT INTO audit_log (",
-                        audit_cols!(),
-                        ") "
-                    ));
+                    let mut q = QueryBuilder::<$Db>::new("");
+                    if $head_in_insert && head_pending {
+                        head_pending = false;
+                        q.push("WITH head AS (UPDATE audit_head SET last_seq = ");
+                        q.push_bind(seq);
+                        q.push(", last_hash = ");
+                        q.push_bind(prev.clone());
+                        q.push(" WHERE id = 1 RETURNING 1) ");
+                    }
+                    q.push(concat!("INSERT INTO audit_log (", audit_cols!(), ") "));
                     q.push_values(chunk.iter().zip(texts), |mut b, (e, text)| {
                         b.push_bind(e.seq)
                             .push_bind(ts(e.at))
@@ -303,13 +305,30 @@ macro_rules! sql_store {
                     });
                     q.build().execute(&mut **tx).await.map_err(db_err)?;
                 }
-                sqlx::query("UPDATE audit_head SET last_seq = $1, last_hash = $2 WHERE id = 1")
-                    .bind(seq)
-                    .bind(&prev)
-                    .execute(&mut **tx)
-                    .await
-                    .map_err(db_err)?;
+                if head_pending {
+                    sqlx::query("UPDATE audit_head SET last_seq = $1, last_hash = $2 WHERE id = 1")
+                        .bind(seq)
+                        .bind(&prev)
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(db_err)?;
+                }
                 Ok(out)
+            }
+
+            /// The audit chain's head (last seq, last hash), locked until `tx` ends.
+            async fn lock_audit_head(
+                tx: &mut sqlx::Transaction<'static, $Db>,
+            ) -> Result<(i64, String), StoreError> {
+                let head = sqlx::query(concat!(
+                    "SELECT last_seq, last_hash FROM audit_head WHERE id = 1",
+                    $for_update
+                ))
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(db_err)?
+                .ok_or_else(|| StoreError::Corrupt("the audit head row is missing".into()))?;
+                Ok((col(&head, "last_seq")?, col(&head, "last_hash")?))
             }
 
             /// A conditional step change on `conn` (alone, or inside a group's transaction):
@@ -336,8 +355,12 @@ macro_rules! sql_store {
                      dispatched_at = COALESCE($11, dispatched_at), \
                      deadline_at = COALESCE($12, deadline_at), \
                      finished_at = COALESCE($13, finished_at), \
-                     not_before = COALESCE($14, not_before), claimed_by = NULL, claim_until = NULL \
-                     WHERE task_id = $15 AND status ",
+                     not_before = COALESCE($14, not_before), claimed_by = NULL, claim_until = NULL, \
+                     broker_user = CASE WHEN $17 IS NULL THEN broker_user ELSE $17 END, \
+                     broker_attempt = CASE WHEN $17 IS NULL THEN broker_attempt \
+                     ELSE COALESCE($2, attempt) END \
+                     WHERE task_id = $15 AND ($17 IS NULL OR broker_attempt IS NULL \
+                     OR broker_attempt <> COALESCE($2, attempt) OR broker_user = $17) AND status ",
                     $one_of_16,
                     " RETURNING ",
                     step_cols!()
@@ -358,6 +381,7 @@ macro_rules! sql_store {
                 .bind(patch.not_before.map(|t| ts(trunc(t))))
                 .bind(task_id)
                 .bind(status_list(from)?)
+                .bind(&patch.reported_by)
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(db_err)?;
@@ -406,11 +430,18 @@ macro_rules! sql_store {
                 conn: &mut <$Db as sqlx::Database>::Connection,
                 req: &NewRequest,
                 audit_seq: Option<i64>,
+                claim: Option<(&str, Duration)>,
             ) -> Result<Result<Request, StoreError>, StoreError> {
+                let at = now();
+                let until = claim.map(|(_, lease)| {
+                    ts(trunc(
+                        at + chrono::TimeDelta::from_std(lease).unwrap_or(chrono::TimeDelta::MAX),
+                    ))
+                });
                 let row = sqlx::query(concat!(
                     "INSERT INTO tasks (id, trace_id, text, requester, dry_run, status, created_at, \
-                     updated_at, submitted_by, audit_seq) \
-                     VALUES ($1, $2, $3, $4, $5, 'planning', $6, $6, $7, $8) \
+                     updated_at, submitted_by, audit_seq, planning_owner, planning_until) \
+                     VALUES ($1, $2, $3, $4, $5, 'planning', $6, $6, $7, $8, $9, $10) \
                      ON CONFLICT (id) DO NOTHING RETURNING ",
                     req_cols!()
                 ))
@@ -419,9 +450,11 @@ macro_rules! sql_store {
                 .bind(&req.text)
                 .bind(&req.requester)
                 .bind(req.dry_run)
-                .bind(ts(now()))
+                .bind(ts(at))
                 .bind(&req.submitted_by)
                 .bind(audit_seq)
+                .bind(claim.map(|(owner, _)| owner))
+                .bind(until)
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(db_err)?;
@@ -483,21 +516,32 @@ macro_rules! sql_store {
                             .map_err(db_err)?;
                     return Ok(Err(why_not(id, from, current)));
                 };
+                // Queued with its plan: the first step is stored ready (it joins the dispatch
+                // queue in this transaction; the others wait for the one before them).
+                let ready_now = to == RequestStatus::Queued;
+                let ready_at = ts(now());
                 if let Some(plan) = &patch.plan {
                     for (n, chunk) in plan.steps.chunks(INSERT_CHUNK).enumerate() {
                         let mut q = QueryBuilder::<$Db>::new(
                             "INSERT INTO plan_steps (task_id, request_id, seq, action, parameters, \
-                             agent_type, resources, status) ",
+                             agent_type, resources, status, ready_at) ",
                         );
                         q.push_values(chunk.iter().enumerate(), |mut b, (i, s)| {
+                            let seq = n * INSERT_CHUNK + i;
+                            let ready = ready_now && seq == 0;
                             b.push_bind(Uuid::now_v7())
                                 .push_bind(id)
-                                .push_bind((n * INSERT_CHUNK + i) as i64)
+                                .push_bind(seq as i64)
                                 .push_bind(&s.action)
                                 .push_bind(Json(&s.parameters))
                                 .push_bind(&s.agent_type)
                                 .push_bind(Json(&s.resources))
-                                .push_bind(StepStatus::Pending.as_str());
+                                .push_bind(if ready {
+                                    StepStatus::Ready.as_str()
+                                } else {
+                                    StepStatus::Pending.as_str()
+                                })
+                                .push_bind(ready.then_some(&ready_at));
                         });
                         q.build()
                             .execute(&mut **tx)
@@ -511,7 +555,7 @@ macro_rules! sql_store {
                             })?;
                     }
                 }
-                if to == RequestStatus::Queued {
+                if ready_now && patch.plan.is_none() {
                     // Approved: its first step joins the dispatch queue in the same
                     // transaction (the others wait for the one before them).
                     sqlx::query(
@@ -673,7 +717,7 @@ macro_rules! sql_store {
         impl Requests for $Store {
             async fn create_request(&self, req: &NewRequest) -> Result<Request, StoreError> {
                 let mut conn = self.pool.acquire().await.map_err(db_err)?;
-                self.create_in(&mut conn, req, None).await?
+                self.create_in(&mut conn, req, None, None).await?
             }
 
             async fn get_request(&self, id: Uuid) -> Result<Request, StoreError> {
@@ -774,23 +818,20 @@ macro_rules! sql_store {
                 // its newest entry (`audit_seq`) in the same statement that changes it, and
                 // verify finds that entry gone if the log is cut back.
                 let carries = writes.iter().any(GroupWrite::carries_audit);
-                let base: i64 = if carries {
-                    sqlx::query_scalar(concat!(
-                        "SELECT last_seq FROM audit_head WHERE id = 1",
-                        $for_update
-                    ))
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db_err)?
-                    .ok_or_else(|| StoreError::Corrupt("the audit head row is missing".into()))?
+                let head = if carries {
+                    Some(Self::lock_audit_head(&mut tx).await?)
                 } else {
-                    0
+                    None
                 };
+                let base: i64 = head.as_ref().map_or(0, |h| h.0);
                 // The seq the newest of `audit` gets if it is appended next.
                 let newest = |entries: &Vec<NewAuditEntry>, audit: &[NewAuditEntry]| {
                     (!audit.is_empty()).then(|| base + (entries.len() + audit.len()) as i64)
                 };
-                for w in writes {
+                // A request created with its planning claim (a `ClaimPlanning` of it right
+                // after its `Create`): the claim is stored in the INSERT; its slot.
+                let mut born_claimed: Option<(Uuid, bool)> = None;
+                for (i, w) in writes.iter().enumerate() {
                     match w {
                         GroupWrite::Transition {
                             id,
@@ -809,7 +850,18 @@ macro_rules! sql_store {
                         }
                         GroupWrite::Create { request, audit } => {
                             let seq = newest(&entries, audit);
-                            let slot = self.create_in(&mut tx, request, seq).await?;
+                            let claim = match writes.get(i + 1) {
+                                Some(GroupWrite::ClaimPlanning { id, owner, lease })
+                                    if *id == request.id =>
+                                {
+                                    Some((owner.as_str(), *lease))
+                                }
+                                _ => None,
+                            };
+                            let slot = self.create_in(&mut tx, request, seq, claim).await?;
+                            if claim.is_some() {
+                                born_claimed = Some((request.id, slot.is_ok()));
+                            }
                             if slot.is_ok() {
                                 entries.extend(audit.iter().cloned());
                             }
@@ -884,7 +936,11 @@ macro_rules! sql_store {
                             }
                         }
                         GroupWrite::ClaimPlanning { id, owner, lease } => {
-                            out.push(if self.claim_planning_in(&mut tx, *id, owner, *lease).await? {
+                            let claimed = match born_claimed.take() {
+                                Some((born, claimed)) if born == *id => claimed,
+                                _ => self.claim_planning_in(&mut tx, *id, owner, *lease).await?,
+                            };
+                            out.push(if claimed {
                                 Ok(Written::Appended)
                             } else {
                                 Err(StoreError::Conflict {
@@ -968,7 +1024,7 @@ macro_rules! sql_store {
                     }
                 }
                 if !entries.is_empty() {
-                    let written = self.append_audit_in(&mut tx, &entries).await?;
+                    let written = self.append_audit_in(&mut tx, &entries, head).await?;
                     if written.first().map(|e| e.seq) != Some(base + 1) {
                         return Err(StoreError::Corrupt(
                             "the audit chain's head moved while it was locked".into(),
@@ -1630,7 +1686,7 @@ macro_rules! sql_store {
                     return Ok(Vec::new());
                 }
                 let mut tx = self.pool.begin_with(BEGIN_WRITE).await.map_err(db_err)?;
-                let out = self.append_audit_in(&mut tx, entries).await?;
+                let out = self.append_audit_in(&mut tx, entries, None).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(out)
             }
