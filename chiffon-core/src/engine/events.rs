@@ -95,7 +95,7 @@ struct Channels {
 }
 
 /// Events buffered per subscriber; a slower one sees `Lagged` and should re-read the request.
-const CHANNEL_CAPACITY: usize = 1024;
+const CHANNEL_CAPACITY: usize = 256;
 /// The map is never swept below this size (sweeping is a pass over every channel).
 const MIN_SWEEP: usize = 64;
 

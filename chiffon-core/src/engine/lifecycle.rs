@@ -776,38 +776,41 @@ impl Engine {
             }
             let steps = self.inner.store.steps(id).await?;
             let now = Utc::now();
-            let mut active = Vec::new();
-            for s in &steps {
-                match s.status {
-                    StepStatus::Pending | StepStatus::Ready => {
-                        let patch = StepPatch {
+            let active: Vec<&Step> = steps
+                .iter()
+                .filter(|s| matches!(s.status, StepStatus::Dispatched | StepStatus::Running))
+                .collect();
+            if active.is_empty() {
+                // Steps not started are cancelled with the decision's entry, in one commit.
+                let mut writes: Vec<GroupWrite> = steps
+                    .iter()
+                    .filter(|s| matches!(s.status, StepStatus::Pending | StepStatus::Ready))
+                    .map(|s| GroupWrite::Step {
+                        task_id: s.task_id,
+                        from: vec![s.status],
+                        to: StepStatus::Cancelled,
+                        patch: Box::new(StepPatch {
                             finished_at: Some(now),
                             ..Default::default()
-                        };
-                        match self
-                            .inner
-                            .store
-                            .update_step(s.task_id, &[s.status], StepStatus::Cancelled, &patch)
-                            .await
-                        {
-                            Ok(_) | Err(StoreError::Conflict { .. }) => {}
-                            Err(e) => return Err(e.into()),
-                        }
-                    }
-                    StepStatus::Dispatched | StepStatus::Running => active.push(s.clone()),
-                    _ => {}
-                }
-            }
-            if active.is_empty() {
-                let error =
-                    ErrorPayload::new(ErrorCode::RequestCancelled, format!("cancelled by {by}"));
-                self.audit(vec![NewAuditEntry {
+                        }),
+                        logs: Vec::new(),
+                        audit: Vec::new(),
+                    })
+                    .collect();
+                writes.push(GroupWrite::Audit(vec![NewAuditEntry {
                     request_id: Some(id),
                     actor: by.to_string(),
                     event: AuditEvent::CancelRequested,
                     details: json!({ "from": request.status }),
-                }])
-                .await;
+                }]));
+                for slot in self.group_writes(writes).await {
+                    match slot {
+                        Ok(_) | Err(StoreError::Conflict { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                let error =
+                    ErrorPayload::new(ErrorCode::RequestCancelled, format!("cancelled by {by}"));
                 self.finish(
                     id,
                     Some(request.status),
@@ -825,22 +828,37 @@ impl Engine {
             let deadline = now
                 + chrono::Duration::from_std(self.inner.config.dispatch.cancel_timeout)
                     .unwrap_or_default();
-            for s in &active {
-                let patch = StepPatch {
-                    error: Some(ErrorPayload::new(
-                        ErrorCode::TaskCancelled,
-                        format!("cancel requested by {by}"),
-                    )),
-                    deadline_at: Some(deadline),
-                    ..Default::default()
-                };
-                match self
-                    .inner
-                    .store
-                    .update_step(s.task_id, &[s.status], s.status, &patch)
-                    .await
-                {
-                    Ok(_) | Err(StoreError::Conflict { .. }) => {}
+            // Each running step is marked with the request, with its `cancel_requested`
+            // entry in the same commit: the decision is in the log exactly when it is made.
+            let writes: Vec<GroupWrite> = active
+                .iter()
+                .map(|s| GroupWrite::Step {
+                    task_id: s.task_id,
+                    from: vec![s.status],
+                    to: s.status,
+                    patch: Box::new(StepPatch {
+                        error: Some(ErrorPayload::new(
+                            ErrorCode::TaskCancelled,
+                            format!("cancel requested by {by}"),
+                        )),
+                        deadline_at: Some(deadline),
+                        ..Default::default()
+                    }),
+                    logs: Vec::new(),
+                    audit: vec![NewAuditEntry {
+                        request_id: Some(id),
+                        actor: by.to_string(),
+                        event: AuditEvent::CancelRequested,
+                        details: json!({ "tasks": [s.task_id] }),
+                    }],
+                })
+                .collect();
+            let slots = self.group_writes(writes).await;
+            for (s, slot) in active.iter().zip(slots) {
+                match slot {
+                    Ok(_) => {}
+                    // It ended (or moved on) meanwhile: nothing to tell its agent.
+                    Err(StoreError::Conflict { .. }) => continue,
                     Err(e) => return Err(e.into()),
                 }
                 let env = Envelope::new(
@@ -851,15 +869,12 @@ impl Engine {
                         reason: Some(format!("cancelled by {by}")),
                     }),
                 );
-                self.inner.transport.broadcast(&env).await?;
+                // Recorded already: if the message cannot go, the step ends at its cancel
+                // deadline instead (its timeout reads the cancel request).
+                if let Err(e) = self.inner.transport.broadcast(&env).await {
+                    tracing::warn!(task = %s.task_id, error = %e, "cancel message not published; the step ends at its cancel deadline");
+                }
             }
-            self.audit(vec![NewAuditEntry {
-                request_id: Some(id),
-                actor: by.to_string(),
-                event: AuditEvent::CancelRequested,
-                details: json!({ "tasks": active.iter().map(|s| s.task_id).collect::<Vec<_>>() }),
-            }])
-            .await;
             return self.get_request(id).await;
         }
         Err(EngineError::Store(StoreError::Conflict {
