@@ -474,6 +474,7 @@ both_backends!(
     audit_verify_detects_missing_commit,
     forged_bus_messages_are_refused,
     a_message_that_keeps_failing_is_dead_lettered,
+    an_agent_error_is_acked_only_once_recorded,
     rejected_heartbeats_are_listed_until_fixed,
     agent_output_is_redacted_everywhere,
     a_plan_awaiting_approval_shows_its_dry_run,
@@ -1623,6 +1624,73 @@ async fn a_message_that_keeps_failing_is_dead_lettered(backend: &str) {
     .await
     .expect("the failing message was dead-lettered");
     assert_eq!(engine.metrics().dead_lettered_after_retries_total, 1);
+    stop.cancel();
+}
+
+/// An agent's error report is the decision itself: it is in the audit log once acked, and a
+/// report whose entry cannot be stored is not acked away (it is dead-lettered, kept).
+async fn an_agent_error_is_acked_only_once_recorded(backend: &str) {
+    let Some((store, transport, raw_url, _guard)) = raw_backend(backend).await else {
+        return;
+    };
+    let stop = CancellationToken::new();
+    let git = tempfile::tempdir().unwrap();
+    let engine = start_engine(
+        store,
+        transport.clone(),
+        git.path(),
+        test_config(|_| {}),
+        &stop,
+    )
+    .await;
+    let t = transport.topology().clone();
+    transport.declare_topology().await.unwrap();
+    let report = |request: Uuid| {
+        Envelope::new(
+            "t",
+            Some(request),
+            Message::Error(ErrorPayload::new(
+                ErrorCode::ActionFailed,
+                "the agent could not start the playbook",
+            )),
+        )
+    };
+    let first = Uuid::new_v4();
+    transport
+        .publish(&t.results_queue, &report(first))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let log = engine.audit_log(Some(first), 0, 10).await.unwrap();
+            if log
+                .iter()
+                .any(|e| e.event == chiffon_core::audit::AuditEvent::AgentError)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the agent's error is in the audit log");
+    // The log cannot be written: the report is not acked as if recorded.
+    raw_sql(
+        &raw_url,
+        "ALTER TABLE audit_log RENAME TO audit_log_gone".into(),
+    )
+    .await;
+    transport
+        .publish(&t.results_queue, &report(Uuid::new_v4()))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while transport.queue_depth(&t.dead_letter_queue).await.unwrap() < 1 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the unrecorded report was dead-lettered, not acked");
     stop.cancel();
 }
 

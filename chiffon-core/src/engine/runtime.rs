@@ -460,16 +460,18 @@ impl Engine {
             }
             Message::WorkStatus(s) => self.on_status(&env, s, &publisher).await,
             Message::WorkResult(r) => self.on_result(&env, r, &publisher).await,
-            Message::Error(e) => {
-                self.audit(vec![NewAuditEntry {
+            // The report is the decision: acked only once its entry is stored (a database
+            // outage redelivers it, then dead-letters it).
+            Message::Error(e) => self
+                .group_write(GroupWrite::Audit(vec![NewAuditEntry {
                     request_id: env.request_id,
                     actor: format!("bus:{publisher}"),
                     event: AuditEvent::AgentError,
                     details: json!({ "code": e.code.code(), "message": e.message, "details": e.details }),
-                }])
-                .await;
-                Ok(())
-            }
+                }]))
+                .await
+                .map(|_| ())
+                .map_err(EngineError::from),
             _ => Ok(()),
         };
         match outcome {
