@@ -125,6 +125,19 @@ async fn preseed(engine: &chiffon_core::engine::Engine, n: usize) -> anyhow::Res
     Ok(())
 }
 
+/// Bytes of the files under `path`.
+fn dir_bytes(path: &std::path::Path) -> u64 {
+    std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+        })
+        .sum()
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -295,6 +308,10 @@ async fn main() -> anyhow::Result<()> {
         report.chain.ok,
         report.chain.entries_checked,
         report.missing_commits.len()
+    );
+    println!(
+        "git trail: {:.1} MiB on disk",
+        dir_bytes(&dir.path().join("audit")) as f64 / (1024.0 * 1024.0)
     );
     if let Some(rss) = rss_mib() {
         println!(

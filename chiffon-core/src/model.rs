@@ -242,6 +242,15 @@ pub enum GroupWrite {
     Send(OutboxMessage),
     /// Outbox messages the broker confirmed (or that must not go): deleted.
     Sent(Vec<Uuid>),
+    /// A step's automatic dry run with its entry: `start` records it (replacing any earlier
+    /// one of the step; a `Conflict` if the step is unknown), otherwise its outcome is
+    /// stored once (a `Conflict` unless that preview is still pending). Slot `Appended`.
+    Preview {
+        task_id: Uuid,
+        preview: Box<StepPreview>,
+        start: bool,
+        audit: Vec<NewAuditEntry>,
+    },
     /// The git trail's outcome for an ended request: its commit id, or why it has none
     /// (a failure that retrying cannot mend), with its entry. Stored once: a request that
     /// has either already is a `Conflict` in its slot and stores nothing.
@@ -260,6 +269,7 @@ impl GroupWrite {
             | GroupWrite::Step { audit, .. }
             | GroupWrite::Advance { audit, .. }
             | GroupWrite::Commit { audit, .. }
+            | GroupWrite::Preview { audit, .. }
             | GroupWrite::Audit(audit) => Some(audit),
             GroupWrite::Transition { patch, .. } => Some(&mut patch.audit),
             GroupWrite::ClaimPlanning { .. } | GroupWrite::Send(_) | GroupWrite::Sent(_) => None,
@@ -273,6 +283,7 @@ impl GroupWrite {
             | GroupWrite::Step { audit, .. }
             | GroupWrite::Advance { audit, .. }
             | GroupWrite::Commit { audit, .. }
+            | GroupWrite::Preview { audit, .. }
             | GroupWrite::Audit(audit) => !audit.is_empty(),
             GroupWrite::Transition { patch, .. } => !patch.audit.is_empty(),
             GroupWrite::ClaimPlanning { .. } | GroupWrite::Send(_) | GroupWrite::Sent(_) => false,

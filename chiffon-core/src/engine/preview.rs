@@ -13,7 +13,9 @@ use chiffon_protocol::{
 };
 
 use super::*;
-use crate::model::{NewAuditEntry, PreviewStatus, Request, RequestStatus, Step, StepPreview};
+use crate::model::{
+    GroupWrite, NewAuditEntry, PreviewStatus, Request, RequestStatus, Step, StepPreview,
+};
 
 impl Engine {
     /// Publishes the check run of every check-mode step of a plan now awaiting approval.
@@ -40,7 +42,6 @@ impl Engine {
             .collect();
         let timeout = self.inner.config.dispatch.preview_timeout;
         let topology = self.inner.transport.topology().clone();
-        let mut started = Vec::new();
         for step in steps {
             let Some(spec) = self.inner.catalog.actions.get(&step.action) else {
                 continue;
@@ -92,11 +93,10 @@ impl Engine {
                         step.agent_type
                     ),
                 ));
-                let _ = self
-                    .inner
-                    .store
-                    .start_step_preview(step.task_id, &preview)
-                    .await;
+                let write = self.preview_write(request.id, &step, preview, true, "engine");
+                if let Err(e) = self.group_write(write).await {
+                    tracing::warn!(task = %step.task_id, error = %e, "preview not recorded");
+                }
                 continue;
             };
             // Approved (or cancelled) meanwhile: the real run is what counts now.
@@ -104,13 +104,20 @@ impl Engine {
                 Ok(r) if r.status == RequestStatus::AwaitingApproval => {}
                 _ => break,
             }
-            // Recorded before it is published, so its result always finds it.
-            if let Err(e) = self
-                .inner
-                .store
-                .start_step_preview(step.task_id, &preview)
-                .await
-            {
+            // Recorded with its `preview_started` entry before it is published, so its
+            // result always finds it.
+            let write = GroupWrite::Preview {
+                task_id: step.task_id,
+                preview: Box::new(preview.clone()),
+                start: true,
+                audit: vec![NewAuditEntry {
+                    request_id: Some(request.id),
+                    actor: "engine".into(),
+                    event: AuditEvent::PreviewStarted,
+                    details: json!({ "steps": [{ "seq": step.seq, "action": step.action, "preview_task_id": preview.task_id, "queue": queue }] }),
+                }],
+            };
+            if let Err(e) = self.group_write(write).await {
                 tracing::warn!(task = %step.task_id, error = %e, "preview not recorded");
                 continue;
             }
@@ -133,23 +140,43 @@ impl Engine {
                 preview.status = PreviewStatus::Failed;
                 preview.finished_at = Some(Utc::now());
                 preview.error = Some(ErrorPayload::new(e.code(), format!("not published: {e}")));
-                let _ = self
-                    .inner
-                    .store
-                    .finish_step_preview(step.task_id, &preview)
-                    .await;
-                continue;
+                let write = self.preview_write(request.id, &step, preview, false, "engine");
+                if let Err(e) = self.group_write(write).await {
+                    tracing::warn!(task = %step.task_id, error = %e, "failed preview not recorded; it shows as failed at its deadline");
+                }
             }
-            started.push(json!({ "seq": step.seq, "action": step.action, "preview_task_id": preview.task_id, "queue": queue }));
         }
-        if !started.is_empty() {
-            self.audit(vec![NewAuditEntry {
-                request_id: Some(request.id),
-                actor: "engine".into(),
-                event: AuditEvent::PreviewStarted,
-                details: json!({ "steps": started }),
-            }])
-            .await;
+    }
+
+    /// A preview's outcome with its `preview_finished` entry, as one write (`start`: a
+    /// preview that never ran, recorded as it is).
+    fn preview_write(
+        &self,
+        request_id: Uuid,
+        step: &Step,
+        preview: StepPreview,
+        start: bool,
+        actor: &str,
+    ) -> GroupWrite {
+        let mut details = json!({
+            "seq": step.seq,
+            "action": step.action,
+            "status": preview.status,
+            "changed": preview.changed,
+        });
+        if let Some(e) = &preview.error {
+            details["code"] = json!(e.code.code());
+        }
+        GroupWrite::Preview {
+            task_id: step.task_id,
+            preview: Box::new(preview),
+            start,
+            audit: vec![NewAuditEntry {
+                request_id: Some(request_id),
+                actor: actor.to_string(),
+                event: AuditEvent::PreviewFinished,
+                details,
+            }],
         }
     }
 
@@ -187,26 +214,19 @@ impl Engine {
                 preview.error = Some(e);
             }
         }
-        if self
-            .inner
-            .store
-            .finish_step_preview(step.task_id, &preview)
-            .await?
-        {
-            self.audit(vec![NewAuditEntry {
-                request_id: Some(step.request_id),
-                actor: format!("bus:{publisher}"),
-                event: AuditEvent::PreviewFinished,
-                details: json!({
-                    "seq": step.seq,
-                    "action": step.action,
-                    "status": preview.status,
-                    "changed": preview.changed,
-                }),
-            }])
-            .await;
+        // Stored once, with its entry; another copy (or the deadline) got there first if
+        // it is no longer pending.
+        let write = self.preview_write(
+            step.request_id,
+            &step,
+            preview,
+            false,
+            &format!("bus:{publisher}"),
+        );
+        match self.group_write(write).await {
+            Ok(_) | Err(StoreError::Conflict { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
         }
-        Ok(())
     }
 }
 

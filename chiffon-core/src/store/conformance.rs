@@ -122,6 +122,7 @@ macro_rules! store_conformance_tests {
             outbox,
             born_claimed,
             reported_by_binds_the_attempt,
+            group_previews,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -1658,6 +1659,89 @@ pub async fn step_previews(h: &Harness) {
         s.start_step_preview(Uuid::new_v4(), &p).await,
         Err(StoreError::NotFound { .. })
     ));
+}
+
+/// A preview and its entry commit together (`GroupWrite::Preview`): its outcome is stored
+/// once, and a write that does not apply leaves no entry.
+pub async fn group_previews(h: &Harness) {
+    let s = &*h.store;
+    let r = s.create_request(&new_request("x")).await.unwrap();
+    s.transition(
+        r.id,
+        RequestStatus::Planning,
+        RequestStatus::AwaitingApproval,
+        &with_plan(plan(1)),
+    )
+    .await
+    .unwrap();
+    let st = s.steps(r.id).await.unwrap().remove(0);
+    let now = Utc::now();
+    let pending = StepPreview {
+        status: PreviewStatus::Pending,
+        task_id: Uuid::new_v4(),
+        changed: None,
+        diff: None,
+        error: None,
+        broker_user: None,
+        requested_at: now,
+        deadline_at: now + ChronoDuration::seconds(60),
+        finished_at: None,
+    };
+    let done = StepPreview {
+        status: PreviewStatus::Completed,
+        changed: Some(false),
+        ..pending.clone()
+    };
+    let write = |task_id: Uuid, preview: &StepPreview, start: bool, n: u64| GroupWrite::Preview {
+        task_id,
+        preview: Box::new(preview.clone()),
+        start,
+        audit: vec![audit_entry(
+            Some(r.id),
+            if start {
+                AuditEvent::PreviewStarted
+            } else {
+                AuditEvent::PreviewFinished
+            },
+            n,
+        )],
+    };
+    let events = || async {
+        s.audit_log(Some(r.id), 0, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.event)
+            .collect::<Vec<_>>()
+    };
+    let slots = s
+        .commit_group(&[
+            write(st.task_id, &pending, true, 1),
+            // Unknown step: nothing stored, no entry.
+            write(Uuid::new_v4(), &pending, true, 2),
+        ])
+        .await
+        .unwrap();
+    assert!(matches!(slots[0], Ok(Written::Appended)));
+    assert!(matches!(slots[1], Err(StoreError::Conflict { .. })));
+    assert_eq!(events().await, vec![AuditEvent::PreviewStarted]);
+    let slots = s
+        .commit_group(&[
+            write(st.task_id, &done, false, 3),
+            // A second outcome of the same preview: refused, no entry.
+            write(st.task_id, &done, false, 4),
+        ])
+        .await
+        .unwrap();
+    assert!(matches!(slots[0], Ok(Written::Appended)));
+    assert!(matches!(slots[1], Err(StoreError::Conflict { .. })));
+    assert_eq!(
+        events().await,
+        vec![AuditEvent::PreviewStarted, AuditEvent::PreviewFinished]
+    );
+    let got = s.get_step(st.task_id).await.unwrap().preview.unwrap();
+    assert_eq!(got.status, PreviewStatus::Completed);
+    assert!(s.verify_audit().await.unwrap().ok);
 }
 
 pub async fn planning_leases(h: &Harness) {

@@ -572,6 +572,48 @@ macro_rules! sql_store {
                 Ok(request_from_row(&row))
             }
 
+            /// Records a step's preview on `conn`; false if the step is unknown.
+            async fn start_step_preview_in(
+                &self,
+                conn: &mut <$Db as sqlx::Database>::Connection,
+                task_id: Uuid,
+                preview: &StepPreview,
+            ) -> Result<bool, StoreError> {
+                let done = sqlx::query(
+                    "UPDATE plan_steps SET preview_task_id = $2, preview_status = $3, preview = $4 \
+                     WHERE task_id = $1",
+                )
+                .bind(task_id)
+                .bind(preview.task_id)
+                .bind(preview_status_str(preview.status))
+                .bind(Json(preview))
+                .execute(&mut *conn)
+                .await
+                .map_err(db_err)?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            /// Stores a preview's outcome on `conn` if that preview is still pending.
+            async fn finish_step_preview_in(
+                &self,
+                conn: &mut <$Db as sqlx::Database>::Connection,
+                task_id: Uuid,
+                preview: &StepPreview,
+            ) -> Result<bool, StoreError> {
+                let done = sqlx::query(
+                    "UPDATE plan_steps SET preview_status = $3, preview = $4 \
+                     WHERE task_id = $1 AND preview_task_id = $2 AND preview_status = 'pending'",
+                )
+                .bind(task_id)
+                .bind(preview.task_id)
+                .bind(preview_status_str(preview.status))
+                .bind(Json(preview))
+                .execute(&mut *conn)
+                .await
+                .map_err(db_err)?;
+                Ok(done.rows_affected() == 1)
+            }
+
             /// [`Requests::claim_planning`] on `conn` (alone, or inside a group's
             /// transaction).
             async fn claim_planning_in(
@@ -988,6 +1030,31 @@ macro_rules! sql_store {
                             }
                             out.push(Ok(Written::Appended));
                         }
+                        GroupWrite::Preview {
+                            task_id,
+                            preview,
+                            start,
+                            audit,
+                        } => {
+                            let applied = if *start {
+                                self.start_step_preview_in(&mut tx, *task_id, preview).await?
+                            } else {
+                                self.finish_step_preview_in(&mut tx, *task_id, preview).await?
+                            };
+                            out.push(if applied {
+                                entries.extend(audit.iter().cloned());
+                                Ok(Written::Appended)
+                            } else {
+                                Err(StoreError::Conflict {
+                                    message: if *start {
+                                        format!("step {task_id} is unknown")
+                                    } else {
+                                        format!("the preview of step {task_id} is not pending")
+                                    },
+                                    current: None,
+                                })
+                            });
+                        }
                         GroupWrite::Commit { id, commit, audit } => {
                             let (commit_id, failed) = match commit {
                                 Ok(c) => (Some(c.as_str()), None),
@@ -1292,18 +1359,8 @@ macro_rules! sql_store {
                 task_id: Uuid,
                 preview: &StepPreview,
             ) -> Result<(), StoreError> {
-                let done = sqlx::query(
-                    "UPDATE plan_steps SET preview_task_id = $2, preview_status = $3, preview = $4 \
-                     WHERE task_id = $1",
-                )
-                .bind(task_id)
-                .bind(preview.task_id)
-                .bind(preview_status_str(preview.status))
-                .bind(Json(preview))
-                .execute(&self.pool)
-                .await
-                .map_err(db_err)?;
-                if done.rows_affected() == 0 {
+                let mut conn = self.pool.acquire().await.map_err(db_err)?;
+                if !self.start_step_preview_in(&mut conn, task_id, preview).await? {
                     return Err(StoreError::not_found(format!("step {task_id}")));
                 }
                 Ok(())
@@ -1327,18 +1384,8 @@ macro_rules! sql_store {
                 task_id: Uuid,
                 preview: &StepPreview,
             ) -> Result<bool, StoreError> {
-                let done = sqlx::query(
-                    "UPDATE plan_steps SET preview_status = $3, preview = $4 \
-                     WHERE task_id = $1 AND preview_task_id = $2 AND preview_status = 'pending'",
-                )
-                .bind(task_id)
-                .bind(preview.task_id)
-                .bind(preview_status_str(preview.status))
-                .bind(Json(preview))
-                .execute(&self.pool)
-                .await
-                .map_err(db_err)?;
-                Ok(done.rows_affected() == 1)
+                let mut conn = self.pool.acquire().await.map_err(db_err)?;
+                self.finish_step_preview_in(&mut conn, task_id, preview).await
             }
 
             async fn overdue_steps(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Step>, StoreError> {
