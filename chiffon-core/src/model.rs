@@ -218,6 +218,8 @@ pub enum GroupWrite {
     },
     /// Audit entries no status change carries.
     Audit(Vec<NewAuditEntry>),
+    /// Execution log lines (an agent's progress and output). Slot `Appended`.
+    Logs(Vec<NewLogLine>),
     /// After a step completed (a `Step` write earlier in the same group): the request's
     /// next step (`after_seq + 1`) made ready if step `after_seq` is `completed` and the
     /// next one `pending`, or, when every step is completed or skipped,
@@ -272,7 +274,10 @@ impl GroupWrite {
             | GroupWrite::Preview { audit, .. }
             | GroupWrite::Audit(audit) => Some(audit),
             GroupWrite::Transition { patch, .. } => Some(&mut patch.audit),
-            GroupWrite::ClaimPlanning { .. } | GroupWrite::Send(_) | GroupWrite::Sent(_) => None,
+            GroupWrite::ClaimPlanning { .. }
+            | GroupWrite::Send(_)
+            | GroupWrite::Sent(_)
+            | GroupWrite::Logs(_) => None,
         }
     }
 
@@ -286,7 +291,10 @@ impl GroupWrite {
             | GroupWrite::Preview { audit, .. }
             | GroupWrite::Audit(audit) => !audit.is_empty(),
             GroupWrite::Transition { patch, .. } => !patch.audit.is_empty(),
-            GroupWrite::ClaimPlanning { .. } | GroupWrite::Send(_) | GroupWrite::Sent(_) => false,
+            GroupWrite::ClaimPlanning { .. }
+            | GroupWrite::Send(_)
+            | GroupWrite::Sent(_)
+            | GroupWrite::Logs(_) => false,
         }
     }
 }

@@ -15,8 +15,8 @@ use uuid::Uuid;
 
 use super::*;
 use crate::model::{
-    micros_to_usd, AgentRecord, AuditEntry, AuditVerification, LogLine, NewAuditEntry, NewLogLine,
-    NewRequest, RequestFilter, RequestPatch, RequestStatus, StepPatch, StepStatus,
+    micros_to_usd, AgentRecord, AuditEntry, AuditVerification, LogLine, NewAuditEntry, NewRequest,
+    RequestFilter, RequestPatch, RequestStatus, StepPatch, StepStatus,
 };
 
 /// A git lock file older than this was left by a crashed writer.
@@ -1482,31 +1482,6 @@ impl Engine {
         }
         if let Some(entries) = write.audit_mut() {
             *entries = redactor.redact_audit(std::mem::take(entries));
-        }
-    }
-
-    /// Appends execution log lines. Callers pass text already redacted (`on_status` strikes
-    /// configured secrets from what agents report, once, for the live events and the log).
-    pub(super) async fn log_lines(&self, lines: Vec<NewLogLine>) {
-        if lines.is_empty() {
-            return;
-        }
-        let backoff = crate::retry::Backoff {
-            initial: std::time::Duration::from_millis(100),
-            max: std::time::Duration::from_secs(2),
-        };
-        for retry in 1..=4u32 {
-            match self.inner.store.append_logs(&lines).await {
-                Ok(()) => return,
-                // A busy or restarting database: the lines are worth a short wait.
-                Err(StoreError::Unavailable(_)) if retry < 4 => {
-                    tokio::time::sleep(backoff.delay(retry)).await
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, lines = lines.len(), "execution log append failed");
-                    return;
-                }
-            }
         }
     }
 }

@@ -543,37 +543,18 @@ impl Engine {
             tracing::debug!(task = %s.task_id, "status of an older attempt ignored");
             return Ok(());
         }
-        if !self.may_report(&step, step.attempt, publisher).await? {
-            return Err(not_theirs(&step));
-        }
-        if step.status == StepStatus::Dispatched
-            && matches!(s.status, TaskState::Accepted | TaskState::Running)
-        {
-            let patch = StepPatch {
-                progress: Some(s.progress),
-                agent_id: s.agent_id.clone(),
-                ..Default::default()
-            };
-            match self
-                .inner
-                .store
-                .update_step(
-                    step.task_id,
-                    &[StepStatus::Dispatched],
-                    StepStatus::Running,
-                    &patch,
-                )
-                .await
-            {
-                Ok(_) => self.inner.events.publish(EngineEvent::Step {
-                    request_id: step.request_id,
-                    task_id: step.task_id,
-                    seq: step.seq,
-                    status: StepStatus::Running,
-                    at: Utc::now(),
-                }),
-                Err(StoreError::Conflict { .. }) => {}
-                Err(e) => return Err(e.into()),
+        let starts = step.status == StepStatus::Dispatched
+            && matches!(s.status, TaskState::Accepted | TaskState::Running);
+        match step.broker_user.as_deref() {
+            Some(bound) if bound != publisher => return Err(not_theirs(&step)),
+            Some(_) => {}
+            // Unbound: the step's move to running binds it (in that change); otherwise a
+            // write of its own.
+            None if starts => {}
+            None => {
+                if !self.may_report(&step, step.attempt, publisher).await? {
+                    return Err(not_theirs(&step));
+                }
             }
         }
         let at = env.timestamp;
@@ -601,8 +582,55 @@ impl Engine {
             progress: None,
             message: line.clone(),
         }));
-        // Stored first, shown after: whoever sees a live line can read it from the log.
-        self.log_lines(lines).await;
+        // The step's move to running (binding its attempt to this agent) and the lines, in
+        // one group commit; stored first, shown after: whoever sees a live line can read it
+        // from the log.
+        let mut writes = Vec::with_capacity(2);
+        if starts {
+            writes.push(GroupWrite::Step {
+                task_id: step.task_id,
+                from: vec![StepStatus::Dispatched],
+                to: StepStatus::Running,
+                patch: Box::new(StepPatch {
+                    progress: Some(s.progress),
+                    agent_id: s.agent_id.clone(),
+                    reported_by: step.broker_user.is_none().then(|| publisher.to_string()),
+                    ..Default::default()
+                }),
+                logs: Vec::new(),
+                audit: Vec::new(),
+            });
+        }
+        writes.push(GroupWrite::Logs(lines));
+        let mut slots = self.group_writes(writes).await.into_iter();
+        if starts {
+            match slots.next() {
+                Some(Ok(_)) => self.inner.events.publish(EngineEvent::Step {
+                    request_id: step.request_id,
+                    task_id: step.task_id,
+                    seq: step.seq,
+                    status: StepStatus::Running,
+                    at: Utc::now(),
+                }),
+                Some(Err(StoreError::Conflict { .. })) => {
+                    // Moved on meanwhile, or bound to another agent first.
+                    let now = self.inner.store.get_step(step.task_id).await?;
+                    if now.attempt == step.attempt
+                        && now.broker_user.as_deref().is_some_and(|b| b != publisher)
+                    {
+                        return Err(not_theirs(&now));
+                    }
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => {}
+            }
+        }
+        match slots.next() {
+            Some(Ok(_)) | None => {}
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, task = %step.task_id, "execution log append failed")
+            }
+        }
         self.inner.events.publish(EngineEvent::Progress {
             request_id: step.request_id,
             task_id: step.task_id,

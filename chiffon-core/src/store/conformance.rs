@@ -1347,9 +1347,12 @@ pub async fn logs_order_and_after_id(h: &Harness) {
         .await
         .unwrap();
     s.append_logs(&[]).await.unwrap();
-    s.append_logs(&(2..6).map(|i| line(a.id, i)).collect::<Vec<_>>())
+    // Through a group commit, as the engine writes an agent's progress.
+    let slots = s
+        .commit_group(&[GroupWrite::Logs((2..6).map(|i| line(a.id, i)).collect())])
         .await
         .unwrap();
+    assert!(matches!(slots[0], Ok(Written::Appended)));
     let all = s.logs(a.id, None, 100).await.unwrap();
     assert_eq!(
         all.iter()

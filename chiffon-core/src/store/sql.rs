@@ -930,6 +930,10 @@ macro_rules! sql_store {
                             entries.extend(e.iter().cloned());
                             out.push(Ok(Written::Appended));
                         }
+                        GroupWrite::Logs(lines) => {
+                            self.append_logs_in(&mut tx, lines).await?;
+                            out.push(Ok(Written::Appended));
+                        }
                         GroupWrite::Advance {
                             request_id,
                             after_seq,
