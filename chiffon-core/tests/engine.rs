@@ -1557,6 +1557,38 @@ async fn raw_backend(backend: &str) -> Option<RawBackend> {
     })
 }
 
+/// An engine started over a raw backend (whose tables the test may break), the bus's
+/// queues declared: the engine, its bus, the database URL and what must live as long.
+struct RawEngine {
+    engine: Engine,
+    transport: Arc<dyn Transport>,
+    url: String,
+    stop: CancellationToken,
+    _keep: (Box<dyn std::any::Any + Send>, tempfile::TempDir),
+}
+
+async fn raw_engine(backend: &str) -> Option<RawEngine> {
+    let (store, transport, url, guard) = raw_backend(backend).await?;
+    let stop = CancellationToken::new();
+    let git = tempfile::tempdir().unwrap();
+    let engine = start_engine(
+        store,
+        transport.clone(),
+        git.path(),
+        test_config(|_| {}),
+        &stop,
+    )
+    .await;
+    transport.declare_topology().await.unwrap();
+    Some(RawEngine {
+        engine,
+        transport,
+        url,
+        stop,
+        _keep: (guard, git),
+    })
+}
+
 /// Runs `sql` on the database at `url` directly.
 async fn raw_sql(url: &str, sql: String) {
     use sqlx::Connection;
@@ -1579,21 +1611,17 @@ async fn raw_sql(url: &str, sql: String) {
 /// the engine cannot tell from a passing outage) is retried a bounded number of times, then
 /// dead-lettered: never requeued forever.
 async fn a_message_that_keeps_failing_is_dead_lettered(backend: &str) {
-    let Some((store, transport, raw_url, _guard)) = raw_backend(backend).await else {
+    let Some(RawEngine {
+        engine,
+        transport,
+        url: raw_url,
+        stop,
+        _keep,
+    }) = raw_engine(backend).await
+    else {
         return;
     };
-    let stop = CancellationToken::new();
-    let git = tempfile::tempdir().unwrap();
-    let engine = start_engine(
-        store,
-        transport.clone(),
-        git.path(),
-        test_config(|_| {}),
-        &stop,
-    )
-    .await;
     let t = transport.topology().clone();
-    transport.declare_topology().await.unwrap();
     raw_sql(
         &raw_url,
         "ALTER TABLE plan_steps RENAME TO plan_steps_gone".into(),
@@ -1630,21 +1658,17 @@ async fn a_message_that_keeps_failing_is_dead_lettered(backend: &str) {
 /// An agent's error report is the decision itself: it is in the audit log once acked, and a
 /// report whose entry cannot be stored is not acked away (it is dead-lettered, kept).
 async fn an_agent_error_is_acked_only_once_recorded(backend: &str) {
-    let Some((store, transport, raw_url, _guard)) = raw_backend(backend).await else {
+    let Some(RawEngine {
+        engine,
+        transport,
+        url: raw_url,
+        stop,
+        _keep,
+    }) = raw_engine(backend).await
+    else {
         return;
     };
-    let stop = CancellationToken::new();
-    let git = tempfile::tempdir().unwrap();
-    let engine = start_engine(
-        store,
-        transport.clone(),
-        git.path(),
-        test_config(|_| {}),
-        &stop,
-    )
-    .await;
     let t = transport.topology().clone();
-    transport.declare_topology().await.unwrap();
     let report = |request: Uuid| {
         Envelope::new(
             "t",

@@ -2695,16 +2695,11 @@ pub async fn born_claimed(h: &Harness) {
         owner: owner.into(),
         lease: Duration::from_secs(60),
     };
-    let slots = s
-        .commit_group(&[
-            GroupWrite::Create {
-                request: Box::new(new.clone()),
-                audit: vec![audit_entry(Some(new.id), AuditEvent::Received, 1)],
-            },
-            claim("a"),
-        ])
-        .await
-        .unwrap();
+    let create = |n| GroupWrite::Create {
+        request: Box::new(new.clone()),
+        audit: vec![audit_entry(Some(new.id), AuditEvent::Received, n)],
+    };
+    let slots = s.commit_group(&[create(1), claim("a")]).await.unwrap();
     assert_eq!(written_request(&slots[0]).status, RequestStatus::Planning);
     assert!(matches!(slots[1], Ok(Written::Appended)));
     let slots = s.commit_group(&[claim("b"), claim("a")]).await.unwrap();
@@ -2715,16 +2710,7 @@ pub async fn born_claimed(h: &Harness) {
         .await
         .unwrap());
     // The same id created again with another's claim: neither is stored.
-    let slots = s
-        .commit_group(&[
-            GroupWrite::Create {
-                request: Box::new(new.clone()),
-                audit: vec![audit_entry(Some(new.id), AuditEvent::Received, 2)],
-            },
-            claim("b"),
-        ])
-        .await
-        .unwrap();
+    let slots = s.commit_group(&[create(2), claim("b")]).await.unwrap();
     assert!(matches!(slots[0], Err(StoreError::Conflict { .. })));
     assert!(matches!(slots[1], Err(StoreError::Conflict { .. })));
     assert!(s

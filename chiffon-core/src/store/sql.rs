@@ -572,45 +572,31 @@ macro_rules! sql_store {
                 Ok(request_from_row(&row))
             }
 
-            /// Records a step's preview on `conn`; false if the step is unknown.
-            async fn start_step_preview_in(
+            /// Writes a step's preview on `conn`. `start`: records it (replacing any earlier
+            /// one); false if the step is unknown. Otherwise stores its outcome, only while
+            /// that preview is pending; false if it is not.
+            async fn write_preview_in(
                 &self,
                 conn: &mut <$Db as sqlx::Database>::Connection,
                 task_id: Uuid,
                 preview: &StepPreview,
+                start: bool,
             ) -> Result<bool, StoreError> {
-                let done = sqlx::query(
+                let sql = if start {
                     "UPDATE plan_steps SET preview_task_id = $2, preview_status = $3, preview = $4 \
-                     WHERE task_id = $1",
-                )
-                .bind(task_id)
-                .bind(preview.task_id)
-                .bind(preview_status_str(preview.status))
-                .bind(Json(preview))
-                .execute(&mut *conn)
-                .await
-                .map_err(db_err)?;
-                Ok(done.rows_affected() == 1)
-            }
-
-            /// Stores a preview's outcome on `conn` if that preview is still pending.
-            async fn finish_step_preview_in(
-                &self,
-                conn: &mut <$Db as sqlx::Database>::Connection,
-                task_id: Uuid,
-                preview: &StepPreview,
-            ) -> Result<bool, StoreError> {
-                let done = sqlx::query(
+                     WHERE task_id = $1"
+                } else {
                     "UPDATE plan_steps SET preview_status = $3, preview = $4 \
-                     WHERE task_id = $1 AND preview_task_id = $2 AND preview_status = 'pending'",
-                )
-                .bind(task_id)
-                .bind(preview.task_id)
-                .bind(preview_status_str(preview.status))
-                .bind(Json(preview))
-                .execute(&mut *conn)
-                .await
-                .map_err(db_err)?;
+                     WHERE task_id = $1 AND preview_task_id = $2 AND preview_status = 'pending'"
+                };
+                let done = sqlx::query(sql)
+                    .bind(task_id)
+                    .bind(preview.task_id)
+                    .bind(preview_status_str(preview.status))
+                    .bind(Json(preview))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db_err)?;
                 Ok(done.rows_affected() == 1)
             }
 
@@ -1040,11 +1026,8 @@ macro_rules! sql_store {
                             start,
                             audit,
                         } => {
-                            let applied = if *start {
-                                self.start_step_preview_in(&mut tx, *task_id, preview).await?
-                            } else {
-                                self.finish_step_preview_in(&mut tx, *task_id, preview).await?
-                            };
+                            let applied =
+                                self.write_preview_in(&mut tx, *task_id, preview, *start).await?;
                             out.push(if applied {
                                 entries.extend(audit.iter().cloned());
                                 Ok(Written::Appended)
@@ -1364,7 +1347,7 @@ macro_rules! sql_store {
                 preview: &StepPreview,
             ) -> Result<(), StoreError> {
                 let mut conn = self.pool.acquire().await.map_err(db_err)?;
-                if !self.start_step_preview_in(&mut conn, task_id, preview).await? {
+                if !self.write_preview_in(&mut conn, task_id, preview, true).await? {
                     return Err(StoreError::not_found(format!("step {task_id}")));
                 }
                 Ok(())
@@ -1389,7 +1372,7 @@ macro_rules! sql_store {
                 preview: &StepPreview,
             ) -> Result<bool, StoreError> {
                 let mut conn = self.pool.acquire().await.map_err(db_err)?;
-                self.finish_step_preview_in(&mut conn, task_id, preview).await
+                self.write_preview_in(&mut conn, task_id, preview, false).await
             }
 
             async fn overdue_steps(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Step>, StoreError> {
