@@ -582,28 +582,31 @@ impl Engine {
             progress: None,
             message: line.clone(),
         }));
-        // The step's move to running (binding its attempt to this agent) and the lines, in
-        // one group commit; stored first, shown after: whoever sees a live line can read it
-        // from the log.
-        let mut writes = Vec::with_capacity(2);
+        // The step's move to running (binding its attempt to this agent) and the lines go
+        // through the group writer; stored first, shown after: whoever sees a live line can
+        // read it from the log.
+        let mut logs = Some(GroupWrite::Logs(lines));
         if starts {
-            writes.push(GroupWrite::Step {
+            let binds = step.broker_user.is_none();
+            let mut writes = vec![GroupWrite::Step {
                 task_id: step.task_id,
                 from: vec![StepStatus::Dispatched],
                 to: StepStatus::Running,
                 patch: Box::new(StepPatch {
                     progress: Some(s.progress),
                     agent_id: s.agent_id.clone(),
-                    reported_by: step.broker_user.is_none().then(|| publisher.to_string()),
+                    reported_by: binds.then(|| publisher.to_string()),
                     ..Default::default()
                 }),
                 logs: Vec::new(),
                 audit: Vec::new(),
-            });
-        }
-        writes.push(GroupWrite::Logs(lines));
-        let mut slots = self.group_writes(writes).await.into_iter();
-        if starts {
+            }];
+            // Already bound to this agent: its lines go with the change. Binding it now: the
+            // lines wait for the change, so a losing reporter's lines are never stored.
+            if !binds {
+                writes.extend(logs.take());
+            }
+            let mut slots = self.group_writes(writes).await.into_iter();
             match slots.next() {
                 Some(Ok(_)) => self.inner.events.publish(EngineEvent::Step {
                     request_id: step.request_id,
@@ -624,10 +627,12 @@ impl Engine {
                 Some(Err(e)) => return Err(e.into()),
                 None => {}
             }
+            if let Some(Err(e)) = slots.next() {
+                tracing::warn!(error = %e, task = %step.task_id, "execution log append failed")
+            }
         }
-        match slots.next() {
-            Some(Ok(_)) | None => {}
-            Some(Err(e)) => {
+        if let Some(logs) = logs {
+            if let Err(e) = self.group_write(logs).await {
                 tracing::warn!(error = %e, task = %step.task_id, "execution log append failed")
             }
         }
