@@ -93,6 +93,15 @@ pub(super) fn each_waiter(e: &StoreError) -> StoreError {
     }
 }
 
+/// The first failure among a group's slots other than a lost race (a `Conflict`: changed
+/// meanwhile, which the caller accepts).
+fn failed(slots: &[Result<Written, StoreError>]) -> Option<EngineError> {
+    slots.iter().find_map(|slot| match slot {
+        Err(StoreError::Conflict { .. }) | Ok(_) => None,
+        Err(e) => Some(each_waiter(e).into()),
+    })
+}
+
 /// How long a write nobody waits on (see [`can_wait`]) may be held back for a group that
 /// commits anyway.
 const HOLD_BACK: std::time::Duration = std::time::Duration::from_millis(50);
@@ -780,34 +789,33 @@ impl Engine {
                 .iter()
                 .filter(|s| matches!(s.status, StepStatus::Dispatched | StepStatus::Running))
                 .collect();
+            // Steps not started are cancelled now, in the same commit as the decision's
+            // entry (with the marks of the running ones, when there are any).
+            let mut writes: Vec<GroupWrite> = steps
+                .iter()
+                .filter(|s| matches!(s.status, StepStatus::Pending | StepStatus::Ready))
+                .map(|s| GroupWrite::Step {
+                    task_id: s.task_id,
+                    from: vec![s.status],
+                    to: StepStatus::Cancelled,
+                    patch: Box::new(StepPatch {
+                        finished_at: Some(now),
+                        ..Default::default()
+                    }),
+                    logs: Vec::new(),
+                    audit: Vec::new(),
+                })
+                .collect();
+            let not_started = writes.len();
             if active.is_empty() {
-                // Steps not started are cancelled with the decision's entry, in one commit.
-                let mut writes: Vec<GroupWrite> = steps
-                    .iter()
-                    .filter(|s| matches!(s.status, StepStatus::Pending | StepStatus::Ready))
-                    .map(|s| GroupWrite::Step {
-                        task_id: s.task_id,
-                        from: vec![s.status],
-                        to: StepStatus::Cancelled,
-                        patch: Box::new(StepPatch {
-                            finished_at: Some(now),
-                            ..Default::default()
-                        }),
-                        logs: Vec::new(),
-                        audit: Vec::new(),
-                    })
-                    .collect();
                 writes.push(GroupWrite::Audit(vec![NewAuditEntry {
                     request_id: Some(id),
                     actor: by.to_string(),
                     event: AuditEvent::CancelRequested,
                     details: json!({ "from": request.status }),
                 }]));
-                for slot in self.group_writes(writes).await {
-                    match slot {
-                        Ok(_) | Err(StoreError::Conflict { .. }) => {}
-                        Err(e) => return Err(e.into()),
-                    }
+                if let Some(e) = failed(&self.group_writes(writes).await) {
+                    return Err(e);
                 }
                 let error =
                     ErrorPayload::new(ErrorCode::RequestCancelled, format!("cancelled by {by}"));
@@ -830,36 +838,34 @@ impl Engine {
                     .unwrap_or_default();
             // Each running step is marked with the request, with its `cancel_requested`
             // entry in the same commit: the decision is in the log exactly when it is made.
-            let writes: Vec<GroupWrite> = active
-                .iter()
-                .map(|s| GroupWrite::Step {
-                    task_id: s.task_id,
-                    from: vec![s.status],
-                    to: s.status,
-                    patch: Box::new(StepPatch {
-                        error: Some(ErrorPayload::new(
-                            ErrorCode::TaskCancelled,
-                            format!("cancel requested by {by}"),
-                        )),
-                        deadline_at: Some(deadline),
-                        ..Default::default()
-                    }),
-                    logs: Vec::new(),
-                    audit: vec![NewAuditEntry {
-                        request_id: Some(id),
-                        actor: by.to_string(),
-                        event: AuditEvent::CancelRequested,
-                        details: json!({ "tasks": [s.task_id] }),
-                    }],
-                })
-                .collect();
+            writes.extend(active.iter().map(|s| GroupWrite::Step {
+                task_id: s.task_id,
+                from: vec![s.status],
+                to: s.status,
+                patch: Box::new(StepPatch {
+                    error: Some(ErrorPayload::new(
+                        ErrorCode::TaskCancelled,
+                        format!("cancel requested by {by}"),
+                    )),
+                    deadline_at: Some(deadline),
+                    ..Default::default()
+                }),
+                logs: Vec::new(),
+                audit: vec![NewAuditEntry {
+                    request_id: Some(id),
+                    actor: by.to_string(),
+                    event: AuditEvent::CancelRequested,
+                    details: json!({ "tasks": [s.task_id] }),
+                }],
+            }));
             let slots = self.group_writes(writes).await;
-            for (s, slot) in active.iter().zip(slots) {
-                match slot {
-                    Ok(_) => {}
-                    // It ended (or moved on) meanwhile: nothing to tell its agent.
-                    Err(StoreError::Conflict { .. }) => continue,
-                    Err(e) => return Err(e.into()),
+            if let Some(e) = failed(&slots) {
+                return Err(e);
+            }
+            for (s, slot) in active.iter().zip(&slots[not_started..]) {
+                // It ended (or moved on) meanwhile: nothing to tell its agent.
+                if slot.is_err() {
+                    continue;
                 }
                 let env = Envelope::new(
                     request.trace_id.clone(),
