@@ -837,6 +837,43 @@ fn pack_index(idx: &Path, ids: bool) -> std::io::Result<(usize, Vec<Oid>)> {
     Ok((n, ids))
 }
 
+/// The packs (each with the ids its index lists) as one pack whose entries are theirs,
+/// copied byte for byte: no delta search, no recompression, so a merge costs what reading
+/// and indexing it costs. Each pack is self-contained (a batch's pack holds its deltas'
+/// bases), and each is copied in one piece and in order, so a delta still finds its base
+/// (by id, or at the same distance back). `None` when an object is in more than one pack
+/// (the index would refuse the duplicate) or a pack is not a version 2 or 3 pack of the
+/// objects its index lists.
+fn concat_packs(sources: &[(Vec<Oid>, Vec<u8>)]) -> Option<Vec<u8>> {
+    use sha1::Digest as _;
+    let mut seen = std::collections::HashSet::new();
+    let mut count: u32 = 0;
+    let mut size = 12 + 20;
+    for (ids, bytes) in sources {
+        let n = u32::try_from(ids.len()).ok()?;
+        let header = bytes.get(..12)?;
+        if bytes.len() < 32
+            || &header[..4] != b"PACK"
+            || !matches!(header[4..8], [0, 0, 0, 2] | [0, 0, 0, 3])
+            || header[8..12] != n.to_be_bytes()
+            || !ids.iter().all(|id| seen.insert(*id))
+        {
+            return None;
+        }
+        count = count.checked_add(n)?;
+        size += bytes.len() - 32;
+    }
+    let mut pack = Vec::with_capacity(size);
+    pack.extend_from_slice(b"PACK\0\0\0\x02");
+    pack.extend_from_slice(&count.to_be_bytes());
+    for (_, bytes) in sources {
+        pack.extend_from_slice(&bytes[12..bytes.len() - 20]);
+    }
+    let checksum = sha1::Sha1::digest(&pack);
+    pack.extend_from_slice(&checksum);
+    Some(pack)
+}
+
 /// Geometric repacking (as `git repack --geometric=2`): with the packs sorted by object
 /// count, the smallest ones are merged into one until every pack holds at least twice the
 /// objects of all smaller packs together. Each object is rewritten O(log n) times over the
@@ -882,34 +919,75 @@ fn merge_small_packs(path: &Path) -> Result<(), AuditError> {
         return Ok(());
     }
     let merged = &packs[..split];
-    let mut builder = repo.packbuilder().map_err(AuditError::git("merge packs"))?;
+    let mut sources = Vec::with_capacity(merged.len());
     for (idx, _) in merged {
-        let (_, ids) = match pack_index(idx, true) {
-            Ok(found) => found,
+        match pack_index(idx, true)
+            .and_then(|(_, ids)| Ok((ids, std::fs::read(idx.with_extension("pack"))?)))
+        {
+            Ok(found) => sources.push(found),
             // Merged and removed by another process meanwhile: not ours to finish.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => {
                 return Err(AuditError::Git {
-                    context: "read pack index",
+                    context: "read pack",
                     source: Box::new(e),
                 })
             }
-        };
-        for oid in ids {
-            builder
-                .insert_object(oid, None)
-                .map_err(AuditError::git("merge packs"))?;
         }
     }
-    let mut pack = git2::Buf::new();
-    builder
-        .write_buf(&mut pack)
-        .map_err(AuditError::git("merge packs"))?;
-    drop(builder);
     let odb = repo
         .odb()
         .map_err(AuditError::git("open object database"))?;
+    let merged_pack = match concat_packs(&sources) {
+        Some(pack) => pack,
+        // An object in two packs (a batch rebuilt after a lost race writes its objects
+        // again): packed afresh, each object once.
+        None => {
+            let mut builder = repo.packbuilder().map_err(AuditError::git("merge packs"))?;
+            for oid in sources.iter().flat_map(|(ids, _)| ids) {
+                builder
+                    .insert_object(*oid, None)
+                    .map_err(AuditError::git("merge packs"))?;
+            }
+            let mut pack = git2::Buf::new();
+            builder
+                .write_buf(&mut pack)
+                .map_err(AuditError::git("merge packs"))?;
+            pack.to_vec()
+        }
+    };
+    let pack = merged_pack;
     write_pack(&repo, &odb, &pack)?;
+    // The new pack indexes exactly the objects of the packs it replaces (a damaged entry
+    // would be indexed under another id): otherwise the old packs stay, and nothing is lost.
+    let mut expected: Vec<Oid> = sources.into_iter().flat_map(|(ids, _)| ids).collect();
+    expected.sort_unstable();
+    expected.dedup();
+    let name = pack
+        .get(pack.len().saturating_sub(20)..)
+        .unwrap_or_default();
+    let new_idx = pack_dir.join(format!("pack-{}.idx", hex::encode(name)));
+    match pack_index(&new_idx, true) {
+        Ok((_, ids)) if ids == expected => {}
+        Ok((_, ids)) => {
+            return Err(AuditError::Git {
+                context: "merge packs",
+                source: format!(
+                    "the merged pack {} holds {} objects, not the {} of the packs it merges: they are kept",
+                    new_idx.display(),
+                    ids.len(),
+                    expected.len()
+                )
+                .into(),
+            })
+        }
+        Err(e) => {
+            return Err(AuditError::Git {
+                context: "read merged pack index",
+                source: Box::new(e),
+            })
+        }
+    }
     // Every object of the merged packs is now in the new one, on disk: the old ones go,
     // index first so that no reader finds a pack without its index.
     for (idx, _) in merged {
