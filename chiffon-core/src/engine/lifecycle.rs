@@ -452,7 +452,7 @@ impl Engine {
         }
         let _done = Done(&self.inner, request.id);
         let waiting = std::time::Instant::now();
-        let Ok(_permit) = self.inner.planning.clone().acquire_owned().await else {
+        let Ok(permit) = self.inner.planning.clone().acquire_owned().await else {
             return;
         };
         // A lease taken at creation may have lapsed while the request waited for a planning
@@ -513,6 +513,11 @@ impl Engine {
             dry_run: request.dry_run,
         };
         let outcome = self.inner.planner.plan(&input).await;
+        // The slot bounds planners (LLM calls) at once, not requests waiting for their
+        // plan to be stored: it is free for the next one now. (Held through the store
+        // write, it capped the whole engine at `planning_concurrency` group commits' worth
+        // of requests.) The lease is still renewed until the plan is stored.
+        drop(permit);
         let mut audit = match &outcome {
             Ok(o) => entries::planning(request.id, &o.events, Some(&o.usage)),
             Err(f) => entries::planning(request.id, &f.events, None),

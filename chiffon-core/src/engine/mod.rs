@@ -151,7 +151,8 @@ pub struct DispatchConfig {
     /// Background sweep interval (dispatch, timeouts, expiry) when nothing wakes it earlier.
     #[serde(with = "secs")]
     pub tick: Duration,
-    /// Concurrent planning tasks.
+    /// Planners (LLM calls, the offline planner) running at once; storing their plans
+    /// does not hold a slot.
     pub planning_concurrency: usize,
     /// Unacked deliveries held per consumer.
     pub prefetch: u16,
