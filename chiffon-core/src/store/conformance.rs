@@ -119,6 +119,7 @@ macro_rules! store_conformance_tests {
             commit_id_and_counts,
             git_backlog,
             group_advance,
+            group_batches,
             outbox,
             born_claimed,
             reported_by_binds_the_attempt,
@@ -2607,6 +2608,284 @@ pub async fn group_advance(h: &Harness) {
     let slots = s.commit_group(&[advance(1, 4)]).await.unwrap();
     assert!(matches!(slots[0], Ok(Written::Advanced(None))));
     assert_eq!(s.audit_log(Some(r.id), 0, 100).await.unwrap().len(), 1);
+    assert!(s.verify_audit().await.unwrap().ok);
+}
+
+/// Many requests' writes of one kind in one group are applied together (multi-row
+/// statements), with the outcomes of applying them one by one: each slot its own, a write
+/// that lost its race (or may not apply) changes and appends nothing, the entries of the
+/// others chain in the group's order, and each request names its own newest entry even when
+/// a loser before it left a gap (verify checks that).
+pub async fn group_batches(h: &Harness) {
+    let s = &*h.store;
+    let old = s.create_request(&new_request("old")).await.unwrap();
+    let news: Vec<NewRequest> = (0..3).map(|i| new_request(&format!("n{i}"))).collect();
+    let ids: Vec<Uuid> = news.iter().map(|r| r.id).collect();
+    let n_of = |entries: Vec<AuditEntry>| -> Vec<serde_json::Value> {
+        entries
+            .into_iter()
+            .map(|e| e.details["n"].clone())
+            .collect()
+    };
+    let log_after = |seq: i64| async move { n_of(s.audit_log(None, seq, 100).await.unwrap()) };
+    let head = |entries: &[AuditEntry]| entries.last().map_or(0, |e| e.seq);
+    let mut seen = head(&s.audit_log(None, 0, 1000).await.unwrap());
+
+    // New requests, one with an existing id (and the claim it would have been born with).
+    let create = |r: &NewRequest, n| GroupWrite::Create {
+        request: Box::new(r.clone()),
+        audit: vec![audit_entry(Some(r.id), AuditEvent::Received, n)],
+    };
+    let mut dup = new_request("dup");
+    dup.id = old.id;
+    let slots = s
+        .commit_group(&[
+            create(&news[0], 1),
+            create(&dup, 2),
+            GroupWrite::ClaimPlanning {
+                id: dup.id,
+                owner: "me".into(),
+                lease: Duration::from_secs(30),
+            },
+            create(&news[1], 3),
+            create(&news[2], 4),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(written_request(&slots[0]).id, ids[0]);
+    assert_conflict(slots[1].as_ref().map(|_| ()).map_err(clone_err), None);
+    assert_conflict(slots[2].as_ref().map(|_| ()).map_err(clone_err), None);
+    assert_eq!(written_request(&slots[3]).text, "n1");
+    assert_eq!(written_request(&slots[4]).status, RequestStatus::Planning);
+    assert_eq!(s.get_request(old.id).await.unwrap().text, "old");
+    assert_eq!(log_after(seen).await, [json!(1), json!(3), json!(4)]);
+    assert!(s.verify_audit().await.unwrap().ok);
+    seen = head(&s.audit_log(None, seen, 100).await.unwrap());
+
+    // Their plans, queued; a change that lost its race and an illegal one between them.
+    let change = |id, from, to, plan: Option<Plan>, n| GroupWrite::Transition {
+        id,
+        from,
+        to,
+        patch: Box::new(RequestPatch {
+            plan,
+            audit: vec![audit_entry(Some(id), AuditEvent::Planned, n)],
+            ..Default::default()
+        }),
+    };
+    let (planning, queued, running) = (
+        RequestStatus::Planning,
+        RequestStatus::Queued,
+        RequestStatus::Running,
+    );
+    let slots = s
+        .commit_group(&[
+            change(ids[0], planning, queued, Some(plan(2)), 5),
+            change(old.id, queued, running, None, 6),
+            change(ids[1], planning, queued, Some(plan(2)), 7),
+            change(ids[2], planning, RequestStatus::Completed, None, 8),
+            change(ids[2], planning, queued, Some(plan(2)), 9),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(written_request(&slots[0]).status, queued);
+    assert_conflict(
+        slots[1].as_ref().map(|_| ()).map_err(clone_err),
+        Some("planning"),
+    );
+    assert_eq!(written_request(&slots[2]).status, queued);
+    assert_conflict(slots[3].as_ref().map(|_| ()).map_err(clone_err), None);
+    assert_eq!(written_request(&slots[4]).status, queued);
+    assert_eq!(log_after(seen).await, [json!(5), json!(7), json!(9)]);
+    assert!(s.verify_audit().await.unwrap().ok);
+    seen = head(&s.audit_log(None, seen, 100).await.unwrap());
+    let mut steps = Vec::new();
+    for id in &ids {
+        let st = s.steps(*id).await.unwrap();
+        assert_eq!(
+            st.iter().map(|s| s.status).collect::<Vec<_>>(),
+            [StepStatus::Ready, StepStatus::Pending]
+        );
+        steps.push(st);
+    }
+
+    // Their first steps dispatched with their messages and the requests running; a mark
+    // that lost its race, and so its message, store nothing.
+    let now = Utc::now();
+    let mark = |task_id, from| GroupWrite::Step {
+        task_id,
+        from: vec![from],
+        to: StepStatus::Dispatched,
+        patch: Box::new(StepPatch {
+            attempt: Some(1),
+            queue: Some("agent.infrastructure".into()),
+            dispatched_at: Some(now),
+            ..Default::default()
+        }),
+        logs: Vec::new(),
+        audit: Vec::new(),
+    };
+    let message = |task_id| {
+        GroupWrite::Send(OutboxMessage {
+            id: Uuid::now_v7(),
+            task_id,
+            attempt: 1,
+            queue: "agent.infrastructure".into(),
+            body: "{}".into(),
+            created_at: now,
+        })
+    };
+    let slots = s
+        .commit_group(&[
+            mark(steps[0][0].task_id, StepStatus::Ready),
+            mark(steps[1][0].task_id, StepStatus::Ready),
+            mark(steps[2][1].task_id, StepStatus::Ready),
+            mark(steps[2][0].task_id, StepStatus::Ready),
+            message(steps[0][0].task_id),
+            message(steps[1][0].task_id),
+            message(steps[2][1].task_id),
+            message(steps[2][0].task_id),
+            change(ids[0], queued, running, None, 10),
+            change(ids[1], queued, running, None, 11),
+            change(ids[2], queued, running, None, 12),
+        ])
+        .await
+        .unwrap();
+    for i in [0, 1, 3] {
+        match &slots[i] {
+            Ok(Written::Step(st)) => {
+                assert_eq!((st.status, st.attempt), (StepStatus::Dispatched, 1))
+            }
+            other => panic!("expected the dispatched step, got {other:?}"),
+        }
+        assert!(matches!(slots[i + 4], Ok(Written::Appended)));
+    }
+    assert_conflict(
+        slots[2].as_ref().map(|_| ()).map_err(clone_err),
+        Some("pending"),
+    );
+    assert_conflict(slots[6].as_ref().map(|_| ()).map_err(clone_err), None);
+    for slot in &slots[8..] {
+        assert_eq!(written_request(slot).status, running);
+    }
+    let due: Vec<Uuid> = s
+        .outbox_due(now + ChronoDuration::seconds(1), 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.task_id)
+        .collect();
+    assert_eq!(due.len(), 3);
+    assert!(!due.contains(&steps[2][1].task_id));
+    assert_eq!(log_after(seen).await, [json!(10), json!(11), json!(12)]);
+    seen = head(&s.audit_log(None, seen, 100).await.unwrap());
+
+    // Results with their lines and entries, each moving its request on: the second steps
+    // become ready, nothing completes.
+    let result = |task_id, request_id, from, n| GroupWrite::Step {
+        task_id,
+        from: vec![from],
+        to: StepStatus::Completed,
+        patch: Box::new(StepPatch {
+            finished_at: Some(Utc::now()),
+            ..Default::default()
+        }),
+        logs: vec![NewLogLine {
+            request_id,
+            task_id: Some(task_id),
+            at: Utc::now(),
+            kind: "result".into(),
+            progress: Some(100),
+            message: format!("done {n}"),
+        }],
+        audit: vec![audit_entry(Some(request_id), AuditEvent::StepResult, n)],
+    };
+    let advance = |request_id, after_seq, n| GroupWrite::Advance {
+        request_id,
+        after_seq,
+        audit: vec![audit_entry(Some(request_id), AuditEvent::Completed, n)],
+    };
+    let mut writes = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let n = 13 + 2 * i as u64;
+        writes.push(result(steps[i][0].task_id, *id, StepStatus::Dispatched, n));
+        writes.push(advance(*id, 0, n + 1));
+    }
+    let slots = s.commit_group(&writes).await.unwrap();
+    for i in 0..3 {
+        assert!(matches!(slots[2 * i], Ok(Written::Step(_))));
+        assert!(matches!(slots[2 * i + 1], Ok(Written::Advanced(None))));
+        assert_eq!(s.steps(ids[i]).await.unwrap()[1].status, StepStatus::Ready);
+        assert_eq!(s.get_request(ids[i]).await.unwrap().status, running);
+        let lines = s.logs(ids[i], None, 10).await.unwrap();
+        assert_eq!(lines.len(), 1);
+    }
+    assert_eq!(log_after(seen).await, [json!(13), json!(15), json!(17)]);
+    seen = head(&s.audit_log(None, seen, 100).await.unwrap());
+
+    // The last results: the first and third complete their requests; the second lost its
+    // race (its step is ready, not dispatched), so its request does not complete, and the
+    // third's entry takes the place the second's would have.
+    let slots = s
+        .commit_group(&[
+            result(steps[0][1].task_id, ids[0], StepStatus::Ready, 19),
+            advance(ids[0], 1, 20),
+            result(steps[1][1].task_id, ids[1], StepStatus::Dispatched, 21),
+            advance(ids[1], 1, 22),
+            result(steps[2][1].task_id, ids[2], StepStatus::Ready, 23),
+            advance(ids[2], 1, 24),
+        ])
+        .await
+        .unwrap();
+    assert_conflict(
+        slots[2].as_ref().map(|_| ()).map_err(clone_err),
+        Some("ready"),
+    );
+    assert!(matches!(slots[3], Ok(Written::Advanced(None))));
+    for i in [1, 5] {
+        match &slots[i] {
+            Ok(Written::Advanced(Some(r))) => assert_eq!(r.status, RequestStatus::Completed),
+            other => panic!("expected the completed request, got {other:?}"),
+        }
+    }
+    assert_eq!(s.get_request(ids[1]).await.unwrap().status, running);
+    assert_eq!(s.logs(ids[1], None, 10).await.unwrap().len(), 1);
+    assert_eq!(
+        log_after(seen).await,
+        [json!(19), json!(23), json!(20), json!(24)],
+        "the results, then the completions"
+    );
+    assert!(s.verify_audit().await.unwrap().ok);
+    seen = head(&s.audit_log(None, seen, 100).await.unwrap());
+
+    // Their git records, each stored once.
+    let commit = |id, n| GroupWrite::Commit {
+        id,
+        commit: Ok(format!("{n:040x}")),
+        audit: vec![audit_entry(Some(id), AuditEvent::Committed, n)],
+    };
+    let slots = s
+        .commit_group(&[
+            commit(ids[0], 25),
+            commit(ids[2], 26),
+            commit(Uuid::now_v7(), 27),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        written_request(&slots[0]).commit_id.as_deref(),
+        Some(format!("{:040x}", 25).as_str())
+    );
+    assert!(slots[1].is_ok());
+    assert_conflict(slots[2].as_ref().map(|_| ()).map_err(clone_err), None);
+    let slots = s
+        .commit_group(&[commit(ids[0], 28), commit(ids[2], 29)])
+        .await
+        .unwrap();
+    assert!(slots
+        .iter()
+        .all(|s| matches!(s, Err(StoreError::Conflict { .. }))));
+    assert_eq!(log_after(seen).await, [json!(25), json!(26)]);
     assert!(s.verify_audit().await.unwrap().ok);
 }
 

@@ -31,6 +31,8 @@ mod sql;
 pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+mod waves;
 
 /// Errors of a [`Store`]. Backend errors are boxed so sqlx types never leak.
 #[derive(Debug, thiserror::Error)]

@@ -7,8 +7,9 @@
 //! - SQL fragments passed to the macro: the row lock of a read-before-write
 //!   (`FOR UPDATE` / nothing: SQLite's `BEGIN IMMEDIATE` already holds the one write lock),
 //!   the claim's `SKIP LOCKED`, and "status is one of a bound list" (`= ANY($16)` / `IN
-//!   (SELECT value FROM json_each($16))`), and whether the audit head may move in a
-//!   data-modifying `WITH` of the entries' `INSERT` (PostgreSQL) or in its own statement;
+//!   (SELECT value FROM json_each($16))`, and the same of a group's `v_from` column), and
+//!   whether the audit head may move in a data-modifying `WITH` of the entries' `INSERT`
+//!   (PostgreSQL) or in its own statement;
 //! - items the module defines: `BEGIN_WRITE` and `BEGIN_SNAPSHOT` (the statements that open
 //!   a writing and a consistent-reading transaction), `ts`, `ts_col` and `opt_ts_col` (the
 //!   stored form of an instant: TIMESTAMPTZ, or fixed-format RFC 3339 text that sorts like
@@ -23,7 +24,7 @@ use uuid::Uuid;
 
 use super::StoreError;
 use crate::audit::chain::{self, AuditKey};
-use crate::model::{AuditEntry, AuditVerification, NewAuditEntry, RequestStatus};
+use crate::model::{AuditEntry, AuditVerification, NewAuditEntry, RequestStatus, Written};
 
 /// Rows per multi-row INSERT (PostgreSQL allows 65535 bound parameters per statement,
 /// SQLite 32766).
@@ -153,6 +154,86 @@ pub(super) fn chain_entries(
     (out, seq, prev)
 }
 
+/// Rows per multi-row statement of a group commit (a step change binds 17 parameters).
+pub(super) const BATCH_ROWS: usize = 256;
+
+/// A group's outcomes as its writes are applied ([`super::waves`]): each write's slot, the
+/// audit entries of those that applied (in the order they did), and the requests whose
+/// stored newest entry must be corrected.
+pub(super) struct Applied {
+    /// The chain's head before the group.
+    pub base: i64,
+    out: Vec<Option<Result<Written, StoreError>>>,
+    pub entries: Vec<NewAuditEntry>,
+    /// Requests stored naming an entry position that rows not applied moved: (id, actual).
+    pub fix: Vec<(Uuid, i64)>,
+}
+
+impl Applied {
+    pub fn new(base: i64, writes: usize) -> Self {
+        Applied {
+            base,
+            out: (0..writes).map(|_| None).collect(),
+            entries: Vec::new(),
+            fix: Vec::new(),
+        }
+    }
+
+    /// The chain positions a batch's rows (carrying `audits`) name if all of them apply.
+    pub fn assume(&self, audits: &[&[NewAuditEntry]]) -> Vec<Option<i64>> {
+        let counts: Vec<usize> = audits.iter().map(|a| a.len()).collect();
+        super::waves::assumed_seqs(self.base, self.entries.len(), &counts)
+    }
+
+    /// Records write `i`'s outcome, in the order of its batch's rows: one that applied
+    /// appends its entries `audit`. `stored`: the request whose row was written naming
+    /// position `assumed` (see [`Applied::assume`]), corrected if that is not where its
+    /// entries went (nothing is corrected for a write that appends nothing).
+    pub fn settle(
+        &mut self,
+        i: usize,
+        slot: Result<Written, StoreError>,
+        audit: &[NewAuditEntry],
+        stored: Option<(Uuid, Option<i64>)>,
+    ) {
+        if slot.is_ok() && !audit.is_empty() {
+            self.entries.extend(audit.iter().cloned());
+            if let Some((id, Some(assumed))) = stored {
+                let actual = self.base + self.entries.len() as i64;
+                if actual != assumed {
+                    self.fix.push((id, actual));
+                }
+            }
+        }
+        if let Some(o) = self.out.get_mut(i) {
+            *o = Some(slot);
+        }
+    }
+
+    /// Every write's outcome, in order.
+    pub fn finish(self) -> Vec<Result<Written, StoreError>> {
+        self.out
+            .into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| Err(StoreError::Corrupt("a write without its outcome".into())))
+            })
+            .collect()
+    }
+}
+
+/// A write handed to the batch of another kind (a bug, not bad data).
+pub(super) fn misplaced() -> StoreError {
+    StoreError::Corrupt("a group write in the batch of another kind".into())
+}
+
+/// A planning claim that did not apply.
+pub(super) fn claim_conflict(id: Uuid) -> StoreError {
+    StoreError::Conflict {
+        message: format!("request {id} is not planning or is claimed by another"),
+        current: None,
+    }
+}
+
 /// A failed verification: `checked` entries were fine, `seq` is the first bad one.
 pub(super) fn unverified(checked: u64, seq: i64, why: String) -> AuditVerification {
     AuditVerification {
@@ -216,6 +297,7 @@ macro_rules! sql_store {
         for_update: $for_update:literal,
         skip_locked: $skip_locked:literal,
         one_of_16: $one_of_16:literal,
+        one_of_v: $one_of_v:literal,
         head_in_insert: $head_in_insert:literal $(,)?
     ) => {
         /// A [`Store`](crate::store::Store) over one connection pool. Cheap to clone (a pool
@@ -342,61 +424,100 @@ macro_rules! sql_store {
                 to: StepStatus,
                 patch: &StepPatch,
             ) -> Result<Result<Step, StoreError>, StoreError> {
-                // A step that becomes ready joins the dispatch queue now unless told otherwise.
-                let ready_at = patch
-                    .ready_at
-                    .or_else(|| (to == StepStatus::Ready).then(Utc::now));
-                let row = sqlx::query(concat!(
-                    "UPDATE plan_steps SET status = $1, attempt = COALESCE($2, attempt), \
-                     agent_id = COALESCE($3, agent_id), queue = COALESCE($4, queue), \
-                     progress = COALESCE($5, progress), output = COALESCE($6, output), \
-                     diff = COALESCE($7, diff), changed = COALESCE($8, changed), \
-                     error = COALESCE($9, error), ready_at = COALESCE($10, ready_at), \
-                     dispatched_at = COALESCE($11, dispatched_at), \
-                     deadline_at = COALESCE($12, deadline_at), \
-                     finished_at = COALESCE($13, finished_at), \
-                     not_before = COALESCE($14, not_before), claimed_by = NULL, claim_until = NULL, \
-                     broker_user = CASE WHEN $17 IS NULL THEN broker_user ELSE $17 END, \
-                     broker_attempt = CASE WHEN $17 IS NULL THEN broker_attempt \
-                     ELSE COALESCE($2, attempt) END \
-                     WHERE task_id = $15 AND ($17 IS NULL OR broker_attempt IS NULL \
-                     OR broker_attempt <> COALESCE($2, attempt) OR broker_user = $17) AND status ",
-                    $one_of_16,
+                let mut one = self.update_steps_in(conn, &[(task_id, from, to, patch)]).await?;
+                Ok(one.pop().unwrap_or_else(|| Err(step_conflict(task_id, None))))
+            }
+
+            /// Conditional step changes `(step, from, to, patch)` in one statement, each with
+            /// its own outcome (see [`Self::update_step_in`]). At most one change per step.
+            async fn update_steps_in(
+                &self,
+                conn: &mut <$Db as sqlx::Database>::Connection,
+                rows: &[(Uuid, &[StepStatus], StepStatus, &StepPatch)],
+            ) -> Result<Vec<Result<Step, StoreError>>, StoreError> {
+                let lists = rows
+                    .iter()
+                    .map(|r| status_list(r.1))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut q = QueryBuilder::<$Db>::new(
+                    "WITH v(v_tid, v_from, v_to, v_attempt, v_agent, v_queue, v_progress, \
+                     v_output, v_diff, v_changed, v_error, v_ready, v_dispatched, v_deadline, \
+                     v_finished, v_not_before, v_by) AS (",
+                );
+                q.push_values(rows.iter().zip(lists), |mut b, ((task, _, to, patch), list)| {
+                    // A step that becomes ready joins the dispatch queue now unless told
+                    // otherwise.
+                    let ready_at = patch
+                        .ready_at
+                        .or_else(|| (*to == StepStatus::Ready).then(Utc::now));
+                    b.push_bind(*task)
+                        .push_bind(list)
+                        .push_bind(to.as_str())
+                        .push_bind(patch.attempt.map(i64::from))
+                        .push_bind(&patch.agent_id)
+                        .push_bind(&patch.queue)
+                        .push_bind(patch.progress.map(i64::from))
+                        .push_bind(&patch.output)
+                        .push_bind(&patch.diff)
+                        .push_bind(patch.changed)
+                        .push_bind(patch.error.as_ref().map(Json))
+                        .push_bind(ready_at.map(|t| ts(trunc(t))))
+                        .push_bind(patch.dispatched_at.map(|t| ts(trunc(t))))
+                        .push_bind(patch.deadline_at.map(|t| ts(trunc(t))))
+                        .push_bind(patch.finished_at.map(|t| ts(trunc(t))))
+                        .push_bind(patch.not_before.map(|t| ts(trunc(t))))
+                        .push_bind(&patch.reported_by);
+                });
+                // A result binds the attempt to its reporter (`v_by`) unless it is bound to
+                // another.
+                q.push(concat!(
+                    ") UPDATE plan_steps SET status = v_to, attempt = COALESCE(v_attempt, attempt), \
+                     agent_id = COALESCE(v_agent, agent_id), queue = COALESCE(v_queue, queue), \
+                     progress = COALESCE(v_progress, progress), output = COALESCE(v_output, output), \
+                     diff = COALESCE(v_diff, diff), changed = COALESCE(v_changed, changed), \
+                     error = COALESCE(v_error, error), ready_at = COALESCE(v_ready, ready_at), \
+                     dispatched_at = COALESCE(v_dispatched, dispatched_at), \
+                     deadline_at = COALESCE(v_deadline, deadline_at), \
+                     finished_at = COALESCE(v_finished, finished_at), \
+                     not_before = COALESCE(v_not_before, not_before), claimed_by = NULL, \
+                     claim_until = NULL, \
+                     broker_user = CASE WHEN v_by IS NULL THEN broker_user ELSE v_by END, \
+                     broker_attempt = CASE WHEN v_by IS NULL THEN broker_attempt \
+                     ELSE COALESCE(v_attempt, attempt) END \
+                     FROM v WHERE task_id = v_tid AND (v_by IS NULL OR broker_attempt IS NULL \
+                     OR broker_attempt <> COALESCE(v_attempt, attempt) OR broker_user = v_by) \
+                     AND status ",
+                    $one_of_v,
                     " RETURNING ",
                     step_cols!()
-                ))
-                .bind(to.as_str())
-                .bind(patch.attempt.map(i64::from))
-                .bind(&patch.agent_id)
-                .bind(&patch.queue)
-                .bind(patch.progress.map(i64::from))
-                .bind(&patch.output)
-                .bind(&patch.diff)
-                .bind(patch.changed)
-                .bind(patch.error.as_ref().map(Json))
-                .bind(ready_at.map(|t| ts(trunc(t))))
-                .bind(patch.dispatched_at.map(|t| ts(trunc(t))))
-                .bind(patch.deadline_at.map(|t| ts(trunc(t))))
-                .bind(patch.finished_at.map(|t| ts(trunc(t))))
-                .bind(patch.not_before.map(|t| ts(trunc(t))))
-                .bind(task_id)
-                .bind(status_list(from)?)
-                .bind(&patch.reported_by)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(db_err)?;
-                Ok(match row {
-                    Some(row) => step_from_row(&row),
-                    None => {
-                        let current: Option<String> =
-                            sqlx::query_scalar("SELECT status FROM plan_steps WHERE task_id = $1")
-                                .bind(task_id)
-                                .fetch_optional(&mut *conn)
-                                .await
-                                .map_err(db_err)?;
-                        Err(step_conflict(task_id, current))
-                    }
-                })
+                ));
+                let mut changed = std::collections::HashMap::new();
+                for row in q
+                    .build()
+                    .persistent(rows.len() == 1)
+                    .fetch_all(&mut *conn)
+                    .await
+                    .map_err(db_err)?
+                {
+                    changed.insert(col::<Uuid>(&row, "task_id")?, step_from_row(&row));
+                }
+                let mut out = Vec::with_capacity(rows.len());
+                for (task, ..) in rows {
+                    out.push(match changed.remove(task) {
+                        Some(slot) => slot,
+                        None => {
+                            let current: Option<String> = sqlx::query_scalar(
+                                "SELECT status FROM plan_steps WHERE task_id = $1",
+                            )
+                            .bind(*task)
+                            .fetch_optional(&mut *conn)
+                            .await
+                            .map_err(db_err)?;
+                            Err(step_conflict(*task, current))
+                        }
+                    });
+                }
+                Ok(out)
             }
 
             /// Inserts log lines on `conn`, in chunks of [`INSERT_CHUNK`] rows.
@@ -432,144 +553,597 @@ macro_rules! sql_store {
                 audit_seq: Option<i64>,
                 claim: Option<(&str, Duration)>,
             ) -> Result<Result<Request, StoreError>, StoreError> {
-                let at = now();
-                let until = claim.map(|(_, lease)| {
-                    ts(trunc(
-                        at + chrono::TimeDelta::from_std(lease).unwrap_or(chrono::TimeDelta::MAX),
-                    ))
-                });
-                let row = sqlx::query(concat!(
-                    "INSERT INTO tasks (id, trace_id, text, requester, dry_run, status, created_at, \
-                     updated_at, submitted_by, audit_seq, planning_owner, planning_until) \
-                     VALUES ($1, $2, $3, $4, $5, 'planning', $6, $6, $7, $8, $9, $10) \
-                     ON CONFLICT (id) DO NOTHING RETURNING ",
-                    req_cols!()
-                ))
-                .bind(req.id)
-                .bind(&req.trace_id)
-                .bind(&req.text)
-                .bind(&req.requester)
-                .bind(req.dry_run)
-                .bind(ts(at))
-                .bind(&req.submitted_by)
-                .bind(audit_seq)
-                .bind(claim.map(|(owner, _)| owner))
-                .bind(until)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(db_err)?;
-                Ok(match row {
-                    Some(row) => request_from_row(&row),
-                    None => Err(StoreError::Conflict {
-                        message: format!("request {} already exists", req.id),
-                        current: None,
-                    }),
-                })
+                let mut one = self.create_many_in(conn, &[(req, audit_seq, claim)]).await?;
+                Ok(one.pop().unwrap_or_else(|| Err(StoreError::Corrupt("a request without its outcome".into()))))
             }
 
-            /// One transition inside a group's transaction: the outer error fails the group
-            /// (the database, steps that cannot be written), the inner one is this
-            /// transition's own outcome (illegal, changed meanwhile, unknown).
-            async fn transition_in(
+            /// New requests `(request, newest entry, planning claim)` in one insert, each
+            /// with its own outcome (see [`Self::create_in`]). Ids are distinct.
+            async fn create_many_in(
+                &self,
+                conn: &mut <$Db as sqlx::Database>::Connection,
+                rows: &[(&NewRequest, Option<i64>, Option<(&str, Duration)>)],
+            ) -> Result<Vec<Result<Request, StoreError>>, StoreError> {
+                let at = now();
+                let mut q = QueryBuilder::<$Db>::new(
+                    "INSERT INTO tasks (id, trace_id, text, requester, dry_run, status, \
+                     created_at, updated_at, submitted_by, audit_seq, planning_owner, \
+                     planning_until) ",
+                );
+                q.push_values(rows, |mut b, (req, seq, claim)| {
+                    let until = claim.map(|(_, lease)| {
+                        ts(trunc(
+                            at + chrono::TimeDelta::from_std(lease)
+                                .unwrap_or(chrono::TimeDelta::MAX),
+                        ))
+                    });
+                    b.push_bind(req.id)
+                        .push_bind(&req.trace_id)
+                        .push_bind(&req.text)
+                        .push_bind(&req.requester)
+                        .push_bind(req.dry_run)
+                        .push("'planning'")
+                        .push_bind(ts(at))
+                        .push_bind(ts(at))
+                        .push_bind(&req.submitted_by)
+                        .push_bind(*seq)
+                        .push_bind(claim.map(|(owner, _)| owner))
+                        .push_bind(until);
+                });
+                q.push(concat!(" ON CONFLICT (id) DO NOTHING RETURNING ", req_cols!()));
+                let mut made = std::collections::HashMap::new();
+                for row in q
+                    .build()
+                    .persistent(rows.len() == 1)
+                    .fetch_all(&mut *conn)
+                    .await
+                    .map_err(db_err)?
+                {
+                    made.insert(col::<Uuid>(&row, "id")?, request_from_row(&row));
+                }
+                Ok(rows
+                    .iter()
+                    .map(|(req, ..)| {
+                        made.remove(&req.id).unwrap_or_else(|| {
+                            Err(StoreError::Conflict {
+                                message: format!("request {} already exists", req.id),
+                                current: None,
+                            })
+                        })
+                    })
+                    .collect())
+            }
+
+            /// Stores the steps of plans (`(request, plan, first step ready)`) in multi-row
+            /// inserts: the first step of a request `ready` if told so, the others `pending`.
+            async fn insert_steps_in(
                 &self,
                 tx: &mut sqlx::Transaction<'static, $Db>,
-                id: Uuid,
-                from: RequestStatus,
-                to: RequestStatus,
-                patch: &RequestPatch,
-                audit_seq: Option<i64>,
-            ) -> Result<Result<Request, StoreError>, StoreError> {
-                if !from.can_transition_to(to) {
-                    return Ok(Err(StoreError::Conflict {
-                        message: format!("illegal transition from {from} to {to}"),
-                        current: None,
-                    }));
-                }
-                let row = sqlx::query(concat!(
-                    "UPDATE tasks SET status = $1, updated_at = $2, plan = COALESCE($3, plan), \
-                     approver = COALESCE($4, approver), \
-                     approval_comment = COALESCE($5, approval_comment), \
-                     error = COALESCE($6, error), commit_id = COALESCE($7, commit_id), \
-                     audit_seq = COALESCE($10, audit_seq) \
-                     WHERE id = $8 AND status = $9 RETURNING ",
-                    req_cols!()
-                ))
-                .bind(to.as_str())
-                .bind(ts(now()))
-                .bind(patch.plan.as_ref().map(Json))
-                .bind(&patch.approver)
-                .bind(&patch.approval_comment)
-                .bind(patch.error.as_ref().map(Json))
-                .bind(&patch.commit_id)
-                .bind(id)
-                .bind(from.as_str())
-                .bind(audit_seq)
-                .fetch_optional(&mut **tx)
-                .await
-                .map_err(db_err)?;
-                let Some(row) = row else {
-                    let current: Option<String> =
-                        sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
-                            .bind(id)
-                            .fetch_optional(&mut **tx)
-                            .await
-                            .map_err(db_err)?;
-                    return Ok(Err(why_not(id, from, current)));
-                };
-                // Queued with its plan: the first step is stored ready (it joins the dispatch
-                // queue in this transaction; the others wait for the one before them).
-                let ready_now = to == RequestStatus::Queued;
+                plans: &[(Uuid, &Plan, bool)],
+            ) -> Result<(), StoreError> {
                 let ready_at = ts(now());
-                if let Some(plan) = &patch.plan {
-                    for (n, chunk) in plan.steps.chunks(INSERT_CHUNK).enumerate() {
-                        let mut q = QueryBuilder::<$Db>::new(
-                            "INSERT INTO plan_steps (task_id, request_id, seq, action, parameters, \
-                             agent_type, resources, status, ready_at) ",
-                        );
-                        q.push_values(chunk.iter().enumerate(), |mut b, (i, s)| {
-                            let seq = n * INSERT_CHUNK + i;
-                            let ready = ready_now && seq == 0;
-                            b.push_bind(Uuid::now_v7())
-                                .push_bind(id)
-                                .push_bind(seq as i64)
-                                .push_bind(&s.action)
-                                .push_bind(Json(&s.parameters))
-                                .push_bind(&s.agent_type)
-                                .push_bind(Json(&s.resources))
-                                .push_bind(if ready {
-                                    StepStatus::Ready.as_str()
-                                } else {
-                                    StepStatus::Pending.as_str()
-                                })
-                                .push_bind(ready.then_some(&ready_at));
-                        });
-                        q.build()
-                            .execute(&mut **tx)
-                            .await
-                            .map_err(|e| match db_err(e) {
-                                StoreError::Conflict { current, .. } => StoreError::Conflict {
-                                    message: format!("request {id} already has steps"),
-                                    current,
+                let rows: Vec<(Uuid, usize, &PlanStep, bool)> = plans
+                    .iter()
+                    .flat_map(|(id, plan, ready_now)| {
+                        plan.steps
+                            .iter()
+                            .enumerate()
+                            .map(move |(seq, s)| (*id, seq, s, *ready_now && seq == 0))
+                    })
+                    .collect();
+                for chunk in rows.chunks(INSERT_CHUNK) {
+                    let mut q = QueryBuilder::<$Db>::new(
+                        "INSERT INTO plan_steps (task_id, request_id, seq, action, parameters, \
+                         agent_type, resources, status, ready_at) ",
+                    );
+                    q.push_values(chunk, |mut b, (id, seq, s, ready)| {
+                        b.push_bind(Uuid::now_v7())
+                            .push_bind(*id)
+                            .push_bind(*seq as i64)
+                            .push_bind(&s.action)
+                            .push_bind(Json(&s.parameters))
+                            .push_bind(&s.agent_type)
+                            .push_bind(Json(&s.resources))
+                            .push_bind(if *ready {
+                                StepStatus::Ready.as_str()
+                            } else {
+                                StepStatus::Pending.as_str()
+                            })
+                            .push_bind(ready.then(|| ready_at.clone()));
+                    });
+                    q.build()
+                        .persistent(plans.len() == 1)
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(|e| match db_err(e) {
+                            StoreError::Conflict { current, .. } => StoreError::Conflict {
+                                message: match plans {
+                                    [(id, ..)] => format!("request {id} already has steps"),
+                                    _ => "a request already has steps".into(),
                                 },
-                                e => e,
-                            })?;
+                                current,
+                            },
+                            e => e,
+                        })?;
+                }
+                Ok(())
+            }
+
+            /// Approved requests: the first step of each joins the dispatch queue.
+            async fn ready_first_in(
+                &self,
+                tx: &mut sqlx::Transaction<'static, $Db>,
+                ids: &[Uuid],
+            ) -> Result<(), StoreError> {
+                for chunk in ids.chunks(BATCH_ROWS) {
+                    let mut q = QueryBuilder::<$Db>::new(
+                        "UPDATE plan_steps SET status = 'ready', ready_at = ",
+                    );
+                    q.push_bind(ts(now()));
+                    q.push(
+                        " WHERE status = 'pending' AND seq = (SELECT MIN(p.seq) FROM plan_steps p \
+                         WHERE p.request_id = plan_steps.request_id) AND request_id IN (",
+                    );
+                    let mut each = q.separated(", ");
+                    for id in chunk {
+                        each.push_bind(*id);
+                    }
+                    q.push(")");
+                    q.build()
+                        .persistent(chunk.len() == 1)
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(db_err)?;
+                }
+                Ok(())
+            }
+
+            /// One batch of a group's wave ([`super::waves`]): writes `idx`, all of `kind`, in
+            /// as few statements as the kind allows (one row alone takes the one-row form).
+            async fn apply_batch(
+                &self,
+                tx: &mut sqlx::Transaction<'static, $Db>,
+                writes: &[GroupWrite],
+                kind: super::waves::Kind,
+                idx: &[usize],
+                g: &mut Applied,
+            ) -> Result<(), StoreError> {
+                use super::waves::Kind;
+                match kind {
+                    Kind::Create => self.apply_creates(tx, writes, idx, g).await,
+                    Kind::Transition => self.apply_transitions(tx, writes, idx, g).await,
+                    Kind::Step => self.apply_steps(tx, writes, idx, g).await,
+                    Kind::Send => self.apply_sends(tx, writes, idx, g).await,
+                    Kind::Advance => self.apply_advances(tx, writes, idx, g).await,
+                    Kind::Commit => self.apply_commits(tx, writes, idx, g).await,
+                    Kind::Claim | Kind::Preview | Kind::Logs | Kind::Sent | Kind::Audit => {
+                        let mut lines: Vec<NewLogLine> = Vec::new();
+                        let mut sent: Vec<Uuid> = Vec::new();
+                        for &i in idx {
+                            match &writes[i] {
+                                GroupWrite::ClaimPlanning { id, owner, lease } => {
+                                    let claimed =
+                                        self.claim_planning_in(&mut **tx, *id, owner, *lease).await?;
+                                    let slot = if claimed {
+                                        Ok(Written::Appended)
+                                    } else {
+                                        Err(claim_conflict(*id))
+                                    };
+                                    g.settle(i, slot, &[], None);
+                                }
+                                GroupWrite::Preview {
+                                    task_id,
+                                    preview,
+                                    start,
+                                    audit,
+                                } => {
+                                    let applied = self
+                                        .write_preview_in(&mut **tx, *task_id, preview, *start)
+                                        .await?;
+                                    let slot = if applied {
+                                        Ok(Written::Appended)
+                                    } else {
+                                        Err(StoreError::Conflict {
+                                            message: if *start {
+                                                format!("step {task_id} is unknown")
+                                            } else {
+                                                format!("the preview of step {task_id} is not pending")
+                                            },
+                                            current: None,
+                                        })
+                                    };
+                                    g.settle(i, slot, audit, None);
+                                }
+                                GroupWrite::Logs(l) => {
+                                    lines.extend(l.iter().cloned());
+                                    g.settle(i, Ok(Written::Appended), &[], None);
+                                }
+                                GroupWrite::Sent(ids) => {
+                                    sent.extend(ids.iter().copied());
+                                    g.settle(i, Ok(Written::Appended), &[], None);
+                                }
+                                GroupWrite::Audit(e) => g.settle(i, Ok(Written::Appended), e, None),
+                                _ => return Err(misplaced()),
+                            }
+                        }
+                        self.append_logs_in(&mut **tx, &lines).await?;
+                        for chunk in sent.chunks(INSERT_CHUNK) {
+                            let mut q = QueryBuilder::<$Db>::new("DELETE FROM outbox WHERE id IN (");
+                            let mut each = q.separated(", ");
+                            for id in chunk {
+                                each.push_bind(*id);
+                            }
+                            q.push(")");
+                            q.build().execute(&mut **tx).await.map_err(db_err)?;
+                        }
+                        Ok(())
                     }
                 }
-                if ready_now && patch.plan.is_none() {
-                    // Approved: its first step joins the dispatch queue in the same
-                    // transaction (the others wait for the one before them).
-                    sqlx::query(
-                        "UPDATE plan_steps SET status = 'ready', ready_at = $2 \
-                         WHERE request_id = $1 AND status = 'pending' \
-                         AND seq = (SELECT MIN(seq) FROM plan_steps WHERE request_id = $1)",
-                    )
-                    .bind(id)
-                    .bind(ts(now()))
-                    .execute(&mut **tx)
-                    .await
-                    .map_err(db_err)?;
+            }
+
+            /// New requests (with the planning claims they are born with) in one insert.
+            async fn apply_creates(
+                &self,
+                tx: &mut sqlx::Transaction<'static, $Db>,
+                writes: &[GroupWrite],
+                idx: &[usize],
+                g: &mut Applied,
+            ) -> Result<(), StoreError> {
+                let mut rows = Vec::with_capacity(idx.len());
+                for &i in idx {
+                    let GroupWrite::Create { request, audit } = &writes[i] else {
+                        return Err(misplaced());
+                    };
+                    let claim = match writes.get(i + 1) {
+                        Some(GroupWrite::ClaimPlanning { owner, lease, .. })
+                            if super::waves::born_claim(writes, i + 1) =>
+                        {
+                            Some((owner.as_str(), *lease))
+                        }
+                        _ => None,
+                    };
+                    rows.push((i, &**request, audit.as_slice(), claim));
                 }
-                Ok(request_from_row(&row))
+                let seqs = g.assume(&rows.iter().map(|r| r.2).collect::<Vec<_>>());
+                let many: Vec<_> = rows
+                    .iter()
+                    .zip(&seqs)
+                    .map(|((_, req, _, claim), seq)| (*req, *seq, *claim))
+                    .collect();
+                let made = self.create_many_in(&mut **tx, &many).await?;
+                for ((i, req, audit, claim), (slot, seq)) in rows.iter().zip(made.into_iter().zip(seqs)) {
+                    let created = slot.is_ok();
+                    g.settle(*i, slot.map(Written::Request), audit, Some((req.id, seq)));
+                    if claim.is_some() {
+                        let slot = if created {
+                            Ok(Written::Appended)
+                        } else {
+                            Err(claim_conflict(req.id))
+                        };
+                        g.settle(i + 1, slot, &[], None);
+                    }
+                }
+                Ok(())
+            }
+
+            /// Conditional request status changes in one update, then their plans' steps
+            /// and their first steps made ready.
+            async fn apply_transitions(
+                &self,
+                tx: &mut sqlx::Transaction<'static, $Db>,
+                writes: &[GroupWrite],
+                idx: &[usize],
+                g: &mut Applied,
+            ) -> Result<(), StoreError> {
+                let mut legal = Vec::with_capacity(idx.len());
+                for &i in idx {
+                    let GroupWrite::Transition { id, from, to, patch } = &writes[i] else {
+                        return Err(misplaced());
+                    };
+                    if from.can_transition_to(*to) {
+                        legal.push((i, *id, *from, *to, &**patch));
+                    } else {
+                        let illegal = StoreError::Conflict {
+                            message: format!("illegal transition from {from} to {to}"),
+                            current: None,
+                        };
+                        g.settle(i, Err(illegal), &[], None);
+                    }
+                }
+                let seqs = g.assume(&legal.iter().map(|t| t.4.audit.as_slice()).collect::<Vec<_>>());
+                if legal.is_empty() {
+                    return Ok(());
+                }
+                let mut q = QueryBuilder::<$Db>::new(
+                    "WITH v(v_id, v_from, v_to, v_plan, v_approver, v_comment, v_error, v_commit, \
+                     v_seq) AS (",
+                );
+                q.push_values(legal.iter().zip(&seqs), |mut b, ((_, id, from, to, patch), seq)| {
+                    b.push_bind(*id)
+                        .push_bind(from.as_str())
+                        .push_bind(to.as_str())
+                        .push_bind(patch.plan.as_ref().map(Json))
+                        .push_bind(&patch.approver)
+                        .push_bind(&patch.approval_comment)
+                        .push_bind(patch.error.as_ref().map(Json))
+                        .push_bind(&patch.commit_id)
+                        .push_bind(*seq);
+                });
+                q.push(") UPDATE tasks SET status = v_to, updated_at = ");
+                q.push_bind(ts(now()));
+                q.push(concat!(
+                    ", plan = COALESCE(v_plan, plan), approver = COALESCE(v_approver, approver), \
+                     approval_comment = COALESCE(v_comment, approval_comment), \
+                     error = COALESCE(v_error, error), commit_id = COALESCE(v_commit, commit_id), \
+                     audit_seq = COALESCE(v_seq, audit_seq) \
+                     FROM v WHERE id = v_id AND status = v_from RETURNING ",
+                    req_cols!()
+                ));
+                let mut changed = std::collections::HashMap::new();
+                for row in q
+                    .build()
+                    .persistent(legal.len() == 1)
+                    .fetch_all(&mut **tx)
+                    .await
+                    .map_err(db_err)?
+                {
+                    changed.insert(col::<Uuid>(&row, "id")?, request_from_row(&row));
+                }
+                let mut plans = Vec::new();
+                let mut approved = Vec::new();
+                let mut slots = Vec::with_capacity(legal.len());
+                for (_, id, from, to, patch) in &legal {
+                    let slot = match changed.remove(id) {
+                        Some(slot) => slot,
+                        None => {
+                            let current: Option<String> =
+                                sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
+                                    .bind(*id)
+                                    .fetch_optional(&mut **tx)
+                                    .await
+                                    .map_err(db_err)?;
+                            Err(why_not(*id, *from, current))
+                        }
+                    };
+                    if slot.is_ok() {
+                        let ready_now = *to == RequestStatus::Queued;
+                        match &patch.plan {
+                            Some(plan) => plans.push((*id, plan, ready_now)),
+                            None if ready_now => approved.push(*id),
+                            None => {}
+                        }
+                    }
+                    slots.push(slot);
+                }
+                self.insert_steps_in(tx, &plans).await?;
+                self.ready_first_in(tx, &approved).await?;
+                for ((i, id, _, _, patch), (slot, seq)) in legal.iter().zip(slots.into_iter().zip(seqs)) {
+                    g.settle(*i, slot.map(Written::Request), &patch.audit, Some((*id, seq)));
+                }
+                Ok(())
+            }
+
+            /// Conditional step changes in one update, then the log lines of those that
+            /// applied.
+            async fn apply_steps(
+                &self,
+                tx: &mut sqlx::Transaction<'static, $Db>,
+                writes: &[GroupWrite],
+                idx: &[usize],
+                g: &mut Applied,
+            ) -> Result<(), StoreError> {
+                let mut rows = Vec::with_capacity(idx.len());
+                for &i in idx {
+                    let GroupWrite::Step { task_id, from, to, patch, logs, audit } = &writes[i] else {
+                        return Err(misplaced());
+                    };
+                    rows.push((i, *task_id, from.as_slice(), *to, &**patch, logs, audit));
+                }
+                let many: Vec<_> = rows
+                    .iter()
+                    .map(|(_, task, from, to, patch, ..)| (*task, *from, *to, *patch))
+                    .collect();
+                let changed = self.update_steps_in(&mut **tx, &many).await?;
+                let lines: Vec<NewLogLine> = rows
+                    .iter()
+                    .zip(&changed)
+                    .filter(|(_, slot)| slot.is_ok())
+                    .flat_map(|(r, _)| r.5.iter().cloned())
+                    .collect();
+                self.append_logs_in(&mut **tx, &lines).await?;
+                for ((i, _, _, _, _, _, audit), slot) in rows.iter().zip(changed) {
+                    g.settle(*i, slot.map(Written::Step), audit, None);
+                }
+                Ok(())
+            }
+
+            /// Work messages into the outbox, each only if its step is dispatched with its
+            /// attempt.
+            async fn apply_sends(
+                &self,
+                tx: &mut sqlx::Transaction<'static, $Db>,
+                writes: &[GroupWrite],
+                idx: &[usize],
+                g: &mut Applied,
+            ) -> Result<(), StoreError> {
+                let mut msgs = Vec::with_capacity(idx.len());
+                for &i in idx {
+                    let GroupWrite::Send(m) = &writes[i] else {
+                        return Err(misplaced());
+                    };
+                    msgs.push((i, m));
+                }
+                let mut q = QueryBuilder::<$Db>::new(
+                    "WITH v(v_id, v_tid, v_attempt, v_queue, v_body, v_at) AS (",
+                );
+                q.push_values(&msgs, |mut b, (_, m)| {
+                    b.push_bind(m.id)
+                        .push_bind(m.task_id)
+                        .push_bind(i64::from(m.attempt))
+                        .push_bind(&m.queue)
+                        .push_bind(&m.body)
+                        .push_bind(ts(trunc(m.created_at)));
+                });
+                q.push(
+                    ") INSERT INTO outbox (id, task_id, attempt, queue, body, created_at) \
+                     SELECT v_id, v_tid, v_attempt, v_queue, v_body, v_at FROM v \
+                     WHERE EXISTS (SELECT 1 FROM plan_steps WHERE task_id = v_tid \
+                     AND status = 'dispatched' AND attempt = v_attempt) RETURNING id",
+                );
+                let stored: std::collections::HashSet<Uuid> = q
+                    .build()
+                    .persistent(msgs.len() == 1)
+                    .fetch_all(&mut **tx)
+                    .await
+                    .map_err(db_err)?
+                    .iter()
+                    .map(|row| col::<Uuid>(row, "id"))
+                    .collect::<Result<_, _>>()?;
+                for (i, m) in msgs {
+                    let slot = if stored.contains(&m.id) {
+                        Ok(Written::Appended)
+                    } else {
+                        Err(StoreError::Conflict {
+                            message: format!(
+                                "step {} is not dispatched with attempt {}",
+                                m.task_id, m.attempt
+                            ),
+                            current: None,
+                        })
+                    };
+                    g.settle(i, slot, &[], None);
+                }
+                Ok(())
+            }
+
+            /// After completed steps: each request's next step made ready, or, for those
+            /// with none left, the request completed with its entries.
+            async fn apply_advances(
+                &self,
+                tx: &mut sqlx::Transaction<'static, $Db>,
+                writes: &[GroupWrite],
+                idx: &[usize],
+                g: &mut Applied,
+            ) -> Result<(), StoreError> {
+                let mut rows = Vec::with_capacity(idx.len());
+                for &i in idx {
+                    let GroupWrite::Advance { request_id, after_seq, audit } = &writes[i] else {
+                        return Err(misplaced());
+                    };
+                    rows.push((i, *request_id, i64::from(*after_seq), audit.as_slice()));
+                }
+                let now = ts(now());
+                let mut q = QueryBuilder::<$Db>::new("WITH v(v_rid, v_after) AS (");
+                q.push_values(&rows, |mut b, (_, id, after, _)| {
+                    b.push_bind(*id).push_bind(*after);
+                });
+                q.push(") UPDATE plan_steps SET status = 'ready', ready_at = ");
+                q.push_bind(now.clone());
+                q.push(
+                    " FROM v WHERE request_id = v_rid AND seq = v_after + 1 AND status = 'pending' \
+                     AND EXISTS (SELECT 1 FROM plan_steps p WHERE p.request_id = v_rid \
+                     AND p.seq = v_after AND p.status = 'completed') RETURNING request_id",
+                );
+                let advanced: std::collections::HashSet<Uuid> = q
+                    .build()
+                    .persistent(rows.len() == 1)
+                    .fetch_all(&mut **tx)
+                    .await
+                    .map_err(db_err)?
+                    .iter()
+                    .map(|row| col::<Uuid>(row, "request_id"))
+                    .collect::<Result<_, _>>()?;
+                let mut rest = Vec::with_capacity(rows.len());
+                for row in rows {
+                    if advanced.contains(&row.1) {
+                        g.settle(row.0, Ok(Written::Advanced(None)), &[], None);
+                    } else {
+                        rest.push(row);
+                    }
+                }
+                if rest.is_empty() {
+                    return Ok(());
+                }
+                // None left to run: the request completes.
+                let seqs = g.assume(&rest.iter().map(|r| r.3).collect::<Vec<_>>());
+                let mut q = QueryBuilder::<$Db>::new("WITH v(v_id, v_seq) AS (");
+                q.push_values(rest.iter().zip(&seqs), |mut b, ((_, id, _, _), seq)| {
+                    b.push_bind(*id).push_bind(*seq);
+                });
+                q.push(") UPDATE tasks SET status = 'completed', updated_at = ");
+                q.push_bind(now);
+                q.push(concat!(
+                    ", audit_seq = COALESCE(v_seq, audit_seq) FROM v \
+                     WHERE id = v_id AND status IN ('queued', 'running') \
+                     AND NOT EXISTS (SELECT 1 FROM plan_steps WHERE request_id = v_id \
+                     AND status NOT IN ('completed', 'skipped')) RETURNING ",
+                    req_cols!()
+                ));
+                let mut done = std::collections::HashMap::new();
+                for row in q.build().persistent(rest.len() == 1).fetch_all(&mut **tx).await.map_err(db_err)? {
+                    done.insert(col::<Uuid>(&row, "id")?, request_from_row(&row));
+                }
+                for ((i, id, _, audit), seq) in rest.into_iter().zip(seqs) {
+                    let slot = match done.remove(&id) {
+                        Some(r) => r.map(|r| Written::Advanced(Some(r))),
+                        None => Ok(Written::Advanced(None)),
+                    };
+                    // Only a request completed here appends its entries.
+                    let audit = match slot {
+                        Ok(Written::Advanced(Some(_))) => audit,
+                        _ => &[],
+                    };
+                    g.settle(i, slot, audit, Some((id, seq)));
+                }
+                Ok(())
+            }
+
+            /// The git trail's outcomes for ended requests, each stored once.
+            async fn apply_commits(
+                &self,
+                tx: &mut sqlx::Transaction<'static, $Db>,
+                writes: &[GroupWrite],
+                idx: &[usize],
+                g: &mut Applied,
+            ) -> Result<(), StoreError> {
+                let mut rows = Vec::with_capacity(idx.len());
+                for &i in idx {
+                    let GroupWrite::Commit { id, commit, audit } = &writes[i] else {
+                        return Err(misplaced());
+                    };
+                    let (commit_id, failed) = match commit {
+                        Ok(c) => (Some(c.as_str()), None),
+                        Err(e) => (None, Some(e.as_str())),
+                    };
+                    rows.push((i, *id, commit_id, failed, audit.as_slice()));
+                }
+                let seqs = g.assume(&rows.iter().map(|r| r.4).collect::<Vec<_>>());
+                let mut q = QueryBuilder::<$Db>::new("WITH v(v_id, v_commit, v_failed, v_seq) AS (");
+                q.push_values(rows.iter().zip(&seqs), |mut b, ((_, id, commit, failed, _), seq)| {
+                    b.push_bind(*id).push_bind(*commit).push_bind(*failed).push_bind(*seq);
+                });
+                q.push(concat!(
+                    ") UPDATE tasks SET commit_id = v_commit, commit_error = v_failed, \
+                     audit_seq = COALESCE(v_seq, audit_seq) FROM v \
+                     WHERE id = v_id AND commit_id IS NULL AND commit_error IS NULL RETURNING ",
+                    req_cols!()
+                ));
+                let mut done = std::collections::HashMap::new();
+                for row in q.build().persistent(rows.len() == 1).fetch_all(&mut **tx).await.map_err(db_err)? {
+                    done.insert(col::<Uuid>(&row, "id")?, request_from_row(&row));
+                }
+                for ((i, id, _, _, audit), seq) in rows.into_iter().zip(seqs) {
+                    let slot = done.remove(&id).unwrap_or_else(|| {
+                        Err(StoreError::Conflict {
+                            message: format!(
+                                "request {id} is unknown or its git record is already stored"
+                            ),
+                            current: None,
+                        })
+                    });
+                    g.settle(i, slot.map(Written::Request), audit, Some((id, seq)));
+                }
+                Ok(())
             }
 
             /// Writes a step's preview on `conn`. `start`: records it (replacing any earlier
@@ -840,10 +1414,8 @@ macro_rules! sql_store {
                     return Ok(Vec::new());
                 }
                 let mut tx = self.pool.begin_with(BEGIN_WRITE).await.map_err(db_err)?;
-                let mut out = Vec::with_capacity(writes.len());
-                let mut entries: Vec<NewAuditEntry> = Vec::new();
                 // The chain's head, locked once for the group: each request changed names
-                // its newest entry (`audit_seq`) in the same statement that changes it, and
+                // its newest entry (`audit_seq`) in the same transaction that changes it, and
                 // verify finds that entry gone if the log is cut back.
                 let carries = writes.iter().any(GroupWrite::carries_audit);
                 let head = if carries {
@@ -851,242 +1423,39 @@ macro_rules! sql_store {
                 } else {
                     None
                 };
-                let base: i64 = head.as_ref().map_or(0, |h| h.0);
-                // The seq the newest of `audit` gets if it is appended next.
-                let newest = |entries: &Vec<NewAuditEntry>, audit: &[NewAuditEntry]| {
-                    (!audit.is_empty()).then(|| base + (entries.len() + audit.len()) as i64)
-                };
-                // A request created with its planning claim (a `ClaimPlanning` of it right
-                // after its `Create`): the claim is stored in the INSERT; its slot.
-                let mut born_claimed: Option<(Uuid, bool)> = None;
-                for (i, w) in writes.iter().enumerate() {
-                    match w {
-                        GroupWrite::Transition {
-                            id,
-                            from,
-                            to,
-                            patch,
-                        } => {
-                            let seq = newest(&entries, &patch.audit);
-                            let slot = self
-                                .transition_in(&mut tx, *id, *from, *to, patch, seq)
-                                .await?;
-                            if slot.is_ok() {
-                                entries.extend(patch.audit.iter().cloned());
-                            }
-                            out.push(slot.map(Written::Request));
-                        }
-                        GroupWrite::Create { request, audit } => {
-                            let seq = newest(&entries, audit);
-                            let claim = match writes.get(i + 1) {
-                                Some(GroupWrite::ClaimPlanning { id, owner, lease })
-                                    if *id == request.id =>
-                                {
-                                    Some((owner.as_str(), *lease))
-                                }
-                                _ => None,
-                            };
-                            let slot = self.create_in(&mut tx, request, seq, claim).await?;
-                            if claim.is_some() {
-                                born_claimed = Some((request.id, slot.is_ok()));
-                            }
-                            if slot.is_ok() {
-                                entries.extend(audit.iter().cloned());
-                            }
-                            out.push(slot.map(Written::Request));
-                        }
-                        GroupWrite::Step {
-                            task_id,
-                            from,
-                            to,
-                            patch,
-                            logs,
-                            audit,
-                        } => {
-                            let slot = self
-                                .update_step_in(&mut tx, *task_id, from, *to, patch)
-                                .await?;
-                            if slot.is_ok() {
-                                self.append_logs_in(&mut tx, logs).await?;
-                                entries.extend(audit.iter().cloned());
-                            }
-                            out.push(slot.map(Written::Step));
-                        }
-                        GroupWrite::Audit(e) => {
-                            entries.extend(e.iter().cloned());
-                            out.push(Ok(Written::Appended));
-                        }
-                        GroupWrite::Logs(lines) => {
-                            self.append_logs_in(&mut tx, lines).await?;
-                            out.push(Ok(Written::Appended));
-                        }
-                        GroupWrite::Advance {
-                            request_id,
-                            after_seq,
-                            audit,
-                        } => {
-                            let now = ts(now());
-                            let next = sqlx::query(
-                                "UPDATE plan_steps SET status = 'ready', ready_at = $3 \
-                                 WHERE request_id = $1 AND seq = $2 + 1 AND status = 'pending' \
-                                 AND EXISTS (SELECT 1 FROM plan_steps WHERE request_id = $1 \
-                                 AND seq = $2 AND status = 'completed')",
-                            )
-                            .bind(request_id)
-                            .bind(i64::from(*after_seq))
-                            .bind(&now)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(db_err)?;
-                            if next.rows_affected() > 0 {
-                                out.push(Ok(Written::Advanced(None)));
-                                continue;
-                            }
-                            let row = sqlx::query(concat!(
-                                "UPDATE tasks SET status = 'completed', updated_at = $2, \
-                                 audit_seq = COALESCE($3, audit_seq) \
-                                 WHERE id = $1 AND status IN ('queued', 'running') \
-                                 AND NOT EXISTS (SELECT 1 FROM plan_steps WHERE request_id = $1 \
-                                 AND status NOT IN ('completed', 'skipped')) RETURNING ",
-                                req_cols!()
-                            ))
-                            .bind(request_id)
-                            .bind(&now)
-                            .bind(newest(&entries, audit))
-                            .fetch_optional(&mut *tx)
-                            .await
-                            .map_err(db_err)?;
-                            match row {
-                                Some(row) => {
-                                    let done = request_from_row(&row);
-                                    if done.is_ok() {
-                                        entries.extend(audit.iter().cloned());
-                                    }
-                                    out.push(done.map(|r| Written::Advanced(Some(r))));
-                                }
-                                None => out.push(Ok(Written::Advanced(None))),
-                            }
-                        }
-                        GroupWrite::ClaimPlanning { id, owner, lease } => {
-                            let claimed = match born_claimed.take() {
-                                Some((born, claimed)) if born == *id => claimed,
-                                _ => self.claim_planning_in(&mut tx, *id, owner, *lease).await?,
-                            };
-                            out.push(if claimed {
-                                Ok(Written::Appended)
-                            } else {
-                                Err(StoreError::Conflict {
-                                    message: format!("request {id} is not planning or is claimed by another"),
-                                    current: None,
-                                })
-                            });
-                        }
-                        GroupWrite::Send(m) => {
-                            let done = sqlx::query(
-                                "INSERT INTO outbox (id, task_id, attempt, queue, body, created_at) \
-                                 SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS (SELECT 1 FROM plan_steps \
-                                 WHERE task_id = $2 AND status = 'dispatched' AND attempt = $3)",
-                            )
-                            .bind(m.id)
-                            .bind(m.task_id)
-                            .bind(i64::from(m.attempt))
-                            .bind(&m.queue)
-                            .bind(&m.body)
-                            .bind(ts(trunc(m.created_at)))
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(db_err)?;
-                            out.push(if done.rows_affected() == 1 {
-                                Ok(Written::Appended)
-                            } else {
-                                Err(StoreError::Conflict {
-                                    message: format!(
-                                        "step {} is not dispatched with attempt {}",
-                                        m.task_id, m.attempt
-                                    ),
-                                    current: None,
-                                })
-                            });
-                        }
-                        GroupWrite::Sent(ids) => {
-                            for chunk in ids.chunks(INSERT_CHUNK) {
-                                let mut q = QueryBuilder::<$Db>::new("DELETE FROM outbox WHERE id IN (");
-                                let mut each = q.separated(", ");
-                                for id in chunk {
-                                    each.push_bind(*id);
-                                }
-                                q.push(")");
-                                q.build().execute(&mut *tx).await.map_err(db_err)?;
-                            }
-                            out.push(Ok(Written::Appended));
-                        }
-                        GroupWrite::Preview {
-                            task_id,
-                            preview,
-                            start,
-                            audit,
-                        } => {
-                            let applied =
-                                self.write_preview_in(&mut tx, *task_id, preview, *start).await?;
-                            out.push(if applied {
-                                entries.extend(audit.iter().cloned());
-                                Ok(Written::Appended)
-                            } else {
-                                Err(StoreError::Conflict {
-                                    message: if *start {
-                                        format!("step {task_id} is unknown")
-                                    } else {
-                                        format!("the preview of step {task_id} is not pending")
-                                    },
-                                    current: None,
-                                })
-                            });
-                        }
-                        GroupWrite::Commit { id, commit, audit } => {
-                            let (commit_id, failed) = match commit {
-                                Ok(c) => (Some(c.as_str()), None),
-                                Err(e) => (None, Some(e.as_str())),
-                            };
-                            let row = sqlx::query(concat!(
-                                "UPDATE tasks SET commit_id = $1, commit_error = $2, \
-                                 audit_seq = COALESCE($4, audit_seq) \
-                                 WHERE id = $3 AND commit_id IS NULL AND commit_error IS NULL \
-                                 RETURNING ",
-                                req_cols!()
-                            ))
-                            .bind(commit_id)
-                            .bind(failed)
-                            .bind(id)
-                            .bind(newest(&entries, audit))
-                            .fetch_optional(&mut *tx)
-                            .await
-                            .map_err(db_err)?;
-                            let slot = match row {
-                                Some(row) => request_from_row(&row),
-                                None => Err(StoreError::Conflict {
-                                    message: format!(
-                                        "request {id} is unknown or its git record is already stored"
-                                    ),
-                                    current: None,
-                                }),
-                            };
-                            if slot.is_ok() {
-                                entries.extend(audit.iter().cloned());
-                            }
-                            out.push(slot.map(Written::Request));
+                let mut g = Applied::new(head.as_ref().map_or(0, |h| h.0), writes.len());
+                // Independent writes in waves, each wave one statement per kind
+                // ([`super::waves`]).
+                for wave in super::waves::plan(writes) {
+                    for (kind, idx) in wave {
+                        for idx in idx.chunks(BATCH_ROWS) {
+                            self.apply_batch(&mut tx, writes, kind, idx, &mut g).await?;
                         }
                     }
                 }
-                if !entries.is_empty() {
-                    let written = self.append_audit_in(&mut tx, &entries, head).await?;
-                    if written.first().map(|e| e.seq) != Some(base + 1) {
+                if !g.fix.is_empty() {
+                    // Rows that did not apply moved later entries up the chain: the requests
+                    // stored with a position assuming they would are corrected.
+                    let fix = std::mem::take(&mut g.fix);
+                    for chunk in fix.chunks(BATCH_ROWS) {
+                        let mut q = QueryBuilder::<$Db>::new("WITH v(v_id, v_seq) AS (");
+                        q.push_values(chunk, |mut b, (id, seq)| {
+                            b.push_bind(*id).push_bind(*seq);
+                        });
+                        q.push(") UPDATE tasks SET audit_seq = v_seq FROM v WHERE id = v_id");
+                        q.build().persistent(false).execute(&mut *tx).await.map_err(db_err)?;
+                    }
+                }
+                if !g.entries.is_empty() {
+                    let written = self.append_audit_in(&mut tx, &g.entries, head).await?;
+                    if written.first().map(|e| e.seq) != Some(g.base + 1) {
                         return Err(StoreError::Corrupt(
                             "the audit chain's head moved while it was locked".into(),
                         ));
                     }
                 }
                 tx.commit().await.map_err(db_err)?;
-                Ok(out)
+                Ok(g.finish())
             }
 
             async fn set_commit_id(&self, id: Uuid, commit_id: &str) -> Result<(), StoreError> {
