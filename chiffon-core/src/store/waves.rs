@@ -9,12 +9,13 @@
 //! write goes into the first wave after every earlier write it depends on, and each wave
 //! changes all its rows of one kind in one multi-row statement.
 //!
-//! A write depends on an earlier one that names the same request, step or message, and the
-//! writes that read or change a request's steps by the request (`Transition`, which stores a
-//! plan or makes the first step ready, and `Advance`) depend on every earlier `Step`; inside
-//! a wave they are applied before the `Step`s, so a step change listed after them stays after
-//! them. Log lines depend on nothing (plain inserts). Audit entries are appended in the
-//! order the writes are applied.
+//! A write depends on an earlier one that names the same request, step or message (a
+//! write's audit entries name their request too, so a request's entries keep the group's
+//! order), and the writes that read or change a request's steps by the request
+//! (`Transition`, which stores a plan or makes the first step ready, and `Advance`) depend
+//! on every earlier `Step`; inside a wave they are applied before the `Step`s, so a step
+//! change listed after them stays after them. Log lines follow the earlier writes of their
+//! step. Audit entries are appended in the order the writes are applied.
 
 use std::collections::HashMap;
 
@@ -57,8 +58,24 @@ fn kind(w: &GroupWrite) -> Kind {
     }
 }
 
-/// The requests, steps and messages a write names.
+/// The requests, steps and messages a write names, and the requests its audit entries are
+/// about (so a request's entries keep the group's order).
 fn keys(w: &GroupWrite) -> Vec<Uuid> {
+    let mut keys = own_keys(w);
+    let entries = match w {
+        GroupWrite::Create { audit, .. }
+        | GroupWrite::Step { audit, .. }
+        | GroupWrite::Advance { audit, .. }
+        | GroupWrite::Commit { audit, .. }
+        | GroupWrite::Preview { audit, .. } => audit.as_slice(),
+        GroupWrite::Transition { patch, .. } => patch.audit.as_slice(),
+        _ => &[],
+    };
+    keys.extend(entries.iter().filter_map(|e| e.request_id));
+    keys
+}
+
+fn own_keys(w: &GroupWrite) -> Vec<Uuid> {
     match w {
         GroupWrite::Create { request, .. } => vec![request.id],
         GroupWrite::ClaimPlanning { id, .. }
@@ -68,8 +85,12 @@ fn keys(w: &GroupWrite) -> Vec<Uuid> {
         GroupWrite::Step { task_id, .. } | GroupWrite::Preview { task_id, .. } => vec![*task_id],
         GroupWrite::Send(m) => vec![m.task_id],
         GroupWrite::Sent(ids) => ids.clone(),
-        // Plain inserts: nothing reads them back in a group.
-        GroupWrite::Logs(_) => Vec::new(),
+        // Each line after the earlier writes of its step (or of its request, for the
+        // engine's own lines), so a step's lines keep the order they were reported in.
+        GroupWrite::Logs(lines) => lines
+            .iter()
+            .map(|l| l.task_id.unwrap_or(l.request_id))
+            .collect(),
         GroupWrite::Audit(entries) => entries.iter().filter_map(|e| e.request_id).collect(),
     }
 }
@@ -262,17 +283,17 @@ mod tests {
     }
 
     #[test]
-    fn entries_depend_on_their_request_and_lines_on_nothing() {
-        let r = Uuid::now_v7();
+    fn entries_depend_on_their_request_and_lines_on_their_step() {
+        let (r, t) = (Uuid::now_v7(), Uuid::now_v7());
         let entry = NewAuditEntry {
             request_id: Some(r),
             actor: "a".into(),
             event: AuditEvent::Received,
             details: serde_json::json!({}),
         };
-        let line = NewLogLine {
+        let line = |task_id| NewLogLine {
             request_id: r,
-            task_id: None,
+            task_id,
             at: chrono::Utc::now(),
             kind: "log".into(),
             progress: None,
@@ -281,7 +302,9 @@ mod tests {
         let writes = vec![
             transition(r),
             GroupWrite::Audit(vec![entry]),
-            GroupWrite::Logs(vec![line]),
+            step(t),
+            GroupWrite::Logs(vec![line(Some(t))]),
+            GroupWrite::Logs(vec![line(None)]),
             GroupWrite::Sent(vec![Uuid::now_v7()]),
         ];
         assert_eq!(
@@ -289,10 +312,34 @@ mod tests {
             vec![
                 vec![
                     (Kind::Transition, vec![0]),
-                    (Kind::Logs, vec![2]),
-                    (Kind::Sent, vec![3])
+                    (Kind::Step, vec![2]),
+                    (Kind::Sent, vec![5])
                 ],
-                vec![(Kind::Audit, vec![1])],
+                vec![(Kind::Logs, vec![3]), (Kind::Audit, vec![1])],
+                vec![(Kind::Logs, vec![4])],
+            ]
+        );
+    }
+
+    #[test]
+    fn a_step_with_entries_of_a_request_follows_that_request_s_entries() {
+        let (r, t) = (Uuid::now_v7(), Uuid::now_v7());
+        let entry = NewAuditEntry {
+            request_id: Some(r),
+            actor: "a".into(),
+            event: AuditEvent::Received,
+            details: serde_json::json!({}),
+        };
+        let mut result = step(t);
+        if let Some(audit) = result.audit_mut() {
+            audit.push(entry.clone());
+        }
+        let writes = vec![GroupWrite::Audit(vec![entry]), result, step(Uuid::now_v7())];
+        assert_eq!(
+            plan(&writes),
+            vec![
+                vec![(Kind::Step, vec![2]), (Kind::Audit, vec![0])],
+                vec![(Kind::Step, vec![1])],
             ]
         );
     }
