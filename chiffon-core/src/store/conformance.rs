@@ -113,6 +113,7 @@ macro_rules! store_conformance_tests {
             plan_cache,
             audit_append_and_read,
             audit_concurrent_appenders,
+            group_commits_race_for_the_head,
             audit_detects_altered_details,
             audit_detects_deleted_rows,
             audit_detects_a_log_cut_back,
@@ -2226,6 +2227,66 @@ pub async fn audit_concurrent_appenders(h: &Harness) {
     let v = s.verify_audit().await.unwrap();
     assert!(v.ok, "{v:?}");
     assert_eq!(v.entries_checked, 80);
+}
+
+/// Group commits racing for the audit chain's head (one store, or several instances on one
+/// database): one chain, no fork and no entry lost, each request naming its own entry. A
+/// store that assumes the head it last moved (PostgreSQL) finds it moved by the others and
+/// applies its group again with the head locked.
+pub async fn group_commits_race_for_the_head(h: &Harness) {
+    let s = &h.store;
+    // Warm: this store has moved the head once.
+    s.append_audit(&[audit_entry(None, AuditEvent::Received, 0)])
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..5u64 {
+                let r = new_request(&format!("{t}-{i}"));
+                let slots = s
+                    .commit_group(&[
+                        GroupWrite::Create {
+                            request: Box::new(r.clone()),
+                            audit: vec![audit_entry(Some(r.id), AuditEvent::Received, t * 10 + i)],
+                        },
+                        GroupWrite::Audit(vec![audit_entry(None, AuditEvent::Planned, t * 10 + i)]),
+                    ])
+                    .await
+                    .unwrap();
+                assert!(slots.iter().all(|s| s.is_ok()), "{slots:?}");
+                ids.push(r.id);
+            }
+            ids
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.extend(t.await.unwrap());
+    }
+    let all = s.audit_log(None, 0, 1000).await.unwrap();
+    assert_eq!(
+        all.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=81).collect::<Vec<i64>>(),
+        "a linear chain, no fork, nothing lost"
+    );
+    for id in ids {
+        assert_eq!(s.audit_log(Some(id), 0, 10).await.unwrap().len(), 1);
+    }
+    let v = s.verify_audit().await.unwrap();
+    assert!(v.ok, "{v:?}");
+    // And on after the race, from the head as it is.
+    let r = new_request("after");
+    s.commit_group(&[GroupWrite::Create {
+        request: Box::new(r.clone()),
+        audit: vec![audit_entry(Some(r.id), AuditEvent::Received, 99)],
+    }])
+    .await
+    .unwrap();
+    assert_eq!(s.audit_log(None, 81, 10).await.unwrap().len(), 1);
+    assert!(s.verify_audit().await.unwrap().ok);
 }
 
 pub async fn audit_detects_altered_details(h: &Harness) {
