@@ -408,10 +408,11 @@ impl GitTrail {
             .map_err(AuditError::git("committer signature"))?;
         // Records committed earlier in this batch: path → commit.
         let mut in_batch: std::collections::HashMap<&str, Oid> = Default::default();
-        // The objects this batch wrote (into memory): the pack holds these alone. (libgit2's
-        // own mempack dump packs each commit with its whole tree, every record ever
-        // written, so a batch cost grew with the trail's history.)
-        let mut written: Vec<Oid> = Vec::new();
+        // The objects this batch wrote (into memory), with the path of each tree and record:
+        // the pack holds these alone. (libgit2's own mempack dump packs each commit with its
+        // whole tree, every record ever written, so a batch cost grew with the trail's
+        // history.)
+        let mut written: Vec<(Oid, Option<String>)> = Vec::new();
         let mut out = Vec::with_capacity(prepared.len());
         let mut last = None;
         for p in prepared {
@@ -456,7 +457,7 @@ impl GitTrail {
             let commit = repo
                 .commit(None, &p.author, &committer, &p.message, &new_tree, &parents)
                 .map_err(AuditError::git("write commit"))?;
-            written.extend([blob, commit]);
+            written.extend([(blob, Some(p.path.clone())), (commit, None)]);
             in_batch.insert(p.path.as_str(), commit);
             parent = Some(
                 repo.find_commit(commit)
@@ -475,9 +476,12 @@ impl GitTrail {
             let mut builder = repo
                 .packbuilder()
                 .map_err(AuditError::git("pack the batch"))?;
-            for oid in &written {
+            // Each object named by its path: the delta search then tries each tree against
+            // the earlier versions of the same folder first (found at once, and the other
+            // tries stop as soon as they are larger), not against whatever is close in size.
+            for (oid, path) in &written {
                 builder
-                    .insert_object(*oid, None)
+                    .insert_object(*oid, path.as_deref())
                     .map_err(AuditError::git("pack the batch"))?;
             }
             builder
@@ -1186,7 +1190,7 @@ fn insert_record(
     root: Option<&git2::Tree<'_>>,
     id: Uuid,
     blob: Oid,
-    written: &mut Vec<Oid>,
+    written: &mut Vec<(Oid, Option<String>)>,
 ) -> Result<Oid, AuditError> {
     let id_text = id.hyphenated().to_string();
     let path = record_path(id);
@@ -1221,7 +1225,11 @@ fn insert_record(
     let shard_id = write(shard_tree.as_ref(), &format!("{id_text}.json"), blob, FILE)?;
     let requests_id = write(requests.as_ref(), shard, shard_id, DIR)?;
     let root_id = write(root, REQUESTS_DIR, requests_id, DIR)?;
-    written.extend([shard_id, requests_id, root_id]);
+    written.extend([
+        (shard_id, Some(format!("{REQUESTS_DIR}/{shard}"))),
+        (requests_id, Some(REQUESTS_DIR.to_string())),
+        (root_id, Some("/".to_string())),
+    ]);
     Ok(root_id)
 }
 
