@@ -867,6 +867,27 @@ fn git_pack(repo: &Path, objects: &str) -> PathBuf {
     repo.join(format!("objects/pack/pack-{}.idx", name.trim()))
 }
 
+/// A new trail with three records committed: its folder, the trail, the repository, the
+/// records' ids and their commits.
+fn trail_with_three_records() -> (
+    tempfile::TempDir,
+    GitTrail,
+    std::path::PathBuf,
+    Vec<Uuid>,
+    HashSet<String>,
+) {
+    let (dir, trail) = new_trail();
+    let repo = dir.path().join("audit");
+    let mut ids = Vec::new();
+    let mut commits = HashSet::new();
+    for _ in 0..3 {
+        let r = record(Uuid::now_v7(), "deploy uptime kuma");
+        commits.insert(trail.commit_request(&r).unwrap());
+        ids.push(r.id);
+    }
+    (dir, trail, repo, ids, commits)
+}
+
 /// Commits batches until the pack `idx` has been merged into another (and is gone).
 fn batches_until_merged(
     trail: &GitTrail,
@@ -889,15 +910,7 @@ fn batches_until_merged(
 /// someone else wrote into the trail): every object stays readable and the repository whole.
 #[test]
 fn packs_with_offset_deltas_are_merged_whole() {
-    let (dir, trail) = new_trail();
-    let repo = dir.path().join("audit");
-    let mut ids = Vec::new();
-    let mut commits = HashSet::new();
-    for _ in 0..3 {
-        let r = record(Uuid::now_v7(), "deploy uptime kuma");
-        commits.insert(trail.commit_request(&r).unwrap());
-        ids.push(r.id);
-    }
+    let (dir, trail, repo, mut ids, mut commits) = trail_with_three_records();
     // Similar blobs, so that git deltifies them against each other.
     let base: String = (0..200).map(|i| format!("line {i} of a note\n")).collect();
     let blobs: Vec<String> = (0..12)
@@ -928,15 +941,7 @@ fn packs_with_offset_deltas_are_merged_whole() {
 /// the merge does not fail on the duplicate, and nothing is lost.
 #[test]
 fn an_object_in_two_packs_is_merged_once() {
-    let (dir, trail) = new_trail();
-    let repo = dir.path().join("audit");
-    let mut ids = Vec::new();
-    let mut commits = HashSet::new();
-    for _ in 0..3 {
-        let r = record(Uuid::now_v7(), "deploy uptime kuma");
-        commits.insert(trail.commit_request(&r).unwrap());
-        ids.push(r.id);
-    }
+    let (_dir, trail, repo, mut ids, mut commits) = trail_with_three_records();
     // Every object of the branch again, in a pack of its own.
     let objects = git(&repo, &["rev-list", "--objects", "HEAD"]);
     let idx = git_pack(&repo, &objects);

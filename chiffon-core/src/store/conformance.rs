@@ -289,6 +289,26 @@ fn reserved_id(r: Reservation) -> Uuid {
     }
 }
 
+/// A status change (with `plan`, if given) and its `planned` entry numbered `n`.
+fn planned_change(
+    id: Uuid,
+    from: RequestStatus,
+    to: RequestStatus,
+    plan: Option<Plan>,
+    n: u64,
+) -> GroupWrite {
+    GroupWrite::Transition {
+        id,
+        from,
+        to,
+        patch: Box::new(RequestPatch {
+            plan,
+            audit: vec![audit_entry(Some(id), AuditEvent::Planned, n)],
+            ..Default::default()
+        }),
+    }
+}
+
 fn audit_entry(request_id: Option<Uuid>, event: AuditEvent, n: u64) -> NewAuditEntry {
     NewAuditEntry {
         request_id,
@@ -602,16 +622,7 @@ pub async fn group_commit(h: &Harness) {
     let s = &*h.store;
     let a = s.create_request(&new_request("a")).await.unwrap();
     let b = s.create_request(&new_request("b")).await.unwrap();
-    let change = |id, from, to, plan: Option<Plan>, n| GroupWrite::Transition {
-        id,
-        from,
-        to,
-        patch: Box::new(RequestPatch {
-            plan,
-            audit: vec![audit_entry(Some(id), AuditEvent::Planned, n)],
-            ..Default::default()
-        }),
-    };
+    let change = planned_change;
     let slots = s
         .commit_group(&[
             GroupWrite::Audit(vec![audit_entry(Some(a.id), AuditEvent::Received, 1)]),
@@ -2724,16 +2735,7 @@ pub async fn group_batches(h: &Harness) {
     seen = head(&s.audit_log(None, seen, 100).await.unwrap());
 
     // Their plans, queued; a change that lost its race and an illegal one between them.
-    let change = |id, from, to, plan: Option<Plan>, n| GroupWrite::Transition {
-        id,
-        from,
-        to,
-        patch: Box::new(RequestPatch {
-            plan,
-            audit: vec![audit_entry(Some(id), AuditEvent::Planned, n)],
-            ..Default::default()
-        }),
-    };
+    let change = planned_change;
     let (planning, queued, running) = (
         RequestStatus::Planning,
         RequestStatus::Queued,

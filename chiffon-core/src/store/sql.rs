@@ -24,7 +24,9 @@ use uuid::Uuid;
 
 use super::StoreError;
 use crate::audit::chain::{self, AuditKey};
-use crate::model::{AuditEntry, AuditVerification, NewAuditEntry, RequestStatus, Written};
+use crate::model::{
+    AuditEntry, AuditVerification, GroupWrite, NewAuditEntry, RequestStatus, Written,
+};
 
 /// Rows per multi-row INSERT (PostgreSQL allows 65535 bound parameters per statement,
 /// SQLite 32766).
@@ -256,6 +258,18 @@ impl HeadCache {
     pub fn moved_to(&mut self, seq: i64, hash: &str) {
         self.last = Some((seq, hash.to_string()));
     }
+}
+
+/// The writes `idx` of a batch of one kind, each as `pick` reads it (with its index);
+/// `pick` answers `None` for a write of another kind, a bug.
+pub(super) fn batch_rows<'a, T>(
+    writes: &'a [GroupWrite],
+    idx: &[usize],
+    pick: impl Fn(usize, &'a GroupWrite) -> Option<T>,
+) -> Result<Vec<T>, StoreError> {
+    idx.iter()
+        .map(|&i| writes.get(i).and_then(|w| pick(i, w)).ok_or_else(misplaced))
+        .collect()
 }
 
 /// A write handed to the batch of another kind (a bug, not bad data).
@@ -568,16 +582,7 @@ macro_rules! sql_store {
                     " RETURNING ",
                     step_cols!()
                 ));
-                let mut changed = std::collections::HashMap::new();
-                for row in q
-                    .build()
-                    .persistent(rows.len() == 1)
-                    .fetch_all(&mut *conn)
-                    .await
-                    .map_err(db_err)?
-                {
-                    changed.insert(col::<Uuid>(&row, "task_id")?, step_from_row(&row));
-                }
+                let mut changed = keyed(q, conn, rows.len(), "task_id", step_from_row).await?;
                 let mut out = Vec::with_capacity(rows.len());
                 for (task, ..) in rows {
                     out.push(match changed.remove(task) {
@@ -668,16 +673,7 @@ macro_rules! sql_store {
                         .push_bind(until);
                 });
                 q.push(concat!(" ON CONFLICT (id) DO NOTHING RETURNING ", req_cols!()));
-                let mut made = std::collections::HashMap::new();
-                for row in q
-                    .build()
-                    .persistent(rows.len() == 1)
-                    .fetch_all(&mut *conn)
-                    .await
-                    .map_err(db_err)?
-                {
-                    made.insert(col::<Uuid>(&row, "id")?, request_from_row(&row));
-                }
+                let mut made = keyed(q, conn, rows.len(), "id", request_from_row).await?;
                 Ok(rows
                     .iter()
                     .map(|(req, ..)| {
@@ -934,10 +930,9 @@ macro_rules! sql_store {
                 idx: &[usize],
                 g: &mut Applied,
             ) -> Result<(), StoreError> {
-                let mut rows = Vec::with_capacity(idx.len());
-                for &i in idx {
-                    let GroupWrite::Create { request, audit } = &writes[i] else {
-                        return Err(misplaced());
+                let rows = batch_rows(writes, idx, |i, w| {
+                    let GroupWrite::Create { request, audit } = w else {
+                        return None;
                     };
                     let claim = match writes.get(i + 1) {
                         Some(GroupWrite::ClaimPlanning { owner, lease, .. })
@@ -947,8 +942,8 @@ macro_rules! sql_store {
                         }
                         _ => None,
                     };
-                    rows.push((i, &**request, audit.as_slice(), claim));
-                }
+                    Some((i, &**request, audit.as_slice(), claim))
+                })?;
                 let seqs = g.assume(&rows.iter().map(|r| r.2).collect::<Vec<_>>());
                 let many: Vec<_> = rows
                     .iter()
@@ -980,13 +975,14 @@ macro_rules! sql_store {
                 idx: &[usize],
                 g: &mut Applied,
             ) -> Result<(), StoreError> {
-                let mut legal = Vec::with_capacity(idx.len());
-                for &i in idx {
-                    let GroupWrite::Transition { id, from, to, patch } = &writes[i] else {
-                        return Err(misplaced());
-                    };
-                    if from.can_transition_to(*to) {
-                        legal.push((i, *id, *from, *to, &**patch));
+                let rows = batch_rows(writes, idx, |i, w| match w {
+                    GroupWrite::Transition { id, from, to, patch } => Some((i, *id, *from, *to, &**patch)),
+                    _ => None,
+                })?;
+                let mut legal = Vec::with_capacity(rows.len());
+                for (i, id, from, to, patch) in rows {
+                    if from.can_transition_to(to) {
+                        legal.push((i, id, from, to, patch));
                     } else {
                         let illegal = StoreError::Conflict {
                             message: format!("illegal transition from {from} to {to}"),
@@ -1024,16 +1020,7 @@ macro_rules! sql_store {
                      FROM v WHERE id = v_id AND status = v_from RETURNING ",
                     req_cols!()
                 ));
-                let mut changed = std::collections::HashMap::new();
-                for row in q
-                    .build()
-                    .persistent(legal.len() == 1)
-                    .fetch_all(&mut **tx)
-                    .await
-                    .map_err(db_err)?
-                {
-                    changed.insert(col::<Uuid>(&row, "id")?, request_from_row(&row));
-                }
+                let mut changed = keyed(q, &mut **tx, legal.len(), "id", request_from_row).await?;
                 let mut plans = Vec::new();
                 let mut approved = Vec::new();
                 let mut slots = Vec::with_capacity(legal.len());
@@ -1077,13 +1064,12 @@ macro_rules! sql_store {
                 idx: &[usize],
                 g: &mut Applied,
             ) -> Result<(), StoreError> {
-                let mut rows = Vec::with_capacity(idx.len());
-                for &i in idx {
-                    let GroupWrite::Step { task_id, from, to, patch, logs, audit } = &writes[i] else {
-                        return Err(misplaced());
-                    };
-                    rows.push((i, *task_id, from.as_slice(), *to, &**patch, logs, audit));
-                }
+                let rows = batch_rows(writes, idx, |i, w| match w {
+                    GroupWrite::Step { task_id, from, to, patch, logs, audit } => {
+                        Some((i, *task_id, from.as_slice(), *to, &**patch, logs, audit))
+                    }
+                    _ => None,
+                })?;
                 let many: Vec<_> = rows
                     .iter()
                     .map(|(_, task, from, to, patch, ..)| (*task, *from, *to, *patch))
@@ -1111,13 +1097,10 @@ macro_rules! sql_store {
                 idx: &[usize],
                 g: &mut Applied,
             ) -> Result<(), StoreError> {
-                let mut msgs = Vec::with_capacity(idx.len());
-                for &i in idx {
-                    let GroupWrite::Send(m) = &writes[i] else {
-                        return Err(misplaced());
-                    };
-                    msgs.push((i, m));
-                }
+                let msgs = batch_rows(writes, idx, |i, w| match w {
+                    GroupWrite::Send(m) => Some((i, m)),
+                    _ => None,
+                })?;
                 let mut q = QueryBuilder::<$Db>::new(
                     "WITH v(v_id, v_tid, v_attempt, v_queue, v_body, v_at) AS (",
                 );
@@ -1170,13 +1153,12 @@ macro_rules! sql_store {
                 idx: &[usize],
                 g: &mut Applied,
             ) -> Result<(), StoreError> {
-                let mut rows = Vec::with_capacity(idx.len());
-                for &i in idx {
-                    let GroupWrite::Advance { request_id, after_seq, audit } = &writes[i] else {
-                        return Err(misplaced());
-                    };
-                    rows.push((i, *request_id, i64::from(*after_seq), audit.as_slice()));
-                }
+                let rows = batch_rows(writes, idx, |i, w| match w {
+                    GroupWrite::Advance { request_id, after_seq, audit } => {
+                        Some((i, *request_id, i64::from(*after_seq), audit.as_slice()))
+                    }
+                    _ => None,
+                })?;
                 let now = ts(now());
                 let mut q = QueryBuilder::<$Db>::new("WITH v(v_rid, v_after) AS (");
                 q.push_values(&rows, |mut b, (_, id, after, _)| {
@@ -1224,10 +1206,7 @@ macro_rules! sql_store {
                      AND status NOT IN ('completed', 'skipped')) RETURNING ",
                     req_cols!()
                 ));
-                let mut done = std::collections::HashMap::new();
-                for row in q.build().persistent(rest.len() == 1).fetch_all(&mut **tx).await.map_err(db_err)? {
-                    done.insert(col::<Uuid>(&row, "id")?, request_from_row(&row));
-                }
+                let mut done = keyed(q, &mut **tx, rest.len(), "id", request_from_row).await?;
                 for ((i, id, _, audit), seq) in rest.into_iter().zip(seqs) {
                     let slot = match done.remove(&id) {
                         Some(r) => r.map(|r| Written::Advanced(Some(r))),
@@ -1251,17 +1230,16 @@ macro_rules! sql_store {
                 idx: &[usize],
                 g: &mut Applied,
             ) -> Result<(), StoreError> {
-                let mut rows = Vec::with_capacity(idx.len());
-                for &i in idx {
-                    let GroupWrite::Commit { id, commit, audit } = &writes[i] else {
-                        return Err(misplaced());
+                let rows = batch_rows(writes, idx, |i, w| {
+                    let GroupWrite::Commit { id, commit, audit } = w else {
+                        return None;
                     };
                     let (commit_id, failed) = match commit {
                         Ok(c) => (Some(c.as_str()), None),
                         Err(e) => (None, Some(e.as_str())),
                     };
-                    rows.push((i, *id, commit_id, failed, audit.as_slice()));
-                }
+                    Some((i, *id, commit_id, failed, audit.as_slice()))
+                })?;
                 let seqs = g.assume(&rows.iter().map(|r| r.4).collect::<Vec<_>>());
                 let mut q = QueryBuilder::<$Db>::new("WITH v(v_id, v_commit, v_failed, v_seq) AS (");
                 q.push_values(rows.iter().zip(&seqs), |mut b, ((_, id, commit, failed, _), seq)| {
@@ -1273,10 +1251,7 @@ macro_rules! sql_store {
                      WHERE id = v_id AND commit_id IS NULL AND commit_error IS NULL RETURNING ",
                     req_cols!()
                 ));
-                let mut done = std::collections::HashMap::new();
-                for row in q.build().persistent(rows.len() == 1).fetch_all(&mut **tx).await.map_err(db_err)? {
-                    done.insert(col::<Uuid>(&row, "id")?, request_from_row(&row));
-                }
+                let mut done = keyed(q, &mut **tx, rows.len(), "id", request_from_row).await?;
                 for ((i, id, _, _, audit), seq) in rows.into_iter().zip(seqs) {
                     let slot = done.remove(&id).unwrap_or_else(|| {
                         Err(StoreError::Conflict {
@@ -1362,6 +1337,29 @@ macro_rules! sql_store {
             T: sqlx::Decode<'r, $Db> + sqlx::Type<$Db>,
         {
             row.try_get(name).map_err(|e| corrupt(name, e))
+        }
+
+        /// Runs `q` (`rows` rows of input) and keys what it returns by its `key` column,
+        /// each row converted by `conv`. One row keeps a cached prepared statement; more are
+        /// unnamed statements (their row count varies, and would churn the cache).
+        async fn keyed<T>(
+            mut q: QueryBuilder<$Db>,
+            conn: &mut <$Db as sqlx::Database>::Connection,
+            rows: usize,
+            key: &str,
+            conv: fn(&$Row) -> Result<T, StoreError>,
+        ) -> Result<std::collections::HashMap<Uuid, Result<T, StoreError>>, StoreError> {
+            let mut out = std::collections::HashMap::with_capacity(rows);
+            for row in q
+                .build()
+                .persistent(rows == 1)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(db_err)?
+            {
+                out.insert(col::<Uuid>(&row, key)?, conv(&row));
+            }
+            Ok(out)
         }
 
         fn u32_col(row: &$Row, name: &str) -> Result<u32, StoreError> {

@@ -203,6 +203,15 @@ mod tests {
         }
     }
 
+    fn entry(request: Uuid) -> NewAuditEntry {
+        NewAuditEntry {
+            request_id: Some(request),
+            actor: "a".into(),
+            event: AuditEvent::Received,
+            details: serde_json::json!({}),
+        }
+    }
+
     fn ids(n: usize) -> Vec<Uuid> {
         (0..n).map(|_| Uuid::now_v7()).collect()
     }
@@ -285,12 +294,7 @@ mod tests {
     #[test]
     fn entries_depend_on_their_request_and_lines_on_their_step() {
         let (r, t) = (Uuid::now_v7(), Uuid::now_v7());
-        let entry = NewAuditEntry {
-            request_id: Some(r),
-            actor: "a".into(),
-            event: AuditEvent::Received,
-            details: serde_json::json!({}),
-        };
+        let entry = entry(r);
         let line = |task_id| NewLogLine {
             request_id: r,
             task_id,
@@ -324,12 +328,7 @@ mod tests {
     #[test]
     fn a_step_with_entries_of_a_request_follows_that_request_s_entries() {
         let (r, t) = (Uuid::now_v7(), Uuid::now_v7());
-        let entry = NewAuditEntry {
-            request_id: Some(r),
-            actor: "a".into(),
-            event: AuditEvent::Received,
-            details: serde_json::json!({}),
-        };
+        let entry = entry(r);
         let mut result = step(t);
         if let Some(audit) = result.audit_mut() {
             audit.push(entry.clone());
