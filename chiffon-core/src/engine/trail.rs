@@ -130,15 +130,18 @@ impl Engine {
         let store = &self.inner.store;
         let mut records = Vec::with_capacity(batch.len());
         let mut writes = Vec::new();
+        // The batch's steps, read together. Unreadable now: the batch stays in the backlog
+        // for a later scan.
+        let ids: Vec<Uuid> = batch.iter().map(|r| r.id).collect();
+        let mut steps_of = match with_store_retry(|| store.steps_of(&ids)).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(requests = ids.len(), error = %e, "audit records postponed: their steps cannot be read");
+                return;
+            }
+        };
         for r in &batch {
-            // Unreadable now: it stays in the backlog for a later scan.
-            let steps = match with_store_retry(|| store.steps(r.id)).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(request = %r.id, error = %e, "audit record postponed: its steps cannot be read");
-                    continue;
-                }
-            };
+            let steps = steps_of.remove(&r.id).unwrap_or_default();
             let record = self.record_of(r, &steps);
             match crate::audit::git::record_digest(&record) {
                 Ok(digest) => records.push((record, digest)),

@@ -96,6 +96,7 @@ macro_rules! store_conformance_tests {
             not_found,
             list_filter_order,
             step_updates,
+            steps_of_several_requests,
             concurrent_claims,
             claim_respects_not_before_and_lease,
             release_step,
@@ -2950,6 +2951,40 @@ pub async fn group_batches(h: &Harness) {
         .all(|s| matches!(s, Err(StoreError::Conflict { .. }))));
     assert_eq!(log_after(seen).await, [json!(25), json!(26)]);
     assert!(s.verify_audit().await.unwrap().ok);
+}
+
+/// The steps of several requests in one read: each request's in plan order, as `steps`
+/// gives them; a request without a plan, or unknown, is absent.
+pub async fn steps_of_several_requests(h: &Harness) {
+    let s = &*h.store;
+    let mut planned = Vec::new();
+    for n in [2, 3] {
+        let r = s.create_request(&new_request("planned")).await.unwrap();
+        s.transition(
+            r.id,
+            RequestStatus::Planning,
+            RequestStatus::Queued,
+            &with_plan(plan(n)),
+        )
+        .await
+        .unwrap();
+        planned.push(r.id);
+    }
+    let bare = s.create_request(&new_request("no plan")).await.unwrap();
+    let unknown = Uuid::now_v7();
+    let all = s
+        .steps_of(&[planned[1], bare.id, unknown, planned[0]])
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 2);
+    for id in &planned {
+        assert_eq!(all[id], s.steps(*id).await.unwrap());
+    }
+    assert_eq!(
+        all[&planned[1]].iter().map(|s| s.seq).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    assert!(s.steps_of(&[]).await.unwrap().is_empty());
 }
 
 /// Outbox messages are stored only with their step's mark (dispatched, that attempt),

@@ -180,6 +180,26 @@ pub trait Steps: Send + Sync {
     /// A request's steps in plan order.
     async fn steps(&self, request_id: Uuid) -> Result<Vec<Step>, StoreError>;
 
+    /// The steps of several requests, each request's in plan order (a request without
+    /// steps, or unknown, is absent). The SQL stores read them in one statement; the
+    /// default reads them one request at a time.
+    async fn steps_of(
+        &self,
+        request_ids: &[Uuid],
+    ) -> Result<std::collections::HashMap<Uuid, Vec<Step>>, StoreError> {
+        let mut out = std::collections::HashMap::with_capacity(request_ids.len());
+        for id in request_ids {
+            match self.steps(*id).await {
+                Ok(steps) if !steps.is_empty() => {
+                    out.insert(*id, steps);
+                }
+                Ok(_) | Err(StoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
     async fn get_step(&self, task_id: Uuid) -> Result<Step, StoreError>;
 
     /// Moves a step to `to` and applies `patch`, only if its status is one of `from`;

@@ -1692,6 +1692,37 @@ macro_rules! sql_store {
                 rows.iter().map(step_from_row).collect()
             }
 
+            async fn steps_of(
+                &self,
+                request_ids: &[Uuid],
+            ) -> Result<std::collections::HashMap<Uuid, Vec<Step>>, StoreError> {
+                let mut out: std::collections::HashMap<Uuid, Vec<Step>> =
+                    std::collections::HashMap::with_capacity(request_ids.len());
+                for chunk in request_ids.chunks(INSERT_CHUNK) {
+                    let mut q = QueryBuilder::<$Db>::new(concat!(
+                        "SELECT ",
+                        step_cols!(),
+                        " FROM plan_steps WHERE request_id IN ("
+                    ));
+                    let mut each = q.separated(", ");
+                    for id in chunk {
+                        each.push_bind(*id);
+                    }
+                    q.push(") ORDER BY request_id, seq");
+                    let rows = q
+                        .build()
+                        .persistent(chunk.len() == 1)
+                        .fetch_all(&self.pool)
+                        .await
+                        .map_err(db_err)?;
+                    for row in &rows {
+                        let step = step_from_row(row)?;
+                        out.entry(step.request_id).or_default().push(step);
+                    }
+                }
+                Ok(out)
+            }
+
             async fn get_step(&self, task_id: Uuid) -> Result<Step, StoreError> {
                 let row = sqlx::query(concat!(
                     "SELECT ",
