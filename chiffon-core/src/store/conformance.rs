@@ -215,9 +215,9 @@ fn assert_not_found(r: Result<impl std::fmt::Debug, StoreError>) {
     }
 }
 
-/// A request with an `n`-step plan, queued, its steps `ready`.
-async fn queued_with_ready_steps(s: &dyn Store, n: usize) -> (Request, Vec<Step>) {
-    let req = s.create_request(&new_request("ready steps")).await.unwrap();
+/// A new request queued with an `n`-step plan (its first step `ready`).
+async fn queued_with_plan(s: &dyn Store, text: &str, n: usize) -> Request {
+    let req = s.create_request(&new_request(text)).await.unwrap();
     s.transition(
         req.id,
         RequestStatus::Planning,
@@ -225,7 +225,12 @@ async fn queued_with_ready_steps(s: &dyn Store, n: usize) -> (Request, Vec<Step>
         &with_plan(plan(n)),
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// A request with an `n`-step plan, queued, its steps `ready`.
+async fn queued_with_ready_steps(s: &dyn Store, n: usize) -> (Request, Vec<Step>) {
+    let req = queued_with_plan(s, "ready steps", n).await;
     // The first became ready as the request was queued; the others are made ready too.
     let mut steps = Vec::new();
     for st in s.steps(req.id).await.unwrap() {
@@ -2572,15 +2577,7 @@ pub async fn git_backlog(h: &Harness) {
 /// did not complete moves nothing.
 pub async fn group_advance(h: &Harness) {
     let s = &*h.store;
-    let r = s.create_request(&new_request("two steps")).await.unwrap();
-    s.transition(
-        r.id,
-        RequestStatus::Planning,
-        RequestStatus::Queued,
-        &with_plan(plan(2)),
-    )
-    .await
-    .unwrap();
+    let r = queued_with_plan(s, "two steps", 2).await;
     let steps = s.steps(r.id).await.unwrap();
     let finish = |task_id, to| GroupWrite::Step {
         task_id,
@@ -2599,15 +2596,7 @@ pub async fn group_advance(h: &Harness) {
         audit: vec![audit_entry(Some(r.id), AuditEvent::Completed, n)],
     };
     // A step that failed moves nothing on.
-    let other = s.create_request(&new_request("fails")).await.unwrap();
-    s.transition(
-        other.id,
-        RequestStatus::Planning,
-        RequestStatus::Queued,
-        &with_plan(plan(2)),
-    )
-    .await
-    .unwrap();
+    let other = queued_with_plan(s, "fails", 2).await;
     let other_steps = s.steps(other.id).await.unwrap();
     let slots = s
         .commit_group(&[
@@ -2959,16 +2948,7 @@ pub async fn steps_of_several_requests(h: &Harness) {
     let s = &*h.store;
     let mut planned = Vec::new();
     for n in [2, 3] {
-        let r = s.create_request(&new_request("planned")).await.unwrap();
-        s.transition(
-            r.id,
-            RequestStatus::Planning,
-            RequestStatus::Queued,
-            &with_plan(plan(n)),
-        )
-        .await
-        .unwrap();
-        planned.push(r.id);
+        planned.push(queued_with_plan(s, "planned", n).await.id);
     }
     let bare = s.create_request(&new_request("no plan")).await.unwrap();
     let unknown = Uuid::now_v7();

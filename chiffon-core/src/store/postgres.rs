@@ -45,7 +45,6 @@ sql_store! {
     for_update: " FOR UPDATE",
     // Claimers on several instances stay off each other's rows.
     skip_locked: " FOR UPDATE SKIP LOCKED",
-    one_of_16: "= ANY($16)",
     one_of_v: "= ANY(v_from)",
     // The audit head moves in a data-modifying WITH of the entries' INSERT.
     head_in_insert: true,

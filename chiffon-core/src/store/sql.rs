@@ -6,10 +6,10 @@
 //! - placeholders: `$N` everywhere (sqlx's SQLite driver binds `$N` by number too);
 //! - SQL fragments passed to the macro: the row lock of a read-before-write
 //!   (`FOR UPDATE` / nothing: SQLite's `BEGIN IMMEDIATE` already holds the one write lock),
-//!   the claim's `SKIP LOCKED`, and "status is one of a bound list" (`= ANY($16)` / `IN
-//!   (SELECT value FROM json_each($16))`, and the same of a group's `v_from` column), and
-//!   whether the audit head may move in a data-modifying `WITH` of the entries' `INSERT`
-//!   (PostgreSQL) or in its own statement;
+//!   the claim's `SKIP LOCKED`, "status is one of the list in a group's `v_from` column"
+//!   (`= ANY(v_from)` / `IN (SELECT value FROM json_each(v_from))`), and whether the audit
+//!   head may move in a data-modifying `WITH` of the entries' `INSERT` (PostgreSQL) or in
+//!   its own statement;
 //! - items the module defines: `BEGIN_WRITE` and `BEGIN_SNAPSHOT` (the statements that open
 //!   a writing and a consistent-reading transaction), `ts`, `ts_col` and `opt_ts_col` (the
 //!   stored form of an instant: TIMESTAMPTZ, or fixed-format RFC 3339 text that sorts like
@@ -272,6 +272,12 @@ pub(super) fn batch_rows<'a, T>(
         .collect()
 }
 
+/// The audit chain's head moved while this transaction held it (a bug or a tampered
+/// database, never a race).
+pub(super) fn head_moved() -> StoreError {
+    StoreError::Corrupt("the audit chain's head moved while it was locked".into())
+}
+
 /// A write handed to the batch of another kind (a bug, not bad data).
 pub(super) fn misplaced() -> StoreError {
     StoreError::Corrupt("a group write in the batch of another kind".into())
@@ -347,7 +353,6 @@ macro_rules! sql_store {
         backend: $backend:literal,
         for_update: $for_update:literal,
         skip_locked: $skip_locked:literal,
-        one_of_16: $one_of_16:literal,
         one_of_v: $one_of_v:literal,
         head_in_insert: $head_in_insert:literal $(,)?
     ) => {
@@ -409,7 +414,7 @@ macro_rules! sql_store {
                 head: Option<(i64, String)>,
             ) -> Result<Vec<AuditEntry>, StoreError> {
                 let out = self.append_audit_guarded(tx, entries, head, false).await?;
-                out.ok_or_else(|| StoreError::Corrupt("the audit chain's head moved while it was locked".into()))
+                out.ok_or_else(head_moved)
             }
 
             /// [`Self::append_audit_in`]; `guarded`: `head` is not locked but remembered
@@ -739,9 +744,7 @@ macro_rules! sql_store {
                         return Ok(None);
                     };
                     if written.first().map(|e| e.seq) != Some(g.base + 1) {
-                        return Err(StoreError::Corrupt(
-                            "the audit chain's head moved while it was locked".into(),
-                        ));
+                        return Err(head_moved());
                     }
                     moved = written.last().map(|e| (e.seq, e.hash.clone()));
                 }
@@ -823,13 +826,9 @@ macro_rules! sql_store {
                     q.push_bind(ts(now()));
                     q.push(
                         " WHERE status = 'pending' AND seq = (SELECT MIN(p.seq) FROM plan_steps p \
-                         WHERE p.request_id = plan_steps.request_id) AND request_id IN (",
+                         WHERE p.request_id = plan_steps.request_id) AND request_id IN ",
                     );
-                    let mut each = q.separated(", ");
-                    for id in chunk {
-                        each.push_bind(*id);
-                    }
-                    q.push(")");
+                    push_ids(&mut q, chunk);
                     q.build()
                         .persistent(chunk.len() == 1)
                         .execute(&mut **tx)
@@ -840,7 +839,8 @@ macro_rules! sql_store {
             }
 
             /// One batch of a group's wave ([`super::waves`]): writes `idx`, all of `kind`, in
-            /// as few statements as the kind allows (one row alone takes the one-row form).
+            /// as few statements as the kind allows (one statement whatever the row count for
+            /// most kinds; planning claims and previews one by one).
             async fn apply_batch(
                 &self,
                 tx: &mut sqlx::Transaction<'static, $Db>,
@@ -909,12 +909,8 @@ macro_rules! sql_store {
                         }
                         self.append_logs_in(&mut **tx, &lines).await?;
                         for chunk in sent.chunks(INSERT_CHUNK) {
-                            let mut q = QueryBuilder::<$Db>::new("DELETE FROM outbox WHERE id IN (");
-                            let mut each = q.separated(", ");
-                            for id in chunk {
-                                each.push_bind(*id);
-                            }
-                            q.push(")");
+                            let mut q = QueryBuilder::<$Db>::new("DELETE FROM outbox WHERE id IN ");
+                            push_ids(&mut q, chunk);
                             q.build().execute(&mut **tx).await.map_err(db_err)?;
                         }
                         Ok(())
@@ -1118,17 +1114,9 @@ macro_rules! sql_store {
                      WHERE EXISTS (SELECT 1 FROM plan_steps WHERE task_id = v_tid \
                      AND status = 'dispatched' AND attempt = v_attempt) RETURNING id",
                 );
-                let stored: std::collections::HashSet<Uuid> = q
-                    .build()
-                    .persistent(msgs.len() == 1)
-                    .fetch_all(&mut **tx)
-                    .await
-                    .map_err(db_err)?
-                    .iter()
-                    .map(|row| col::<Uuid>(row, "id"))
-                    .collect::<Result<_, _>>()?;
+                let stored = keyed(q, &mut **tx, msgs.len(), "id", |_| Ok(())).await?;
                 for (i, m) in msgs {
-                    let slot = if stored.contains(&m.id) {
+                    let slot = if stored.contains_key(&m.id) {
                         Ok(Written::Appended)
                     } else {
                         Err(StoreError::Conflict {
@@ -1171,18 +1159,10 @@ macro_rules! sql_store {
                      AND EXISTS (SELECT 1 FROM plan_steps p WHERE p.request_id = v_rid \
                      AND p.seq = v_after AND p.status = 'completed') RETURNING request_id",
                 );
-                let advanced: std::collections::HashSet<Uuid> = q
-                    .build()
-                    .persistent(rows.len() == 1)
-                    .fetch_all(&mut **tx)
-                    .await
-                    .map_err(db_err)?
-                    .iter()
-                    .map(|row| col::<Uuid>(row, "request_id"))
-                    .collect::<Result<_, _>>()?;
+                let advanced = keyed(q, &mut **tx, rows.len(), "request_id", |_| Ok(())).await?;
                 let mut rest = Vec::with_capacity(rows.len());
                 for row in rows {
-                    if advanced.contains(&row.1) {
+                    if advanced.contains_key(&row.1) {
                         g.settle(row.0, Ok(Written::Advanced(None)), &[], None);
                     } else {
                         rest.push(row);
@@ -1339,6 +1319,16 @@ macro_rules! sql_store {
             row.try_get(name).map_err(|e| corrupt(name, e))
         }
 
+        /// Pushes `(id, id, …)` onto `q`, each id bound.
+        fn push_ids(q: &mut QueryBuilder<$Db>, ids: &[Uuid]) {
+            q.push("(");
+            let mut each = q.separated(", ");
+            for id in ids {
+                each.push_bind(*id);
+            }
+            q.push(")");
+        }
+
         /// Runs `q` (`rows` rows of input) and keys what it returns by its `key` column,
         /// each row converted by `conv`. One row keeps a cached prepared statement; more are
         /// unnamed statements (their row count varies, and would churn the cache).
@@ -1481,13 +1471,9 @@ macro_rules! sql_store {
                     let mut q = QueryBuilder::<$Db>::new(concat!(
                         "SELECT ",
                         req_cols!(),
-                        " FROM tasks WHERE id IN ("
+                        " FROM tasks WHERE id IN "
                     ));
-                    let mut each = q.separated(", ");
-                    for id in chunk {
-                        each.push_bind(*id);
-                    }
-                    q.push(")");
+                    push_ids(&mut q, chunk);
                     for row in q.build().fetch_all(&self.pool).await.map_err(db_err)? {
                         out.push(request_from_row(&row)?);
                     }
@@ -1567,9 +1553,7 @@ macro_rules! sql_store {
                     }
                     self.head.lock().unwrap_or_else(|e| e.into_inner()).missed();
                 }
-                self.commit_group_with(writes, None).await?.ok_or_else(|| {
-                    StoreError::Corrupt("the audit chain's head moved while it was locked".into())
-                })
+                self.commit_group_with(writes, None).await?.ok_or_else(head_moved)
             }
 
             async fn set_commit_id(&self, id: Uuid, commit_id: &str) -> Result<(), StoreError> {
@@ -1702,13 +1686,10 @@ macro_rules! sql_store {
                     let mut q = QueryBuilder::<$Db>::new(concat!(
                         "SELECT ",
                         step_cols!(),
-                        " FROM plan_steps WHERE request_id IN ("
+                        " FROM plan_steps WHERE request_id IN "
                     ));
-                    let mut each = q.separated(", ");
-                    for id in chunk {
-                        each.push_bind(*id);
-                    }
-                    q.push(") ORDER BY request_id, seq");
+                    push_ids(&mut q, chunk);
+                    q.push(" ORDER BY request_id, seq");
                     let rows = q
                         .build()
                         .persistent(chunk.len() == 1)

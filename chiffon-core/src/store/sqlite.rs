@@ -52,7 +52,6 @@ sql_store! {
     for_update: "",
     // One writer at a time: nobody else can hold a row.
     skip_locked: "",
-    one_of_16: "IN (SELECT value FROM json_each($16))",
     one_of_v: "IN (SELECT value FROM json_each(v_from))",
     // No data-modifying WITH: the head moves in its own statement.
     head_in_insert: false,

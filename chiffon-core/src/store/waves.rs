@@ -3,8 +3,8 @@
 //!
 //! A group holds the writes of many callers, each a short sequence (a result and the
 //! `Advance` after it, a dispatch's marks and their outbox messages). Applied one by one they
-//! cost a round trip or two each, and the group writer (one at a time, holding the audit
-//! chain's head) spends its time waiting on them. Writes that touch different requests and
+//! cost a round trip or two each, and the group writer (one group at a time) spends its
+//! time waiting on them. Writes that touch different requests and
 //! steps do not depend on each other, so their order inside the group does not matter: a
 //! write goes into the first wave after every earlier write it depends on, and each wave
 //! changes all its rows of one kind in one multi-row statement.
