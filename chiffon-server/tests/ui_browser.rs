@@ -12,6 +12,7 @@
 //! Without them the test is skipped, except under `CI=true`, where it fails.
 
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -80,6 +81,11 @@ struct Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        // The browser is chromedriver's child in chromedriver's own process group: the whole
+        // group goes, so a browser whose session did not end cleanly is not left running.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.driver.id())])
+            .status();
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
@@ -90,6 +96,7 @@ impl Browser {
         let port = free_port();
         let driver = Command::new(chromedriver)
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

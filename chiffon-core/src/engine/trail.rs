@@ -41,11 +41,20 @@ const SETTLE_RECENT: Duration = Duration::from_secs(10);
 /// Requests waiting in memory for the writer; beyond this they wait in the store.
 const QUEUE: usize = GIT_BATCH * 4;
 
+/// How long the writer waits for more ended requests after the first one before it writes
+/// a batch (unless the batch fills up or someone waits for a commit id): a pack, a branch
+/// move and an fsync cost about the same for one record as for many, and their CPU
+/// competes with the requests still running. Requests ending one at a time share a batch
+/// instead of each paying for one.
+const LINGER: Duration = Duration::from_millis(50);
+
 pub(super) enum TrailJob {
     /// A request this instance just ended.
     Ended(Box<Request>),
     /// Write everything waiting, the store's backlog included, then answer.
     Flush(oneshot::Sender<()>),
+    /// Someone waits for a commit id: write what is waiting now, without lingering.
+    Hurry,
 }
 
 impl Engine {
@@ -76,10 +85,15 @@ impl Engine {
     /// answers the request as it is.
     pub async fn settled(&self, id: Uuid, limit: Duration) -> Result<Request, EngineError> {
         let deadline = tokio::time::Instant::now() + limit;
+        let mut hurried = false;
         loop {
             let r = self.get_request(id).await?;
             if !self.awaits_commit(&r) || tokio::time::Instant::now() >= deadline {
                 return Ok(r);
+            }
+            if !hurried {
+                hurried = true;
+                let _ = self.trail().try_send(TrailJob::Hurry);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -320,6 +334,7 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<TrailJob>) {
             }
         }
         TrailJob::Flush(done) => flushes.push(done),
+        TrailJob::Hurry => {}
     };
     loop {
         if waiting.is_empty() && flushes.is_empty() {
@@ -331,11 +346,22 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<TrailJob>) {
                 _ = tokio::time::sleep_until(next_scan) => {}
             }
         }
+        // More ended requests for the same batch: those already queued, then those that
+        // end within the linger (a hurry, a flush or a full batch ends it).
+        let linger = tokio::time::Instant::now() + LINGER;
         while waiting.len() < GIT_BATCH {
-            match rx.try_recv() {
-                Ok(job) => take(job, &mut waiting, &mut queued, &mut flushes),
-                Err(_) => break,
+            let job = match rx.try_recv() {
+                Ok(job) => job,
+                Err(_) if waiting.is_empty() || !flushes.is_empty() => break,
+                Err(_) => match tokio::time::timeout_at(linger, rx.recv()).await {
+                    Ok(Some(job)) => job,
+                    Ok(None) | Err(_) => break,
+                },
+            };
+            if matches!(job, TrailJob::Hurry) {
+                break;
             }
+            take(job, &mut waiting, &mut queued, &mut flushes);
         }
         let Some(inner) = inner.upgrade() else {
             return;
