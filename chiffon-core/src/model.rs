@@ -335,6 +335,10 @@ pub struct RequestPatch {
     pub approval_comment: Option<String>,
     pub error: Option<ErrorPayload>,
     pub commit_id: Option<String>,
+    /// With a plan stored as the request is queued: the task id its first step is stored
+    /// under (the engine marks that step dispatched in the same group commit, so it needs
+    /// the id first). Otherwise the store chooses every step's id.
+    pub first_step_id: Option<Uuid>,
     /// Audit entries for the decision this change records, appended to the audit log in the
     /// same transaction: the change and its entries are stored together or not at all (a
     /// change that loses its race leaves no entry behind).

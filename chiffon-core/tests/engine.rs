@@ -485,6 +485,7 @@ both_backends!(
     planning_a_dead_instance_held_resumes_when_its_lease_lapses,
     a_crash_between_commit_and_status_keeps_the_one_commit,
     a_crash_between_mark_and_publish_is_relayed_from_the_outbox,
+    an_auto_approved_first_step_goes_straight_to_its_agent,
 );
 
 async fn approve_runs_to_completion_with_audit_and_commit(backend: &str) {
@@ -2461,4 +2462,92 @@ async fn a_crash_between_mark_and_publish_is_relayed_from_the_outbox(backend: &s
     }
     assert_eq!(left, 0, "the outbox is emptied");
     stop.cancel();
+}
+
+/// An auto-approved plan's first step, needing no agent chosen for it, is dispatched in the
+/// transaction that queues the plan and published at once: it reaches its agent's queue with
+/// no dispatcher running (this engine is never run), the request `running`, its entries in
+/// order. The step after it waits, pending.
+async fn an_auto_approved_first_step_goes_straight_to_its_agent(backend: &str) {
+    let Some((store, transport, _url, _guard)) = raw_backend(backend).await else {
+        return;
+    };
+    transport.declare_topology().await.unwrap();
+    let queue = transport.topology().agent_queue("infrastructure");
+    let mut work = transport
+        .consume(&queue, ConsumeOptions { prefetch: 4 })
+        .await
+        .unwrap();
+    let cat = catalog();
+    let git = tempfile::tempdir().unwrap();
+    let engine = Engine::new(EngineParts {
+        store: store.clone(),
+        transport: transport.clone(),
+        planner: Arc::new(ListPlanner {
+            catalog: cat.clone(),
+        }),
+        catalog: cat,
+        git: Some(Arc::new(GitTrail::open_or_init(git.path()).unwrap())),
+        config: test_config(|c| c.approval.auto_approve_max_cost_usd = Some(0.5)),
+    });
+    let r = engine
+        .submit(SubmitRequest {
+            text: "auto_ok, auto_ok".into(),
+            requester: Some("alice".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(20), work.next())
+        .await
+        .expect("the first step reaches its agent without a dispatcher")
+        .unwrap()
+        .unwrap();
+    let env = d.parse().unwrap();
+    d.ack().await.unwrap();
+    let Message::WorkRequest(w) = env.body else {
+        panic!("not a work request: {:?}", env.body)
+    };
+    assert_eq!(env.request_id, Some(r.id));
+    assert_eq!((w.action.as_str(), w.attempt), ("auto_ok", 1));
+    let view = engine.get(r.id).await.unwrap();
+    assert_eq!(view.request.status, RequestStatus::Running);
+    assert_eq!(
+        view.request.approver.as_deref(),
+        Some("policy:auto_approve_under_0.5_usd")
+    );
+    assert_eq!(view.steps[0].task_id, w.task_id);
+    assert_eq!(view.steps[0].status, StepStatus::Dispatched);
+    assert_eq!(view.steps[0].attempt, 1);
+    assert_eq!(view.steps[0].queue.as_deref(), Some(queue.as_str()));
+    assert_eq!(view.steps[1].status, StepStatus::Pending);
+    let events: Vec<String> = engine
+        .audit_log(Some(r.id), 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event)
+        .collect();
+    let at = |name: &str| {
+        events
+            .iter()
+            .position(|e| e == name)
+            .unwrap_or_else(|| panic!("no {name} in {events:?}"))
+    };
+    assert!(at("received") < at("planned"), "{events:?}");
+    assert!(at("planned") < at("auto_approved"), "{events:?}");
+    assert!(at("auto_approved") < at("dispatched"), "{events:?}");
+    // Its outbox row goes once the broker confirmed the message.
+    for _ in 0..100 {
+        if store
+            .outbox_due(chrono::Utc::now() + chrono::TimeDelta::hours(1), 10)
+            .await
+            .unwrap()
+            .is_empty()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the outbox row of a published message stayed");
 }

@@ -641,21 +641,21 @@ impl Engine {
                     event: AuditEvent::AutoApproved,
                     details: json!({ "rule": rule, "estimated_cost_usd": plan.estimated_cost_usd }),
                 });
+                // Queued with its first step dispatched when it can go straight to its
+                // agent type's queue, else ready for the dispatcher (one transaction either
+                // way); a plan without steps has nothing to run and ends now.
+                let first = plan
+                    .steps
+                    .first()
+                    .and_then(|s| self.dispatch_first(&request, s));
                 let patch = RequestPatch {
                     plan: Some(plan),
                     approver: Some(format!("policy:{rule}")),
                     audit,
                     ..Default::default()
                 };
-                // Queued with its first step ready (one transaction); a plan without steps
-                // has nothing to run and ends now.
                 if let Ok(queued) = self
-                    .set_status(
-                        request.id,
-                        RequestStatus::Planning,
-                        RequestStatus::Queued,
-                        patch,
-                    )
+                    .queue_planned(request.id, RequestStatus::Planning, patch, first)
                     .await
                 {
                     if queued.plan.as_ref().is_none_or(|p| p.steps.is_empty()) {

@@ -13,6 +13,7 @@
 //!   current attempt while it is `dispatched`/`running`, so duplicates never apply twice.
 //! - Every decision is appended to the audit log.
 
+mod dispatch;
 mod events;
 pub mod gate;
 mod lifecycle;

@@ -1,14 +1,13 @@
 //! The engine's background work: intake, results, dispatch, timeouts, expiry, repair.
 
 use crate::audit::AuditEvent;
-use crate::model::{GroupWrite, OutboxMessage};
+use crate::model::GroupWrite;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use chiffon_protocol::{
-    Cancel, Envelope, ErrorCode, ErrorPayload, Message, TaskState, WorkRequest, WorkResult,
-    WorkStatus,
+    Cancel, Envelope, ErrorCode, ErrorPayload, Message, TaskState, WorkResult, WorkStatus,
 };
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
@@ -17,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::model::{
-    AgentRecord, NewAuditEntry, NewLogLine, RequestFilter, RequestPatch, RequestStatus, StepPatch,
-    StepStatus, Written,
+    NewAuditEntry, NewLogLine, RequestFilter, RequestPatch, RequestStatus, StepPatch, StepStatus,
+    Written,
 };
 use crate::transport::{ConsumeOptions, Delivery};
 
@@ -26,8 +25,6 @@ use crate::transport::{ConsumeOptions, Delivery};
 const OUTPUT_TAIL: usize = 16 * 1024;
 /// An outbox message this old was not published by its dispatcher: the relay sends it.
 pub(super) const OUTBOX_AFTER: Duration = Duration::from_secs(10);
-/// How long a claim on a ready step lasts before another instance may take it.
-const CLAIM_LEASE: Duration = Duration::from_secs(30);
 /// A request `planning` this long was interrupted and is planned again.
 const STALE_PLANNING: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 /// Queued/running requests untouched this long are reconciled by the sweeper.
@@ -141,21 +138,6 @@ impl Drop for TurnDone {
             last.remove(&self.task);
         }
     }
-}
-
-/// A claimed step marked dispatched, its `work_request` not yet published.
-struct Outgoing {
-    step: Step,
-    request_id: Uuid,
-    queue: String,
-    agent_id: Option<String>,
-    /// The agent's own broker user, for an attempt sent to its own queue.
-    bound_user: Option<String>,
-    needs: bool,
-    attempt: u32,
-    now: DateTime<Utc>,
-    timeout: Duration,
-    env: Envelope,
 }
 
 /// Handles a consumer's deliveries, up to `limit` at once, until `stop` is cancelled.
@@ -984,349 +966,6 @@ impl Engine {
         .delay(attempt)
     }
 
-    /// Dispatch rounds until no more ready steps are claimable.
-    async fn dispatch_all(&self) -> Result<(), EngineError> {
-        loop {
-            let (claimed, _) = self.dispatch_round().await?;
-            if claimed < self.inner.config.dispatch.batch as usize {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Claims ready steps (oldest first) and dispatches each to an agent with room. Steps
-    /// that need resources no fresh heartbeat shows are released, and so are the
-    /// resource-needing steps after them, so capacity goes to them in arrival order.
-    /// Returns (claimed, dispatched).
-    pub(super) async fn dispatch_round(&self) -> Result<(usize, usize), EngineError> {
-        let cfg = &self.inner.config.dispatch;
-        let owner = &self.inner.config.instance_id;
-        let steps = self
-            .inner
-            .store
-            .claim_ready_steps(owner, cfg.batch, CLAIM_LEASE)
-            .await?;
-        if steps.is_empty() {
-            return Ok((0, 0));
-        }
-        let claimed = steps.len();
-        let needs_agents = steps
-            .iter()
-            .any(|s| s.resources.gpu || s.resources.memory_gb > 0.0 || s.agent_type == "desktop");
-        let mut agents: Vec<AgentRecord> = if needs_agents {
-            let fresh = Utc::now() - chrono_dur(cfg.heartbeat_max_age);
-            self.inner
-                .store
-                .agents()
-                .await?
-                .into_iter()
-                .filter(|a| a.last_seen >= fresh)
-                .collect()
-        } else {
-            Vec::new()
-        };
-        // A heartbeat older than a dispatch does not show what that dispatch takes yet.
-        if let (true, Ok(mut reserved)) = (needs_agents, self.inner.reservations.lock()) {
-            // Agents gone silent no longer get work; forget what was promised to them.
-            reserved
-                .retain(|id, list| !list.is_empty() && agents.iter().any(|a| &a.agent_id == id));
-            for a in agents.iter_mut() {
-                if let Some(list) = reserved.get_mut(&a.agent_id) {
-                    list.retain(|(_, _, at)| *at > a.last_seen);
-                    if let Some(m) = a.heartbeat.memory.as_mut() {
-                        m.used_gb += list.iter().map(|r| r.1).sum::<f64>();
-                    }
-                    a.heartbeat.running_tasks += list.len() as u32;
-                }
-            }
-        }
-        // The claimed steps' requests, read together.
-        let mut ids: Vec<Uuid> = steps.iter().map(|s| s.request_id).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let requests: HashMap<Uuid, Request> = self
-            .inner
-            .store
-            .get_requests(&ids)
-            .await?
-            .into_iter()
-            .map(|r| (r.id, r))
-            .collect();
-        let mut blocked = false;
-        let mut outgoing: Vec<Outgoing> = Vec::with_capacity(claimed);
-        let topology = self.inner.transport.topology().clone();
-        // An error once a step is marked `dispatched` must not strand it, nor the steps
-        // marked before it: the loop stops, what is marked is published, then the error is
-        // returned.
-        let mut failure: Option<EngineError> = None;
-        for step in steps {
-            let Some(request) = requests.get(&step.request_id).cloned() else {
-                // Its request is gone: the claim lapses and nothing runs.
-                continue;
-            };
-            if !matches!(
-                request.status,
-                RequestStatus::Queued | RequestStatus::Running
-            ) {
-                let patch = StepPatch {
-                    finished_at: Some(Utc::now()),
-                    ..Default::default()
-                };
-                let _ = self
-                    .inner
-                    .store
-                    .update_step(
-                        step.task_id,
-                        &[StepStatus::Ready],
-                        StepStatus::Skipped,
-                        &patch,
-                    )
-                    .await;
-                continue;
-            }
-            let needs = step.resources.gpu
-                || step.resources.memory_gb > 0.0
-                || step.agent_type == "desktop";
-            let (queue, agent_id, bound_user) = if needs {
-                let chosen = if blocked {
-                    None
-                } else {
-                    crate::scheduler::choose_agent(&mut agents, &step)
-                };
-                match chosen {
-                    Some(a) => {
-                        // A queue of that agent's own: the attempt is bound to its broker
-                        // user from the start, so no other agent can report on it.
-                        let (q, own) = if step.agent_type == "desktop" {
-                            (topology.desktop_queue(&a.hostname), true)
-                        } else {
-                            match &a.heartbeat.queue {
-                                Some(q) if *q != topology.agent_queue(&step.agent_type) => {
-                                    (q.clone(), true)
-                                }
-                                _ => (topology.agent_queue(&step.agent_type), false),
-                            }
-                        };
-                        let bound = if own { a.broker_user.clone() } else { None };
-                        (q, Some(a.agent_id.clone()), bound)
-                    }
-                    None => {
-                        blocked = true;
-                        if let Err(e) = self.inner.store.release_step(step.task_id, owner).await {
-                            failure = Some(e.into());
-                            break;
-                        }
-                        continue;
-                    }
-                }
-            } else {
-                (topology.agent_queue(&step.agent_type), None, None)
-            };
-            let now = Utc::now();
-            let timeout = self
-                .inner
-                .catalog
-                .actions
-                .get(&step.action)
-                .and_then(|a| a.timeout_seconds)
-                .map(Duration::from_secs)
-                .unwrap_or(cfg.step_timeout);
-            let attempt = step.attempt + 1;
-            let work = WorkRequest {
-                agent_type: step.agent_type.clone(),
-                task_id: step.task_id,
-                action: step.action.clone(),
-                parameters: step.parameters.clone(),
-                resources_required: step.resources.clone(),
-                dry_run: request.dry_run,
-                attempt,
-                timeout_seconds: Some(timeout.as_secs().max(1)),
-            };
-            let env = Envelope::new(
-                request.trace_id.clone(),
-                Some(request.id),
-                Message::WorkRequest(work),
-            );
-            outgoing.push(Outgoing {
-                step,
-                request_id: request.id,
-                queue,
-                agent_id,
-                bound_user,
-                needs,
-                attempt,
-                now,
-                timeout,
-                env,
-            });
-        }
-        // Every mark in one group commit, each with its `dispatched` entry, and the
-        // requests' first steps moving them to `running`: no transaction per step.
-        let mut writes: Vec<GroupWrite> = outgoing
-            .iter()
-            .map(|o| GroupWrite::Step {
-                task_id: o.step.task_id,
-                from: vec![StepStatus::Ready],
-                to: StepStatus::Dispatched,
-                patch: Box::new(StepPatch {
-                    attempt: Some(o.attempt),
-                    // A queue of an agent's own: the attempt is bound to its broker user in
-                    // the mark itself, so it is never published unbound.
-                    reported_by: o.bound_user.clone(),
-                    queue: Some(o.queue.clone()),
-                    agent_id: o.agent_id.clone(),
-                    dispatched_at: Some(o.now),
-                    deadline_at: Some(o.now + chrono_dur(o.timeout)),
-                    ..Default::default()
-                }),
-                logs: Vec::new(),
-                audit: vec![NewAuditEntry {
-                    request_id: Some(o.request_id),
-                    actor: self.inner.config.instance_id.clone(),
-                    event: AuditEvent::Dispatched,
-                    details: json!({ "task_id": o.step.task_id, "seq": o.step.seq, "action": o.step.action, "queue": o.queue, "agent_id": o.agent_id, "attempt": o.attempt }),
-                }],
-            })
-            .collect();
-        let marks = writes.len();
-        // Each message goes into the outbox with its mark: a crash before the publish
-        // leaves it there for the relay ([`Engine::relay_outbox`]), not a step `dispatched`
-        // with no message anywhere until its deadline.
-        let mut unsendable = Vec::new();
-        for o in &outgoing {
-            match serde_json::to_string(&o.env) {
-                Ok(body) => writes.push(GroupWrite::Send(OutboxMessage {
-                    id: o.env.message_id,
-                    task_id: o.step.task_id,
-                    attempt: o.attempt,
-                    queue: o.queue.clone(),
-                    body,
-                    created_at: o.now,
-                })),
-                Err(e) => unsendable.push((o.step.task_id, e.to_string())),
-            }
-        }
-        let sends = writes.len() - marks;
-        let mut starting: Vec<Uuid> = outgoing
-            .iter()
-            .filter(|o| {
-                requests
-                    .get(&o.request_id)
-                    .is_some_and(|r| r.status == RequestStatus::Queued)
-            })
-            .map(|o| o.request_id)
-            .collect();
-        starting.sort_unstable();
-        starting.dedup();
-        writes.extend(starting.iter().map(|id| GroupWrite::Transition {
-            id: *id,
-            from: RequestStatus::Queued,
-            to: RequestStatus::Running,
-            patch: Box::default(),
-        }));
-        let written = self.group_writes(writes).await;
-        let (marked, rest) = written.split_at(marks);
-        let started = &rest[sends..];
-        for (task, e) in unsendable {
-            tracing::error!(task = %task, error = %e, "a work message could not be stored in the outbox; it is published without it");
-        }
-        for (id, r) in starting.iter().zip(started) {
-            match r {
-                Ok(Written::Request(r)) => self.changed(r),
-                Ok(_) | Err(StoreError::Conflict { .. }) => {}
-                // The step is marked: it is published whatever the request's status says
-                // (a result ends a `queued` request as well as a `running` one).
-                Err(e) => {
-                    tracing::warn!(error = %e, request = %id, "could not mark the request running; its step is dispatched anyway")
-                }
-            }
-        }
-        let mut ready = Vec::with_capacity(outgoing.len());
-        for (o, m) in outgoing.into_iter().zip(marked) {
-            match m {
-                Ok(_) => {}
-                // Someone else moved it on (cancelled, another instance).
-                Err(StoreError::Conflict { .. }) => continue,
-                Err(e) => {
-                    if failure.is_none() {
-                        failure = Some(EngineError::Store(super::lifecycle::each_waiter(e)));
-                    }
-                    continue;
-                }
-            }
-            ready.push(o);
-        }
-        let outgoing = ready;
-        // Every marked step's message at once: the broker confirms them together, instead
-        // of one round trip per step.
-        let published =
-            futures::future::join_all(outgoing.iter().map(|o| self.publish_to(&o.queue, &o.env)))
-                .await;
-        let mut dispatched = 0;
-        // Outbox rows done with: confirmed by the broker, or their steps ready again.
-        let mut done: Vec<Uuid> = Vec::with_capacity(outgoing.len());
-        for (o, sent) in outgoing.into_iter().zip(published) {
-            let Outgoing {
-                step,
-                request_id,
-                agent_id,
-                needs,
-                now,
-                env,
-                ..
-            } = o;
-            if let Err(e) = sent {
-                // Not published: make it ready again (the attempt stays counted).
-                match self.unmark_dispatched(step.task_id, now).await {
-                    Ok(()) => {
-                        done.push(env.message_id);
-                        tracing::warn!(error = %e, task = %step.task_id, "dispatch publish failed; will retry")
-                    }
-                    Err(store) => {
-                        tracing::error!(error = %e, %store, task = %step.task_id, "dispatch publish failed and the step could not be made ready again; the outbox relay publishes it")
-                    }
-                }
-                continue;
-            }
-            done.push(env.message_id);
-            dispatched += 1;
-            if let (Some(agent), true) = (&agent_id, needs) {
-                if let Ok(mut reserved) = self.inner.reservations.lock() {
-                    reserved.entry(agent.clone()).or_default().push((
-                        step.task_id,
-                        step.resources.memory_gb,
-                        now,
-                    ));
-                }
-            }
-            self.inner
-                .metrics
-                .dispatched
-                .fetch_add(1, Ordering::Relaxed);
-            self.inner.events.publish(EngineEvent::Step {
-                request_id,
-                task_id: step.task_id,
-                seq: step.seq,
-                status: StepStatus::Dispatched,
-                at: now,
-            });
-        }
-        if !done.is_empty() {
-            // Not waited for: a row left behind is found by the relay, which sees its step
-            // moved on (or publishes a copy the agent and the engine recognise).
-            let engine = self.clone();
-            self.inner.tasks.spawn(async move {
-                if let Err(e) = engine.group_write(GroupWrite::Sent(done)).await {
-                    tracing::warn!(error = %e, "sent messages not cleared from the outbox; the relay clears them");
-                }
-            });
-        }
-        match failure {
-            Some(e) => Err(e),
-            None => Ok((claimed, dispatched)),
-        }
-    }
-
     /// Publishes what the outbox still holds after [`OUTBOX_AFTER`]: messages whose step is
     /// still `dispatched` with their attempt (a crash came between the commit and the
     /// publish, or the publish failed and the step could not be made ready again); the
@@ -1372,35 +1011,6 @@ impl Engine {
             self.group_write(GroupWrite::Sent(done)).await?;
         }
         Ok(())
-    }
-
-    /// Makes a step marked `dispatched` but never published `ready` again (after a second;
-    /// the attempt stays counted). The broker and the database often fail together, so an
-    /// outage is retried: the step must not stay `dispatched` with no message anywhere
-    /// (only its timeout would free it). Someone else having moved it on is fine.
-    async fn unmark_dispatched(
-        &self,
-        task_id: Uuid,
-        ready_at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        let back = StepPatch {
-            not_before: Some(Utc::now() + chrono::TimeDelta::seconds(1)),
-            ready_at: Some(ready_at),
-            ..Default::default()
-        };
-        match crate::engine::with_store_retry(|| {
-            self.inner.store.update_step(
-                task_id,
-                &[StepStatus::Dispatched],
-                StepStatus::Ready,
-                &back,
-            )
-        })
-        .await
-        {
-            Ok(_) | Err(StoreError::Conflict { .. }) => Ok(()),
-            Err(e) => Err(e),
-        }
     }
 
     /// Publishes to a queue, declaring it first (once per process) so a direct exchange

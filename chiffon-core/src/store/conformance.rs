@@ -97,6 +97,7 @@ macro_rules! store_conformance_tests {
             list_filter_order,
             step_updates,
             steps_of_several_requests,
+            queued_with_its_first_step_dispatched,
             concurrent_claims,
             claim_respects_not_before_and_lease,
             release_step,
@@ -2965,6 +2966,114 @@ pub async fn steps_of_several_requests(h: &Harness) {
         [0, 1, 2]
     );
     assert!(s.steps_of(&[]).await.unwrap().is_empty());
+}
+
+/// A plan queued with the id of its first step chosen by the caller, that step marked
+/// dispatched with its message in the outbox and the request running, in one group commit:
+/// all of it applies, in that order, and the step never shows as claimable. Without the
+/// queued plan (a request no longer planning) none of it applies.
+pub async fn queued_with_its_first_step_dispatched(h: &Harness) {
+    let s = &*h.store;
+    let group = |id: Uuid, first: Uuid| {
+        let now = Utc::now();
+        vec![
+            GroupWrite::Transition {
+                id,
+                from: RequestStatus::Planning,
+                to: RequestStatus::Queued,
+                patch: Box::new(RequestPatch {
+                    first_step_id: Some(first),
+                    audit: vec![audit_entry(Some(id), AuditEvent::AutoApproved, 1)],
+                    ..with_plan(plan(2))
+                }),
+            },
+            GroupWrite::Step {
+                task_id: first,
+                from: vec![StepStatus::Ready],
+                to: StepStatus::Dispatched,
+                patch: Box::new(StepPatch {
+                    attempt: Some(1),
+                    queue: Some("agent.infrastructure".into()),
+                    dispatched_at: Some(now),
+                    deadline_at: Some(now + ChronoDuration::minutes(5)),
+                    ..Default::default()
+                }),
+                logs: vec![],
+                audit: vec![audit_entry(Some(id), AuditEvent::Dispatched, 2)],
+            },
+            GroupWrite::Send(OutboxMessage {
+                id: Uuid::now_v7(),
+                task_id: first,
+                attempt: 1,
+                queue: "agent.infrastructure".into(),
+                body: "{}".into(),
+                created_at: now - ChronoDuration::seconds(60),
+            }),
+            GroupWrite::Transition {
+                id,
+                from: RequestStatus::Queued,
+                to: RequestStatus::Running,
+                patch: Box::default(),
+            },
+        ]
+    };
+    let req = s
+        .create_request(&new_request("straight to its agent"))
+        .await
+        .unwrap();
+    let first = Uuid::now_v7();
+    let slots = s.commit_group(&group(req.id, first)).await.unwrap();
+    assert!(slots.iter().all(Result::is_ok), "{slots:?}");
+    assert_eq!(
+        s.get_request(req.id).await.unwrap().status,
+        RequestStatus::Running
+    );
+    let steps = s.steps(req.id).await.unwrap();
+    assert_eq!(steps.len(), 2);
+    assert_eq!(steps[0].task_id, first);
+    assert_eq!(
+        (steps[0].status, steps[0].attempt),
+        (StepStatus::Dispatched, 1)
+    );
+    assert_ne!(steps[1].task_id, first);
+    assert_eq!(steps[1].status, StepStatus::Pending);
+    assert!(s
+        .claim_ready_steps("other", 10, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_empty());
+    let due = s.outbox_due(Utc::now(), 10).await.unwrap();
+    assert_eq!(due.iter().map(|m| m.task_id).collect::<Vec<_>>(), [first]);
+    let events: Vec<String> = s
+        .audit_log(Some(req.id), 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event)
+        .collect();
+    assert_eq!(events, ["auto_approved", "dispatched"]);
+
+    // Cancelled while it was planned: nothing is queued, marked or sent.
+    let gone = s
+        .create_request(&new_request("cancelled first"))
+        .await
+        .unwrap();
+    s.transition(
+        gone.id,
+        RequestStatus::Planning,
+        RequestStatus::Cancelled,
+        &RequestPatch::default(),
+    )
+    .await
+    .unwrap();
+    let slots = s
+        .commit_group(&group(gone.id, Uuid::now_v7()))
+        .await
+        .unwrap();
+    assert!(slots.iter().all(Result::is_err), "{slots:?}");
+    assert!(s.steps(gone.id).await.unwrap().is_empty());
+    assert_eq!(s.outbox_due(Utc::now(), 10).await.unwrap().len(), 1);
+    assert!(s.verify_audit().await.unwrap().ok);
 }
 
 /// Outbox messages are stored only with their step's mark (dispatched, that attempt),

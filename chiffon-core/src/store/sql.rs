@@ -763,16 +763,19 @@ macro_rules! sql_store {
             async fn insert_steps_in(
                 &self,
                 tx: &mut sqlx::Transaction<'static, $Db>,
-                plans: &[(Uuid, &Plan, bool)],
+                plans: &[(Uuid, &Plan, bool, Option<Uuid>)],
             ) -> Result<(), StoreError> {
                 let ready_at = ts(now());
-                let rows: Vec<(Uuid, usize, &PlanStep, bool)> = plans
+                let rows: Vec<(Uuid, usize, &PlanStep, bool, Uuid)> = plans
                     .iter()
-                    .flat_map(|(id, plan, ready_now)| {
-                        plan.steps
-                            .iter()
-                            .enumerate()
-                            .map(move |(seq, s)| (*id, seq, s, *ready_now && seq == 0))
+                    .flat_map(|(id, plan, ready_now, first)| {
+                        plan.steps.iter().enumerate().map(move |(seq, s)| {
+                            let task = match (seq, first) {
+                                (0, Some(first)) => *first,
+                                _ => Uuid::now_v7(),
+                            };
+                            (*id, seq, s, *ready_now && seq == 0, task)
+                        })
                     })
                     .collect();
                 for chunk in rows.chunks(INSERT_CHUNK) {
@@ -780,8 +783,8 @@ macro_rules! sql_store {
                         "INSERT INTO plan_steps (task_id, request_id, seq, action, parameters, \
                          agent_type, resources, status, ready_at) ",
                     );
-                    q.push_values(chunk, |mut b, (id, seq, s, ready)| {
-                        b.push_bind(Uuid::now_v7())
+                    q.push_values(chunk, |mut b, (id, seq, s, ready, task)| {
+                        b.push_bind(*task)
                             .push_bind(*id)
                             .push_bind(*seq as i64)
                             .push_bind(&s.action)
@@ -1036,7 +1039,7 @@ macro_rules! sql_store {
                     if slot.is_ok() {
                         let ready_now = *to == RequestStatus::Queued;
                         match &patch.plan {
-                            Some(plan) => plans.push((*id, plan, ready_now)),
+                            Some(plan) => plans.push((*id, plan, ready_now, patch.first_step_id)),
                             None if ready_now => approved.push(*id),
                             None => {}
                         }
