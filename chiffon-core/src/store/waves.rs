@@ -11,17 +11,19 @@
 //!
 //! A write depends on an earlier one that names the same request, step or message (a
 //! write's audit entries name their request too, so a request's entries keep the group's
-//! order), and the writes that read or change a request's steps by the request
-//! (`Transition`, which stores a plan or makes the first step ready, and `Advance`) depend
-//! on every earlier `Step`; inside a wave they are applied before the `Step`s, so a step
-//! change listed after them stays after them. Log lines follow the earlier writes of their
-//! step. Audit entries are appended in the order the writes are applied.
+//! order). The writes that read or change a request's existing steps by the request (an
+//! `Advance`, and a `Transition` to `queued` without a plan, which makes the first pending
+//! step ready) depend on every earlier `Step`, since a `Step` does not name its request;
+//! inside a wave they are applied before the `Step`s, so a step change listed after them
+//! stays after them. A `Transition` that stores a plan creates its steps, so it names the
+//! one step id its caller may know before (`first_step_id`). Log lines follow the earlier
+//! writes of their step. Audit entries are appended in the order the writes are applied.
 
 use std::collections::HashMap;
 
 use uuid::Uuid;
 
-use crate::model::GroupWrite;
+use crate::model::{GroupWrite, RequestStatus};
 
 /// The kinds of writes, in the order they are applied inside a wave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -78,9 +80,10 @@ fn keys(w: &GroupWrite) -> Vec<Uuid> {
 fn own_keys(w: &GroupWrite) -> Vec<Uuid> {
     match w {
         GroupWrite::Create { request, .. } => vec![request.id],
-        GroupWrite::ClaimPlanning { id, .. }
-        | GroupWrite::Transition { id, .. }
-        | GroupWrite::Commit { id, .. } => vec![*id],
+        GroupWrite::Transition { id, patch, .. } => {
+            std::iter::once(*id).chain(patch.first_step_id).collect()
+        }
+        GroupWrite::ClaimPlanning { id, .. } | GroupWrite::Commit { id, .. } => vec![*id],
         GroupWrite::Advance { request_id, .. } => vec![*request_id],
         GroupWrite::Step { task_id, .. } | GroupWrite::Preview { task_id, .. } => vec![*task_id],
         GroupWrite::Send(m) => vec![m.task_id],
@@ -92,6 +95,19 @@ fn own_keys(w: &GroupWrite) -> Vec<Uuid> {
             .map(|l| l.task_id.unwrap_or(l.request_id))
             .collect(),
         GroupWrite::Audit(entries) => entries.iter().filter_map(|e| e.request_id).collect(),
+    }
+}
+
+/// Whether a write reads or changes a request's existing steps through the request (which
+/// a `Step` does not name): an `Advance`, or a `Transition` to `queued` that makes the first
+/// pending step ready (one storing a plan creates the steps instead).
+fn by_request_steps(w: &GroupWrite) -> bool {
+    match w {
+        GroupWrite::Advance { .. } => true,
+        GroupWrite::Transition { to, patch, .. } => {
+            *to == RequestStatus::Queued && patch.plan.is_none()
+        }
+        _ => false,
     }
 }
 
@@ -124,7 +140,7 @@ pub(crate) fn plan(writes: &[GroupWrite]) -> Vec<Wave> {
             .filter_map(|k| last.get(k).map(|w| w + 1))
             .max()
             .unwrap_or(0);
-        if matches!(kind, Kind::Transition | Kind::Advance) {
+        if by_request_steps(w) {
             wave = wave.max(after_steps);
         }
         for k in keys {
@@ -203,6 +219,59 @@ mod tests {
         }
     }
 
+    /// An approval: queued, its first pending step made ready.
+    fn approval(id: Uuid) -> GroupWrite {
+        GroupWrite::Transition {
+            id,
+            from: RequestStatus::AwaitingApproval,
+            to: RequestStatus::Queued,
+            patch: Box::new(RequestPatch::default()),
+        }
+    }
+
+    /// A plan queued with its first step's id chosen, that step marked dispatched, its
+    /// message sent and the request running: one request's direct dispatch.
+    fn direct_dispatch(r: Uuid, t: Uuid) -> Vec<GroupWrite> {
+        let plan = crate::model::Plan {
+            summary: "s".into(),
+            steps: Vec::new(),
+            risks: Vec::new(),
+            estimated_cost_usd: 0.0,
+            llm_cost_usd: 0.0,
+            provider: "offline".into(),
+            model: "m".into(),
+            cached: false,
+            skipped: Vec::new(),
+        };
+        let mut mark = step(t);
+        if let Some(audit) = mark.audit_mut() {
+            audit.push(entry(r));
+        }
+        vec![
+            GroupWrite::Transition {
+                id: r,
+                from: RequestStatus::Planning,
+                to: RequestStatus::Queued,
+                patch: Box::new(RequestPatch {
+                    plan: Some(plan),
+                    first_step_id: Some(t),
+                    audit: vec![entry(r)],
+                    ..Default::default()
+                }),
+            },
+            mark,
+            GroupWrite::Send(crate::model::OutboxMessage {
+                id: Uuid::now_v7(),
+                task_id: t,
+                attempt: 1,
+                queue: "q".into(),
+                body: "{}".into(),
+                created_at: chrono::Utc::now(),
+            }),
+            transition(r),
+        ]
+    }
+
     fn entry(request: Uuid) -> NewAuditEntry {
         NewAuditEntry {
             request_id: Some(request),
@@ -234,18 +303,54 @@ mod tests {
     fn writes_naming_the_same_row_keep_their_order() {
         let t = Uuid::now_v7();
         let r = Uuid::now_v7();
-        let writes = vec![step(t), step(t), transition(r), transition(r)];
+        let writes = vec![step(t), step(t), approval(r), transition(r)];
         let waves = plan(&writes);
         assert_eq!(
             waves,
             vec![
                 vec![(Kind::Step, vec![0])],
                 vec![(Kind::Step, vec![1])],
-                // After every earlier step, then after its own first change.
+                // The approval readies a step: after every earlier step. The next change
+                // after its own first one.
                 vec![(Kind::Transition, vec![2])],
                 vec![(Kind::Transition, vec![3])],
             ]
         );
+    }
+
+    #[test]
+    fn a_status_change_that_touches_no_step_does_not_wait_for_steps() {
+        let (t, r) = (ids(2), ids(2));
+        let writes = vec![step(t[0]), transition(r[0]), step(t[1]), transition(r[1])];
+        assert_eq!(
+            plan(&writes),
+            vec![vec![
+                (Kind::Transition, vec![1, 3]),
+                (Kind::Step, vec![0, 2])
+            ]]
+        );
+    }
+
+    #[test]
+    fn direct_dispatches_of_many_requests_take_three_waves() {
+        let (t, r) = (ids(3), ids(3));
+        let writes: Vec<_> = (0..3).flat_map(|i| direct_dispatch(r[i], t[i])).collect();
+        assert_eq!(
+            plan(&writes),
+            vec![
+                vec![(Kind::Transition, vec![0, 4, 8])],
+                vec![(Kind::Step, vec![1, 5, 9])],
+                vec![
+                    (Kind::Transition, vec![3, 7, 11]),
+                    (Kind::Send, vec![2, 6, 10])
+                ],
+            ]
+        );
+        // An earlier change of the step the plan creates stays before it.
+        let mut writes = vec![step(t[0])];
+        writes.extend(direct_dispatch(r[0], t[0]));
+        assert_eq!(plan(&writes)[0], vec![(Kind::Step, vec![0])]);
+        assert_eq!(plan(&writes)[1], vec![(Kind::Transition, vec![1])]);
     }
 
     #[test]
