@@ -258,6 +258,10 @@ pub(super) struct Inner {
     pub git_busy_since: Arc<Mutex<Option<std::time::Instant>>>,
     /// Requests this instance is planning now.
     pub planning_now: Mutex<std::collections::HashSet<Uuid>>,
+    /// Requests someone waits on in [`Engine::wait_until`] (how many waiters), with the
+    /// newest version this instance stored: a waiter told of the status it waits for takes
+    /// it from here instead of reading it back.
+    pub waited: Mutex<std::collections::HashMap<Uuid, (usize, Option<Request>)>>,
     /// Memory promised to agents by dispatches their last heartbeat cannot show yet:
     /// agent id → (task, GiB, dispatched at).
     pub reservations: Mutex<std::collections::HashMap<String, Vec<Reservation>>>,
@@ -312,6 +316,7 @@ impl Engine {
                 declared: Mutex::new(Default::default()),
                 reservations: Mutex::new(Default::default()),
                 planning_now: Mutex::new(Default::default()),
+                waited: Mutex::new(Default::default()),
                 group_writer: std::sync::OnceLock::new(),
                 git_writer: std::sync::OnceLock::new(),
                 git_busy_since: Arc::new(Mutex::new(None)),
@@ -1219,19 +1224,54 @@ impl Engine {
     }
 
     /// Waits until the request is in a terminal status (or `statuses` if given), following
-    /// its events; re-reads the store so nothing is missed between reads.
+    /// its events. Reads the store first, and again after a missed event or no news for a
+    /// while (another instance may have moved it), so nothing is missed; a wanted status
+    /// this instance stored and announced is answered with the version it stored.
     pub async fn wait_until(
         &self,
         id: Uuid,
         statuses: &[RequestStatus],
     ) -> Result<Request, EngineError> {
+        // Registered before the first read: a change stored after it is kept for us.
+        struct Waiting<'a>(&'a Inner, Uuid);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                let mut w = self.0.waited.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(slot) = w.get_mut(&self.1) {
+                    slot.0 -= 1;
+                    if slot.0 == 0 {
+                        w.remove(&self.1);
+                    }
+                }
+            }
+        }
+        self.inner
+            .waited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id)
+            .or_insert((0, None))
+            .0 += 1;
+        let _waiting = Waiting(&self.inner, id);
         let mut rx = self.subscribe(id);
         let wanted = |s: &RequestStatus| s.is_terminal() || statuses.contains(s);
+        let mut told = None;
         loop {
-            let r = self.get_request(id).await?;
+            // The version this instance stored with the status it announced, else the store's.
+            let stored = told.and_then(|status| {
+                let w = self.inner.waited.lock().unwrap_or_else(|e| e.into_inner());
+                w.get(&id)
+                    .and_then(|slot| slot.1.clone())
+                    .filter(|r| r.status == status)
+            });
+            let r = match stored {
+                Some(r) => r,
+                None => self.get_request(id).await?,
+            };
             if wanted(&r.status) {
                 return Ok(r);
             }
+            told = None;
             // Read the request again only when its status may be one we wait for: a status
             // event naming one, a missed event (lagged or closed), or no news for a while
             // (another instance may have moved it). Step, output and progress events and
@@ -1239,7 +1279,10 @@ impl Engine {
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
             loop {
                 match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Ok(EngineEvent::Status { status, .. })) if wanted(&status) => break,
+                    Ok(Ok(EngineEvent::Status { status, .. })) if wanted(&status) => {
+                        told = Some(status);
+                        break;
+                    }
                     Ok(Ok(_)) => continue,
                     Ok(Err(broadcast::error::RecvError::Lagged(_))) | Err(_) => break,
                     Ok(Err(broadcast::error::RecvError::Closed)) => {
@@ -1317,6 +1360,15 @@ impl Engine {
 
     /// Tells notifiers and live events about a status change this instance stored.
     pub(super) fn changed(&self, updated: &Request) {
+        if let Some(slot) = self
+            .inner
+            .waited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&updated.id)
+        {
+            slot.1 = Some(updated.clone());
+        }
         // No receiver (no notifier configured) is fine.
         let _ = self.inner.status_changes.send(updated.clone());
         self.inner.events.publish(EngineEvent::Status {
