@@ -235,7 +235,7 @@ fn known_word(w: &str, catalog: &Catalog, verbs: &Verbs) -> bool {
         || verbs
             .all
             .iter()
-            .any(|(words, _)| words.iter().any(|v| verb_forms(v).iter().any(|f| f == w)))
+            .any(|(words, _)| words.iter().any(|v| is_verb_form(v, w)))
     {
         return true;
     }
@@ -294,6 +294,34 @@ fn one_typo(a: &str, b: &str) -> bool {
 }
 
 /// The forms of a one-word verb: `create`, `creates`, `created`, `creating`, `stopped`.
+/// Whether `w` is one of the forms of verb `v` ([`verb_forms`]), without building them
+/// (the planner asks this for every word against every verb).
+fn is_verb_form(v: &str, w: &str) -> bool {
+    if let Some(rest) = w.strip_prefix(v) {
+        if matches!(rest, "" | "s" | "es") {
+            return true;
+        }
+        if v.ends_with('e') {
+            if rest == "d" {
+                return true;
+            }
+        } else {
+            if matches!(rest, "ed" | "ing") {
+                return true;
+            }
+            if let Some(r) = v.chars().last().and_then(|last| rest.strip_prefix(last)) {
+                if matches!(r, "ed" | "ing") {
+                    return true;
+                }
+            }
+        }
+    }
+    v.strip_suffix('e')
+        .and_then(|stem| w.strip_prefix(stem))
+        .is_some_and(|rest| rest == "ing")
+}
+
+#[cfg(test)]
 fn verb_forms(v: &str) -> Vec<String> {
     let mut out = vec![v.to_string(), format!("{v}s"), format!("{v}es")];
     if let Some(stem) = v.strip_suffix('e') {
@@ -644,7 +672,7 @@ impl Verbs {
                 let t = &toks[i + k];
                 t.kind == Kind::Word
                     && if k == 0 {
-                        verb_forms(w).contains(&t.lower)
+                        is_verb_form(w, &t.lower)
                     } else {
                         t.lower == *w
                     }
@@ -2763,6 +2791,28 @@ mod tests {
         assert!(!one_typo("create", "create"));
         assert!(!one_typo("remote", "delete"));
         assert!(verb_forms("stop").contains(&"stopped".to_string()));
+        // The check the planner uses agrees with the forms, and takes nothing else.
+        for v in [
+            "stop", "create", "deploy", "check", "restart", "back up", "go", "e",
+        ] {
+            for f in verb_forms(v) {
+                assert!(is_verb_form(v, &f), "{v}: {f}");
+            }
+            for other in [
+                String::new(),
+                format!("{v}x"),
+                format!("{v}edd"),
+                format!("re{v}"),
+                format!("{v}ings"),
+                v.chars().skip(1).collect::<String>(),
+            ] {
+                assert_eq!(
+                    is_verb_form(v, &other),
+                    verb_forms(v).contains(&other),
+                    "{v}: {other}"
+                );
+            }
+        }
         assert!(verb_forms("create").contains(&"creating".to_string()));
     }
 
