@@ -257,15 +257,15 @@ fn test_config(f: impl FnOnce(&mut EngineConfig)) -> EngineConfig {
     c
 }
 
-async fn start_engine(
+/// An engine over the test catalog and its list planner, not run.
+fn new_engine(
     store: Arc<dyn Store>,
     transport: Arc<dyn Transport>,
     git: &std::path::Path,
     config: EngineConfig,
-    stop: &CancellationToken,
 ) -> Engine {
     let cat = catalog();
-    let engine = Engine::new(EngineParts {
+    Engine::new(EngineParts {
         store,
         transport,
         planner: Arc::new(ListPlanner {
@@ -274,7 +274,17 @@ async fn start_engine(
         catalog: cat,
         git: Some(Arc::new(GitTrail::open_or_init(git).unwrap())),
         config,
-    });
+    })
+}
+
+async fn start_engine(
+    store: Arc<dyn Store>,
+    transport: Arc<dyn Transport>,
+    git: &std::path::Path,
+    config: EngineConfig,
+    stop: &CancellationToken,
+) -> Engine {
+    let engine = new_engine(store, transport, git, config);
     let e = engine.clone();
     let s = stop.clone();
     tokio::spawn(async move { e.run(s).await.unwrap() });
@@ -2478,18 +2488,13 @@ async fn an_auto_approved_first_step_goes_straight_to_its_agent(backend: &str) {
         .consume(&queue, ConsumeOptions { prefetch: 4 })
         .await
         .unwrap();
-    let cat = catalog();
     let git = tempfile::tempdir().unwrap();
-    let engine = Engine::new(EngineParts {
-        store: store.clone(),
-        transport: transport.clone(),
-        planner: Arc::new(ListPlanner {
-            catalog: cat.clone(),
-        }),
-        catalog: cat,
-        git: Some(Arc::new(GitTrail::open_or_init(git.path()).unwrap())),
-        config: test_config(|c| c.approval.auto_approve_max_cost_usd = Some(0.5)),
-    });
+    let engine = new_engine(
+        store.clone(),
+        transport.clone(),
+        git.path(),
+        test_config(|c| c.approval.auto_approve_max_cost_usd = Some(0.5)),
+    );
     let r = engine
         .submit(SubmitRequest {
             text: "auto_ok, auto_ok".into(),
