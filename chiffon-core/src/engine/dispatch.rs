@@ -17,6 +17,7 @@ use chiffon_protocol::{Envelope, Message, Resources, WorkRequest};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Map, Value};
 
+use super::runtime::chrono_dur;
 use super::*;
 use crate::audit::AuditEvent;
 use crate::model::{
@@ -26,10 +27,6 @@ use crate::model::{
 
 /// How long a claim on a ready step lasts before another instance may take it.
 const CLAIM_LEASE: Duration = Duration::from_secs(30);
-
-fn chrono_dur(d: Duration) -> chrono::TimeDelta {
-    chrono::TimeDelta::from_std(d).unwrap_or(chrono::TimeDelta::MAX)
-}
 
 /// Whether a step needs the dispatcher to choose an agent for it (GPU, memory, a desktop),
 /// rather than going to its agent type's shared queue.
@@ -49,9 +46,10 @@ pub(super) struct Outgoing {
     needs: bool,
     now: DateTime<Utc>,
     env: Envelope,
-    /// The mark's group writes: the step `dispatched` with its entry, then its message
-    /// into the outbox (none if the message could not be serialized).
-    mark: GroupWrite,
+    /// The mark's group writes, taken once ([`Engine::dispatch_writes`]): the step
+    /// `dispatched` with its entry, then its message into the outbox (none if the message
+    /// could not be serialized).
+    mark: Option<GroupWrite>,
     send: Option<GroupWrite>,
 }
 
@@ -155,15 +153,16 @@ impl Engine {
             needs: needs_agent(step.resources, step.agent_type),
             now,
             env,
-            mark,
+            mark: Some(mark),
             send,
         }
     }
 
-    /// The group writes of these dispatches: every mark, then every outbox row. Returns
-    /// them with the number of marks.
+    /// The group writes of these dispatches, taken out of them: every mark, then every
+    /// outbox row. Returns them with the number of marks.
     fn dispatch_writes(outgoing: &mut [Outgoing]) -> (Vec<GroupWrite>, usize) {
-        let mut writes: Vec<GroupWrite> = outgoing.iter().map(|o| o.mark.clone()).collect();
+        let mut writes: Vec<GroupWrite> =
+            outgoing.iter_mut().filter_map(|o| o.mark.take()).collect();
         let marks = writes.len();
         writes.extend(outgoing.iter_mut().filter_map(|o| o.send.take()));
         (writes, marks)
@@ -232,31 +231,23 @@ impl Engine {
             to: RequestStatus::Running,
             patch: Box::default(),
         });
-        let slots = self.group_writes(writes).await;
-        let queued = match &slots[0] {
-            Ok(Written::Request(r)) => r.clone(),
-            Ok(_) => {
+        let mut slots = self.group_writes(writes).await.into_iter();
+        let queued = match slots.next() {
+            Some(Ok(Written::Request(r))) => r,
+            Some(Err(e)) => return Err(e.into()),
+            _ => {
                 return Err(
                     StoreError::Corrupt("a status change without its outcome".into()).into(),
                 )
             }
-            Err(e) => {
-                return Err(match super::lifecycle::each_waiter(e) {
-                    StoreError::Conflict { current, .. } => EngineError::IllegalTransition {
-                        id,
-                        status: current.unwrap_or_else(|| "changed".into()),
-                        action: "queue",
-                    },
-                    e => e.into(),
-                })
-            }
         };
         self.changed(&queued);
-        let marked = slots[1].is_ok();
-        let running = match slots.get(2 + sends) {
+        let marked = matches!(slots.next(), Some(Ok(_)));
+        // Past the outbox rows: the move to `running`.
+        let running = match slots.nth(sends) {
             Some(Ok(Written::Request(r))) => {
-                self.changed(r);
-                r.clone()
+                self.changed(&r);
+                r
             }
             _ => queued,
         };

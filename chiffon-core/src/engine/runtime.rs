@@ -30,7 +30,7 @@ const STALE_PLANNING: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 /// Queued/running requests untouched this long are reconciled by the sweeper.
 const REPAIR_AFTER: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
 
-fn chrono_dur(d: Duration) -> chrono::TimeDelta {
+pub(super) fn chrono_dur(d: Duration) -> chrono::TimeDelta {
     chrono::TimeDelta::from_std(d).unwrap_or(chrono::TimeDelta::MAX)
 }
 
