@@ -949,3 +949,79 @@ fn an_object_in_two_packs_is_merged_once() {
     assert_fsck_clean(&repo);
     assert_all_present(&repo, &trail, &ids, &commits);
 }
+
+/// The trail writes its packs and their indexes itself (folders as deltas against their
+/// previous version in the batch, merges by concatenation): each index is byte for byte the
+/// one `git index-pack` makes of the pack, no delta chain is longer than git's default 50,
+/// and the repository is whole with every record readable by git, after a large batch (one
+/// folder changed 300 times in it) and enough small ones to merge packs.
+#[test]
+fn the_trails_own_packs_are_what_git_itself_indexes() {
+    let (dir, trail) = new_trail();
+    let repo = dir.path().join("audit");
+    let mut ids = Vec::new();
+    let mut commits = HashSet::new();
+    let mut batches: Vec<Vec<RequestRecord>> = vec![(0..300)
+        .map(|i| record(Uuid::now_v7(), &format!("deploy uptime kuma #{i}")))
+        .collect()];
+    batches.extend((0..40).map(|i| {
+        (0..1 + i % 3)
+            .map(|_| record(Uuid::now_v7(), "restart the nas"))
+            .collect()
+    }));
+    for batch in &batches {
+        for (r, c) in batch.iter().zip(trail.commit_batch(batch)) {
+            ids.push(r.id);
+            commits.insert(c.unwrap());
+        }
+    }
+    let packs: Vec<PathBuf> = std::fs::read_dir(repo.join("objects/pack"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "pack"))
+        .collect();
+    assert!(packs.len() <= 16, "{} packs: none merged", packs.len());
+    let mut chains = 0;
+    for pack in &packs {
+        let ours = std::fs::read(pack.with_extension("idx")).unwrap();
+        let theirs = dir.path().join("git.idx");
+        git(
+            &repo,
+            &[
+                "index-pack",
+                "-o",
+                theirs.to_str().unwrap(),
+                pack.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            std::fs::read(&theirs).unwrap() == ours,
+            "git indexes {} differently",
+            pack.display()
+        );
+        std::fs::remove_file(&theirs).unwrap();
+        let verify = git(&repo, &["verify-pack", "-v", pack.to_str().unwrap()]);
+        for line in verify.lines() {
+            if let Some(n) = line.strip_prefix("chain length = ") {
+                let n: usize = n.split(':').next().unwrap().trim().parse().unwrap();
+                assert!(n <= 50, "a delta chain of {n}:\n{verify}");
+                chains += 1;
+            }
+        }
+    }
+    assert!(
+        chains > 0,
+        "no deltas written: the folders are stored whole"
+    );
+    assert_eq!(commit_count(&repo), ids.len());
+    assert_fsck_clean(&repo);
+    assert_all_present(&repo, &trail, &ids, &commits);
+    // Every record reads back as written, through git.
+    for batch in &batches {
+        for r in batch.iter().step_by(7) {
+            let shown = git(&repo, &["show", &format!("HEAD:{}", record_path(r.id))]);
+            let doc: serde_json::Value = serde_json::from_str(&shown).unwrap();
+            assert_eq!(doc, r.document);
+        }
+    }
+}

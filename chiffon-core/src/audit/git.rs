@@ -13,9 +13,12 @@
 //! # Layout: a bare repository, commits written directly
 //!
 //! The repository is **bare** (created with `HEAD` → `refs/heads/main`). Commits are built
-//! from blobs and trees written straight into the object database with
-//! [`git2::TreeBuilder`]: no index, no working tree. An index would make each commit cost
-//! grow with the number of files, and a working tree would only go stale, since nothing here
+//! in memory in git's object format (each record's blob, the three folders on its path, the
+//! commit) and a batch's objects are written as one pack with its index, by this crate
+//! (`audit/pack.rs`: each object hashed once, a changed folder stored as a delta against
+//! its previous version in the batch); libgit2 reads the tip, moves the branch and reads
+//! everything back. No index, no working tree: an index would make each commit cost grow
+//! with the number of files, and a working tree would only go stale, since nothing here
 //! checks files out; `git clone`, `git log`, `git show` work on a bare repository as usual.
 //! An existing non-bare repository is accepted too: commits go to the branch its `HEAD`
 //! names, and its working tree is left alone.
@@ -40,6 +43,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use super::pack::IndexEntry;
 use chiffon_protocol::ErrorCode;
 use git2::{ErrorCode as GitCode, ObjectType, Oid, Repository, RepositoryInitOptions, Signature};
 use rand::Rng;
@@ -298,8 +302,8 @@ impl GitTrail {
     /// Commits many finished requests' records, one commit each, chained in order on the
     /// branch tip, and returns each record's commit id (or why it has none), in order.
     ///
-    /// The whole batch costs one pack file (every blob, tree and commit of the batch, built
-    /// in memory), one compare-and-swap of the branch and one `fsync` of each file written,
+    /// The whole batch costs one pack file and its index (every blob, tree and commit of the
+    /// batch, built in memory, each hashed once), one compare-and-swap of the branch and one `fsync` of each file written,
     /// however many records it holds: the git trail's cost per request stays flat, and a
     /// power loss after this returns loses nothing. Each record is idempotent as in
     /// [`GitTrail::commit_request`]; a record that cannot be written (an invalid author, a
@@ -381,38 +385,54 @@ impl GitTrail {
 
     /// One try at a batch on the current tip. Per-record results for the prepared records
     /// (placeholders for the unprepared ones, which the caller replaces).
+    ///
+    /// The batch's objects are built in memory and written as one pack of this crate's own
+    /// ([`super::pack`]): each folder changed by a record is its previous version with one
+    /// entry added, stored as a delta against that version when it was written earlier in
+    /// the batch. Nothing is written to the repository until the pack is complete.
     fn try_batch(
         &self,
         prepared: &[Result<Prepared, AuditError>],
     ) -> Result<Vec<Result<String, AuditError>>, BatchError> {
-        // A handle of its own, so the in-memory object store lives only for this batch.
+        // A handle of its own, so a pack written by another process is found.
         let repo = Repository::open(&self.path).map_err(AuditError::git("open repository"))?;
         let odb = repo
             .odb()
             .map_err(AuditError::git("open object database"))?;
-        let mempack = odb
-            .add_new_mempack_backend(1000)
-            .map_err(AuditError::git("in-memory object store"))?;
         let branch = head_branch(&repo)?;
         let tip = branch_tip(&repo, &branch)?;
-        let mut parent = tip
-            .map(|id| repo.find_commit(id))
-            .transpose()
-            .map_err(AuditError::git("read branch tip"))?;
-        let mut tree = parent
-            .as_ref()
-            .map(|c| c.tree())
-            .transpose()
-            .map_err(AuditError::git("read tip tree"))?;
+        let mut folders = Folders {
+            odb: &odb,
+            root: match tip {
+                Some(tip) => {
+                    let tree = repo
+                        .find_commit(tip)
+                        .map_err(AuditError::git("read branch tip"))?
+                        .tree_id();
+                    Some((tree, read_tree(&odb, tree)?))
+                }
+                None => None,
+            },
+            requests: None,
+            shards: Default::default(),
+        };
+        folders.requests = match &folders.root {
+            Some((_, root)) => tree_entry(root, REQUESTS_DIR.as_bytes(), true)?
+                .map(|id| Ok::<_, AuditError>((id, read_tree(&odb, id)?)))
+                .transpose()?,
+            None => None,
+        };
         let committer = Signature::now(COMMITTER_NAME, COMMITTER_EMAIL)
             .map_err(AuditError::git("committer signature"))?;
+        let committer = signature_text(&committer);
+        let mut pack = super::pack::PackBuilder::new();
         // Records committed earlier in this batch: path → commit.
         let mut in_batch: std::collections::HashMap<&str, Oid> = Default::default();
-        // The objects this batch wrote (into memory), with the path of each tree and record:
-        // the pack holds these alone. (libgit2's own mempack dump packs each commit with its
-        // whole tree, every record ever written, so a batch cost grew with the trail's
-        // history.)
-        let mut written: Vec<(Oid, Option<String>)> = Vec::new();
+        let mut parent = tip;
+        // The batch's previous record and commit: the next one is stored as a delta
+        // against it (most of their lines are the same).
+        let mut previous_blob: Option<(Oid, &[u8])> = None;
+        let mut previous_commit: Option<(Oid, Vec<u8>)> = None;
         let mut out = Vec::with_capacity(prepared.len());
         let mut last = None;
         for p in prepared {
@@ -420,15 +440,9 @@ impl GitTrail {
                 out.push(Ok(String::new()));
                 continue;
             };
-            let blob = repo
-                .blob(&p.content)
-                .map_err(AuditError::git("write record blob"))?;
-            if let Some(existing) = tree
-                .as_ref()
-                .map(|t| entry_id(t, &p.path))
-                .transpose()?
-                .flatten()
-            {
+            let blob = super::pack::object_id(ObjectType::Blob, &p.content);
+            let (shard, file) = split_record_path(&p.path)?;
+            if let Some(existing) = folders.record(shard, file)? {
                 let commit = match in_batch.get(p.path.as_str()) {
                     Some(c) => Some(*c),
                     None => tip
@@ -449,21 +463,32 @@ impl GitTrail {
                 });
                 continue;
             }
-            let tree_id = insert_record(&repo, tree.as_ref(), p.id, blob, &mut written)?;
-            let new_tree = repo
-                .find_tree(tree_id)
-                .map_err(AuditError::git("read new tree"))?;
-            let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
-            let commit = repo
-                .commit(None, &p.author, &committer, &p.message, &new_tree, &parents)
-                .map_err(AuditError::git("write commit"))?;
-            written.extend([(blob, Some(p.path.clone())), (commit, None)]);
+            match previous_blob {
+                Some((base, base_data)) => {
+                    pack.add_against(ObjectType::Blob, &p.content, base, base_data)
+                }
+                None => pack.add(ObjectType::Blob, &p.content),
+            };
+            previous_blob = Some((blob, p.content.as_slice()));
+            let root = folders.insert(&mut pack, shard, file, blob)?;
+            let mut body = format!("tree {root}\n");
+            if let Some(parent) = parent {
+                body.push_str(&format!("parent {parent}\n"));
+            }
+            body.push_str(&format!(
+                "author {}\ncommitter {committer}\n\n{}",
+                signature_text(&p.author),
+                p.message
+            ));
+            let commit = match &previous_commit {
+                Some((base, base_data)) => {
+                    pack.add_against(ObjectType::Commit, body.as_bytes(), *base, base_data)
+                }
+                None => pack.add(ObjectType::Commit, body.as_bytes()),
+            };
+            previous_commit = Some((commit, body.into_bytes()));
             in_batch.insert(p.path.as_str(), commit);
-            parent = Some(
-                repo.find_commit(commit)
-                    .map_err(AuditError::git("read new commit"))?,
-            );
-            tree = Some(new_tree);
+            parent = Some(commit);
             last = Some((commit, p.message.lines().next().unwrap_or_default()));
             out.push(Ok(commit.to_string()));
         }
@@ -471,27 +496,13 @@ impl GitTrail {
             return Ok(out);
         };
         // Everything the batch made, as one pack on disk, synced before the branch names it.
-        let mut pack = git2::Buf::new();
-        {
-            let mut builder = repo
-                .packbuilder()
-                .map_err(AuditError::git("pack the batch"))?;
-            // Each object named by its path: the delta search then tries each tree against
-            // the earlier versions of the same folder first (found at once, and the other
-            // tries stop as soon as they are larger), not against whatever is close in size.
-            for (oid, path) in &written {
-                builder
-                    .insert_object(*oid, path.as_deref())
-                    .map_err(AuditError::git("pack the batch"))?;
-            }
-            builder
-                .write_buf(&mut pack)
-                .map_err(AuditError::git("pack the batch"))?;
-        }
-        write_pack(&repo, &odb, &pack)?;
-        mempack
-            .reset()
-            .map_err(AuditError::git("in-memory object store"))?;
+        let (pack, idx) = pack.finish();
+        super::pack::write_to(&repo.path().join("objects").join("pack"), &pack, &idx).map_err(
+            |e| AuditError::Git {
+                context: "write the batch's pack",
+                source: Box::new(e),
+            },
+        )?;
         match repo.reference_matching(&branch, last, true, tip.unwrap_or(Oid::ZERO_SHA1), log) {
             Ok(_) => {}
             Err(e) if is_race(&e) => return Err(BatchError::Race(e.message().to_string())),
@@ -772,7 +783,8 @@ impl From<AuditError> for BatchError {
     }
 }
 
-/// Writes a pack through the object database (it indexes it) and fsyncs the new pack and
+/// Writes a pack libgit2 built (a merge that could not copy its packs) through the object
+/// database, which indexes it, and fsyncs the new pack and
 /// index files and their folder, before anything names the objects in it.
 fn write_pack(repo: &Repository, odb: &git2::Odb<'_>, pack: &[u8]) -> Result<(), AuditError> {
     let pack_dir = repo.path().join("objects").join("pack");
@@ -811,11 +823,12 @@ fn write_pack(repo: &Repository, odb: &git2::Odb<'_>, pack: &[u8]) -> Result<(),
     sync_file(&pack_dir)
 }
 
-/// Packs are merged once there are more than this many. Merging is the trail's costliest
-/// step (a delta search over every object merged): letting batches' packs gather first
-/// means each object is merged fewer times (measured with the benchmark, 2,000 requests:
-/// merging above 4 packs was 8% of the process's CPU), while a lookup still looks through
-/// a handful of packs (git itself waits for 50).
+/// Packs are merged once there are more than this many. A merge copies every byte of the
+/// packs it merges (and when that cannot be done, packs their objects afresh): letting
+/// batches' packs gather first means each object is merged fewer times (measured with the
+/// benchmark, 2,000 requests, when merging still searched for deltas: merging above 4 packs
+/// was 8% of the process's CPU), while a lookup still looks through a handful of packs (git
+/// itself waits for 50).
 const PACK_MERGE_ABOVE: usize = 16;
 
 /// How many objects a pack index (version 2, SHA-1) lists, and their ids when `ids`.
@@ -841,28 +854,41 @@ fn pack_index(idx: &Path, ids: bool) -> std::io::Result<(usize, Vec<Oid>)> {
     Ok((n, ids))
 }
 
-/// The packs (each with the ids its index lists) as one pack whose entries are theirs,
-/// copied byte for byte: no delta search, no recompression, so a merge costs what reading
-/// and indexing it costs. Each pack is self-contained (a batch's pack holds its deltas'
-/// bases), and each is copied in one piece and in order, so a delta still finds its base
-/// (by id, or at the same distance back). `None` when an object is in more than one pack
-/// (the index would refuse the duplicate) or a pack is not a version 2 or 3 pack of the
-/// objects its index lists.
-fn concat_packs(sources: &[(Vec<Oid>, Vec<u8>)]) -> Option<Vec<u8>> {
+/// The packs (each with the entries its index lists: id, offset, CRC-32) as one pack whose
+/// entries are theirs, copied byte for byte, and its index: no delta search, no
+/// recompression, no hashing of the objects again, so a merge costs what copying it costs.
+/// Each pack is self-contained (a batch's pack holds its deltas' bases), and each is
+/// copied in one piece and in order, so a delta still finds its base (by id, or at the same
+/// distance back). `None` when an object is in more than one pack (the index would list it
+/// twice), a pack is not a version 2 or 3 pack of the objects its index lists, or an entry's
+/// bytes do not match its index's CRC-32 (the objects are then packed afresh, from what
+/// libgit2 reads of them).
+fn concat_packs(sources: &[(Vec<IndexEntry>, Vec<u8>)]) -> Option<(Vec<u8>, Vec<u8>)> {
     use sha1::Digest as _;
     let mut seen = std::collections::HashSet::new();
     let mut count: u32 = 0;
     let mut size = 12 + 20;
-    for (ids, bytes) in sources {
-        let n = u32::try_from(ids.len()).ok()?;
+    for (entries, bytes) in sources {
+        let n = u32::try_from(entries.len()).ok()?;
         let header = bytes.get(..12)?;
         if bytes.len() < 32
             || &header[..4] != b"PACK"
             || !matches!(header[4..8], [0, 0, 0, 2] | [0, 0, 0, 3])
             || header[8..12] != n.to_be_bytes()
-            || !ids.iter().all(|id| seen.insert(*id))
+            || !entries.iter().all(|e| seen.insert(e.0))
         {
             return None;
+        }
+        // Each entry's bytes, from its offset to the next entry's, against its CRC-32.
+        let mut by_offset: Vec<&IndexEntry> = entries.iter().collect();
+        by_offset.sort_unstable_by_key(|e| e.1);
+        let end = bytes.len() as u64 - 20;
+        for (i, (_, offset, crc)) in by_offset.iter().map(|e| **e).enumerate() {
+            let next = by_offset.get(i + 1).map_or(end, |e| e.1);
+            let entry = bytes.get(usize::try_from(offset).ok()?..usize::try_from(next).ok()?)?;
+            if offset < 12 || crc32fast::hash(entry) != crc {
+                return None;
+            }
         }
         count = count.checked_add(n)?;
         size += bytes.len() - 32;
@@ -870,12 +896,20 @@ fn concat_packs(sources: &[(Vec<Oid>, Vec<u8>)]) -> Option<Vec<u8>> {
     let mut pack = Vec::with_capacity(size);
     pack.extend_from_slice(b"PACK\0\0\0\x02");
     pack.extend_from_slice(&count.to_be_bytes());
-    for (_, bytes) in sources {
+    let mut entries = Vec::with_capacity(count as usize);
+    for (listed, bytes) in sources {
+        let shift = pack.len() as u64 - 12;
+        entries.extend(
+            listed
+                .iter()
+                .map(|(id, offset, crc)| (*id, offset + shift, *crc)),
+        );
         pack.extend_from_slice(&bytes[12..bytes.len() - 20]);
     }
     let checksum = sha1::Sha1::digest(&pack);
     pack.extend_from_slice(&checksum);
-    Some(pack)
+    let idx = super::pack::build_index(entries, &checksum);
+    Some((pack, idx))
 }
 
 /// Geometric repacking (as `git repack --geometric=2`): with the packs sorted by object
@@ -925,9 +959,12 @@ fn merge_small_packs(path: &Path) -> Result<(), AuditError> {
     let merged = &packs[..split];
     let mut sources = Vec::with_capacity(merged.len());
     for (idx, _) in merged {
-        match pack_index(idx, true)
-            .and_then(|(_, ids)| Ok((ids, std::fs::read(idx.with_extension("pack"))?)))
-        {
+        match std::fs::read(idx).and_then(|bytes| {
+            let entries = super::pack::read_index(&bytes).ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "not a v2 pack index")
+            })?;
+            Ok((entries, std::fs::read(idx.with_extension("pack"))?))
+        }) {
             Ok(found) => sources.push(found),
             // Merged and removed by another process meanwhile: not ours to finish.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -942,29 +979,43 @@ fn merge_small_packs(path: &Path) -> Result<(), AuditError> {
     let odb = repo
         .odb()
         .map_err(AuditError::git("open object database"))?;
-    let merged_pack = match concat_packs(&sources) {
-        Some(pack) => pack,
+    let pack = match concat_packs(&sources) {
+        Some((pack, idx)) => {
+            super::pack::write_to(&pack_dir, &pack, &idx).map_err(|e| AuditError::Git {
+                context: "write merged pack",
+                source: Box::new(e),
+            })?;
+            pack
+        }
         // An object in two packs (a batch rebuilt after a lost race writes its objects
-        // again): packed afresh, each object once.
+        // again), or an entry that does not match its index: packed afresh, each object
+        // once, through libgit2 (which reads and checks each object, and indexes the pack
+        // itself).
         None => {
             let mut builder = repo.packbuilder().map_err(AuditError::git("merge packs"))?;
-            for oid in sources.iter().flat_map(|(ids, _)| ids) {
+            for oid in sources
+                .iter()
+                .flat_map(|(entries, _)| entries.iter().map(|e| e.0))
+            {
                 builder
-                    .insert_object(*oid, None)
+                    .insert_object(oid, None)
                     .map_err(AuditError::git("merge packs"))?;
             }
             let mut pack = git2::Buf::new();
             builder
                 .write_buf(&mut pack)
                 .map_err(AuditError::git("merge packs"))?;
-            pack.to_vec()
+            let pack = pack.to_vec();
+            write_pack(&repo, &odb, &pack)?;
+            pack
         }
     };
-    let pack = merged_pack;
-    write_pack(&repo, &odb, &pack)?;
     // The new pack indexes exactly the objects of the packs it replaces (a damaged entry
     // would be indexed under another id): otherwise the old packs stay, and nothing is lost.
-    let mut expected: Vec<Oid> = sources.into_iter().flat_map(|(ids, _)| ids).collect();
+    let mut expected: Vec<Oid> = sources
+        .into_iter()
+        .flat_map(|(entries, _)| entries.into_iter().map(|e| e.0))
+        .collect();
     expected.sort_unstable();
     expected.dedup();
     let name = pack
@@ -1181,56 +1232,236 @@ fn entry_id(tree: &git2::Tree<'_>, path: &str) -> Result<Option<Oid>, AuditError
     }
 }
 
-/// A copy of `root` with `requests/ab/ID.json` set to `blob`; only the two folders on the
-/// path are rewritten, the other shards are shared with the parent.
-/// Writes the trees of `root` with the record `blob` added; returns the new root tree. The
-/// trees it writes are pushed onto `written`.
-fn insert_record(
-    repo: &Repository,
-    root: Option<&git2::Tree<'_>>,
-    id: Uuid,
-    blob: Oid,
-    written: &mut Vec<(Oid, Option<String>)>,
-) -> Result<Oid, AuditError> {
-    let id_text = id.hyphenated().to_string();
-    let path = record_path(id);
-    let shard = path
-        .split('/')
-        .nth(1)
-        .ok_or_else(|| AuditError::Layout(format!("odd record path {path}")))?;
-    let subtree = |parent: Option<&git2::Tree<'_>>, name: &str| -> Result<_, AuditError> {
-        let Some(entry) = parent.and_then(|t| t.get_name(name)) else {
-            return Ok(None);
-        };
-        if entry.kind() != Some(ObjectType::Tree) {
-            return Err(AuditError::Layout(format!("`{name}` is not a folder")));
+/// The folders a batch changes, as git stores them (a tree's raw content) with their ids:
+/// the branch tip's at first, then each version the batch writes.
+struct Folders<'a> {
+    odb: &'a git2::Odb<'a>,
+    root: Option<(Oid, Vec<u8>)>,
+    requests: Option<(Oid, Vec<u8>)>,
+    /// Shard folders read or written so far (`None`: not in `requests`).
+    shards: std::collections::HashMap<String, Option<(Oid, Vec<u8>)>>,
+}
+
+const FILE_MODE: &[u8] = b"100644";
+const DIR_MODE: &[u8] = b"40000";
+
+impl Folders<'_> {
+    fn shard(&mut self, shard: &str) -> Result<Option<&(Oid, Vec<u8>)>, AuditError> {
+        if !self.shards.contains_key(shard) {
+            let found = match &self.requests {
+                Some((_, tree)) => tree_entry(tree, shard.as_bytes(), true)?
+                    .map(|id| Ok::<_, AuditError>((id, read_tree(self.odb, id)?)))
+                    .transpose()?,
+                None => None,
+            };
+            self.shards.insert(shard.to_string(), found);
         }
-        repo.find_tree(entry.id())
-            .map(Some)
-            .map_err(AuditError::git("read tree"))
-    };
-    let requests = subtree(root, REQUESTS_DIR)?;
-    let shard_tree = subtree(requests.as_ref(), shard)?;
-    let write = |base: Option<&git2::Tree<'_>>, name: &str, id: Oid, mode: i32| {
-        let mut builder = repo
-            .treebuilder(base)
-            .map_err(AuditError::git("tree builder"))?;
-        builder
-            .insert(name, id, mode)
-            .map_err(AuditError::git("tree insert"))?;
-        builder.write().map_err(AuditError::git("write tree"))
-    };
-    const FILE: i32 = 0o100644;
-    const DIR: i32 = 0o040000;
-    let shard_id = write(shard_tree.as_ref(), &format!("{id_text}.json"), blob, FILE)?;
-    let requests_id = write(requests.as_ref(), shard, shard_id, DIR)?;
-    let root_id = write(root, REQUESTS_DIR, requests_id, DIR)?;
-    written.extend([
-        (shard_id, Some(format!("{REQUESTS_DIR}/{shard}"))),
-        (requests_id, Some(REQUESTS_DIR.to_string())),
-        (root_id, Some("/".to_string())),
-    ]);
-    Ok(root_id)
+        Ok(self.shards.get(shard).and_then(Option::as_ref))
+    }
+
+    /// The blob at `requests/SHARD/FILE`, if there is one.
+    fn record(&mut self, shard: &str, file: &str) -> Result<Option<Oid>, AuditError> {
+        match self.shard(shard)? {
+            Some((_, tree)) => tree_entry(tree, file.as_bytes(), false),
+            None => Ok(None),
+        }
+    }
+
+    /// Adds `requests/SHARD/FILE` = `blob`: the three folders on its path get a new version
+    /// each, added to `pack` (as a delta against the previous version when the pack has
+    /// it). Returns the new root folder's id.
+    fn insert(
+        &mut self,
+        pack: &mut super::pack::PackBuilder,
+        shard: &str,
+        file: &str,
+        blob: Oid,
+    ) -> Result<Oid, AuditError> {
+        self.shard(shard)?;
+        let old = self.shards.get_mut(shard).and_then(Option::take);
+        let new = tree_with(old.as_ref(), file.as_bytes(), FILE_MODE, blob)?;
+        let shard_id = add_tree(pack, &new, old.as_ref());
+        self.shards.insert(shard.to_string(), Some((shard_id, new)));
+        let old = self.requests.take();
+        let new = tree_with(old.as_ref(), shard.as_bytes(), DIR_MODE, shard_id)?;
+        let requests_id = add_tree(pack, &new, old.as_ref());
+        self.requests = Some((requests_id, new));
+        let old = self.root.take();
+        let new = tree_with(old.as_ref(), REQUESTS_DIR.as_bytes(), DIR_MODE, requests_id)?;
+        let root_id = add_tree(pack, &new, old.as_ref());
+        self.root = Some((root_id, new));
+        Ok(root_id)
+    }
+}
+
+fn add_tree(
+    pack: &mut super::pack::PackBuilder,
+    tree: &[u8],
+    previous: Option<&(Oid, Vec<u8>)>,
+) -> Oid {
+    match previous {
+        Some((base, base_data)) => pack.add_against(ObjectType::Tree, tree, *base, base_data),
+        None => pack.add(ObjectType::Tree, tree),
+    }
+}
+
+/// The raw content of the tree `id`.
+fn read_tree(odb: &git2::Odb<'_>, id: Oid) -> Result<Vec<u8>, AuditError> {
+    let object = odb.read(id).map_err(AuditError::git("read tree"))?;
+    if object.kind() != ObjectType::Tree {
+        return Err(AuditError::Layout(format!("{id} is not a folder")));
+    }
+    Ok(object.data().to_vec())
+}
+
+/// One entry of a raw tree, and where it ends in the tree.
+struct RawEntry<'a> {
+    mode: &'a [u8],
+    name: &'a [u8],
+    id: Oid,
+    end: usize,
+}
+
+/// The entries of a raw tree, in order (an error for a damaged one, then nothing).
+fn tree_entries(tree: &[u8]) -> impl Iterator<Item = Result<RawEntry<'_>, AuditError>> {
+    let damaged = || AuditError::Layout("a folder of the audit repository is damaged".into());
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        if at >= tree.len() {
+            return None;
+        }
+        let entry = (|| {
+            let space = tree[at..]
+                .iter()
+                .position(|&b| b == b' ')
+                .ok_or_else(damaged)?
+                + at;
+            let nul = tree[space..]
+                .iter()
+                .position(|&b| b == 0)
+                .ok_or_else(damaged)?
+                + space;
+            let id = tree.get(nul + 1..nul + 21).ok_or_else(damaged)?;
+            let id = Oid::from_bytes(id).map_err(|_| damaged())?;
+            Ok(RawEntry {
+                mode: &tree[at..space],
+                name: &tree[space + 1..nul],
+                id,
+                end: nul + 21,
+            })
+        })();
+        match &entry {
+            Ok(e) => at = e.end,
+            Err(_) => at = tree.len(),
+        }
+        Some(entry)
+    })
+}
+
+/// The id of the entry `name` of a raw tree, a folder when `dir` and a file otherwise.
+fn tree_entry(tree: &[u8], name: &[u8], dir: bool) -> Result<Option<Oid>, AuditError> {
+    for entry in tree_entries(tree) {
+        let RawEntry {
+            mode,
+            name: entry_name,
+            id,
+            ..
+        } = entry?;
+        if entry_name == name {
+            let is_dir = mode == DIR_MODE;
+            if is_dir != dir || mode == b"160000" {
+                let name = String::from_utf8_lossy(name);
+                return Err(AuditError::Layout(if dir {
+                    format!("`{name}` is not a folder")
+                } else {
+                    format!("{name} is not a file")
+                }));
+            }
+            return Ok(Some(id));
+        }
+    }
+    Ok(None)
+}
+
+/// Git's order of tree entries: by name, a folder's name compared as if it ended in `/`.
+fn git_order(a: &[u8], a_dir: bool, b: &[u8], b_dir: bool) -> std::cmp::Ordering {
+    let n = a.len().min(b.len());
+    a[..n].cmp(&b[..n]).then_with(|| {
+        let next = |name: &[u8], dir: bool| name.get(n).copied().or(dir.then_some(b'/'));
+        next(a, a_dir).cmp(&next(b, b_dir))
+    })
+}
+
+/// A raw tree: `base` (or an empty one) with the entry `name` set to `id` with `mode`, in
+/// git's order.
+fn tree_with(
+    base: Option<&(Oid, Vec<u8>)>,
+    name: &[u8],
+    mode: &[u8],
+    id: Oid,
+) -> Result<Vec<u8>, AuditError> {
+    let base = base.map(|(_, t)| t.as_slice()).unwrap_or_default();
+    let dir = mode == DIR_MODE;
+    // Where the new entry goes, and the end of the entry it replaces.
+    let mut at = base.len();
+    let mut resume = base.len();
+    let mut start = 0;
+    for entry in tree_entries(base) {
+        let RawEntry {
+            mode: entry_mode,
+            name: entry_name,
+            end,
+            ..
+        } = entry?;
+        if entry_name == name {
+            if (entry_mode == DIR_MODE) != dir {
+                return Err(AuditError::Layout(format!(
+                    "`{}` is in the way of the trail's records",
+                    String::from_utf8_lossy(name)
+                )));
+            }
+            (at, resume) = (start, end);
+            break;
+        }
+        if git_order(entry_name, entry_mode == DIR_MODE, name, dir).is_gt() {
+            (at, resume) = (start, start);
+            break;
+        }
+        start = end;
+    }
+    let mut out = Vec::with_capacity(base.len() + name.len() + 28);
+    out.extend_from_slice(&base[..at]);
+    out.extend_from_slice(mode);
+    out.push(b' ');
+    out.extend_from_slice(name);
+    out.push(0);
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(&base[resume..]);
+    Ok(out)
+}
+
+/// `requests/SHARD/FILE` as its shard and file names.
+fn split_record_path(path: &str) -> Result<(&str, &str), AuditError> {
+    let mut parts = path.split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(REQUESTS_DIR), Some(shard), Some(file), None) => Ok((shard, file)),
+        _ => Err(AuditError::Layout(format!("odd record path {path}"))),
+    }
+}
+
+/// A signature as a commit writes it: `NAME <EMAIL> SECONDS +HHMM`.
+fn signature_text(sig: &Signature<'_>) -> String {
+    let when = sig.when();
+    let offset = when.offset_minutes();
+    format!(
+        "{} <{}> {} {}{:02}{:02}",
+        String::from_utf8_lossy(sig.name_bytes()),
+        String::from_utf8_lossy(sig.email_bytes()),
+        when.seconds(),
+        if offset < 0 { '-' } else { '+' },
+        offset.unsigned_abs() / 60,
+        offset.unsigned_abs() % 60
+    )
 }
 
 /// The commit on the first-parent chain from `tip` that added `path`: the oldest commit in

@@ -5,5 +5,6 @@ pub mod chain;
 pub mod entries;
 pub mod event;
 pub mod git;
+mod pack;
 
 pub use event::AuditEvent;
