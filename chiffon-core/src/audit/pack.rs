@@ -53,6 +53,7 @@ pub(crate) struct PackBuilder {
     bytes: Vec<u8>,
     entries: Vec<Entry>,
     placed: HashMap<Oid, Placed>,
+    z: flate2::Compress,
 }
 
 fn kind_name(kind: ObjectType) -> &'static str {
@@ -84,14 +85,24 @@ pub(crate) fn object_id(kind: ObjectType, data: &[u8]) -> Oid {
     Oid::from_bytes(&h.finalize()).unwrap_or(Oid::ZERO_SHA1)
 }
 
-fn deflate(data: &[u8]) -> Vec<u8> {
-    let mut z = flate2::write::ZlibEncoder::new(
-        Vec::with_capacity(data.len() / 2 + 16),
-        flate2::Compression::new(LEVEL),
-    );
-    // Writing into a Vec cannot fail.
-    let _ = z.write_all(data);
-    z.finish().unwrap_or_default()
+/// Appends `data` to `out` as one zlib stream, through `z` (reset first: one compressor's
+/// state, a quarter of a megabyte, serves every object of a pack instead of being set up
+/// for each).
+fn deflate_into(z: &mut flate2::Compress, data: &[u8], out: &mut Vec<u8>) {
+    z.reset();
+    let start_in = z.total_in();
+    loop {
+        // zlib's bound for one stream: the input, a little per block, the header and trailer.
+        out.reserve(data.len() / 8 + 64);
+        let done = usize::try_from(z.total_in() - start_in).unwrap_or(data.len());
+        match z.compress_vec(&data[done..], out, flate2::FlushCompress::Finish) {
+            Ok(flate2::Status::StreamEnd) => return,
+            Ok(_) => {}
+            // Compressing into memory fails only on a broken stream state, which `reset`
+            // rules out; nothing to recover, and the pack's checks would catch it.
+            Err(_) => return,
+        }
+    }
 }
 
 /// A variable-length size as in a delta's header: 7 bits a byte, low bits first.
@@ -302,6 +313,7 @@ impl PackBuilder {
             bytes,
             entries: Vec::new(),
             placed: HashMap::new(),
+            z: flate2::Compress::new(flate2::Compression::new(LEVEL), true),
         }
     }
 
@@ -334,8 +346,7 @@ impl PackBuilder {
         if !self.placed.contains_key(&oid) {
             let offset = self.bytes.len() as u64;
             self.header(kind_code(kind), data.len());
-            let z = deflate(data);
-            self.bytes.extend_from_slice(&z);
+            deflate_into(&mut self.z, data, &mut self.bytes);
             self.finish_entry(oid, offset, 0);
         }
         oid
@@ -384,8 +395,7 @@ impl PackBuilder {
         }
         enc.reverse();
         self.bytes.extend_from_slice(&enc);
-        let z = deflate(&delta);
-        self.bytes.extend_from_slice(&z);
+        deflate_into(&mut self.z, &delta, &mut self.bytes);
         self.finish_entry(oid, offset, b.depth + 1);
         oid
     }
