@@ -281,21 +281,26 @@ impl GroupWrite {
         }
     }
 
-    /// Whether this write carries audit entries.
-    pub fn carries_audit(&self) -> bool {
+    /// The audit entries this write carries, if it can carry any.
+    pub fn audit(&self) -> Option<&[NewAuditEntry]> {
         match self {
             GroupWrite::Create { audit, .. }
             | GroupWrite::Step { audit, .. }
             | GroupWrite::Advance { audit, .. }
             | GroupWrite::Commit { audit, .. }
             | GroupWrite::Preview { audit, .. }
-            | GroupWrite::Audit(audit) => !audit.is_empty(),
-            GroupWrite::Transition { patch, .. } => !patch.audit.is_empty(),
+            | GroupWrite::Audit(audit) => Some(audit),
+            GroupWrite::Transition { patch, .. } => Some(&patch.audit),
             GroupWrite::ClaimPlanning { .. }
             | GroupWrite::Send(_)
             | GroupWrite::Sent(_)
-            | GroupWrite::Logs(_) => false,
+            | GroupWrite::Logs(_) => None,
         }
+    }
+
+    /// Whether this write carries audit entries.
+    pub fn carries_audit(&self) -> bool {
+        self.audit().is_some_and(|a| !a.is_empty())
     }
 }
 

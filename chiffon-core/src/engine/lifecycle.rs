@@ -123,6 +123,9 @@ fn can_wait(job: &GroupJob) -> bool {
 /// next group instead of committing alone. A database that is restarting is waited for
 /// (up to about 24 s). A group that fails for one write's sake (steps that cannot be
 /// written) is split: each write is tried alone, so only that one fails.
+///
+/// Up to [`Store::concurrent_groups`] groups commit at once (two on PostgreSQL): the next
+/// group is gathered when one finishes, so it holds everything that arrived meanwhile.
 fn spawn_group_writer(store: Arc<dyn Store>) -> tokio::sync::mpsc::Sender<GroupJob> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<GroupJob>(1024);
     tokio::spawn(async move {
@@ -130,7 +133,13 @@ fn spawn_group_writer(store: Arc<dyn Store>) -> tokio::sync::mpsc::Sender<GroupJ
         let mut held: Vec<GroupJob> = Vec::new();
         let mut held_since = tokio::time::Instant::now();
         let mut open = true;
+        let lanes = store.concurrent_groups().max(1);
+        let slots = Arc::new(tokio::sync::Semaphore::new(lanes));
         while open || !held.is_empty() {
+            // A free lane first: jobs arriving while every lane is busy join the next group.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
             let next = if held.is_empty() {
                 rx.recv().await
             } else if open {
@@ -172,35 +181,47 @@ fn spawn_group_writer(store: Arc<dyn Store>) -> tokio::sync::mpsc::Sender<GroupJ
             if jobs.is_empty() {
                 continue;
             }
-            let sizes: Vec<usize> = jobs.iter().map(|j| j.0.len()).collect();
-            let (writes, waiters): (Vec<Vec<GroupWrite>>, Vec<_>) = jobs.into_iter().unzip();
-            let all: Vec<GroupWrite> = writes.iter().flatten().cloned().collect();
-            match commit_retrying(store.as_ref(), &all).await {
-                Ok(slots) => {
-                    let mut slots = slots.into_iter();
-                    for (size, done) in sizes.into_iter().zip(waiters) {
-                        let _ = done.send(slots.by_ref().take(size).collect());
-                    }
-                }
-                Err(e) if writes.len() > 1 && !e.is_transient() => {
-                    // Each job alone: only the one that cannot be written fails.
-                    for (w, done) in writes.iter().zip(waiters) {
-                        let slots = match commit_retrying(store.as_ref(), w).await {
-                            Ok(slots) => slots,
-                            Err(e) => w.iter().map(|_| Err(each_waiter(&e))).collect(),
-                        };
-                        let _ = done.send(slots);
-                    }
-                }
-                Err(e) => {
-                    for (w, done) in writes.iter().zip(waiters) {
-                        let _ = done.send(w.iter().map(|_| Err(each_waiter(&e))).collect());
-                    }
-                }
-            }
+            let store = store.clone();
+            tokio::spawn(async move {
+                commit_jobs(store.as_ref(), jobs).await;
+                drop(slot);
+            });
         }
+        // Every group in progress ends before the writer does.
+        let _ = slots.acquire_many(lanes as u32).await;
     });
     tx
+}
+
+/// Commits the jobs as one group and answers each its outcomes; a group that fails for one
+/// job's sake is split, each job tried alone.
+async fn commit_jobs(store: &dyn Store, jobs: Vec<GroupJob>) {
+    let sizes: Vec<usize> = jobs.iter().map(|j| j.0.len()).collect();
+    let (writes, waiters): (Vec<Vec<GroupWrite>>, Vec<_>) = jobs.into_iter().unzip();
+    let all: Vec<GroupWrite> = writes.iter().flatten().cloned().collect();
+    match commit_retrying(store, &all).await {
+        Ok(slots) => {
+            let mut slots = slots.into_iter();
+            for (size, done) in sizes.into_iter().zip(waiters) {
+                let _ = done.send(slots.by_ref().take(size).collect());
+            }
+        }
+        Err(e) if writes.len() > 1 && !e.is_transient() => {
+            // Each job alone: only the one that cannot be written fails.
+            for (w, done) in writes.iter().zip(waiters) {
+                let slots = match commit_retrying(store, w).await {
+                    Ok(slots) => slots,
+                    Err(e) => w.iter().map(|_| Err(each_waiter(&e))).collect(),
+                };
+                let _ = done.send(slots);
+            }
+        }
+        Err(e) => {
+            for (w, done) in writes.iter().zip(waiters) {
+                let _ = done.send(w.iter().map(|_| Err(each_waiter(&e))).collect());
+            }
+        }
+    }
 }
 
 /// [`Store::commit_group`], waiting through an outage. Only an outage is retried; if a

@@ -116,6 +116,7 @@ macro_rules! store_conformance_tests {
             audit_append_and_read,
             audit_concurrent_appenders,
             group_commits_race_for_the_head,
+            concurrent_groups_name_their_newest_entries,
             audit_detects_altered_details,
             audit_detects_deleted_rows,
             audit_detects_a_log_cut_back,
@@ -2305,6 +2306,104 @@ pub async fn group_commits_race_for_the_head(h: &Harness) {
     .unwrap();
     assert_eq!(s.audit_log(None, 81, 10).await.unwrap().len(), 1);
     assert!(s.verify_audit().await.unwrap().ok);
+}
+
+/// Groups committed side by side (as the engine does, up to
+/// [`Requests::concurrent_groups`](crate::store::Requests::concurrent_groups)), some of their
+/// status changes refused (so the entries after them move up the chain): the chain stays
+/// linear, and each request changed names its own newest entry, whichever group reached
+/// the head first.
+pub async fn concurrent_groups_name_their_newest_entries(h: &Harness) {
+    let s = &h.store;
+    let mut ids = Vec::new();
+    for i in 0..40u64 {
+        let r = new_request(&format!("c-{i}"));
+        s.commit_group(&[GroupWrite::Create {
+            request: Box::new(r.clone()),
+            audit: vec![audit_entry(Some(r.id), AuditEvent::Received, i)],
+        }])
+        .await
+        .unwrap();
+        ids.push(r.id);
+    }
+    let rejected = |id: Uuid, from: RequestStatus, n: u64| GroupWrite::Transition {
+        id,
+        from,
+        to: RequestStatus::Rejected,
+        patch: Box::new(RequestPatch {
+            audit: vec![
+                audit_entry(Some(id), AuditEvent::Planned, n),
+                audit_entry(Some(id), AuditEvent::Rejected, n),
+            ],
+            ..Default::default()
+        }),
+    };
+    let mut tasks = Vec::new();
+    for (t, chunk) in ids.chunks(5).enumerate() {
+        let s = s.clone();
+        let chunk = chunk.to_vec();
+        tasks.push(tokio::spawn(async move {
+            // Every other request from a status it is not in: refused, no entries.
+            let writes: Vec<GroupWrite> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, id)| {
+                    let from = if i % 2 == 0 {
+                        RequestStatus::Planning
+                    } else {
+                        RequestStatus::AwaitingApproval
+                    };
+                    rejected(*id, from, t as u64)
+                })
+                .chain([GroupWrite::Audit(vec![audit_entry(
+                    None,
+                    AuditEvent::Planned,
+                    0,
+                )])])
+                .collect();
+            let slots = s.commit_group(&writes).await.unwrap();
+            for (i, slot) in slots.iter().take(chunk.len()).enumerate() {
+                assert_eq!(slot.is_ok(), i % 2 == 0, "{slot:?}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let all = s.audit_log(None, 0, 1000).await.unwrap();
+    // 40 received, 3 per accepted group of 5 pairs of entries (3 accepted: 6), 8 plain.
+    assert_eq!(
+        all.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=40 + 8 * 6 + 8).collect::<Vec<i64>>(),
+        "a linear chain, no fork, nothing lost"
+    );
+    for (i, id) in ids.iter().enumerate() {
+        let r = s.get_request(*id).await.unwrap();
+        let mine = s.audit_log(Some(*id), 0, 10).await.unwrap();
+        if i % 5 % 2 == 0 {
+            assert_eq!(r.status, RequestStatus::Rejected);
+            assert_eq!(mine.len(), 3);
+        } else {
+            assert_eq!(r.status, RequestStatus::Planning);
+            assert_eq!(mine.len(), 1);
+        }
+        // The request names its newest entry.
+        let newest = mine.iter().map(|e| e.seq).max().unwrap();
+        let named = h
+            .raw
+            .execute_raw(&format!(
+                "UPDATE tasks SET text = text WHERE text = 'c-{i}' AND audit_seq = {newest}"
+            ))
+            .await
+            .unwrap();
+        assert_eq!(
+            named, 1,
+            "request {i} does not name its newest entry {newest}"
+        );
+    }
+    // Verify checks that each request's stored newest entry is one of its own.
+    let v = s.verify_audit().await.unwrap();
+    assert!(v.ok, "{v:?}");
 }
 
 pub async fn audit_detects_altered_details(h: &Harness) {

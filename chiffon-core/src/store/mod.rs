@@ -125,11 +125,21 @@ pub trait Requests: Send + Sync {
     /// applied are appended in order, under one lock of the chain's head, and each request
     /// created or changed names its newest entry (`audit_seq`). An
     /// error of the group itself (the database; steps that cannot be written) is the outer
-    /// error: nothing of the group is stored.
+    /// error: nothing of the group is stored. Groups may be committed side by side (up to
+    /// [`Requests::concurrent_groups`]): the chain takes their entries in the order they
+    /// commit.
     async fn commit_group(
         &self,
         writes: &[GroupWrite],
     ) -> Result<Vec<Result<Written, StoreError>>, StoreError>;
+
+    /// How many group commits the engine may run at once on this store: more than one
+    /// where the database runs transactions side by side (each group waits for the
+    /// chain's head only for its last statements), one where a write transaction holds the
+    /// whole database.
+    fn concurrent_groups(&self) -> usize {
+        1
+    }
 
     /// Records the audit commit of a request (any status); only sets it once.
     async fn set_commit_id(&self, id: Uuid, commit_id: &str) -> Result<(), StoreError>;

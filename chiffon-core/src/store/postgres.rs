@@ -48,6 +48,10 @@ sql_store! {
     one_of_v: "= ANY(v_from)",
     // The audit head moves in a data-modifying WITH of the entries' INSERT.
     head_in_insert: true,
+    // Two groups at a time: one runs its statements while the other finishes its entries
+    // and commits (measured: the one group writer was busy 82% of a run at 64 in flight,
+    // half of it waiting between statements).
+    concurrent_groups: 2,
 }
 
 impl PgStore {

@@ -160,15 +160,16 @@ pub(super) fn chain_entries(
 pub(super) const BATCH_ROWS: usize = 256;
 
 /// A group's outcomes as its writes are applied ([`super::waves`]): each write's slot, the
-/// audit entries of those that applied (in the order they did), and the requests whose
-/// stored newest entry must be corrected.
+/// audit entries of those that applied (in the order they did), and the requests stored
+/// naming the position of their newest entry, corrected once the chain's head is known.
 pub(super) struct Applied {
-    /// The chain's head before the group.
+    /// Where the chain's head is expected before the group (the rows' positions assume it).
     pub base: i64,
     out: Vec<Option<Result<Written, StoreError>>>,
     pub entries: Vec<NewAuditEntry>,
-    /// Requests stored naming an entry position that rows not applied moved: (id, actual).
-    pub fix: Vec<(Uuid, i64)>,
+    /// Requests stored naming an entry position: (id, the position assumed, where their
+    /// newest entry is among `entries`, counted from one).
+    stored: Vec<(Uuid, i64, i64)>,
 }
 
 impl Applied {
@@ -177,8 +178,19 @@ impl Applied {
             base,
             out: (0..writes).map(|_| None).collect(),
             entries: Vec::new(),
-            fix: Vec::new(),
+            stored: Vec::new(),
         }
+    }
+
+    /// The requests whose stored position is wrong when the chain's head was at `head`
+    /// before the group: (id, actual position). Rows not applied move later entries up,
+    /// and a head not where [`Applied::base`] expected it moves them all.
+    pub fn fixes(&self, head: i64) -> Vec<(Uuid, i64)> {
+        self.stored
+            .iter()
+            .filter(|(_, assumed, at)| head + at != *assumed)
+            .map(|(id, _, at)| (*id, head + at))
+            .collect()
     }
 
     /// The chain positions a batch's rows (carrying `audits`) name if all of them apply.
@@ -201,10 +213,7 @@ impl Applied {
         if slot.is_ok() && !audit.is_empty() {
             self.entries.extend(audit.iter().cloned());
             if let Some((id, Some(assumed))) = stored {
-                let actual = self.base + self.entries.len() as i64;
-                if actual != assumed {
-                    self.fix.push((id, actual));
-                }
+                self.stored.push((id, assumed, self.entries.len() as i64));
             }
         }
         if let Some(o) = self.out.get_mut(i) {
@@ -223,40 +232,38 @@ impl Applied {
     }
 }
 
-/// Groups that lock the audit chain's head first after a remembered head was found moved.
-const HEAD_LOCKED_AFTER_MISS: u32 = 64;
-
-/// The audit chain's head as a store last moved it, so that a group commit need not read
-/// and lock it first (PostgreSQL, one round trip fewer per group): the entries' own
-/// `INSERT` moves the head only if it is still there. A group that finds it moved (another
-/// instance, or a direct append, got there first) is rolled back and applied again with the
-/// head locked first, and the next [`HEAD_LOCKED_AFTER_MISS`] groups lock it first too (two
-/// busy instances on one database would otherwise apply most groups twice).
+/// Where this store expects the audit chain's head to be when its next group reaches it:
+/// the head it last moved, plus the entries of the groups in progress. A group's rows name
+/// the positions of their requests' newest entries assuming that base; the head itself is
+/// locked and read only after the group's own changes, just before its entries go in, and
+/// the rows are corrected when it was elsewhere (another instance wrote, a group before
+/// failed, rows did not apply). So groups of one store can run side by side: each waits
+/// for the head only for its last statements and its commit, and the chain still goes in
+/// the order the groups commit.
 #[derive(Debug, Default)]
 pub(super) struct HeadCache {
-    last: Option<(i64, String)>,
-    locked_next: u32,
+    /// The last position this store moved the head to, or read it at.
+    last: i64,
+    /// Entries promised to groups in progress, after `last`.
+    pending: i64,
 }
 
 impl HeadCache {
-    /// The head to assume for the next group, if one may be assumed.
-    pub fn assume(&mut self) -> Option<(i64, String)> {
-        if self.locked_next > 0 {
-            self.locked_next -= 1;
-            return None;
+    /// The base a new group carrying up to `entries` entries assumes; the group ends with
+    /// [`HeadCache::ended`] and the same `entries`.
+    pub fn begin(&mut self, entries: usize) -> i64 {
+        let base = self.last + self.pending;
+        self.pending += entries as i64;
+        base
+    }
+
+    /// A group that was promised `entries` ended; `head`: where it saw the chain's head
+    /// last (moved by its commit, or read), if it did.
+    pub fn ended(&mut self, entries: usize, head: Option<i64>) {
+        self.pending = (self.pending - entries as i64).max(0);
+        if let Some(seq) = head {
+            self.last = self.last.max(seq);
         }
-        self.last.clone()
-    }
-
-    /// The assumed head had moved.
-    pub fn missed(&mut self) {
-        self.last = None;
-        self.locked_next = HEAD_LOCKED_AFTER_MISS;
-    }
-
-    /// This store moved the head (committed).
-    pub fn moved_to(&mut self, seq: i64, hash: &str) {
-        self.last = Some((seq, hash.to_string()));
     }
 }
 
@@ -354,7 +361,8 @@ macro_rules! sql_store {
         for_update: $for_update:literal,
         skip_locked: $skip_locked:literal,
         one_of_v: $one_of_v:literal,
-        head_in_insert: $head_in_insert:literal $(,)?
+        head_in_insert: $head_in_insert:literal,
+        concurrent_groups: $concurrent_groups:literal $(,)?
     ) => {
         /// A [`Store`](crate::store::Store) over one connection pool. Cheap to clone (a pool
         /// handle).
@@ -413,32 +421,11 @@ macro_rules! sql_store {
                 entries: &[NewAuditEntry],
                 head: Option<(i64, String)>,
             ) -> Result<Vec<AuditEntry>, StoreError> {
-                let out = self.append_audit_guarded(tx, entries, head, false).await?;
-                out.ok_or_else(head_moved)
-            }
-
-            /// [`Self::append_audit_in`]; `guarded`: `head` is not locked but remembered
-            /// ([`HeadCache`]), and the entries go in only if the head is still there (its
-            /// row locked by the same statement): `None` when it moved, and nothing was
-            /// written.
-            async fn append_audit_guarded(
-                &self,
-                tx: &mut sqlx::Transaction<'static, $Db>,
-                entries: &[NewAuditEntry],
-                head: Option<(i64, String)>,
-                guarded: bool,
-            ) -> Result<Option<Vec<AuditEntry>>, StoreError> {
-                if guarded && !$head_in_insert {
-                    // Without a data-modifying WITH the head cannot be checked in the same
-                    // statement: such a store never remembers it.
-                    return Err(StoreError::Corrupt("a guarded append needs the head in the insert".into()));
-                }
                 let texts = details_texts(entries)?;
                 let head = match head {
                     Some(head) => head,
                     None => Self::lock_audit_head(tx).await?,
                 };
-                let mut guard = guarded.then(|| head.clone());
                 let (out, seq, prev) =
                     chain_entries(self.audit_key.as_ref(), head, entries, &texts, now());
                 // The head moves in the same statement as the first rows where the dialect
@@ -446,25 +433,15 @@ macro_rules! sql_store {
                 let mut head_pending = true;
                 for (chunk, texts) in out.chunks(INSERT_CHUNK).zip(texts.chunks(INSERT_CHUNK)) {
                     let mut q = QueryBuilder::<$Db>::new("");
-                    // Only the first statement checks the head: it holds its row after.
-                    let check = guard.take();
                     if $head_in_insert && head_pending {
                         head_pending = false;
                         q.push("WITH head AS (UPDATE audit_head SET last_seq = ");
                         q.push_bind(seq);
                         q.push(", last_hash = ");
                         q.push_bind(prev.clone());
-                        q.push(" WHERE id = 1");
-                        if let Some((seq, hash)) = &check {
-                            q.push(" AND last_seq = ").push_bind(*seq);
-                            q.push(" AND last_hash = ").push_bind(hash.clone());
-                        }
-                        q.push(" RETURNING 1) ");
+                        q.push(" WHERE id = 1 RETURNING 1) ");
                     }
                     q.push(concat!("INSERT INTO audit_log (", audit_cols!(), ") "));
-                    if check.is_some() {
-                        q.push("SELECT * FROM (");
-                    }
                     q.push_values(chunk.iter().zip(texts), |mut b, (e, text)| {
                         b.push_bind(e.seq)
                             .push_bind(ts(e.at))
@@ -475,13 +452,7 @@ macro_rules! sql_store {
                             .push_bind(&e.prev_hash)
                             .push_bind(&e.hash);
                     });
-                    if check.is_some() {
-                        q.push(") AS e WHERE EXISTS (SELECT 1 FROM head)");
-                    }
-                    let done = q.build().execute(&mut **tx).await.map_err(db_err)?;
-                    if check.is_some() && done.rows_affected() == 0 {
-                        return Ok(None);
-                    }
+                    q.build().execute(&mut **tx).await.map_err(db_err)?;
                 }
                 if head_pending {
                     sqlx::query("UPDATE audit_head SET last_seq = $1, last_hash = $2 WHERE id = 1")
@@ -491,7 +462,7 @@ macro_rules! sql_store {
                         .await
                         .map_err(db_err)?;
                 }
-                Ok(Some(out))
+                Ok(out)
             }
 
             /// The audit chain's head (last seq, last hash), locked until `tx` ends.
@@ -692,26 +663,16 @@ macro_rules! sql_store {
                     .collect())
             }
 
-            /// [`Requests::commit_group`] (non-empty `writes`), either with the audit chain's
-            /// head locked first or, when `assumed` is given ([`HeadCache`]), assuming it:
-            /// `None` when the assumed head had moved (nothing is written).
+            /// [`Requests::commit_group`] (non-empty `writes`), its rows naming entry positions
+            /// from `base` ([`HeadCache`]). Returns the outcomes, and where the chain's head
+            /// was left (when the group locked it).
             async fn commit_group_with(
                 &self,
                 writes: &[GroupWrite],
-                assumed: Option<(i64, String)>,
-            ) -> Result<Option<Vec<Result<Written, StoreError>>>, StoreError> {
+                base: i64,
+            ) -> Result<(Vec<Result<Written, StoreError>>, Option<i64>), StoreError> {
                 let mut tx = self.pool.begin_with(BEGIN_WRITE).await.map_err(db_err)?;
-                // The chain's head, locked once for the group: each request changed names
-                // its newest entry (`audit_seq`) in the same transaction that changes it, and
-                // verify finds that entry gone if the log is cut back.
-                let carries = writes.iter().any(GroupWrite::carries_audit);
-                let guarded = assumed.is_some();
-                let head = match assumed {
-                    Some(head) => Some(head),
-                    None if carries => Some(Self::lock_audit_head(&mut tx).await?),
-                    None => None,
-                };
-                let mut g = Applied::new(head.as_ref().map_or(0, |h| h.0), writes.len());
+                let mut g = Applied::new(base, writes.len());
                 // Independent writes in waves, each wave one statement per kind
                 // ([`super::waves`]).
                 for wave in super::waves::plan(writes) {
@@ -721,41 +682,35 @@ macro_rules! sql_store {
                         }
                     }
                 }
-                if !g.fix.is_empty() {
-                    // Rows that did not apply moved later entries up the chain: the requests
-                    // stored with a position assuming they would are corrected.
-                    let fix = std::mem::take(&mut g.fix);
-                    for chunk in fix.chunks(BATCH_ROWS) {
-                        let mut q = QueryBuilder::<$Db>::new("WITH v(v_id, v_seq) AS (");
-                        q.push_values(chunk, |mut b, (id, seq)| {
-                            b.push_bind(*id).push_bind(*seq);
-                        });
-                        q.push(") UPDATE tasks SET audit_seq = v_seq FROM v WHERE id = v_id");
-                        q.build().persistent(false).execute(&mut *tx).await.map_err(db_err)?;
-                    }
+                if g.entries.is_empty() {
+                    tx.commit().await.map_err(db_err)?;
+                    return Ok((g.finish(), None));
                 }
-                let mut moved = None;
-                if !g.entries.is_empty() {
-                    let Some(written) = self
-                        .append_audit_guarded(&mut tx, &g.entries, head, guarded)
-                        .await?
-                    else {
-                        // Dropped: rolled back.
-                        return Ok(None);
-                    };
-                    if written.first().map(|e| e.seq) != Some(g.base + 1) {
-                        return Err(head_moved());
-                    }
-                    moved = written.last().map(|e| (e.seq, e.hash.clone()));
+                // The chain's head, locked last: the group's other changes are made, so
+                // holding it takes no other lock (no deadlock through it), and a group
+                // running beside this one waits for it only here. Each request changed
+                // names its newest entry (`audit_seq`) in the same transaction that changes
+                // it, and verify finds that entry gone if the log is cut back.
+                let head = Self::lock_audit_head(&mut tx).await?;
+                // Rows that did not apply moved later entries up the chain, and the head may
+                // not be where the rows assumed: those requests are corrected.
+                let fix = g.fixes(head.0);
+                for chunk in fix.chunks(BATCH_ROWS) {
+                    let mut q = QueryBuilder::<$Db>::new("WITH v(v_id, v_seq) AS (");
+                    q.push_values(chunk, |mut b, (id, seq)| {
+                        b.push_bind(*id).push_bind(*seq);
+                    });
+                    q.push(") UPDATE tasks SET audit_seq = v_seq FROM v WHERE id = v_id");
+                    q.build().persistent(false).execute(&mut *tx).await.map_err(db_err)?;
                 }
+                let first = head.0 + 1;
+                let written = self.append_audit_in(&mut tx, &g.entries, Some(head)).await?;
+                if written.first().map(|e| e.seq) != Some(first) {
+                    return Err(head_moved());
+                }
+                let moved = written.last().map(|e| e.seq);
                 tx.commit().await.map_err(db_err)?;
-                if let Some((seq, hash)) = moved {
-                    self.head
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .moved_to(seq, &hash);
-                }
-                Ok(Some(g.finish()))
+                Ok((g.finish(), moved))
             }
 
             /// Stores the steps of plans (`(request, plan, first step ready)`) in multi-row
@@ -1453,6 +1408,10 @@ macro_rules! sql_store {
 
         #[async_trait]
         impl Requests for $Store {
+            fn concurrent_groups(&self) -> usize {
+                $concurrent_groups
+            }
+
             async fn create_request(&self, req: &NewRequest) -> Result<Request, StoreError> {
                 let mut conn = self.pool.acquire().await.map_err(db_err)?;
                 self.create_in(&mut conn, req, None, None).await?
@@ -1545,18 +1504,19 @@ macro_rules! sql_store {
                 if writes.is_empty() {
                     return Ok(Vec::new());
                 }
-                let assumed = if $head_in_insert && writes.iter().any(GroupWrite::carries_audit) {
-                    self.head.lock().unwrap_or_else(|e| e.into_inner()).assume()
-                } else {
-                    None
-                };
-                if let Some(head) = assumed {
-                    if let Some(out) = self.commit_group_with(writes, Some(head)).await? {
-                        return Ok(out);
-                    }
-                    self.head.lock().unwrap_or_else(|e| e.into_inner()).missed();
-                }
-                self.commit_group_with(writes, None).await?.ok_or_else(head_moved)
+                let entries: usize = writes
+                    .iter()
+                    .filter_map(GroupWrite::audit)
+                    .map(|a| a.len())
+                    .sum();
+                let base = self.head.lock().unwrap_or_else(|e| e.into_inner()).begin(entries);
+                let out = self.commit_group_with(writes, base).await;
+                let moved = out.as_ref().ok().and_then(|(_, moved)| *moved);
+                self.head
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .ended(entries, moved);
+                out.map(|(slots, _)| slots)
             }
 
             async fn set_commit_id(&self, id: Uuid, commit_id: &str) -> Result<(), StoreError> {
@@ -2224,7 +2184,7 @@ macro_rules! sql_store {
                     self.head
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .moved_to(last.seq, &last.hash);
+                        .ended(0, Some(last.seq));
                 }
                 Ok(out)
             }

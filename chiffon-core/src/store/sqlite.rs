@@ -55,6 +55,8 @@ sql_store! {
     one_of_v: "IN (SELECT value FROM json_each(v_from))",
     // No data-modifying WITH: the head moves in its own statement.
     head_in_insert: false,
+    // A write transaction holds the whole database.
+    concurrent_groups: 1,
 }
 
 impl SqliteStore {
