@@ -297,11 +297,6 @@ impl GroupWrite {
             | GroupWrite::Logs(_) => None,
         }
     }
-
-    /// Whether this write carries audit entries.
-    pub fn carries_audit(&self) -> bool {
-        self.audit().is_some_and(|a| !a.is_empty())
-    }
 }
 
 /// A message waiting in the outbox: published by the dispatcher after the commit that

@@ -178,6 +178,17 @@ fn the_summary_is_trimmed_to_one_line_and_kept_whole_in_the_body() {
         git(repo, &["log", "-1", "--format=%s"]).trim(),
         format!("infra({id3}): (no summary)")
     );
+
+    // A NUL in the summary (the request's own text) is data, not the message's end: the
+    // commit is written whole, with U+FFFD in its place, and the repository stays sound.
+    let id4 = Uuid::new_v4();
+    trail
+        .commit_request(&record(id4, "restart nginx\0 on web1\nand\0more"))
+        .unwrap();
+    let body = git(repo, &["log", "-1", "--format=%B"]);
+    assert!(body.contains("restart nginx\u{FFFD} on web1"), "{body}");
+    assert!(body.contains(&format!("Chiffon-Request: {id4}")), "{body}");
+    assert_fsck_clean(repo);
 }
 
 #[test]

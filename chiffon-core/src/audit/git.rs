@@ -303,12 +303,12 @@ impl GitTrail {
     /// branch tip, and returns each record's commit id (or why it has none), in order.
     ///
     /// The whole batch costs one pack file and its index (every blob, tree and commit of the
-    /// batch, built in memory, each hashed once), one compare-and-swap of the branch and one `fsync` of each file written,
-    /// however many records it holds: the git trail's cost per request stays flat, and a
-    /// power loss after this returns loses nothing. Each record is idempotent as in
-    /// [`GitTrail::commit_request`]; a record that cannot be written (an invalid author, a
-    /// different record already committed) fails alone. If another writer moves the branch
-    /// meanwhile, the batch is rebuilt on the new tip.
+    /// batch, built in memory, each hashed once), one compare-and-swap of the branch and one
+    /// `fsync` of each file written, however many records it holds: the git trail's cost per
+    /// request stays flat, and a power loss after this returns loses nothing. Each record is
+    /// idempotent as in [`GitTrail::commit_request`]; a record that cannot be written (an
+    /// invalid author, a different record already committed) fails alone. If another writer
+    /// moves the branch meanwhile, the batch is rebuilt on the new tip.
     pub fn commit_batch(&self, records: &[RequestRecord]) -> Vec<Result<String, AuditError>> {
         let prepared: Vec<Result<Prepared, AuditError>> = records
             .iter()
@@ -426,6 +426,10 @@ impl GitTrail {
             .map_err(AuditError::git("committer signature"))?;
         let committer = signature_text(&committer);
         let mut pack = super::pack::PackBuilder::new();
+        let packing = |e: std::io::Error| AuditError::Git {
+            context: "pack the batch",
+            source: Box::new(e),
+        };
         // Records committed earlier in this batch: path → commit.
         let mut in_batch: std::collections::HashMap<&str, Oid> = Default::default();
         let mut parent = tip;
@@ -463,12 +467,8 @@ impl GitTrail {
                 });
                 continue;
             }
-            match previous_blob {
-                Some((base, base_data)) => {
-                    pack.add_against(ObjectType::Blob, &p.content, base, base_data)
-                }
-                None => pack.add(ObjectType::Blob, &p.content),
-            };
+            pack.add(ObjectType::Blob, &p.content, previous_blob)
+                .map_err(packing)?;
             previous_blob = Some((blob, p.content.as_slice()));
             let root = folders.insert(&mut pack, shard, file, blob)?;
             let mut body = format!("tree {root}\n");
@@ -480,12 +480,10 @@ impl GitTrail {
                 signature_text(&p.author),
                 p.message
             ));
-            let commit = match &previous_commit {
-                Some((base, base_data)) => {
-                    pack.add_against(ObjectType::Commit, body.as_bytes(), *base, base_data)
-                }
-                None => pack.add(ObjectType::Commit, body.as_bytes()),
-            };
+            let base = previous_commit.as_ref().map(|(id, b)| (*id, b.as_slice()));
+            let commit = pack
+                .add(ObjectType::Commit, body.as_bytes(), base)
+                .map_err(packing)?;
             previous_commit = Some((commit, body.into_bytes()));
             in_batch.insert(p.path.as_str(), commit);
             parent = Some(commit);
@@ -831,27 +829,25 @@ fn write_pack(repo: &Repository, odb: &git2::Odb<'_>, pack: &[u8]) -> Result<(),
 /// itself waits for 50).
 const PACK_MERGE_ABOVE: usize = 16;
 
-/// How many objects a pack index (version 2, SHA-1) lists, and their ids when `ids`.
-fn pack_index(idx: &Path, ids: bool) -> std::io::Result<(usize, Vec<Oid>)> {
+/// How many objects a pack index (version 2, SHA-1) lists: its header alone is read.
+fn pack_objects(idx: &Path) -> std::io::Result<usize> {
     use std::io::Read;
-    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a v2 pack index");
     let mut file = std::fs::File::open(idx)?;
     let mut header = [0u8; 8 + 1024];
     file.read_exact(&mut header)?;
     if header[..4] != [0xff, b't', b'O', b'c'] || header[4..8] != [0, 0, 0, 2] {
-        return Err(bad());
+        return Err(not_an_index());
     }
-    let n = u32::from_be_bytes([header[1028], header[1029], header[1030], header[1031]]) as usize;
-    if !ids {
-        return Ok((n, Vec::new()));
-    }
-    let mut names = vec![0u8; n * 20];
-    file.read_exact(&mut names)?;
-    let ids = names
-        .chunks_exact(20)
-        .map(|c| Oid::from_bytes(c).map_err(|_| bad()))
-        .collect::<Result<_, _>>()?;
-    Ok((n, ids))
+    Ok(u32::from_be_bytes([header[1028], header[1029], header[1030], header[1031]]) as usize)
+}
+
+/// The entries of the pack index at `idx`.
+fn read_pack_index(idx: &Path) -> std::io::Result<Vec<IndexEntry>> {
+    super::pack::read_index(&std::fs::read(idx)?).ok_or_else(not_an_index)
+}
+
+fn not_an_index() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, "not a v2 pack index")
 }
 
 /// The packs (each with the entries its index lists: id, offset, CRC-32) as one pack whose
@@ -929,8 +925,8 @@ fn merge_small_packs(path: &Path) -> Result<(), AuditError> {
         if idx.with_extension("keep").exists() {
             continue;
         }
-        match pack_index(&idx, false) {
-            Ok((n, _)) => packs.push((idx, n)),
+        match pack_objects(&idx) {
+            Ok(n) => packs.push((idx, n)),
             // Removed by another process's merge meanwhile: it is in that merge.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
@@ -959,12 +955,9 @@ fn merge_small_packs(path: &Path) -> Result<(), AuditError> {
     let merged = &packs[..split];
     let mut sources = Vec::with_capacity(merged.len());
     for (idx, _) in merged {
-        match std::fs::read(idx).and_then(|bytes| {
-            let entries = super::pack::read_index(&bytes).ok_or_else(|| {
-                std::io::Error::new(std::io::ErrorKind::InvalidData, "not a v2 pack index")
-            })?;
-            Ok((entries, std::fs::read(idx.with_extension("pack"))?))
-        }) {
+        match read_pack_index(idx)
+            .and_then(|entries| Ok((entries, std::fs::read(idx.with_extension("pack"))?)))
+        {
             Ok(found) => sources.push(found),
             // Merged and removed by another process meanwhile: not ours to finish.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -1022,9 +1015,9 @@ fn merge_small_packs(path: &Path) -> Result<(), AuditError> {
         .get(pack.len().saturating_sub(20)..)
         .unwrap_or_default();
     let new_idx = pack_dir.join(format!("pack-{}.idx", hex::encode(name)));
-    match pack_index(&new_idx, true) {
-        Ok((_, ids)) if ids == expected => {}
-        Ok((_, ids)) => {
+    match read_pack_index(&new_idx).map(|entries| entries.into_iter().map(|e| e.0).collect::<Vec<_>>()) {
+        Ok(ids) if ids == expected => {}
+        Ok(ids) => {
             return Err(AuditError::Git {
                 context: "merge packs",
                 source: format!(
@@ -1181,6 +1174,11 @@ fn commit_message(record: &RequestRecord, path: &str) -> String {
     if let Some(a) = &record.anchor {
         message.push_str(&format!("{ANCHOR_TRAILER} {} {}\n", a.seq, a.hash));
     }
+    // The commit is written byte for byte: a NUL in the summary (the request's own text)
+    // would end the message early for some readers.
+    if message.contains('\0') {
+        message = message.replace('\0', "\u{FFFD}");
+    }
     message
 }
 
@@ -1280,29 +1278,32 @@ impl Folders<'_> {
         self.shard(shard)?;
         let old = self.shards.get_mut(shard).and_then(Option::take);
         let new = tree_with(old.as_ref(), file.as_bytes(), FILE_MODE, blob)?;
-        let shard_id = add_tree(pack, &new, old.as_ref());
+        let shard_id = add_tree(pack, &new, old.as_ref())?;
         self.shards.insert(shard.to_string(), Some((shard_id, new)));
         let old = self.requests.take();
         let new = tree_with(old.as_ref(), shard.as_bytes(), DIR_MODE, shard_id)?;
-        let requests_id = add_tree(pack, &new, old.as_ref());
+        let requests_id = add_tree(pack, &new, old.as_ref())?;
         self.requests = Some((requests_id, new));
         let old = self.root.take();
         let new = tree_with(old.as_ref(), REQUESTS_DIR.as_bytes(), DIR_MODE, requests_id)?;
-        let root_id = add_tree(pack, &new, old.as_ref());
+        let root_id = add_tree(pack, &new, old.as_ref())?;
         self.root = Some((root_id, new));
         Ok(root_id)
     }
 }
 
+/// Adds a folder's new version to `pack`, against its `previous` one when there is one.
 fn add_tree(
     pack: &mut super::pack::PackBuilder,
     tree: &[u8],
     previous: Option<&(Oid, Vec<u8>)>,
-) -> Oid {
-    match previous {
-        Some((base, base_data)) => pack.add_against(ObjectType::Tree, tree, *base, base_data),
-        None => pack.add(ObjectType::Tree, tree),
-    }
+) -> Result<Oid, AuditError> {
+    let base = previous.map(|(id, data)| (*id, data.as_slice()));
+    pack.add(ObjectType::Tree, tree, base)
+        .map_err(|e| AuditError::Git {
+            context: "pack the batch",
+            source: Box::new(e),
+        })
 }
 
 /// The raw content of the tree `id`.

@@ -24,7 +24,7 @@ use sha1::Digest as _;
 
 /// Longest delta chain (git's `pack.depth` default): reading the newest version of a
 /// folder applies at most this many deltas.
-pub(crate) const MAX_DEPTH: u32 = 50;
+const MAX_DEPTH: u32 = 50;
 
 /// zlib level of the pack's entries: records are small JSON documents and deltas a few
 /// dozen bytes, where the fastest level compresses nearly as well as the default.
@@ -43,7 +43,7 @@ struct Entry {
 
 /// Where an object is in the pack being built, for a later delta against it.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Placed {
+struct Placed {
     offset: u64,
     depth: u32,
 }
@@ -88,20 +88,26 @@ pub(crate) fn object_id(kind: ObjectType, data: &[u8]) -> Oid {
 /// Appends `data` to `out` as one zlib stream, through `z` (reset first: one compressor's
 /// state, a quarter of a megabyte, serves every object of a pack instead of being set up
 /// for each).
-fn deflate_into(z: &mut flate2::Compress, data: &[u8], out: &mut Vec<u8>) {
+fn deflate_into(z: &mut flate2::Compress, data: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
     z.reset();
     let start_in = z.total_in();
     loop {
-        // zlib's bound for one stream: the input, a little per block, the header and trailer.
+        // Room for more output each round (`compress_vec` fills only spare capacity).
         out.reserve(data.len() / 8 + 64);
         let done = usize::try_from(z.total_in() - start_in).unwrap_or(data.len());
         match z.compress_vec(&data[done..], out, flate2::FlushCompress::Finish) {
-            Ok(flate2::Status::StreamEnd) => return,
+            Ok(flate2::Status::StreamEnd) => return Ok(()),
             Ok(_) => {}
-            // Compressing into memory fails only on a broken stream state, which `reset`
-            // rules out; nothing to recover, and the pack's checks would catch it.
-            Err(_) => return,
+            Err(e) => return Err(std::io::Error::other(e)),
         }
+    }
+}
+
+/// Insert instructions for `bytes` (at most 127 bytes each).
+fn push_insert(out: &mut Vec<u8>, bytes: &[u8]) {
+    for chunk in bytes.chunks(127) {
+        out.push(chunk.len() as u8);
+        out.extend_from_slice(chunk);
     }
 }
 
@@ -151,7 +157,7 @@ fn push_copy(out: &mut Vec<u8>, mut offset: usize, mut len: usize) {
 /// inserting what differs between them: the right shape for a folder that gained or
 /// changed one entry. `None` when it would not be clearly smaller than `target` itself, or
 /// when the base is too large to address.
-pub(crate) fn head_tail_delta(base: &[u8], target: &[u8]) -> Option<Vec<u8>> {
+fn head_tail_delta(base: &[u8], target: &[u8]) -> Option<Vec<u8>> {
     if base.len() > u32::MAX as usize {
         return None;
     }
@@ -169,10 +175,7 @@ pub(crate) fn head_tail_delta(base: &[u8], target: &[u8]) -> Option<Vec<u8>> {
     push_varint(&mut out, base.len());
     push_varint(&mut out, target.len());
     push_copy(&mut out, 0, head);
-    for chunk in middle.chunks(127) {
-        out.push(chunk.len() as u8);
-        out.extend_from_slice(chunk);
-    }
+    push_insert(&mut out, middle);
     push_copy(&mut out, base.len() - tail, tail);
     (out.len() * 2 < target.len()).then_some(out)
 }
@@ -205,7 +208,7 @@ impl std::hash::Hasher for BlockHasher {
 /// the match is grown both ways and copied; the rest is inserted. The right shape for two
 /// records or two commits of a batch, which differ in a few places (ids, times) and share
 /// the rest. `None` when it would not be smaller than `target` itself.
-pub(crate) fn block_delta(base: &[u8], target: &[u8]) -> Option<Vec<u8>> {
+fn block_delta(base: &[u8], target: &[u8]) -> Option<Vec<u8>> {
     if base.len() > u32::MAX as usize || base.len() < BLOCK || target.len() < BLOCK {
         return None;
     }
@@ -218,12 +221,6 @@ pub(crate) fn block_delta(base: &[u8], target: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(target.len() / 4 + 16);
     push_varint(&mut out, base.len());
     push_varint(&mut out, target.len());
-    let insert = |out: &mut Vec<u8>, bytes: &[u8]| {
-        for chunk in bytes.chunks(127) {
-            out.push(chunk.len() as u8);
-            out.extend_from_slice(chunk);
-        }
-    };
     // Target bytes before `i` are in the delta up to `pending` (inserted later, or copied).
     let (mut i, mut pending) = (0, 0);
     while i + BLOCK <= target.len() {
@@ -241,18 +238,18 @@ pub(crate) fn block_delta(base: &[u8], target: &[u8]) -> Option<Vec<u8>> {
             t1 += 1;
             b1 += 1;
         }
-        insert(&mut out, &target[pending..t0]);
+        push_insert(&mut out, &target[pending..t0]);
         push_copy(&mut out, b0, t1 - t0);
         i = t1;
         pending = t1;
     }
-    insert(&mut out, &target[pending..]);
+    push_insert(&mut out, &target[pending..]);
     (out.len() + BLOCK < target.len()).then_some(out)
 }
 
 /// Applies a git delta to `base` (for tests and checks).
 #[cfg(test)]
-pub(crate) fn apply_delta(base: &[u8], delta: &[u8]) -> Option<Vec<u8>> {
+fn apply_delta(base: &[u8], delta: &[u8]) -> Option<Vec<u8>> {
     let mut i = 0;
     let varint = |i: &mut usize| -> Option<usize> {
         let mut n = 0usize;
@@ -317,11 +314,6 @@ impl PackBuilder {
         }
     }
 
-    /// Where `oid` is in this pack, if it was added.
-    pub(crate) fn placed(&self, oid: Oid) -> Option<Placed> {
-        self.placed.get(&oid).copied()
-    }
-
     fn header(&mut self, code: u8, size: usize) {
         let mut byte = (code << 4) | (size & 0x0f) as u8;
         let mut rest = size >> 4;
@@ -333,71 +325,61 @@ impl PackBuilder {
         self.bytes.push(byte);
     }
 
-    fn finish_entry(&mut self, oid: Oid, offset: u64, depth: u32) {
-        let crc = crc32fast::hash(&self.bytes[offset as usize..]);
-        self.entries.push(Entry { oid, offset, crc });
-        self.placed.insert(oid, Placed { offset, depth });
-    }
-
-    /// Adds an object whole; returns its id. An object already in the pack is not added
-    /// twice.
-    pub(crate) fn add(&mut self, kind: ObjectType, data: &[u8]) -> Oid {
-        let oid = object_id(kind, data);
-        if !self.placed.contains_key(&oid) {
-            let offset = self.bytes.len() as u64;
-            self.header(kind_code(kind), data.len());
-            deflate_into(&mut self.z, data, &mut self.bytes);
-            self.finish_entry(oid, offset, 0);
-        }
-        oid
-    }
-
-    /// Adds an object, as a delta against `base` (an object added to this pack before, with
-    /// the content `base_data`) when that is smaller and the chain not too long; returns its
-    /// id.
-    pub(crate) fn add_against(
+    /// Adds an object and returns its id: as a delta against `base` (an object added to
+    /// this pack before, with its content) when that is smaller and the chain not too
+    /// long, whole otherwise. An object already in the pack is not added twice.
+    pub(crate) fn add(
         &mut self,
         kind: ObjectType,
         data: &[u8],
-        base: Oid,
-        base_data: &[u8],
-    ) -> Oid {
+        base: Option<(Oid, &[u8])>,
+    ) -> std::io::Result<Oid> {
         let oid = object_id(kind, data);
         if self.placed.contains_key(&oid) {
-            return oid;
+            return Ok(oid);
         }
-        let delta = self
-            .placed(base)
-            .filter(|b| b.depth < MAX_DEPTH)
-            .and_then(|b| {
-                // A folder gains one entry; a record or a commit differs in a few lines.
-                let delta = if kind == ObjectType::Tree {
-                    head_tail_delta(base_data, data)
-                } else {
-                    block_delta(base_data, data)
-                };
-                delta.map(|d| (b, d))
-            });
-        let Some((b, delta)) = delta else {
-            return self.add(kind, data);
-        };
+        let delta = base.and_then(|(base, base_data)| {
+            let b = self.placed.get(&base).copied()?;
+            if b.depth >= MAX_DEPTH {
+                return None;
+            }
+            // A folder gains one entry; a record or a commit differs in a few places.
+            let delta = if kind == ObjectType::Tree {
+                head_tail_delta(base_data, data)
+            } else {
+                block_delta(base_data, data)
+            };
+            delta.map(|d| (b, d))
+        });
         let offset = self.bytes.len() as u64;
-        self.header(6, delta.len());
-        // The distance back to the base, in git's offset encoding (each continuation adds
-        // one before shifting).
-        let mut distance = offset - b.offset;
-        let mut enc = vec![(distance & 0x7f) as u8];
-        distance >>= 7;
-        while distance != 0 {
-            distance -= 1;
-            enc.push(0x80 | (distance & 0x7f) as u8);
-            distance >>= 7;
-        }
-        enc.reverse();
-        self.bytes.extend_from_slice(&enc);
-        deflate_into(&mut self.z, &delta, &mut self.bytes);
-        self.finish_entry(oid, offset, b.depth + 1);
-        oid
+        let depth = match delta {
+            None => {
+                self.header(kind_code(kind), data.len());
+                deflate_into(&mut self.z, data, &mut self.bytes)?;
+                0
+            }
+            Some((b, delta)) => {
+                self.header(6, delta.len());
+                // The distance back to the base, in git's offset encoding (each
+                // continuation adds one before shifting).
+                let mut distance = offset - b.offset;
+                let mut enc = vec![(distance & 0x7f) as u8];
+                distance >>= 7;
+                while distance != 0 {
+                    distance -= 1;
+                    enc.push(0x80 | (distance & 0x7f) as u8);
+                    distance >>= 7;
+                }
+                enc.reverse();
+                self.bytes.extend_from_slice(&enc);
+                deflate_into(&mut self.z, &delta, &mut self.bytes)?;
+                b.depth + 1
+            }
+        };
+        let crc = crc32fast::hash(&self.bytes[offset as usize..]);
+        self.entries.push(Entry { oid, offset, crc });
+        self.placed.insert(oid, Placed { offset, depth });
+        Ok(oid)
     }
 
     /// The finished pack (count and checksum filled in) and its index.
