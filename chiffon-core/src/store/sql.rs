@@ -240,30 +240,64 @@ impl Applied {
 /// failed, rows did not apply). So groups of one store can run side by side: each waits
 /// for the head only for its last statements and its commit, and the chain still goes in
 /// the order the groups commit.
+///
+/// Groups take the head in the order they began ([`HeadCache::first_in_line`]), as their
+/// bases assume: a group whose changes are made before those of a group that began earlier
+/// waits for that one to lock the head first (at most [`HEAD_TURN_WAIT`], since the two
+/// may wait on each other's rows). Taken out of order, both would correct every row.
 #[derive(Debug, Default)]
 pub(super) struct HeadCache {
     /// The last position this store moved the head to, or read it at.
     last: i64,
     /// Entries promised to groups in progress, after `last`.
     pending: i64,
+    /// The next group's place in line.
+    next: u64,
+    /// The groups in progress that may still lock the head, by place in line.
+    line: std::collections::BTreeSet<u64>,
 }
 
+/// Longest a group waits for the groups before it to lock the chain's head (see
+/// [`HeadCache`]); then it goes ahead, and the rows are corrected.
+pub(super) const HEAD_TURN_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
 impl HeadCache {
-    /// The base a new group carrying up to `entries` entries assumes; the group ends with
-    /// [`HeadCache::ended`] and the same `entries`.
-    pub fn begin(&mut self, entries: usize) -> i64 {
+    /// The base a new group carrying up to `entries` entries assumes, and its place in line;
+    /// the group ends with [`HeadCache::ended`] and the same `entries` and place.
+    pub fn begin(&mut self, entries: usize) -> (i64, u64) {
         let base = self.last + self.pending;
         self.pending += entries as i64;
-        base
+        let place = self.next;
+        self.next += 1;
+        if entries > 0 {
+            self.line.insert(place);
+        }
+        (base, place)
+    }
+
+    /// Whether no group that began before the one at `place` may still lock the head.
+    pub fn first_in_line(&self, place: u64) -> bool {
+        self.line.first().is_none_or(|first| *first >= place)
+    }
+
+    /// The group at `place` holds the head, or will not take it: the next one may.
+    pub fn passed(&mut self, place: u64) {
+        self.line.remove(&place);
     }
 
     /// A group that was promised `entries` ended; `head`: where it saw the chain's head
     /// last (moved by its commit, or read), if it did.
-    pub fn ended(&mut self, entries: usize, head: Option<i64>) {
+    pub fn ended(&mut self, entries: usize, place: u64, head: Option<i64>) {
         self.pending = (self.pending - entries as i64).max(0);
+        self.line.remove(&place);
         if let Some(seq) = head {
-            self.last = self.last.max(seq);
+            self.saw(seq);
         }
+    }
+
+    /// The head was seen at `seq` (moved there by this store, or read).
+    pub fn saw(&mut self, seq: i64) {
+        self.last = self.last.max(seq);
     }
 }
 
@@ -373,6 +407,8 @@ macro_rules! sql_store {
             audit_key: Option<AuditKey>,
             /// The audit chain's head as this store last moved it (see [`HeadCache`]).
             head: std::sync::Arc<std::sync::Mutex<HeadCache>>,
+            /// Told when a group passes the head (see [`HeadCache::first_in_line`]).
+            head_turn: std::sync::Arc<tokio::sync::Notify>,
         }
 
         impl std::fmt::Debug for $Store {
@@ -387,6 +423,7 @@ macro_rules! sql_store {
                     pool,
                     audit_key: None,
                     head: Default::default(),
+                    head_turn: Default::default(),
                 }
             }
 
@@ -669,7 +706,7 @@ macro_rules! sql_store {
             async fn commit_group_with(
                 &self,
                 writes: &[GroupWrite],
-                base: i64,
+                (base, place): (i64, u64),
             ) -> Result<(Vec<Result<Written, StoreError>>, Option<i64>), StoreError> {
                 let mut tx = self.pool.begin_with(BEGIN_WRITE).await.map_err(db_err)?;
                 let mut g = Applied::new(base, writes.len());
@@ -683,6 +720,7 @@ macro_rules! sql_store {
                     }
                 }
                 if g.entries.is_empty() {
+                    self.pass_head(place);
                     tx.commit().await.map_err(db_err)?;
                     return Ok((g.finish(), None));
                 }
@@ -691,7 +729,9 @@ macro_rules! sql_store {
                 // running beside this one waits for it only here. Each request changed
                 // names its newest entry (`audit_seq`) in the same transaction that changes
                 // it, and verify finds that entry gone if the log is cut back.
+                self.wait_for_head_turn(place).await;
                 let head = Self::lock_audit_head(&mut tx).await?;
+                self.pass_head(place);
                 // Rows that did not apply moved later entries up the chain, and the head may
                 // not be where the rows assumed: those requests are corrected.
                 let fix = g.fixes(head.0);
@@ -711,6 +751,31 @@ macro_rules! sql_store {
                 let moved = written.last().map(|e| e.seq);
                 tx.commit().await.map_err(db_err)?;
                 Ok((g.finish(), moved))
+            }
+
+            /// Waits until the groups that began before the one at `place` have locked the
+            /// chain's head (or will not), at most [`HEAD_TURN_WAIT`] (see [`HeadCache`]).
+            async fn wait_for_head_turn(&self, place: u64) {
+                let deadline = tokio::time::Instant::now() + HEAD_TURN_WAIT;
+                loop {
+                    let told = self.head_turn.notified();
+                    tokio::pin!(told);
+                    told.as_mut().enable();
+                    let first = self
+                        .head
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .first_in_line(place);
+                    if first || tokio::time::timeout_at(deadline, told).await.is_err() {
+                        return;
+                    }
+                }
+            }
+
+            /// The group at `place` holds the chain's head, or will not take it.
+            fn pass_head(&self, place: u64) {
+                self.head.lock().unwrap_or_else(|e| e.into_inner()).passed(place);
+                self.head_turn.notify_waiters();
             }
 
             /// Stores the steps of plans (`(request, plan, first step ready)`) in multi-row
@@ -1509,13 +1574,14 @@ macro_rules! sql_store {
                     .filter_map(GroupWrite::audit)
                     .map(|a| a.len())
                     .sum();
-                let base = self.head.lock().unwrap_or_else(|e| e.into_inner()).begin(entries);
-                let out = self.commit_group_with(writes, base).await;
+                let begun = self.head.lock().unwrap_or_else(|e| e.into_inner()).begin(entries);
+                let out = self.commit_group_with(writes, begun).await;
                 let moved = out.as_ref().ok().and_then(|(_, moved)| *moved);
                 self.head
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .ended(entries, moved);
+                    .ended(entries, begun.1, moved);
+                self.head_turn.notify_waiters();
                 out.map(|(slots, _)| slots)
             }
 
@@ -2184,7 +2250,7 @@ macro_rules! sql_store {
                     self.head
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .ended(0, Some(last.seq));
+                        .saw(last.seq);
                 }
                 Ok(out)
             }
@@ -2351,4 +2417,44 @@ macro_rules! sql_store {
             }
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HeadCache;
+
+    #[test]
+    fn groups_take_the_head_in_the_order_they_began() {
+        let mut h = HeadCache::default();
+        h.saw(10);
+        let a = h.begin(2);
+        let none = h.begin(0);
+        let b = h.begin(3);
+        // Each base counts the entries promised before it.
+        assert_eq!((a.0, none.0, b.0), (10, 12, 12));
+        assert!(h.first_in_line(a.1));
+        assert!(
+            !h.first_in_line(b.1),
+            "b began after a, which has not locked the head"
+        );
+        h.passed(a.1);
+        // A group with no entries never takes the head: b does not wait for it to end.
+        assert!(h.first_in_line(b.1));
+        h.ended(0, none.1, None);
+        // a commits: the head moved past its entries; b is still promised its own.
+        h.ended(2, a.1, Some(12));
+        assert_eq!(h.begin(1).0, 15);
+    }
+
+    #[test]
+    fn a_group_that_fails_before_the_head_lets_the_next_one_take_it() {
+        let mut h = HeadCache::default();
+        let a = h.begin(4);
+        let b = h.begin(1);
+        assert!(!h.first_in_line(b.1));
+        // a fails before it locks the head: it leaves the line and promises nothing more.
+        h.ended(4, a.1, None);
+        assert!(h.first_in_line(b.1));
+        assert_eq!(h.begin(1).0, 1);
+    }
 }

@@ -168,3 +168,58 @@ fn status_list(statuses: &[StepStatus]) -> Result<String, StoreError> {
     serde_json::to_string(&statuses.iter().map(|s| s.as_str()).collect::<Vec<_>>())
         .map_err(|e| StoreError::Backend(Box::new(e)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::AuditEvent;
+
+    /// A group does not wait for ever on a group before it that never takes the chain's
+    /// head (the two may wait on each other's rows): after [`HEAD_TURN_WAIT`] it goes ahead,
+    /// and its rows name the entries where they really went.
+    #[tokio::test]
+    async fn a_group_waits_for_the_head_only_so_long() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            SqliteStore::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
+                .await
+                .unwrap();
+        // A group before it, promised three entries, that never gets to the head.
+        let stuck = store.head.lock().unwrap().begin(3);
+        let id = Uuid::now_v7();
+        let entry = NewAuditEntry {
+            request_id: Some(id),
+            actor: "engine".into(),
+            event: AuditEvent::Received,
+            details: serde_json::json!({}),
+        };
+        let write = GroupWrite::Create {
+            request: Box::new(NewRequest {
+                id,
+                trace_id: "t".into(),
+                text: "x".into(),
+                requester: "alice".into(),
+                submitted_by: "token:alice".into(),
+                dry_run: false,
+            }),
+            audit: vec![entry],
+        };
+        let started = std::time::Instant::now();
+        let slots = tokio::time::timeout(Duration::from_secs(5), store.commit_group(&[write]))
+            .await
+            .expect("the group waited for ever")
+            .unwrap();
+        assert!(slots[0].is_ok());
+        assert!(started.elapsed() >= HEAD_TURN_WAIT);
+        // Its base assumed the stuck group's entries first; it went first, so it was
+        // corrected to the first entry of the chain.
+        let seq: i64 = sqlx::query_scalar("SELECT audit_seq FROM tasks WHERE id = ?")
+            .bind(id)
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(seq, 1);
+        store.head.lock().unwrap().ended(3, stuck.1, None);
+        assert!(store.verify_audit().await.unwrap().ok);
+    }
+}
