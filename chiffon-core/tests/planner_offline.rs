@@ -262,3 +262,31 @@ fn ranking_is_deterministic() {
     assert_eq!(a, planner.rank(&c, "deploy kuma on the nas"));
     assert_eq!(a[0].0, "deploy_kuma");
 }
+
+/// The planner's verbs follow the catalog it is given: a verb one catalog adds is read
+/// against that catalog only, whichever catalogs were planned against before.
+#[test]
+fn each_catalog_is_read_with_its_own_verbs() {
+    let plain = fixture_catalog();
+    let mut more = plain.clone();
+    more.actions
+        .get_mut("deploy_kuma")
+        .expect("the fixture deploys kuma")
+        .verbs
+        .push("roll out".into());
+    let planner = OfflinePlanner::default();
+    let text = "roll out uptime kuma on the nas";
+    // Each after the other, in both orders.
+    for (catalog, knows) in [
+        (&more, true),
+        (&plain, false),
+        (&plain, false),
+        (&more, true),
+    ] {
+        match planner.plan(catalog, text) {
+            Ok(p) if knows => assert_eq!(p.steps[0].action, "deploy_kuma"),
+            Err(e) if !knows => assert!(e.message.contains("no verb"), "{e}"),
+            other => panic!("{text} (knows `roll out`: {knows}): {other:?}"),
+        }
+    }
+}

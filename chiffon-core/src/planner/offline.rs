@@ -646,6 +646,31 @@ struct Verbs {
 }
 
 impl Verbs {
+    /// The catalog's verbs, built once for each catalog content (its actions' names and
+    /// verbs, which are all they are built from): a plan does not rebuild them. The last
+    /// catalog's are kept.
+    fn of(catalog: &Catalog) -> std::sync::Arc<Verbs> {
+        use std::hash::{Hash, Hasher};
+        static LAST: std::sync::Mutex<Option<(u64, std::sync::Arc<Verbs>)>> =
+            std::sync::Mutex::new(None);
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        catalog.actions.len().hash(&mut h);
+        for a in catalog.actions.values() {
+            a.name.hash(&mut h);
+            a.verbs.hash(&mut h);
+        }
+        let key = h.finish();
+        let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((k, verbs)) = &*last {
+            if *k == key {
+                return verbs.clone();
+            }
+        }
+        let verbs = std::sync::Arc::new(Verbs::new(catalog));
+        *last = Some((key, verbs.clone()));
+        verbs
+    }
+
     fn new(catalog: &Catalog) -> Verbs {
         let mut set: Vec<String> = OTHER_VERBS.iter().map(|s| s.to_string()).collect();
         for a in catalog.actions.values() {
@@ -978,7 +1003,7 @@ impl OfflinePlanner {
     /// The actions that perform the request's (first clause's) verb, ranked by how well
     /// its object matches, best first; empty when no action performs it.
     pub fn rank(&self, catalog: &Catalog, text: &str) -> Vec<(String, f64)> {
-        let verbs = Verbs::new(catalog);
+        let verbs = Verbs::of(catalog);
         let toks = tokenize(text);
         let Some(first) = clauses(&toks, &verbs).into_iter().next() else {
             return Vec::new();
@@ -2369,7 +2394,7 @@ struct ClausePlan {
 impl OfflinePlanner {
     /// Plans `text` against `catalog`, or says why it will not.
     pub fn plan(&self, catalog: &Catalog, text: &str) -> Result<Plan, OfflineError> {
-        let verbs = Verbs::new(catalog);
+        let verbs = Verbs::of(catalog);
         let toks = tokenize(text);
         let parts = clauses(&toks, &verbs);
         if parts.is_empty() {
