@@ -257,6 +257,51 @@ pub(super) struct HeadCache {
     line: std::collections::BTreeSet<u64>,
 }
 
+/// A group's place in [`HeadCache`]'s line, from its beginning to its end: dropped, it
+/// ends the group there (with `moved`, where the group's commit left the head), so a group
+/// whose caller stopped waiting (its future dropped midway) neither holds up the groups
+/// after it nor keeps its promised entries.
+pub(super) struct InLine {
+    head: std::sync::Arc<std::sync::Mutex<HeadCache>>,
+    turn: std::sync::Arc<tokio::sync::Notify>,
+    entries: usize,
+    /// The base the group's rows assume, and its place in line.
+    pub begun: (i64, u64),
+    pub moved: Option<i64>,
+}
+
+impl InLine {
+    /// A group carrying up to `entries` entries begins.
+    pub fn begin(
+        head: &std::sync::Arc<std::sync::Mutex<HeadCache>>,
+        turn: &std::sync::Arc<tokio::sync::Notify>,
+        entries: usize,
+    ) -> InLine {
+        let begun = head
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .begin(entries);
+        InLine {
+            head: head.clone(),
+            turn: turn.clone(),
+            entries,
+            begun,
+            moved: None,
+        }
+    }
+}
+
+impl Drop for InLine {
+    fn drop(&mut self) {
+        self.head.lock().unwrap_or_else(|e| e.into_inner()).ended(
+            self.entries,
+            self.begun.1,
+            self.moved,
+        );
+        self.turn.notify_waiters();
+    }
+}
+
 /// Longest a group waits for the groups before it to lock the chain's head (see
 /// [`HeadCache`]); then it goes ahead, and the rows are corrected.
 pub(super) const HEAD_TURN_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
@@ -1574,14 +1619,10 @@ macro_rules! sql_store {
                     .filter_map(GroupWrite::audit)
                     .map(|a| a.len())
                     .sum();
-                let begun = self.head.lock().unwrap_or_else(|e| e.into_inner()).begin(entries);
-                let out = self.commit_group_with(writes, begun).await;
-                let moved = out.as_ref().ok().and_then(|(_, moved)| *moved);
-                self.head
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .ended(entries, begun.1, moved);
-                self.head_turn.notify_waiters();
+                let mut line = InLine::begin(&self.head, &self.head_turn, entries);
+                let out = self.commit_group_with(writes, line.begun).await;
+                line.moved = out.as_ref().ok().and_then(|(_, moved)| *moved);
+                drop(line);
                 out.map(|(slots, _)| slots)
             }
 

@@ -222,4 +222,44 @@ mod tests {
         store.head.lock().unwrap().ended(3, stuck.1, None);
         assert!(store.verify_audit().await.unwrap().ok);
     }
+
+    /// A group whose caller stops waiting midway (its future dropped) leaves the line and
+    /// takes back its promised entries: the groups after it neither wait for it nor assume
+    /// its entries.
+    #[tokio::test]
+    async fn a_dropped_group_leaves_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            SqliteStore::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
+                .await
+                .unwrap();
+        let entry = NewAuditEntry {
+            request_id: None,
+            actor: "engine".into(),
+            event: AuditEvent::Received,
+            details: serde_json::json!({}),
+        };
+        let write = GroupWrite::Audit(vec![entry.clone(), entry]);
+        // A group before it that has not reached the head, so it cannot end at once.
+        let before = store.head.lock().unwrap().begin(3);
+        {
+            let group = store.commit_group(std::slice::from_ref(&write));
+            tokio::pin!(group);
+            // Polled once (it begins, and waits), then dropped.
+            assert!(futures::poll!(group.as_mut()).is_pending());
+            store.head.lock().unwrap().passed(before.1);
+            assert!(!store.head.lock().unwrap().first_in_line(u64::MAX));
+        }
+        store.head.lock().unwrap().ended(3, before.1, None);
+        let mut head = store.head.lock().unwrap();
+        assert!(
+            head.first_in_line(u64::MAX),
+            "the dropped group is still in line"
+        );
+        assert_eq!(
+            head.begin(1).0,
+            0,
+            "the dropped group's entries are still promised"
+        );
+    }
 }
