@@ -1043,11 +1043,21 @@ macro_rules! sql_store {
                     GroupWrite::Transition { id, from, to, patch } => Some((i, *id, *from, *to, &**patch)),
                     _ => None,
                 })?;
+                // Moves to `running` that ride with their queued plan: the row is written
+                // `running` once ([`super::waves::then_running`]).
+                let riders = super::waves::then_running(writes);
                 let mut legal = Vec::with_capacity(rows.len());
                 for (i, id, from, to, patch) in rows {
                     if from.can_transition_to(to) {
                         legal.push((i, id, from, to, patch));
                     } else {
+                        if let Some(&j) = riders.get(&i) {
+                            let not_queued = StoreError::Conflict {
+                                message: format!("request {id} was not queued"),
+                                current: None,
+                            };
+                            g.settle(j, Err(not_queued), &[], None);
+                        }
                         let illegal = StoreError::Conflict {
                             message: format!("illegal transition from {from} to {to}"),
                             current: None,
@@ -1059,14 +1069,18 @@ macro_rules! sql_store {
                 if legal.is_empty() {
                     return Ok(());
                 }
+                let stored_as = |i: &usize, to: &RequestStatus| match riders.get(i) {
+                    Some(_) => RequestStatus::Running,
+                    None => *to,
+                };
                 let mut q = QueryBuilder::<$Db>::new(
                     "WITH v(v_id, v_from, v_to, v_plan, v_approver, v_comment, v_error, v_commit, \
                      v_seq) AS (",
                 );
-                q.push_values(legal.iter().zip(&seqs), |mut b, ((_, id, from, to, patch), seq)| {
+                q.push_values(legal.iter().zip(&seqs), |mut b, ((i, id, from, to, patch), seq)| {
                     b.push_bind(*id)
                         .push_bind(from.as_str())
-                        .push_bind(to.as_str())
+                        .push_bind(stored_as(i, to).as_str())
                         .push_bind(patch.plan.as_ref().map(Json))
                         .push_bind(&patch.approver)
                         .push_bind(&patch.approval_comment)
@@ -1088,7 +1102,7 @@ macro_rules! sql_store {
                 let mut plans = Vec::new();
                 let mut approved = Vec::new();
                 let mut slots = Vec::with_capacity(legal.len());
-                for (_, id, from, to, patch) in &legal {
+                for (i, id, from, to, patch) in &legal {
                     let slot = match changed.remove(id) {
                         Some(slot) => slot,
                         None => {
@@ -1098,8 +1112,23 @@ macro_rules! sql_store {
                                     .fetch_optional(&mut **tx)
                                     .await
                                     .map_err(db_err)?;
+                            if let Some(&j) = riders.get(i) {
+                                let not_queued = why_not(*id, RequestStatus::Queued, current.clone());
+                                g.settle(j, Err(not_queued), &[], None);
+                            }
                             Err(why_not(*id, *from, current))
                         }
+                    };
+                    // The row was written `running`: the plan's own write answers the request
+                    // as it was queued, the move to `running` as it is now.
+                    let slot = match (slot, riders.get(i)) {
+                        (Ok(running), Some(&j)) => {
+                            let mut queued = running.clone();
+                            queued.status = *to;
+                            g.settle(j, Ok(Written::Request(running)), &[], None);
+                            Ok(queued)
+                        }
+                        (slot, _) => slot,
                     };
                     if slot.is_ok() {
                         let ready_now = *to == RequestStatus::Queued;

@@ -122,15 +122,68 @@ pub(crate) fn born_claim(writes: &[GroupWrite], i: usize) -> bool {
     }
 }
 
+/// The moves to `running` that go with the plan queued before them: for a `Transition` to
+/// `queued` storing a plan whose first step the engine chose (`i`), followed only by that
+/// step's dispatch (its `Step` and `Send` writes) and then by the request's bare move from
+/// `queued` to `running` (`j`), `i → j`. The request's row is written once, `running`, and
+/// each of the two writes answers as if it had been applied alone (the queued plan
+/// dispatched directly: one update of the row fewer).
+pub(crate) fn then_running(writes: &[GroupWrite]) -> HashMap<usize, usize> {
+    let mut out = HashMap::new();
+    for (i, w) in writes.iter().enumerate() {
+        let GroupWrite::Transition { id, to, patch, .. } = w else {
+            continue;
+        };
+        let (RequestStatus::Queued, Some(_), Some(first)) = (*to, &patch.plan, patch.first_step_id)
+        else {
+            continue;
+        };
+        let mut j = i + 1;
+        while let Some(GroupWrite::Step { task_id, .. }) = writes.get(j) {
+            if *task_id != first {
+                break;
+            }
+            j += 1;
+        }
+        while let Some(GroupWrite::Send(m)) = writes.get(j) {
+            if m.task_id != first {
+                break;
+            }
+            j += 1;
+        }
+        if let Some(GroupWrite::Transition {
+            id: then,
+            from: RequestStatus::Queued,
+            to: RequestStatus::Running,
+            patch: bare,
+        }) = writes.get(j)
+        {
+            let bare = bare.plan.is_none()
+                && bare.approver.is_none()
+                && bare.approval_comment.is_none()
+                && bare.error.is_none()
+                && bare.commit_id.is_none()
+                && bare.first_step_id.is_none()
+                && bare.audit.is_empty();
+            if then == id && bare {
+                out.insert(i, j);
+            }
+        }
+    }
+    out
+}
+
 /// The waves `writes` are applied in (see the module docs). Every write is in exactly one
-/// wave, except a claim born with its `Create` ([`born_claim`]), which goes with it.
+/// wave, except a claim born with its `Create` ([`born_claim`]), which goes with it, and a
+/// move to `running` that goes with its queued plan ([`then_running`]).
 pub(crate) fn plan(writes: &[GroupWrite]) -> Vec<Wave> {
     let mut last: HashMap<Uuid, usize> = HashMap::new();
     // The wave after the latest `Step` so far (0 before any).
     let mut after_steps = 0;
     let mut waves: Vec<Vec<(Kind, usize)>> = Vec::new();
+    let riders: std::collections::HashSet<usize> = then_running(writes).into_values().collect();
     for (i, w) in writes.iter().enumerate() {
-        if born_claim(writes, i) {
+        if born_claim(writes, i) || riders.contains(&i) {
             continue;
         }
         let keys = keys(w);
@@ -340,17 +393,55 @@ mod tests {
             vec![
                 vec![(Kind::Transition, vec![0, 4, 8])],
                 vec![(Kind::Step, vec![1, 5, 9])],
-                vec![
-                    (Kind::Transition, vec![3, 7, 11]),
-                    (Kind::Send, vec![2, 6, 10])
-                ],
+                // The moves to `running` (3, 7, 11) ride with their queued plans.
+                vec![(Kind::Send, vec![2, 6, 10])],
             ]
+        );
+        assert_eq!(
+            then_running(&writes),
+            HashMap::from([(0, 3), (4, 7), (8, 11)])
         );
         // An earlier change of the step the plan creates stays before it.
         let mut writes = vec![step(t[0])];
         writes.extend(direct_dispatch(r[0], t[0]));
         assert_eq!(plan(&writes)[0], vec![(Kind::Step, vec![0])]);
         assert_eq!(plan(&writes)[1], vec![(Kind::Transition, vec![1])]);
+    }
+
+    #[test]
+    fn only_a_bare_move_to_running_right_after_its_dispatch_rides_with_the_plan() {
+        let (t, r) = (ids(2), ids(2));
+        let base = direct_dispatch(r[0], t[0]);
+        assert_eq!(then_running(&base), HashMap::from([(0, 3)]));
+        // Anything else between the plan and the move: each applied on its own.
+        let mut between = base.clone();
+        between.insert(3, step(t[1]));
+        assert!(then_running(&between).is_empty());
+        assert_eq!(
+            plan(&between)
+                .concat()
+                .iter()
+                .map(|(_, i)| i.len())
+                .sum::<usize>(),
+            5
+        );
+        // A move that records something of its own, or is another request's.
+        let mut own = base.clone();
+        if let GroupWrite::Transition { patch, .. } = &mut own[3] {
+            patch.audit.push(entry(r[0]));
+        }
+        assert!(then_running(&own).is_empty());
+        let mut other = base.clone();
+        if let GroupWrite::Transition { id, .. } = &mut other[3] {
+            *id = r[1];
+        }
+        assert!(then_running(&other).is_empty());
+        // A plan whose first step the store chooses is not dispatched with it.
+        let mut chosen_later = base;
+        if let GroupWrite::Transition { patch, .. } = &mut chosen_later[0] {
+            patch.first_step_id = None;
+        }
+        assert!(then_running(&chosen_later).is_empty());
     }
 
     #[test]
