@@ -174,25 +174,31 @@ mod tests {
     use super::*;
     use crate::audit::AuditEvent;
 
+    /// A store in a fresh file (kept while the folder lives).
+    async fn store_in(dir: &tempfile::TempDir) -> SqliteStore {
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        SqliteStore::connect(&url).await.unwrap()
+    }
+
+    fn entry(request_id: Option<Uuid>) -> NewAuditEntry {
+        NewAuditEntry {
+            request_id,
+            actor: "engine".into(),
+            event: AuditEvent::Received,
+            details: serde_json::json!({}),
+        }
+    }
+
     /// A group does not wait for ever on a group before it that never takes the chain's
     /// head (the two may wait on each other's rows): after [`HEAD_TURN_WAIT`] it goes ahead,
     /// and its rows name the entries where they really went.
     #[tokio::test]
     async fn a_group_waits_for_the_head_only_so_long() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            SqliteStore::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
-                .await
-                .unwrap();
+        let store = store_in(&dir).await;
         // A group before it, promised three entries, that never gets to the head.
         let stuck = store.head.lock().unwrap().begin(3);
         let id = Uuid::now_v7();
-        let entry = NewAuditEntry {
-            request_id: Some(id),
-            actor: "engine".into(),
-            event: AuditEvent::Received,
-            details: serde_json::json!({}),
-        };
         let write = GroupWrite::Create {
             request: Box::new(NewRequest {
                 id,
@@ -202,7 +208,7 @@ mod tests {
                 submitted_by: "token:alice".into(),
                 dry_run: false,
             }),
-            audit: vec![entry],
+            audit: vec![entry(Some(id))],
         };
         let started = std::time::Instant::now();
         let slots = tokio::time::timeout(Duration::from_secs(5), store.commit_group(&[write]))
@@ -229,17 +235,8 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_group_leaves_the_line() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            SqliteStore::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
-                .await
-                .unwrap();
-        let entry = NewAuditEntry {
-            request_id: None,
-            actor: "engine".into(),
-            event: AuditEvent::Received,
-            details: serde_json::json!({}),
-        };
-        let write = GroupWrite::Audit(vec![entry.clone(), entry]);
+        let store = store_in(&dir).await;
+        let write = GroupWrite::Audit(vec![entry(None), entry(None)]);
         // A group before it that has not reached the head, so it cannot end at once.
         let before = store.head.lock().unwrap().begin(3);
         {
