@@ -170,15 +170,19 @@ pub(super) struct Applied {
     /// Requests stored naming an entry position: (id, the position assumed, where their
     /// newest entry is among `entries`, counted from one).
     stored: Vec<(Uuid, i64, i64)>,
+    /// Moves to `running` that ride with their queued plan: plan's write → the move's
+    /// ([`super::waves::then_running`]).
+    pub riders: std::collections::HashMap<usize, usize>,
 }
 
 impl Applied {
-    pub fn new(base: i64, writes: usize) -> Self {
+    pub fn new(base: i64, writes: &[GroupWrite]) -> Self {
         Applied {
             base,
-            out: (0..writes).map(|_| None).collect(),
+            out: (0..writes.len()).map(|_| None).collect(),
             entries: Vec::new(),
             stored: Vec::new(),
+            riders: super::waves::then_running(writes),
         }
     }
 
@@ -288,6 +292,36 @@ impl InLine {
             begun,
             moved: None,
         }
+    }
+}
+
+impl InLine {
+    /// Waits until the groups that began before this one have locked the chain's head (or
+    /// will not), at most [`HEAD_TURN_WAIT`] (see [`HeadCache`]).
+    pub async fn wait_turn(&self) {
+        let deadline = tokio::time::Instant::now() + HEAD_TURN_WAIT;
+        loop {
+            let told = self.turn.notified();
+            tokio::pin!(told);
+            told.as_mut().enable();
+            let first = self
+                .head
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .first_in_line(self.begun.1);
+            if first || tokio::time::timeout_at(deadline, told).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// This group holds the chain's head, or will not take it: the next one may.
+    pub fn pass(&self) {
+        self.head
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .passed(self.begun.1);
+        self.turn.notify_waiters();
     }
 }
 
@@ -745,19 +779,20 @@ macro_rules! sql_store {
                     .collect())
             }
 
-            /// [`Requests::commit_group`] (non-empty `writes`), its rows naming entry positions
-            /// from `base` ([`HeadCache`]). Returns the outcomes, and where the chain's head
-            /// was left (when the group locked it).
+            /// [`Requests::commit_group`] (non-empty `writes`) for the group at its place in
+            /// `line`, its rows naming entry positions from the base it began with
+            /// ([`HeadCache`]). Returns the outcomes, and where the chain's head was left
+            /// (when the group locked it).
             async fn commit_group_with(
                 &self,
                 writes: &[GroupWrite],
-                (base, place): (i64, u64),
+                line: &InLine,
             ) -> Result<(Vec<Result<Written, StoreError>>, Option<i64>), StoreError> {
                 let mut tx = self.pool.begin_with(BEGIN_WRITE).await.map_err(db_err)?;
-                let mut g = Applied::new(base, writes.len());
+                let mut g = Applied::new(line.begun.0, writes);
                 // Independent writes in waves, each wave one statement per kind
                 // ([`super::waves`]).
-                for wave in super::waves::plan(writes) {
+                for wave in super::waves::plan(writes, &g.riders) {
                     for (kind, idx) in wave {
                         for idx in idx.chunks(BATCH_ROWS) {
                             self.apply_batch(&mut tx, writes, kind, idx, &mut g).await?;
@@ -765,7 +800,7 @@ macro_rules! sql_store {
                     }
                 }
                 if g.entries.is_empty() {
-                    self.pass_head(place);
+                    line.pass();
                     tx.commit().await.map_err(db_err)?;
                     return Ok((g.finish(), None));
                 }
@@ -774,9 +809,9 @@ macro_rules! sql_store {
                 // running beside this one waits for it only here. Each request changed
                 // names its newest entry (`audit_seq`) in the same transaction that changes
                 // it, and verify finds that entry gone if the log is cut back.
-                self.wait_for_head_turn(place).await;
+                line.wait_turn().await;
                 let head = Self::lock_audit_head(&mut tx).await?;
-                self.pass_head(place);
+                line.pass();
                 // Rows that did not apply moved later entries up the chain, and the head may
                 // not be where the rows assumed: those requests are corrected.
                 let fix = g.fixes(head.0);
@@ -796,31 +831,6 @@ macro_rules! sql_store {
                 let moved = written.last().map(|e| e.seq);
                 tx.commit().await.map_err(db_err)?;
                 Ok((g.finish(), moved))
-            }
-
-            /// Waits until the groups that began before the one at `place` have locked the
-            /// chain's head (or will not), at most [`HEAD_TURN_WAIT`] (see [`HeadCache`]).
-            async fn wait_for_head_turn(&self, place: u64) {
-                let deadline = tokio::time::Instant::now() + HEAD_TURN_WAIT;
-                loop {
-                    let told = self.head_turn.notified();
-                    tokio::pin!(told);
-                    told.as_mut().enable();
-                    let first = self
-                        .head
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .first_in_line(place);
-                    if first || tokio::time::timeout_at(deadline, told).await.is_err() {
-                        return;
-                    }
-                }
-            }
-
-            /// The group at `place` holds the chain's head, or will not take it.
-            fn pass_head(&self, place: u64) {
-                self.head.lock().unwrap_or_else(|e| e.into_inner()).passed(place);
-                self.head_turn.notify_waiters();
             }
 
             /// Stores the steps of plans (`(request, plan, first step ready)`) in multi-row
@@ -1039,19 +1049,20 @@ macro_rules! sql_store {
                 idx: &[usize],
                 g: &mut Applied,
             ) -> Result<(), StoreError> {
+                // Each with the move to `running` that rides with it, if one does: the row
+                // is then written `running` once ([`Applied::riders`]).
                 let rows = batch_rows(writes, idx, |i, w| match w {
-                    GroupWrite::Transition { id, from, to, patch } => Some((i, *id, *from, *to, &**patch)),
+                    GroupWrite::Transition { id, from, to, patch } => {
+                        Some((i, *id, *from, *to, &**patch, g.riders.get(&i).copied()))
+                    }
                     _ => None,
                 })?;
-                // Moves to `running` that ride with their queued plan: the row is written
-                // `running` once ([`super::waves::then_running`]).
-                let riders = super::waves::then_running(writes);
                 let mut legal = Vec::with_capacity(rows.len());
-                for (i, id, from, to, patch) in rows {
+                for (i, id, from, to, patch, rider) in rows {
                     if from.can_transition_to(to) {
-                        legal.push((i, id, from, to, patch));
+                        legal.push((i, id, from, to, patch, rider));
                     } else {
-                        if let Some(&j) = riders.get(&i) {
+                        if let Some(j) = rider {
                             let not_queued = StoreError::Conflict {
                                 message: format!("request {id} was not queued"),
                                 current: None,
@@ -1069,18 +1080,15 @@ macro_rules! sql_store {
                 if legal.is_empty() {
                     return Ok(());
                 }
-                let stored_as = |i: &usize, to: &RequestStatus| match riders.get(i) {
-                    Some(_) => RequestStatus::Running,
-                    None => *to,
-                };
                 let mut q = QueryBuilder::<$Db>::new(
                     "WITH v(v_id, v_from, v_to, v_plan, v_approver, v_comment, v_error, v_commit, \
                      v_seq) AS (",
                 );
-                q.push_values(legal.iter().zip(&seqs), |mut b, ((i, id, from, to, patch), seq)| {
+                q.push_values(legal.iter().zip(&seqs), |mut b, ((_, id, from, to, patch, rider), seq)| {
+                    let stored_as = if rider.is_some() { RequestStatus::Running } else { *to };
                     b.push_bind(*id)
                         .push_bind(from.as_str())
-                        .push_bind(stored_as(i, to).as_str())
+                        .push_bind(stored_as.as_str())
                         .push_bind(patch.plan.as_ref().map(Json))
                         .push_bind(&patch.approver)
                         .push_bind(&patch.approval_comment)
@@ -1102,7 +1110,7 @@ macro_rules! sql_store {
                 let mut plans = Vec::new();
                 let mut approved = Vec::new();
                 let mut slots = Vec::with_capacity(legal.len());
-                for (i, id, from, to, patch) in &legal {
+                for (_, id, from, to, patch, rider) in &legal {
                     let slot = match changed.remove(id) {
                         Some(slot) => slot,
                         None => {
@@ -1112,7 +1120,7 @@ macro_rules! sql_store {
                                     .fetch_optional(&mut **tx)
                                     .await
                                     .map_err(db_err)?;
-                            if let Some(&j) = riders.get(i) {
+                            if let Some(j) = *rider {
                                 let not_queued = why_not(*id, RequestStatus::Queued, current.clone());
                                 g.settle(j, Err(not_queued), &[], None);
                             }
@@ -1121,8 +1129,8 @@ macro_rules! sql_store {
                     };
                     // The row was written `running`: the plan's own write answers the request
                     // as it was queued, the move to `running` as it is now.
-                    let slot = match (slot, riders.get(i)) {
-                        (Ok(running), Some(&j)) => {
+                    let slot = match (slot, *rider) {
+                        (Ok(running), Some(j)) => {
                             let mut queued = running.clone();
                             queued.status = *to;
                             g.settle(j, Ok(Written::Request(running)), &[], None);
@@ -1142,7 +1150,7 @@ macro_rules! sql_store {
                 }
                 self.insert_steps_in(tx, &plans).await?;
                 self.ready_first_in(tx, &approved).await?;
-                for ((i, id, _, _, patch), (slot, seq)) in legal.iter().zip(slots.into_iter().zip(seqs)) {
+                for ((i, id, _, _, patch, _), (slot, seq)) in legal.iter().zip(slots.into_iter().zip(seqs)) {
                     g.settle(*i, slot.map(Written::Request), &patch.audit, Some((*id, seq)));
                 }
                 Ok(())
@@ -1649,7 +1657,7 @@ macro_rules! sql_store {
                     .map(|a| a.len())
                     .sum();
                 let mut line = InLine::begin(&self.head, &self.head_turn, entries);
-                let out = self.commit_group_with(writes, line.begun).await;
+                let out = self.commit_group_with(writes, &line).await;
                 line.moved = out.as_ref().ok().and_then(|(_, moved)| *moved);
                 drop(line);
                 out.map(|(slots, _)| slots)

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 
 use uuid::Uuid;
 
-use crate::model::{GroupWrite, RequestStatus};
+use crate::model::{GroupWrite, RequestPatch, RequestStatus};
 
 /// The kinds of writes, in the order they are applied inside a wave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -158,13 +158,23 @@ pub(crate) fn then_running(writes: &[GroupWrite]) -> HashMap<usize, usize> {
             patch: bare,
         }) = writes.get(j)
         {
-            let bare = bare.plan.is_none()
-                && bare.approver.is_none()
-                && bare.approval_comment.is_none()
-                && bare.error.is_none()
-                && bare.commit_id.is_none()
-                && bare.first_step_id.is_none()
-                && bare.audit.is_empty();
+            // Every field named, so a field added to the patch is considered here.
+            let RequestPatch {
+                plan,
+                approver,
+                approval_comment,
+                error,
+                commit_id,
+                first_step_id,
+                audit,
+            } = &**bare;
+            let bare = plan.is_none()
+                && approver.is_none()
+                && approval_comment.is_none()
+                && error.is_none()
+                && commit_id.is_none()
+                && first_step_id.is_none()
+                && audit.is_empty();
             if then == id && bare {
                 out.insert(i, j);
             }
@@ -175,15 +185,16 @@ pub(crate) fn then_running(writes: &[GroupWrite]) -> HashMap<usize, usize> {
 
 /// The waves `writes` are applied in (see the module docs). Every write is in exactly one
 /// wave, except a claim born with its `Create` ([`born_claim`]), which goes with it, and a
-/// move to `running` that goes with its queued plan ([`then_running`]).
-pub(crate) fn plan(writes: &[GroupWrite]) -> Vec<Wave> {
+/// move to `running` that goes with its queued plan (`riders`, as [`then_running`] finds
+/// them).
+pub(crate) fn plan(writes: &[GroupWrite], riders: &HashMap<usize, usize>) -> Vec<Wave> {
     let mut last: HashMap<Uuid, usize> = HashMap::new();
     // The wave after the latest `Step` so far (0 before any).
     let mut after_steps = 0;
     let mut waves: Vec<Vec<(Kind, usize)>> = Vec::new();
-    let riders: std::collections::HashSet<usize> = then_running(writes).into_values().collect();
+    let rides: std::collections::HashSet<usize> = riders.values().copied().collect();
     for (i, w) in writes.iter().enumerate() {
-        if born_claim(writes, i) || riders.contains(&i) {
+        if born_claim(writes, i) || rides.contains(&i) {
             continue;
         }
         let keys = keys(w);
@@ -242,7 +253,12 @@ pub(crate) fn assumed_seqs(base: i64, appended: usize, counts: &[usize]) -> Vec<
 mod tests {
     use super::*;
     use crate::audit::AuditEvent;
-    use crate::model::{NewAuditEntry, NewLogLine, RequestPatch, RequestStatus, StepStatus};
+    use crate::model::{NewAuditEntry, NewLogLine, RequestStatus, StepStatus};
+
+    /// The waves of `writes`, their riders found as a group commit finds them.
+    fn plan(writes: &[GroupWrite]) -> Vec<Wave> {
+        super::plan(writes, &then_running(writes))
+    }
 
     fn step(task: Uuid) -> GroupWrite {
         GroupWrite::Step {
