@@ -128,6 +128,7 @@ macro_rules! store_conformance_tests {
             born_claimed,
             reported_by_binds_the_attempt,
             group_previews,
+            group_rows_keep_their_values,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -3345,4 +3346,122 @@ pub async fn two_instances(a: Arc<dyn Store>, b: Arc<dyn Store>) {
     assert_eq!(reserved, 10, "the budget fits exactly 10 reservations");
     let v = b.verify_audit().await.unwrap();
     assert!(v.ok && v.entries_checked == 20, "{v:?}");
+}
+
+/// A group's writes of one kind go to the database as one table of rows (arrays on
+/// PostgreSQL, `VALUES` on SQLite), in batches: each value comes back as it was written,
+/// whatever it holds (quotes, commas, braces, backslashes, `NULL` as text, non-ASCII) and
+/// however many rows there are (more than one batch).
+pub async fn group_rows_keep_their_values(h: &Harness) {
+    let s = &*h.store;
+    let odd = |i: usize| format!("a \"quoted\", {{braced}} \\ NULL é\u{1F600} '{i}'");
+    let n = super::sql::BATCH_ROWS + 7;
+    let reqs: Vec<NewRequest> = (0..n)
+        .map(|i| {
+            let mut r = new_request(&odd(i));
+            r.requester = format!("user,{i}");
+            r.dry_run = i % 3 == 0;
+            r
+        })
+        .collect();
+    let writes: Vec<GroupWrite> = reqs
+        .iter()
+        .map(|r| GroupWrite::Create {
+            request: Box::new(r.clone()),
+            audit: vec![audit_entry(Some(r.id), AuditEvent::Received, 1)],
+        })
+        .collect();
+    let slots = s.commit_group(&writes).await.unwrap();
+    for (r, slot) in reqs.iter().zip(&slots) {
+        let got = written_request(slot);
+        assert_eq!(
+            (got.id, &got.text, &got.requester),
+            (r.id, &r.text, &r.requester)
+        );
+        assert_eq!(got.dry_run, r.dry_run);
+    }
+
+    // Their plans, with odd parameters; every other one with an error and an approver.
+    let plan_of = |i: usize| {
+        let mut p = plan(1 + i % 2);
+        p.steps[0]
+            .parameters
+            .insert("odd".into(), json!({ "v": odd(i), "list": [odd(i), null] }));
+        p
+    };
+    let writes: Vec<GroupWrite> = reqs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| GroupWrite::Transition {
+            id: r.id,
+            from: RequestStatus::Planning,
+            to: RequestStatus::Queued,
+            patch: Box::new(RequestPatch {
+                plan: Some(plan_of(i)),
+                approver: (i % 2 == 0).then(|| odd(i)),
+                approval_comment: (i % 2 == 1).then(String::new),
+                audit: vec![audit_entry(Some(r.id), AuditEvent::Planned, 2)],
+                ..Default::default()
+            }),
+        })
+        .collect();
+    for slot in s.commit_group(&writes).await.unwrap() {
+        assert_eq!(written_request(&slot).status, RequestStatus::Queued);
+    }
+    let ids: Vec<Uuid> = reqs.iter().map(|r| r.id).collect();
+    let steps = s.steps_of(&ids).await.unwrap();
+    let mut firsts = Vec::new();
+    for (i, r) in reqs.iter().enumerate() {
+        let got = s.get_request(r.id).await.unwrap();
+        assert_eq!(got.plan.as_ref(), Some(&plan_of(i)));
+        assert_eq!(got.approver, (i % 2 == 0).then(|| odd(i)));
+        assert_eq!(got.approval_comment, (i % 2 == 1).then(String::new));
+        let st = &steps[&r.id];
+        assert_eq!(st.len(), 1 + i % 2);
+        assert_eq!(st[0].parameters, plan_of(i).steps[0].parameters);
+        assert_eq!(st[0].status, StepStatus::Ready);
+        firsts.push(st[0].task_id);
+    }
+
+    // Their first steps changed at once: some fields set, others left as they were.
+    let writes: Vec<GroupWrite> = firsts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| GroupWrite::Step {
+            task_id: *t,
+            from: vec![StepStatus::Ready, StepStatus::Pending],
+            to: StepStatus::Dispatched,
+            patch: Box::new(StepPatch {
+                attempt: Some(1),
+                agent_id: (i % 2 == 0).then(|| odd(i)),
+                output: (i % 3 == 0).then(|| odd(i)),
+                changed: (i % 4 == 0).then_some(i % 8 == 0),
+                ..Default::default()
+            }),
+            logs: vec![NewLogLine {
+                request_id: reqs[i].id,
+                task_id: Some(*t),
+                at: Utc::now(),
+                kind: "status".into(),
+                progress: (i % 2 == 0).then_some(50),
+                message: odd(i),
+            }],
+            audit: vec![],
+        })
+        .collect();
+    for slot in s.commit_group(&writes).await.unwrap() {
+        assert!(matches!(slot, Ok(Written::Step(ref st)) if st.status == StepStatus::Dispatched));
+    }
+    for (i, t) in firsts.iter().enumerate() {
+        let st = s.get_step(*t).await.unwrap();
+        assert_eq!(st.agent_id, (i % 2 == 0).then(|| odd(i)));
+        assert_eq!(st.output, (i % 3 == 0).then(|| odd(i)));
+        assert_eq!(st.changed, (i % 4 == 0).then_some(i % 8 == 0));
+        let logs = s.logs(reqs[i].id, None, 10).await.unwrap();
+        assert_eq!(logs.len(), 1);
+        assert_eq!(logs[0].line.message, odd(i));
+        assert_eq!(logs[0].line.progress, (i % 2 == 0).then_some(50));
+    }
+    let v = s.verify_audit().await.unwrap();
+    assert!(v.ok && v.entries_checked == 2 * n as u64, "{v:?}");
 }

@@ -9,9 +9,10 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow, Postgres};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
 use sqlx::types::Json;
 use sqlx::{QueryBuilder, Row};
+use std::str::FromStr;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -45,7 +46,7 @@ sql_store! {
     for_update: " FOR UPDATE",
     // Claimers on several instances stay off each other's rows.
     skip_locked: " FOR UPDATE SKIP LOCKED",
-    one_of_v: "= ANY(v_from)",
+    one_of_v: "= ANY(string_to_array(v_from, ','))",
     // The audit head moves in a data-modifying WITH of the entries' INSERT.
     head_in_insert: true,
     // Two groups at a time: one runs its statements while the other finishes its entries
@@ -58,10 +59,12 @@ impl PgStore {
     /// Connects a pool to `postgres://…` and applies the migrations (sqlx takes an advisory
     /// lock, so instances starting together do not race).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let opts =
+            PgConnectOptions::from_str(url).map_err(|e| StoreError::Unavailable(Box::new(e)))?;
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect(url)
+            .connect_with(opts)
             .await
             .map_err(|e| StoreError::Unavailable(Box::new(e)))?;
         let store = PgStore::from_pool(pool);
@@ -72,7 +75,18 @@ impl PgStore {
 
 // ---- the dialect ----
 
-const BEGIN_WRITE: &str = "BEGIN";
+/// Transactions plan each statement for its own values (one round trip with the `BEGIN`).
+/// A statement stays prepared on its connection, but the plan PostgreSQL may otherwise
+/// settle on after five executions (its "generic" plan, made once for any values) would
+/// assume ten rows in each unnested array, and keep what it chose while a table was small
+/// (a sequential scan) however large the table grows: on a new database, with autovacuum
+/// off or between its analyses, a group's step changes cost five times as much (measured).
+/// Every statement that takes a table of rows or a list of ids ([`push_rows`],
+/// [`push_in`]) and joins or scans a table runs in such a transaction; the point reads
+/// outside them keep PostgreSQL's choice (an index scan on the key, planned once).
+const BEGIN_WRITE: &str = "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan";
+/// A reading transaction, planned as [`BEGIN_WRITE`]'s.
+const BEGIN_READ: &str = "BEGIN READ ONLY; SET LOCAL plan_cache_mode = force_custom_plan";
 /// A snapshot in which the audit head and its rows agree, whatever appenders do meanwhile.
 const BEGIN_SNAPSHOT: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY";
 
@@ -121,7 +135,72 @@ fn opt_ts_col(row: &PgRow, name: &str) -> Result<Option<DateTime<Utc>>, StoreErr
     row.try_get(name).map_err(|e| corrupt(name, e))
 }
 
-/// A list of statuses, bound as a `TEXT[]`.
-fn status_list(statuses: &[StepStatus]) -> Result<Vec<&'static str>, StoreError> {
-    Ok(statuses.iter().map(|s| s.as_str()).collect())
+/// A list of statuses, bound as one text (`a,b`; statuses hold no comma) so that it fits
+/// one cell of a [`Col`] (`one_of_v` splits it).
+fn status_list(statuses: &[StepStatus]) -> Result<String, StoreError> {
+    Ok(statuses
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(","))
+}
+
+/// Statements whose input is a table of rows keep one text whatever the row count
+/// ([`push_rows`], [`push_in`]): they stay prepared on their connection.
+const FIXED_SHAPE: bool = true;
+
+/// The rows of `cols` as a query: `SELECT * FROM UNNEST($1::uuid[], $2::text[], …)`, one
+/// array per column.
+fn push_rows(q: &mut QueryBuilder<Postgres>, cols: Vec<Col<'_>>) -> Result<(), StoreError> {
+    row_count(&cols)?;
+    q.push("SELECT * FROM UNNEST(");
+    for (i, c) in cols.into_iter().enumerate() {
+        if i > 0 {
+            q.push(", ");
+        }
+        let cast = match c {
+            Col::Uuid(v) => {
+                q.push_bind(v);
+                "::uuid[]"
+            }
+            Col::OptUuid(v) => {
+                q.push_bind(v);
+                "::uuid[]"
+            }
+            Col::Text(v) => {
+                q.push_bind(v);
+                "::text[]"
+            }
+            Col::OptText(v) => {
+                q.push_bind(v);
+                "::text[]"
+            }
+            Col::Int(v) => {
+                q.push_bind(v);
+                "::int8[]"
+            }
+            Col::Bool(v) => {
+                q.push_bind(v);
+                "::bool[]"
+            }
+            Col::Time(v) => {
+                q.push_bind(v.into_iter().map(|t| t.map(ts)).collect::<Vec<_>>());
+                "::timestamptz[]"
+            }
+            Col::Json(v) => {
+                q.push_bind(v);
+                "::jsonb[]"
+            }
+        };
+        q.push(cast);
+    }
+    q.push(")");
+    Ok(())
+}
+
+/// ` = ANY($1::uuid[])`: "is one of `ids`", whatever their number.
+fn push_in(q: &mut QueryBuilder<Postgres>, ids: &[Uuid]) {
+    q.push(" = ANY(");
+    q.push_bind(ids.to_vec());
+    q.push("::uuid[])");
 }

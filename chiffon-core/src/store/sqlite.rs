@@ -110,6 +110,8 @@ impl SqliteStore {
 // ---- the dialect ----
 
 const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
+/// A reading transaction: it takes no lock until it reads.
+const BEGIN_READ: &str = "BEGIN";
 /// In WAL mode a read transaction sees one snapshot from its first read on.
 const BEGIN_SNAPSHOT: &str = "BEGIN";
 
@@ -167,6 +169,45 @@ fn opt_ts_col(row: &SqliteRow, name: &str) -> Result<Option<DateTime<Utc>>, Stor
 fn status_list(statuses: &[StepStatus]) -> Result<String, StoreError> {
     serde_json::to_string(&statuses.iter().map(|s| s.as_str()).collect::<Vec<_>>())
         .map_err(|e| StoreError::Backend(Box::new(e)))
+}
+
+/// A statement's text grows with the rows it takes (SQLite prepares in process, cheaply).
+const FIXED_SHAPE: bool = false;
+
+/// The rows of `cols` as a query: `VALUES ($1, $2), ($3, $4), …`, row by row.
+fn push_rows(q: &mut QueryBuilder<Sqlite>, cols: Vec<Col<'_>>) -> Result<(), StoreError> {
+    let rows = row_count(&cols)?;
+    q.push("VALUES ");
+    for r in 0..rows {
+        q.push(if r == 0 { "(" } else { ", (" });
+        for (i, c) in cols.iter().enumerate() {
+            if i > 0 {
+                q.push(", ");
+            }
+            match c {
+                Col::Uuid(v) => q.push_bind(v[r]),
+                Col::OptUuid(v) => q.push_bind(v[r]),
+                Col::Text(v) => q.push_bind(v[r]),
+                Col::OptText(v) => q.push_bind(v[r]),
+                Col::Int(v) => q.push_bind(v[r]),
+                Col::Bool(v) => q.push_bind(v[r]),
+                Col::Time(v) => q.push_bind(v[r].map(ts)),
+                Col::Json(v) => q.push_bind(v[r].clone()),
+            };
+        }
+        q.push(")");
+    }
+    Ok(())
+}
+
+/// ` IN ($1, $2, …)`: "is one of `ids`".
+fn push_in(q: &mut QueryBuilder<Sqlite>, ids: &[Uuid]) {
+    q.push(" IN (");
+    let mut each = q.separated(", ");
+    for id in ids {
+        each.push_bind(*id);
+    }
+    q.push(")");
 }
 
 #[cfg(test)]
