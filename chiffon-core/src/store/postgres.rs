@@ -75,17 +75,20 @@ impl PgStore {
 
 // ---- the dialect ----
 
-/// Transactions plan each statement for its own values (one round trip with the `BEGIN`).
-/// A statement stays prepared on its connection, but the plan PostgreSQL may otherwise
-/// settle on after five executions (its "generic" plan, made once for any values) would
-/// assume ten rows in each unnested array, and keep what it chose while a table was small
-/// (a sequential scan) however large the table grows: on a new database, with autovacuum
-/// off or between its analyses, a group's step changes cost five times as much (measured).
-/// Every statement that takes a table of rows or a list of ids ([`push_rows`],
-/// [`push_in`]) and joins or scans a table runs in such a transaction; the point reads
-/// outside them keep PostgreSQL's choice (an index scan on the key, planned once).
-const BEGIN_WRITE: &str = "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan";
-/// A reading transaction, planned as [`BEGIN_WRITE`]'s.
+/// Transactions whose statements may take several rows plan each statement for its own
+/// values (one round trip with the `BEGIN`). A statement stays prepared on its connection,
+/// but the plan PostgreSQL may otherwise settle on after five executions (its "generic"
+/// plan, made once for any values) would assume ten rows in each unnested array, and keep
+/// what it chose while a table was small (a sequential scan) however large the table
+/// grows: on a new database, with autovacuum off or between its analyses, a group's step
+/// changes cost five times as much (measured). Planning costs about 0.1-0.2 ms a statement,
+/// shared by its rows: a group of one row per statement keeps the plan made once
+/// ([`BEGIN_WRITE`]; its statements are written for one row, see [`push_rows`]). Every
+/// statement that takes several rows or ids and joins or scans a table runs in a
+/// transaction begun with this or [`BEGIN_READ`].
+const BEGIN_ROWS: &str = "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan";
+const BEGIN_WRITE: &str = "BEGIN";
+/// A reading transaction, planned as [`BEGIN_ROWS`]'s.
 const BEGIN_READ: &str = "BEGIN READ ONLY; SET LOCAL plan_cache_mode = force_custom_plan";
 /// A snapshot in which the audit head and its rows agree, whatever appenders do meanwhile.
 const BEGIN_SNAPSHOT: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY";
@@ -150,56 +153,54 @@ fn status_list(statuses: &[StepStatus]) -> Result<String, StoreError> {
 const FIXED_SHAPE: bool = true;
 
 /// The rows of `cols` as a query: `SELECT * FROM UNNEST($1::uuid[], $2::text[], …)`, one
-/// array per column.
+/// array per column; one row as `VALUES ($1::uuid, $2::text, …)`, whose plan PostgreSQL may
+/// make once for any values (the row's key is a parameter: an index scan), where an array's
+/// length is not known to a plan made once (see [`BEGIN_ROWS`]).
 fn push_rows(q: &mut QueryBuilder<Postgres>, cols: Vec<Col<'_>>) -> Result<(), StoreError> {
-    row_count(&cols)?;
+    if row_count(&cols)? == 1 {
+        return push_value_rows(q, &cols);
+    }
     q.push("SELECT * FROM UNNEST(");
     for (i, c) in cols.into_iter().enumerate() {
         if i > 0 {
             q.push(", ");
         }
-        let cast = match c {
-            Col::Uuid(v) => {
-                q.push_bind(v);
-                "::uuid[]"
-            }
-            Col::OptUuid(v) => {
-                q.push_bind(v);
-                "::uuid[]"
-            }
-            Col::Text(v) => {
-                q.push_bind(v);
-                "::text[]"
-            }
-            Col::OptText(v) => {
-                q.push_bind(v);
-                "::text[]"
-            }
-            Col::Int(v) => {
-                q.push_bind(v);
-                "::int8[]"
-            }
-            Col::Bool(v) => {
-                q.push_bind(v);
-                "::bool[]"
-            }
-            Col::Time(v) => {
-                q.push_bind(v.into_iter().map(|t| t.map(ts)).collect::<Vec<_>>());
-                "::timestamptz[]"
-            }
-            Col::Json(v) => {
-                q.push_bind(v);
-                "::jsonb[]"
-            }
+        let cast = cell_cast(&c);
+        match c {
+            Col::Uuid(v) => q.push_bind(v),
+            Col::OptUuid(v) => q.push_bind(v),
+            Col::Text(v) => q.push_bind(v),
+            Col::OptText(v) => q.push_bind(v),
+            Col::Int(v) => q.push_bind(v),
+            Col::Bool(v) => q.push_bind(v),
+            Col::Time(v) => q.push_bind(v.into_iter().map(|t| t.map(ts)).collect::<Vec<_>>()),
+            Col::Json(v) => q.push_bind(v),
         };
-        q.push(cast);
+        q.push(cast).push("[]");
     }
     q.push(")");
     Ok(())
 }
 
-/// ` = ANY($1::uuid[])`: "is one of `ids`", whatever their number.
+/// The type of a column's cells, as a cast.
+fn cell_cast(c: &Col<'_>) -> &'static str {
+    match c {
+        Col::Uuid(_) | Col::OptUuid(_) => "::uuid",
+        Col::Text(_) | Col::OptText(_) => "::text",
+        Col::Int(_) => "::int8",
+        Col::Bool(_) => "::bool",
+        Col::Time(_) => "::timestamptz",
+        Col::Json(_) => "::jsonb",
+    }
+}
+
+/// ` = ANY($1::uuid[])`: "is one of `ids`", whatever their number; one as ` = $1`
+/// (see [`push_rows`]).
 fn push_in(q: &mut QueryBuilder<Postgres>, ids: &[Uuid]) {
+    if let [id] = ids {
+        q.push(" = ").push_bind(*id);
+        return;
+    }
     q.push(" = ANY(");
     q.push_bind(ids.to_vec());
     q.push("::uuid[])");

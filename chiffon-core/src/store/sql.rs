@@ -902,8 +902,19 @@ macro_rules! sql_store {
                 writes: &[GroupWrite],
                 line: &InLine,
             ) -> Result<(Vec<Result<Written, StoreError>>, Option<i64>), StoreError> {
-                let mut tx = self.pool.begin_with(BEGIN_WRITE).await.map_err(db_err)?;
                 let mut g = Applied::new(line.begun.0, writes);
+                // Several writes of a kind (or several messages sent) make statements of
+                // several rows; a move to `running` that rides with its plan is no row of
+                // its own.
+                let riding: std::collections::HashSet<usize> = g.riders.values().copied().collect();
+                let mut kinds = std::collections::HashSet::new();
+                let one_row = writes.iter().enumerate().all(|(i, w)| {
+                    riding.contains(&i)
+                        || (kinds.insert(super::waves::Kind::of(w))
+                            && !matches!(w, GroupWrite::Sent(ids) if ids.len() > 1))
+                });
+                let begin = if one_row { BEGIN_WRITE } else { BEGIN_ROWS };
+                let mut tx = self.pool.begin_with(begin).await.map_err(db_err)?;
                 // Independent writes in waves, each wave one statement per kind
                 // ([`super::waves`]).
                 for wave in super::waves::plan(writes, &g.riders) {
@@ -1600,6 +1611,34 @@ macro_rules! sql_store {
             }
         }
 
+        /// The rows of `cols` as `VALUES ($1, $2), ($3, $4), …`, row by row, each cell cast
+        /// to its column's type where the dialect needs it (`cell_cast`).
+        fn push_value_rows(q: &mut QueryBuilder<$Db>, cols: &[Col<'_>]) -> Result<(), StoreError> {
+            let rows = row_count(cols)?;
+            q.push("VALUES ");
+            for r in 0..rows {
+                q.push(if r == 0 { "(" } else { ", (" });
+                for (i, c) in cols.iter().enumerate() {
+                    if i > 0 {
+                        q.push(", ");
+                    }
+                    match c {
+                        Col::Uuid(v) => q.push_bind(v[r]),
+                        Col::OptUuid(v) => q.push_bind(v[r]),
+                        Col::Text(v) => q.push_bind(v[r]),
+                        Col::OptText(v) => q.push_bind(v[r]),
+                        Col::Int(v) => q.push_bind(v[r]),
+                        Col::Bool(v) => q.push_bind(v[r]),
+                        Col::Time(v) => q.push_bind(v[r].map(ts)),
+                        Col::Json(v) => q.push_bind(v[r].clone()),
+                    };
+                    q.push(cell_cast(c));
+                }
+                q.push(")");
+            }
+            Ok(())
+        }
+
         fn col<'r, T>(row: &'r $Row, name: &str) -> Result<T, StoreError>
         where
             T: sqlx::Decode<'r, $Db> + sqlx::Type<$Db>,
@@ -2018,11 +2057,8 @@ macro_rules! sql_store {
                 to: StepStatus,
                 patch: &StepPatch,
             ) -> Result<Step, StoreError> {
-                // In a transaction: the change joins its table of rows (`BEGIN_WRITE`).
-                let mut tx = self.pool.begin_with(BEGIN_WRITE).await.map_err(db_err)?;
-                let step = self.update_step_in(&mut tx, task_id, from, to, patch).await?;
-                tx.commit().await.map_err(db_err)?;
-                step
+                let mut conn = self.pool.acquire().await.map_err(db_err)?;
+                self.update_step_in(&mut conn, task_id, from, to, patch).await?
             }
 
             async fn outbox_due(

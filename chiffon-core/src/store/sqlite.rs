@@ -112,6 +112,8 @@ impl SqliteStore {
 const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
 /// A reading transaction: it takes no lock until it reads.
 const BEGIN_READ: &str = "BEGIN";
+/// A writing transaction of several rows per statement: as any other.
+const BEGIN_ROWS: &str = BEGIN_WRITE;
 /// In WAL mode a read transaction sees one snapshot from its first read on.
 const BEGIN_SNAPSHOT: &str = "BEGIN";
 
@@ -176,28 +178,12 @@ const FIXED_SHAPE: bool = false;
 
 /// The rows of `cols` as a query: `VALUES ($1, $2), ($3, $4), …`, row by row.
 fn push_rows(q: &mut QueryBuilder<Sqlite>, cols: Vec<Col<'_>>) -> Result<(), StoreError> {
-    let rows = row_count(&cols)?;
-    q.push("VALUES ");
-    for r in 0..rows {
-        q.push(if r == 0 { "(" } else { ", (" });
-        for (i, c) in cols.iter().enumerate() {
-            if i > 0 {
-                q.push(", ");
-            }
-            match c {
-                Col::Uuid(v) => q.push_bind(v[r]),
-                Col::OptUuid(v) => q.push_bind(v[r]),
-                Col::Text(v) => q.push_bind(v[r]),
-                Col::OptText(v) => q.push_bind(v[r]),
-                Col::Int(v) => q.push_bind(v[r]),
-                Col::Bool(v) => q.push_bind(v[r]),
-                Col::Time(v) => q.push_bind(v[r].map(ts)),
-                Col::Json(v) => q.push_bind(v[r].clone()),
-            };
-        }
-        q.push(")");
-    }
-    Ok(())
+    push_value_rows(q, &cols)
+}
+
+/// Cells are bound as they are (SQLite's columns take any type).
+fn cell_cast(_: &Col<'_>) -> &'static str {
+    ""
 }
 
 /// ` IN ($1, $2, …)`: "is one of `ids`".
