@@ -1602,6 +1602,48 @@ macro_rules! sql_store {
                 Ok(done.rows_affected() == 1)
             }
 
+            /// The rows of `head` (a query ending in the column that is one of `ids`) then
+            /// `tail`, in chunks; several ids are read in one transaction planned for their
+            /// number (`BEGIN_READ`), one on its own (its plan made once is a key lookup).
+            async fn rows_by_ids(
+                &self,
+                head: &'static str,
+                tail: &'static str,
+                ids: &[Uuid],
+            ) -> Result<Vec<$Row>, StoreError> {
+                async fn read(
+                    conn: &mut <$Db as sqlx::Database>::Connection,
+                    head: &'static str,
+                    tail: &'static str,
+                    ids: &[Uuid],
+                ) -> Result<Vec<$Row>, StoreError> {
+                    let mut out = Vec::with_capacity(ids.len());
+                    for chunk in ids.chunks(INSERT_CHUNK) {
+                        let mut q = QueryBuilder::<$Db>::new(head);
+                        push_in(&mut q, chunk);
+                        q.push(tail);
+                        out.extend(
+                            q.build()
+                                .persistent(FIXED_SHAPE || chunk.len() == 1)
+                                .fetch_all(&mut *conn)
+                                .await
+                                .map_err(db_err)?,
+                        );
+                    }
+                    Ok(out)
+                }
+                let mut conn = self.pool.acquire().await.map_err(db_err)?;
+                if ids.len() < 2 {
+                    return read(&mut conn, head, tail, ids).await;
+                }
+                let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN_READ)
+                    .await
+                    .map_err(db_err)?;
+                let rows = read(&mut tx, head, tail, ids).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(rows)
+            }
+
             async fn step_status(&self, task_id: Uuid) -> Result<Option<String>, StoreError> {
                 sqlx::query_scalar("SELECT status FROM plan_steps WHERE task_id = $1")
                     .bind(task_id)
@@ -1788,28 +1830,10 @@ macro_rules! sql_store {
             }
 
             async fn get_requests(&self, ids: &[Uuid]) -> Result<Vec<Request>, StoreError> {
-                let mut out = Vec::with_capacity(ids.len());
-                // In a transaction: the list is planned for its length (`BEGIN_READ`).
-                let mut tx = self.pool.begin_with(BEGIN_READ).await.map_err(db_err)?;
-                for chunk in ids.chunks(INSERT_CHUNK) {
-                    let mut q = QueryBuilder::<$Db>::new(concat!(
-                        "SELECT ",
-                        req_cols!(),
-                        " FROM tasks WHERE id"
-                    ));
-                    push_in(&mut q, chunk);
-                    for row in q
-                        .build()
-                        .persistent(FIXED_SHAPE || chunk.len() == 1)
-                        .fetch_all(&mut *tx)
-                        .await
-                        .map_err(db_err)?
-                    {
-                        out.push(request_from_row(&row)?);
-                    }
-                }
-                tx.commit().await.map_err(db_err)?;
-                Ok(out)
+                let rows = self
+                    .rows_by_ids(concat!("SELECT ", req_cols!(), " FROM tasks WHERE id"), "", ids)
+                    .await?;
+                rows.iter().map(request_from_row).collect()
             }
 
             async fn list_requests(&self, filter: &RequestFilter) -> Result<Vec<Request>, StoreError> {
@@ -2011,28 +2035,17 @@ macro_rules! sql_store {
             ) -> Result<std::collections::HashMap<Uuid, Vec<Step>>, StoreError> {
                 let mut out: std::collections::HashMap<Uuid, Vec<Step>> =
                     std::collections::HashMap::with_capacity(request_ids.len());
-                // In a transaction: the list is planned for its length (`BEGIN_READ`).
-                let mut tx = self.pool.begin_with(BEGIN_READ).await.map_err(db_err)?;
-                for chunk in request_ids.chunks(INSERT_CHUNK) {
-                    let mut q = QueryBuilder::<$Db>::new(concat!(
-                        "SELECT ",
-                        step_cols!(),
-                        " FROM plan_steps WHERE request_id"
-                    ));
-                    push_in(&mut q, chunk);
-                    q.push(" ORDER BY request_id, seq");
-                    let rows = q
-                        .build()
-                        .persistent(FIXED_SHAPE || chunk.len() == 1)
-                        .fetch_all(&mut *tx)
-                        .await
-                        .map_err(db_err)?;
-                    for row in &rows {
-                        let step = step_from_row(row)?;
-                        out.entry(step.request_id).or_default().push(step);
-                    }
+                let rows = self
+                    .rows_by_ids(
+                        concat!("SELECT ", step_cols!(), " FROM plan_steps WHERE request_id"),
+                        " ORDER BY request_id, seq",
+                        request_ids,
+                    )
+                    .await?;
+                for row in &rows {
+                    let step = step_from_row(row)?;
+                    out.entry(step.request_id).or_default().push(step);
                 }
-                tx.commit().await.map_err(db_err)?;
                 Ok(out)
             }
 
