@@ -950,8 +950,10 @@ macro_rules! sql_store {
                         ],
                     )?;
                     q.push(") UPDATE tasks SET audit_seq = v_seq FROM v WHERE id = v_id");
+                    // Unnamed, so planned for its rows: a group of one row per kind of write
+                    // (not planned so, `BEGIN_ROWS`) may correct several requests. Rare.
                     q.build()
-                        .persistent(FIXED_SHAPE)
+                        .persistent(false)
                         .execute(&mut *tx)
                         .await
                         .map_err(db_err)?;
