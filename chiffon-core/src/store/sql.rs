@@ -7,16 +7,11 @@
 //! - SQL fragments passed to the macro: the row lock of a read-before-write
 //!   (`FOR UPDATE` / nothing: SQLite's `BEGIN IMMEDIATE` already holds the one write lock),
 //!   the claim's `SKIP LOCKED`, "status is one of the list in a group's `v_from` column"
-//!   (`= ANY(string_to_array(v_from, ','))` / `IN (SELECT value FROM json_each(v_from))`),
-//!   and whether the audit head may move in a data-modifying `WITH` of the entries'
-//!   `INSERT` (PostgreSQL) or in its own statement;
-//! - items the module defines: `BEGIN_WRITE`, `BEGIN_READ` and `BEGIN_SNAPSHOT` (the
-//!   statements that open a writing, a reading and a consistent-reading transaction; on
-//!   PostgreSQL the first two also have each statement planned for its own values, see
-//!   `postgres::BEGIN_WRITE`), `push_rows` and `push_in` with `FIXED_SHAPE` (a table of rows,
-//!   and a list of ids, bound to a statement: on PostgreSQL as arrays, so that the
-//!   statement's text does not depend on how many there are and it stays prepared; on
-//!   SQLite as `VALUES` and `IN (…)` lists), `ts`, `ts_col` and `opt_ts_col` (the
+//!   (`= ANY(v_from)` / `IN (SELECT value FROM json_each(v_from))`), and whether the audit
+//!   head may move in a data-modifying `WITH` of the entries' `INSERT` (PostgreSQL) or in
+//!   its own statement;
+//! - items the module defines: `BEGIN_WRITE` and `BEGIN_SNAPSHOT` (the statements that open
+//!   a writing and a consistent-reading transaction), `ts`, `ts_col` and `opt_ts_col` (the
 //!   stored form of an instant: TIMESTAMPTZ, or fixed-format RFC 3339 text that sorts like
 //!   the instant), `status_list` (the bound form of a status list) and `db_err` (the error
 //!   classification: which errors are transient, which are conflicts).
@@ -36,6 +31,12 @@ use crate::model::{
 /// Rows per multi-row INSERT (PostgreSQL allows 65535 bound parameters per statement,
 /// SQLite 32766).
 pub(super) const INSERT_CHUNK: usize = 500;
+/// Rows up to which a multi-row statement whose text grows with its rows is kept prepared
+/// on its connection (a few statements per kind; above, unnamed: measured, a statement kept
+/// for every row count held about 13 MiB more in the benchmark process, and one request at
+/// a time, whose entries and log lines come two or three at once, pays a second round trip
+/// for an unnamed one).
+pub(super) const PREPARED_ROWS: usize = 4;
 /// Audit rows read per round trip while verifying.
 pub(super) const VERIFY_PAGE: i64 = 1000;
 /// `list_requests` without a limit.
@@ -397,56 +398,6 @@ pub(super) fn batch_rows<'a, T>(
         .collect()
 }
 
-/// One column of a table of rows that a statement takes as a whole (the `v` of its
-/// `WITH v(…) AS (…)`), bound by each dialect's `push_rows`: on PostgreSQL one array
-/// parameter per column, unnested, so the statement's text is the same whatever the row
-/// count and is prepared once per connection; on SQLite a `VALUES` list. All the columns of
-/// a table have one value per row.
-#[derive(Debug)]
-pub(super) enum Col<'a> {
-    Uuid(Vec<Uuid>),
-    OptUuid(Vec<Option<Uuid>>),
-    Text(Vec<&'a str>),
-    OptText(Vec<Option<&'a str>>),
-    Int(Vec<Option<i64>>),
-    Bool(Vec<Option<bool>>),
-    /// Instants, in the dialect's stored form once bound (`ts`).
-    Time(Vec<Option<DateTime<Utc>>>),
-    /// JSON documents, serialized.
-    Json(Vec<Option<String>>),
-}
-
-impl Col<'_> {
-    pub fn len(&self) -> usize {
-        match self {
-            Col::Uuid(v) => v.len(),
-            Col::OptUuid(v) => v.len(),
-            Col::Text(v) => v.len(),
-            Col::OptText(v) => v.len(),
-            Col::Int(v) => v.len(),
-            Col::Bool(v) => v.len(),
-            Col::Time(v) => v.len(),
-            Col::Json(v) => v.len(),
-        }
-    }
-}
-
-/// The number of rows of a table of `cols`; columns of different lengths are a bug.
-pub(super) fn row_count(cols: &[Col<'_>]) -> Result<usize, StoreError> {
-    let rows = cols.first().map_or(0, Col::len);
-    if cols.iter().any(|c| c.len() != rows) {
-        return Err(StoreError::Corrupt(
-            "a table of rows with columns of different lengths".into(),
-        ));
-    }
-    Ok(rows)
-}
-
-/// `value` as a JSON column's cell.
-pub(super) fn json_cell<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|e| StoreError::Backend(Box::new(e)))
-}
-
 /// The audit chain's head moved while this transaction held it (a bug or a tampered
 /// database, never a race).
 pub(super) fn head_moved() -> StoreError {
@@ -603,36 +554,31 @@ macro_rules! sql_store {
                 // allows it (one round trip fewer per group).
                 let mut head_pending = true;
                 for (chunk, texts) in out.chunks(INSERT_CHUNK).zip(texts.chunks(INSERT_CHUNK)) {
-                    let mut q = QueryBuilder::<$Db>::new("WITH ");
+                    let mut q = QueryBuilder::<$Db>::new("");
                     if $head_in_insert && head_pending {
                         head_pending = false;
-                        q.push("head AS (UPDATE audit_head SET last_seq = ");
+                        q.push("WITH head AS (UPDATE audit_head SET last_seq = ");
                         q.push_bind(seq);
                         q.push(", last_hash = ");
                         q.push_bind(prev.clone());
-                        q.push(" WHERE id = 1 RETURNING 1), ");
+                        q.push(" WHERE id = 1 RETURNING 1) ");
                     }
-                    q.push("v(v_seq, v_at, v_rid, v_actor, v_event, v_details, v_prev, v_hash) AS (");
-                    push_rows(
-                        &mut q,
-                        vec![
-                            Col::Int(chunk.iter().map(|e| Some(e.seq)).collect()),
-                            Col::Time(chunk.iter().map(|e| Some(e.at)).collect()),
-                            Col::OptUuid(chunk.iter().map(|e| e.request_id).collect()),
-                            Col::Text(chunk.iter().map(|e| e.actor.as_str()).collect()),
-                            Col::Text(chunk.iter().map(|e| e.event.as_str()).collect()),
-                            Col::Text(texts.iter().map(String::as_str).collect()),
-                            Col::Text(chunk.iter().map(|e| e.prev_hash.as_str()).collect()),
-                            Col::Text(chunk.iter().map(|e| e.hash.as_str()).collect()),
-                        ],
-                    )?;
-                    q.push(concat!(
-                        ") INSERT INTO audit_log (",
-                        audit_cols!(),
-                        ") SELECT v_seq, v_at, v_rid, v_actor, v_event, v_details, v_prev, v_hash FROM v"
-                    ));
+                    q.push(concat!("INSERT INTO audit_log (", audit_cols!(), ") "));
+                    q.push_values(chunk.iter().zip(texts), |mut b, (e, text)| {
+                        b.push_bind(e.seq)
+                            .push_bind(ts(e.at))
+                            .push_bind(e.request_id)
+                            .push_bind(&e.actor)
+                            .push_bind(&e.event)
+                            .push_bind(text)
+                            .push_bind(&e.prev_hash)
+                            .push_bind(&e.hash);
+                    });
+                    // Unnamed above a few rows: the text varies with the row count, and a
+                    // cached statement for every count would churn the connection's cache
+                    // (each eviction one more round trip) and hold memory on both sides.
                     q.build()
-                        .persistent(FIXED_SHAPE || chunk.len() == 1)
+                        .persistent(chunk.len() <= PREPARED_ROWS)
                         .execute(&mut **tx)
                         .await
                         .map_err(db_err)?;
@@ -694,48 +640,30 @@ macro_rules! sql_store {
                      v_output, v_diff, v_changed, v_error, v_ready, v_dispatched, v_deadline, \
                      v_finished, v_not_before, v_by) AS (",
                 );
-                let errors = rows
-                    .iter()
-                    .map(|r| r.3.error.as_ref().map(json_cell).transpose())
-                    .collect::<Result<Vec<_>, _>>()?;
-                let at = |f: fn(&StepPatch) -> Option<DateTime<Utc>>| {
-                    Col::Time(rows.iter().map(|r| f(r.3).map(trunc)).collect())
-                };
-                let text = |f: fn(&StepPatch) -> Option<&str>| {
-                    Col::OptText(rows.iter().map(|r| f(r.3)).collect())
-                };
-                push_rows(
-                    &mut q,
-                    vec![
-                        Col::Uuid(rows.iter().map(|r| r.0).collect()),
-                        Col::Text(lists.iter().map(|l| l.as_ref()).collect()),
-                        Col::Text(rows.iter().map(|r| r.2.as_str()).collect()),
-                        Col::Int(rows.iter().map(|r| r.3.attempt.map(i64::from)).collect()),
-                        text(|p| p.agent_id.as_deref()),
-                        text(|p| p.queue.as_deref()),
-                        Col::Int(rows.iter().map(|r| r.3.progress.map(i64::from)).collect()),
-                        text(|p| p.output.as_deref()),
-                        text(|p| p.diff.as_deref()),
-                        Col::Bool(rows.iter().map(|r| r.3.changed).collect()),
-                        Col::Json(errors),
-                        // A step that becomes ready joins the dispatch queue now unless told
-                        // otherwise.
-                        Col::Time(
-                            rows.iter()
-                                .map(|(_, _, to, p)| {
-                                    p.ready_at
-                                        .or_else(|| (*to == StepStatus::Ready).then(Utc::now))
-                                        .map(trunc)
-                                })
-                                .collect(),
-                        ),
-                        at(|p| p.dispatched_at),
-                        at(|p| p.deadline_at),
-                        at(|p| p.finished_at),
-                        at(|p| p.not_before),
-                        text(|p| p.reported_by.as_deref()),
-                    ],
-                )?;
+                q.push_values(rows.iter().zip(lists), |mut b, ((task, _, to, patch), list)| {
+                    // A step that becomes ready joins the dispatch queue now unless told
+                    // otherwise.
+                    let ready_at = patch
+                        .ready_at
+                        .or_else(|| (*to == StepStatus::Ready).then(Utc::now));
+                    b.push_bind(*task)
+                        .push_bind(list)
+                        .push_bind(to.as_str())
+                        .push_bind(patch.attempt.map(i64::from))
+                        .push_bind(&patch.agent_id)
+                        .push_bind(&patch.queue)
+                        .push_bind(patch.progress.map(i64::from))
+                        .push_bind(&patch.output)
+                        .push_bind(&patch.diff)
+                        .push_bind(patch.changed)
+                        .push_bind(patch.error.as_ref().map(Json))
+                        .push_bind(ready_at.map(|t| ts(trunc(t))))
+                        .push_bind(patch.dispatched_at.map(|t| ts(trunc(t))))
+                        .push_bind(patch.deadline_at.map(|t| ts(trunc(t))))
+                        .push_bind(patch.finished_at.map(|t| ts(trunc(t))))
+                        .push_bind(patch.not_before.map(|t| ts(trunc(t))))
+                        .push_bind(&patch.reported_by);
+                });
                 // A result binds the attempt to its reporter (`v_by`) unless it is bound to
                 // another.
                 q.push(concat!(
@@ -787,25 +715,19 @@ macro_rules! sql_store {
             ) -> Result<(), StoreError> {
                 for chunk in lines.chunks(INSERT_CHUNK) {
                     let mut q = QueryBuilder::<$Db>::new(
-                        "WITH v(v_rid, v_tid, v_at, v_kind, v_progress, v_message) AS (",
+                        "INSERT INTO execution_logs (request_id, task_id, at, kind, progress, message) ",
                     );
-                    push_rows(
-                        &mut q,
-                        vec![
-                            Col::Uuid(chunk.iter().map(|l| l.request_id).collect()),
-                            Col::OptUuid(chunk.iter().map(|l| l.task_id).collect()),
-                            Col::Time(chunk.iter().map(|l| Some(trunc(l.at))).collect()),
-                            Col::Text(chunk.iter().map(|l| l.kind.as_str()).collect()),
-                            Col::Int(chunk.iter().map(|l| l.progress.map(i64::from)).collect()),
-                            Col::Text(chunk.iter().map(|l| l.message.as_str()).collect()),
-                        ],
-                    )?;
-                    q.push(
-                        ") INSERT INTO execution_logs (request_id, task_id, at, kind, progress, message) \
-                         SELECT v_rid, v_tid, v_at, v_kind, v_progress, v_message FROM v",
-                    );
+                    q.push_values(chunk, |mut b, l| {
+                        b.push_bind(l.request_id)
+                            .push_bind(l.task_id)
+                            .push_bind(ts(trunc(l.at)))
+                            .push_bind(&l.kind)
+                            .push_bind(l.progress.map(i64::from))
+                            .push_bind(&l.message);
+                    });
+                    // Unnamed above a few rows (see `append_audit_in`).
                     q.build()
-                        .persistent(FIXED_SHAPE || chunk.len() == 1)
+                        .persistent(chunk.len() <= PREPARED_ROWS)
                         .execute(&mut *conn)
                         .await
                         .map_err(db_err)?;
@@ -836,49 +758,31 @@ macro_rules! sql_store {
             ) -> Result<Vec<Result<Request, StoreError>>, StoreError> {
                 let at = now();
                 let mut q = QueryBuilder::<$Db>::new(
-                    "WITH v(v_id, v_trace, v_text, v_requester, v_dry_run, v_by, v_seq, v_owner, \
-                     v_until) AS (",
-                );
-                push_rows(
-                    &mut q,
-                    vec![
-                        Col::Uuid(rows.iter().map(|r| r.0.id).collect()),
-                        Col::Text(rows.iter().map(|r| r.0.trace_id.as_str()).collect()),
-                        Col::Text(rows.iter().map(|r| r.0.text.as_str()).collect()),
-                        Col::Text(rows.iter().map(|r| r.0.requester.as_str()).collect()),
-                        Col::Bool(rows.iter().map(|r| Some(r.0.dry_run)).collect()),
-                        Col::Text(rows.iter().map(|r| r.0.submitted_by.as_str()).collect()),
-                        Col::Int(rows.iter().map(|r| r.1).collect()),
-                        Col::OptText(rows.iter().map(|r| r.2.map(|(owner, _)| owner)).collect()),
-                        Col::Time(
-                            rows.iter()
-                                .map(|r| {
-                                    r.2.map(|(_, lease)| {
-                                        trunc(
-                                            at + chrono::TimeDelta::from_std(lease)
-                                                .unwrap_or(chrono::TimeDelta::MAX),
-                                        )
-                                    })
-                                })
-                                .collect(),
-                        ),
-                    ],
-                )?;
-                q.push(
-                    ") INSERT INTO tasks (id, trace_id, text, requester, dry_run, status, \
+                    "INSERT INTO tasks (id, trace_id, text, requester, dry_run, status, \
                      created_at, updated_at, submitted_by, audit_seq, planning_owner, \
-                     planning_until) SELECT v_id, v_trace, v_text, v_requester, v_dry_run, \
-                     'planning', ",
+                     planning_until) ",
                 );
-                q.push_bind(ts(at));
-                q.push(", ");
-                q.push_bind(ts(at));
-                // `WHERE true`: SQLite would read `ON` as a join's.
-                q.push(concat!(
-                    ", v_by, v_seq, v_owner, v_until FROM v WHERE true \
-                     ON CONFLICT (id) DO NOTHING RETURNING ",
-                    req_cols!()
-                ));
+                q.push_values(rows, |mut b, (req, seq, claim)| {
+                    let until = claim.map(|(_, lease)| {
+                        ts(trunc(
+                            at + chrono::TimeDelta::from_std(lease)
+                                .unwrap_or(chrono::TimeDelta::MAX),
+                        ))
+                    });
+                    b.push_bind(req.id)
+                        .push_bind(&req.trace_id)
+                        .push_bind(&req.text)
+                        .push_bind(&req.requester)
+                        .push_bind(req.dry_run)
+                        .push("'planning'")
+                        .push_bind(ts(at))
+                        .push_bind(ts(at))
+                        .push_bind(&req.submitted_by)
+                        .push_bind(*seq)
+                        .push_bind(claim.map(|(owner, _)| owner))
+                        .push_bind(until);
+                });
+                q.push(concat!(" ON CONFLICT (id) DO NOTHING RETURNING ", req_cols!()));
                 let mut made = keyed(q, conn, rows.len(), "id", request_from_row).await?;
                 Ok(rows
                     .iter()
@@ -902,19 +806,8 @@ macro_rules! sql_store {
                 writes: &[GroupWrite],
                 line: &InLine,
             ) -> Result<(Vec<Result<Written, StoreError>>, Option<i64>), StoreError> {
+                let mut tx = self.pool.begin_with(BEGIN_WRITE).await.map_err(db_err)?;
                 let mut g = Applied::new(line.begun.0, writes);
-                // Several writes of a kind (or several messages sent) make statements of
-                // several rows; a move to `running` that rides with its plan is no row of
-                // its own.
-                let riding: std::collections::HashSet<usize> = g.riders.values().copied().collect();
-                let mut kinds = std::collections::HashSet::new();
-                let one_row = writes.iter().enumerate().all(|(i, w)| {
-                    riding.contains(&i)
-                        || (kinds.insert(super::waves::Kind::of(w))
-                            && !matches!(w, GroupWrite::Sent(ids) if ids.len() > 1))
-                });
-                let begin = if one_row { BEGIN_WRITE } else { BEGIN_ROWS };
-                let mut tx = self.pool.begin_with(begin).await.map_err(db_err)?;
                 // Independent writes in waves, each wave one statement per kind
                 // ([`super::waves`]).
                 for wave in super::waves::plan(writes, &g.riders) {
@@ -942,21 +835,11 @@ macro_rules! sql_store {
                 let fix = g.fixes(head.0);
                 for chunk in fix.chunks(BATCH_ROWS) {
                     let mut q = QueryBuilder::<$Db>::new("WITH v(v_id, v_seq) AS (");
-                    push_rows(
-                        &mut q,
-                        vec![
-                            Col::Uuid(chunk.iter().map(|f| f.0).collect()),
-                            Col::Int(chunk.iter().map(|f| Some(f.1)).collect()),
-                        ],
-                    )?;
+                    q.push_values(chunk, |mut b, (id, seq)| {
+                        b.push_bind(*id).push_bind(*seq);
+                    });
                     q.push(") UPDATE tasks SET audit_seq = v_seq FROM v WHERE id = v_id");
-                    // Unnamed, so planned for its rows: a group of one row per kind of write
-                    // (not planned so, `BEGIN_ROWS`) may correct several requests. Rare.
-                    q.build()
-                        .persistent(false)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db_err)?;
+                    q.build().persistent(false).execute(&mut *tx).await.map_err(db_err)?;
                 }
                 let first = head.0 + 1;
                 let written = self.append_audit_in(&mut tx, &g.entries, Some(head)).await?;
@@ -975,7 +858,7 @@ macro_rules! sql_store {
                 tx: &mut sqlx::Transaction<'static, $Db>,
                 plans: &[(Uuid, &Plan, bool, Option<Uuid>)],
             ) -> Result<(), StoreError> {
-                let ready_at = now();
+                let ready_at = ts(now());
                 let rows: Vec<(Uuid, usize, &PlanStep, bool, Uuid)> = plans
                     .iter()
                     .flat_map(|(id, plan, ready_now, first)| {
@@ -990,49 +873,26 @@ macro_rules! sql_store {
                     .collect();
                 for chunk in rows.chunks(INSERT_CHUNK) {
                     let mut q = QueryBuilder::<$Db>::new(
-                        "WITH v(v_tid, v_rid, v_seq, v_action, v_parameters, v_agent_type, \
-                         v_resources, v_status, v_ready) AS (",
+                        "INSERT INTO plan_steps (task_id, request_id, seq, action, parameters, \
+                         agent_type, resources, status, ready_at) ",
                     );
-                    let json = |f: fn(&PlanStep) -> Result<String, StoreError>| {
-                        chunk
-                            .iter()
-                            .map(|r| f(r.2).map(Some))
-                            .collect::<Result<Vec<_>, _>>()
-                            .map(Col::Json)
-                    };
-                    push_rows(
-                        &mut q,
-                        vec![
-                            Col::Uuid(chunk.iter().map(|r| r.4).collect()),
-                            Col::Uuid(chunk.iter().map(|r| r.0).collect()),
-                            Col::Int(chunk.iter().map(|r| i64::try_from(r.1).ok()).collect()),
-                            Col::Text(chunk.iter().map(|r| r.2.action.as_str()).collect()),
-                            json(|s| json_cell(&s.parameters))?,
-                            Col::Text(chunk.iter().map(|r| r.2.agent_type.as_str()).collect()),
-                            json(|s| json_cell(&s.resources))?,
-                            Col::Text(
-                                chunk
-                                    .iter()
-                                    .map(|r| {
-                                        if r.3 {
-                                            StepStatus::Ready.as_str()
-                                        } else {
-                                            StepStatus::Pending.as_str()
-                                        }
-                                    })
-                                    .collect(),
-                            ),
-                            Col::Time(chunk.iter().map(|r| r.3.then_some(ready_at)).collect()),
-                        ],
-                    )?;
-                    q.push(
-                        ") INSERT INTO plan_steps (task_id, request_id, seq, action, parameters, \
-                         agent_type, resources, status, ready_at) SELECT v_tid, v_rid, v_seq, \
-                         v_action, v_parameters, v_agent_type, v_resources, v_status, v_ready \
-                         FROM v",
-                    );
+                    q.push_values(chunk, |mut b, (id, seq, s, ready, task)| {
+                        b.push_bind(*task)
+                            .push_bind(*id)
+                            .push_bind(*seq as i64)
+                            .push_bind(&s.action)
+                            .push_bind(Json(&s.parameters))
+                            .push_bind(&s.agent_type)
+                            .push_bind(Json(&s.resources))
+                            .push_bind(if *ready {
+                                StepStatus::Ready.as_str()
+                            } else {
+                                StepStatus::Pending.as_str()
+                            })
+                            .push_bind(ready.then(|| ready_at.clone()));
+                    });
                     q.build()
-                        .persistent(FIXED_SHAPE || plans.len() == 1)
+                        .persistent(plans.len() == 1)
                         .execute(&mut **tx)
                         .await
                         .map_err(|e| match db_err(e) {
@@ -1062,11 +922,11 @@ macro_rules! sql_store {
                     q.push_bind(ts(now()));
                     q.push(
                         " WHERE status = 'pending' AND seq = (SELECT MIN(p.seq) FROM plan_steps p \
-                         WHERE p.request_id = plan_steps.request_id) AND request_id",
+                         WHERE p.request_id = plan_steps.request_id) AND request_id IN ",
                     );
-                    push_in(&mut q, chunk);
+                    push_ids(&mut q, chunk);
                     q.build()
-                        .persistent(FIXED_SHAPE || chunk.len() == 1)
+                        .persistent(chunk.len() == 1)
                         .execute(&mut **tx)
                         .await
                         .map_err(db_err)?;
@@ -1145,10 +1005,10 @@ macro_rules! sql_store {
                         }
                         self.append_logs_in(&mut **tx, &lines).await?;
                         for chunk in sent.chunks(INSERT_CHUNK) {
-                            let mut q = QueryBuilder::<$Db>::new("DELETE FROM outbox WHERE id");
-                            push_in(&mut q, chunk);
+                            let mut q = QueryBuilder::<$Db>::new("DELETE FROM outbox WHERE id IN ");
+                            push_ids(&mut q, chunk);
                             q.build()
-                                .persistent(FIXED_SHAPE || chunk.len() == 1)
+                                .persistent(chunk.len() <= PREPARED_ROWS)
                                 .execute(&mut **tx)
                                 .await
                                 .map_err(db_err)?;
@@ -1246,35 +1106,18 @@ macro_rules! sql_store {
                     "WITH v(v_id, v_from, v_to, v_plan, v_approver, v_comment, v_error, v_commit, \
                      v_seq) AS (",
                 );
-                let plans = legal
-                    .iter()
-                    .map(|t| t.4.plan.as_ref().map(json_cell).transpose())
-                    .collect::<Result<Vec<_>, _>>()?;
-                let errors = legal
-                    .iter()
-                    .map(|t| t.4.error.as_ref().map(json_cell).transpose())
-                    .collect::<Result<Vec<_>, _>>()?;
-                push_rows(
-                    &mut q,
-                    vec![
-                        Col::Uuid(legal.iter().map(|t| t.1).collect()),
-                        Col::Text(legal.iter().map(|t| t.2.as_str()).collect()),
-                        // The row is written `running` when the move to it rides along.
-                        Col::Text(
-                            legal
-                                .iter()
-                                .map(|t| if t.5.is_some() { RequestStatus::Running } else { t.3 })
-                                .map(|s| s.as_str())
-                                .collect(),
-                        ),
-                        Col::Json(plans),
-                        Col::OptText(legal.iter().map(|t| t.4.approver.as_deref()).collect()),
-                        Col::OptText(legal.iter().map(|t| t.4.approval_comment.as_deref()).collect()),
-                        Col::Json(errors),
-                        Col::OptText(legal.iter().map(|t| t.4.commit_id.as_deref()).collect()),
-                        Col::Int(seqs.clone()),
-                    ],
-                )?;
+                q.push_values(legal.iter().zip(&seqs), |mut b, ((_, id, from, to, patch, rider), seq)| {
+                    let stored_as = if rider.is_some() { RequestStatus::Running } else { *to };
+                    b.push_bind(*id)
+                        .push_bind(from.as_str())
+                        .push_bind(stored_as.as_str())
+                        .push_bind(patch.plan.as_ref().map(Json))
+                        .push_bind(&patch.approver)
+                        .push_bind(&patch.approval_comment)
+                        .push_bind(patch.error.as_ref().map(Json))
+                        .push_bind(&patch.commit_id)
+                        .push_bind(*seq);
+                });
                 q.push(") UPDATE tasks SET status = v_to, updated_at = ");
                 q.push_bind(ts(now()));
                 q.push(concat!(
@@ -1384,17 +1227,14 @@ macro_rules! sql_store {
                 let mut q = QueryBuilder::<$Db>::new(
                     "WITH v(v_id, v_tid, v_attempt, v_queue, v_body, v_at) AS (",
                 );
-                push_rows(
-                    &mut q,
-                    vec![
-                        Col::Uuid(msgs.iter().map(|(_, m)| m.id).collect()),
-                        Col::Uuid(msgs.iter().map(|(_, m)| m.task_id).collect()),
-                        Col::Int(msgs.iter().map(|(_, m)| Some(i64::from(m.attempt))).collect()),
-                        Col::Text(msgs.iter().map(|(_, m)| m.queue.as_str()).collect()),
-                        Col::Text(msgs.iter().map(|(_, m)| m.body.as_str()).collect()),
-                        Col::Time(msgs.iter().map(|(_, m)| Some(trunc(m.created_at))).collect()),
-                    ],
-                )?;
+                q.push_values(&msgs, |mut b, (_, m)| {
+                    b.push_bind(m.id)
+                        .push_bind(m.task_id)
+                        .push_bind(i64::from(m.attempt))
+                        .push_bind(&m.queue)
+                        .push_bind(&m.body)
+                        .push_bind(ts(trunc(m.created_at)));
+                });
                 q.push(
                     ") INSERT INTO outbox (id, task_id, attempt, queue, body, created_at) \
                      SELECT v_id, v_tid, v_attempt, v_queue, v_body, v_at FROM v \
@@ -1436,13 +1276,9 @@ macro_rules! sql_store {
                 })?;
                 let now = ts(now());
                 let mut q = QueryBuilder::<$Db>::new("WITH v(v_rid, v_after) AS (");
-                push_rows(
-                    &mut q,
-                    vec![
-                        Col::Uuid(rows.iter().map(|r| r.1).collect()),
-                        Col::Int(rows.iter().map(|r| Some(r.2)).collect()),
-                    ],
-                )?;
+                q.push_values(&rows, |mut b, (_, id, after, _)| {
+                    b.push_bind(*id).push_bind(*after);
+                });
                 q.push(") UPDATE plan_steps SET status = 'ready', ready_at = ");
                 q.push_bind(now.clone());
                 q.push(
@@ -1465,13 +1301,9 @@ macro_rules! sql_store {
                 // None left to run: the request completes.
                 let seqs = g.assume(&rest.iter().map(|r| r.3).collect::<Vec<_>>());
                 let mut q = QueryBuilder::<$Db>::new("WITH v(v_id, v_seq) AS (");
-                push_rows(
-                    &mut q,
-                    vec![
-                        Col::Uuid(rest.iter().map(|r| r.1).collect()),
-                        Col::Int(seqs.clone()),
-                    ],
-                )?;
+                q.push_values(rest.iter().zip(&seqs), |mut b, ((_, id, _, _), seq)| {
+                    b.push_bind(*id).push_bind(*seq);
+                });
                 q.push(") UPDATE tasks SET status = 'completed', updated_at = ");
                 q.push_bind(now);
                 q.push(concat!(
@@ -1517,15 +1349,9 @@ macro_rules! sql_store {
                 })?;
                 let seqs = g.assume(&rows.iter().map(|r| r.4).collect::<Vec<_>>());
                 let mut q = QueryBuilder::<$Db>::new("WITH v(v_id, v_commit, v_failed, v_seq) AS (");
-                push_rows(
-                    &mut q,
-                    vec![
-                        Col::Uuid(rows.iter().map(|r| r.1).collect()),
-                        Col::OptText(rows.iter().map(|r| r.2).collect()),
-                        Col::OptText(rows.iter().map(|r| r.3).collect()),
-                        Col::Int(seqs.clone()),
-                    ],
-                )?;
+                q.push_values(rows.iter().zip(&seqs), |mut b, ((_, id, commit, failed, _), seq)| {
+                    b.push_bind(*id).push_bind(*commit).push_bind(*failed).push_bind(*seq);
+                });
                 q.push(concat!(
                     ") UPDATE tasks SET commit_id = v_commit, commit_error = v_failed, \
                      audit_seq = COALESCE(v_seq, audit_seq) FROM v \
@@ -1604,48 +1430,6 @@ macro_rules! sql_store {
                 Ok(done.rows_affected() == 1)
             }
 
-            /// The rows of `head` (a query ending in the column that is one of `ids`) then
-            /// `tail`, in chunks; several ids are read in one transaction planned for their
-            /// number (`BEGIN_READ`), one on its own (its plan made once is a key lookup).
-            async fn rows_by_ids(
-                &self,
-                head: &'static str,
-                tail: &'static str,
-                ids: &[Uuid],
-            ) -> Result<Vec<$Row>, StoreError> {
-                async fn read(
-                    conn: &mut <$Db as sqlx::Database>::Connection,
-                    head: &'static str,
-                    tail: &'static str,
-                    ids: &[Uuid],
-                ) -> Result<Vec<$Row>, StoreError> {
-                    let mut out = Vec::with_capacity(ids.len());
-                    for chunk in ids.chunks(INSERT_CHUNK) {
-                        let mut q = QueryBuilder::<$Db>::new(head);
-                        push_in(&mut q, chunk);
-                        q.push(tail);
-                        out.extend(
-                            q.build()
-                                .persistent(FIXED_SHAPE || chunk.len() == 1)
-                                .fetch_all(&mut *conn)
-                                .await
-                                .map_err(db_err)?,
-                        );
-                    }
-                    Ok(out)
-                }
-                let mut conn = self.pool.acquire().await.map_err(db_err)?;
-                if ids.len() < 2 {
-                    return read(&mut conn, head, tail, ids).await;
-                }
-                let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN_READ)
-                    .await
-                    .map_err(db_err)?;
-                let rows = read(&mut tx, head, tail, ids).await?;
-                tx.commit().await.map_err(db_err)?;
-                Ok(rows)
-            }
-
             async fn step_status(&self, task_id: Uuid) -> Result<Option<String>, StoreError> {
                 sqlx::query_scalar("SELECT status FROM plan_steps WHERE task_id = $1")
                     .bind(task_id)
@@ -1655,34 +1439,6 @@ macro_rules! sql_store {
             }
         }
 
-        /// The rows of `cols` as `VALUES ($1, $2), ($3, $4), …`, row by row, each cell cast
-        /// to its column's type where the dialect needs it (`cell_cast`).
-        fn push_value_rows(q: &mut QueryBuilder<$Db>, cols: &[Col<'_>]) -> Result<(), StoreError> {
-            let rows = row_count(cols)?;
-            q.push("VALUES ");
-            for r in 0..rows {
-                q.push(if r == 0 { "(" } else { ", (" });
-                for (i, c) in cols.iter().enumerate() {
-                    if i > 0 {
-                        q.push(", ");
-                    }
-                    match c {
-                        Col::Uuid(v) => q.push_bind(v[r]),
-                        Col::OptUuid(v) => q.push_bind(v[r]),
-                        Col::Text(v) => q.push_bind(v[r]),
-                        Col::OptText(v) => q.push_bind(v[r]),
-                        Col::Int(v) => q.push_bind(v[r]),
-                        Col::Bool(v) => q.push_bind(v[r]),
-                        Col::Time(v) => q.push_bind(v[r].map(ts)),
-                        Col::Json(v) => q.push_bind(v[r].clone()),
-                    };
-                    q.push(cell_cast(c));
-                }
-                q.push(")");
-            }
-            Ok(())
-        }
-
         fn col<'r, T>(row: &'r $Row, name: &str) -> Result<T, StoreError>
         where
             T: sqlx::Decode<'r, $Db> + sqlx::Type<$Db>,
@@ -1690,10 +1446,19 @@ macro_rules! sql_store {
             row.try_get(name).map_err(|e| corrupt(name, e))
         }
 
+        /// Pushes `(id, id, …)` onto `q`, each id bound.
+        fn push_ids(q: &mut QueryBuilder<$Db>, ids: &[Uuid]) {
+            q.push("(");
+            let mut each = q.separated(", ");
+            for id in ids {
+                each.push_bind(*id);
+            }
+            q.push(")");
+        }
+
         /// Runs `q` (`rows` rows of input) and keys what it returns by its `key` column,
-        /// each row converted by `conv`. A statement whose text does not grow with its rows
-        /// (`FIXED_SHAPE`), or of one row, keeps a cached prepared statement; the others are
-        /// unnamed statements (their text varies, and would churn the cache).
+        /// each row converted by `conv`. One row keeps a cached prepared statement; more are
+        /// unnamed statements (their row count varies, and would churn the cache).
         async fn keyed<T>(
             mut q: QueryBuilder<$Db>,
             conn: &mut <$Db as sqlx::Database>::Connection,
@@ -1704,7 +1469,7 @@ macro_rules! sql_store {
             let mut out = std::collections::HashMap::with_capacity(rows);
             for row in q
                 .build()
-                .persistent(FIXED_SHAPE || rows == 1)
+                .persistent(rows == 1)
                 .fetch_all(&mut *conn)
                 .await
                 .map_err(db_err)?
@@ -1832,10 +1597,25 @@ macro_rules! sql_store {
             }
 
             async fn get_requests(&self, ids: &[Uuid]) -> Result<Vec<Request>, StoreError> {
-                let rows = self
-                    .rows_by_ids(concat!("SELECT ", req_cols!(), " FROM tasks WHERE id"), "", ids)
-                    .await?;
-                rows.iter().map(request_from_row).collect()
+                let mut out = Vec::with_capacity(ids.len());
+                for chunk in ids.chunks(INSERT_CHUNK) {
+                    let mut q = QueryBuilder::<$Db>::new(concat!(
+                        "SELECT ",
+                        req_cols!(),
+                        " FROM tasks WHERE id IN "
+                    ));
+                    push_ids(&mut q, chunk);
+                    for row in q
+                        .build()
+                        .persistent(chunk.len() == 1)
+                        .fetch_all(&self.pool)
+                        .await
+                        .map_err(db_err)?
+                    {
+                        out.push(request_from_row(&row)?);
+                    }
+                }
+                Ok(out)
             }
 
             async fn list_requests(&self, filter: &RequestFilter) -> Result<Vec<Request>, StoreError> {
@@ -2037,16 +1817,24 @@ macro_rules! sql_store {
             ) -> Result<std::collections::HashMap<Uuid, Vec<Step>>, StoreError> {
                 let mut out: std::collections::HashMap<Uuid, Vec<Step>> =
                     std::collections::HashMap::with_capacity(request_ids.len());
-                let rows = self
-                    .rows_by_ids(
-                        concat!("SELECT ", step_cols!(), " FROM plan_steps WHERE request_id"),
-                        " ORDER BY request_id, seq",
-                        request_ids,
-                    )
-                    .await?;
-                for row in &rows {
-                    let step = step_from_row(row)?;
-                    out.entry(step.request_id).or_default().push(step);
+                for chunk in request_ids.chunks(INSERT_CHUNK) {
+                    let mut q = QueryBuilder::<$Db>::new(concat!(
+                        "SELECT ",
+                        step_cols!(),
+                        " FROM plan_steps WHERE request_id IN "
+                    ));
+                    push_ids(&mut q, chunk);
+                    q.push(" ORDER BY request_id, seq");
+                    let rows = q
+                        .build()
+                        .persistent(chunk.len() == 1)
+                        .fetch_all(&self.pool)
+                        .await
+                        .map_err(db_err)?;
+                    for row in &rows {
+                        let step = step_from_row(row)?;
+                        out.entry(step.request_id).or_default().push(step);
+                    }
                 }
                 Ok(out)
             }

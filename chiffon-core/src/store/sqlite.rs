@@ -110,10 +110,6 @@ impl SqliteStore {
 // ---- the dialect ----
 
 const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
-/// A reading transaction: it takes no lock until it reads.
-const BEGIN_READ: &str = "BEGIN";
-/// A writing transaction of several rows per statement: as any other.
-const BEGIN_ROWS: &str = BEGIN_WRITE;
 /// In WAL mode a read transaction sees one snapshot from its first read on.
 const BEGIN_SNAPSHOT: &str = "BEGIN";
 
@@ -171,29 +167,6 @@ fn opt_ts_col(row: &SqliteRow, name: &str) -> Result<Option<DateTime<Utc>>, Stor
 fn status_list(statuses: &[StepStatus]) -> Result<String, StoreError> {
     serde_json::to_string(&statuses.iter().map(|s| s.as_str()).collect::<Vec<_>>())
         .map_err(|e| StoreError::Backend(Box::new(e)))
-}
-
-/// A statement's text grows with the rows it takes (SQLite prepares in process, cheaply).
-const FIXED_SHAPE: bool = false;
-
-/// The rows of `cols` as a query: `VALUES ($1, $2), ($3, $4), …`, row by row.
-fn push_rows(q: &mut QueryBuilder<Sqlite>, cols: Vec<Col<'_>>) -> Result<(), StoreError> {
-    push_value_rows(q, &cols)
-}
-
-/// Cells are bound as they are (SQLite's columns take any type).
-fn cell_cast(_: &Col<'_>) -> &'static str {
-    ""
-}
-
-/// ` IN ($1, $2, …)`: "is one of `ids`".
-fn push_in(q: &mut QueryBuilder<Sqlite>, ids: &[Uuid]) {
-    q.push(" IN (");
-    let mut each = q.separated(", ");
-    for id in ids {
-        each.push_bind(*id);
-    }
-    q.push(")");
 }
 
 #[cfg(test)]

@@ -41,13 +41,6 @@ pub(crate) enum Kind {
     Audit,
 }
 
-impl Kind {
-    /// The kind of `w`.
-    pub(crate) fn of(w: &GroupWrite) -> Kind {
-        kind(w)
-    }
-}
-
 /// A wave: for each kind present, the indices of its writes, in the group's order.
 pub(crate) type Wave = Vec<(Kind, Vec<usize>)>;
 
