@@ -3348,8 +3348,8 @@ pub async fn two_instances(a: Arc<dyn Store>, b: Arc<dyn Store>) {
     assert!(v.ok && v.entries_checked == 20, "{v:?}");
 }
 
-/// A group's writes of one kind go to the database as one table of rows (arrays on
-/// PostgreSQL, `VALUES` on SQLite), in batches: each value comes back as it was written,
+/// A group's writes of one kind go to the database as one multi-row statement per batch:
+/// each value comes back as it was written,
 /// whatever it holds (quotes, commas, braces, backslashes, `NULL` as text, non-ASCII) and
 /// however many rows there are (more than one batch).
 pub async fn group_rows_keep_their_values(h: &Harness) {
@@ -3381,7 +3381,8 @@ pub async fn group_rows_keep_their_values(h: &Harness) {
         assert_eq!(got.dry_run, r.dry_run);
     }
 
-    // Their plans, with odd parameters; every other one with an error and an approver.
+    // Their plans, with odd parameters; every other one with an approver, the others with
+    // an empty comment.
     let plan_of = |i: usize| {
         let mut p = plan(1 + i % 2);
         p.steps[0]

@@ -33,7 +33,7 @@ use crate::model::{
 pub(super) const INSERT_CHUNK: usize = 500;
 /// Rows up to which a multi-row statement whose text grows with its rows is kept prepared
 /// on its connection (a few statements per kind; above, unnamed: measured, a statement kept
-/// for every row count held about 13 MiB more in the benchmark process, and one request at
+/// for every row count held 8-12 MiB more in the benchmark process, and one request at
 /// a time, whose entries and log lines come two or three at once, pays a second round trip
 /// for an unnamed one).
 pub(super) const PREPARED_ROWS: usize = 4;
@@ -1605,6 +1605,8 @@ macro_rules! sql_store {
                         " FROM tasks WHERE id IN "
                     ));
                     push_ids(&mut q, chunk);
+                    // Unnamed unless of one id: a plan made once for a list of ids, while the
+                    // table is small, can settle on a sequential scan.
                     for row in q
                         .build()
                         .persistent(chunk.len() == 1)
