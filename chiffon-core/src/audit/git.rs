@@ -39,6 +39,7 @@
 //! inside [`tokio::task::spawn_blocking`]. [`GitTrail`] is `Send + Sync`: share it in an
 //! `Arc`.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -781,46 +782,6 @@ impl From<AuditError> for BatchError {
     }
 }
 
-/// Writes a pack libgit2 built (a merge that could not copy its packs) through the object
-/// database, which indexes it, and fsyncs the new pack and
-/// index files and their folder, before anything names the objects in it.
-fn write_pack(repo: &Repository, odb: &git2::Odb<'_>, pack: &[u8]) -> Result<(), AuditError> {
-    let pack_dir = repo.path().join("objects").join("pack");
-    let before = list_files(&pack_dir);
-    let mut writer = odb
-        .packwriter()
-        .map_err(AuditError::git("write the batch's pack"))?;
-    std::io::Write::write_all(&mut writer, pack).map_err(|e| AuditError::Git {
-        context: "write the batch's pack",
-        source: Box::new(e),
-    })?;
-    writer
-        .commit()
-        .map_err(AuditError::git("write the batch's pack"))?;
-    // Other writers' temporary files come and go in the same folder: only finished packs
-    // and indexes, and only those still there.
-    let after = list_files(&pack_dir);
-    for f in after.difference(&before).filter(|f| {
-        f.extension()
-            .is_some_and(|x| x == "pack" || x == "idx" || x == "rev")
-    }) {
-        match std::fs::File::open(f) {
-            Ok(file) => file.sync_all().map_err(|e| AuditError::Git {
-                context: "fsync",
-                source: Box::new(e),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(AuditError::Git {
-                    context: "fsync",
-                    source: Box::new(e),
-                })
-            }
-        }
-    }
-    sync_file(&pack_dir)
-}
-
 /// Packs are merged once there are more than this many. A merge copies every byte of the
 /// packs it merges (and when that cannot be done, packs their objects afresh): letting
 /// batches' packs gather first means each object is merged fewer times (measured with the
@@ -850,69 +811,200 @@ fn not_an_index() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, "not a v2 pack index")
 }
 
-/// The packs (each with the entries its index lists: id, offset, CRC-32) as one pack whose
-/// entries are theirs, copied byte for byte, and its index: no delta search, no
+/// A merge reads and writes packs in pieces of this size: it holds the index entries of
+/// the packs it merges, never their bytes.
+const COPY_CHUNK: usize = 64 * 1024;
+
+/// A pack that holds this many objects (about 13,000 requests' records) or more is never
+/// merged again: a merge holds its packs' index entries (about 32 bytes an object), so
+/// this bounds its memory whatever the trail's history, and the bytes it copies.
+const PACK_MERGE_MAX_OBJECTS: usize = 1 << 16;
+
+/// The packs (each with the entries its index lists: id, offset, CRC-32, and the pack
+/// file's path) written as one pack in `pack_dir`, whose entries are theirs, copied byte
+/// for byte and streamed (`COPY_CHUNK` at a time), with its index: no delta search, no
 /// recompression, no hashing of the objects again, so a merge costs what copying it costs.
 /// Each pack is self-contained (a batch's pack holds its deltas' bases), and each is
 /// copied in one piece and in order, so a delta still finds its base (by id, or at the same
-/// distance back). `None` when an object is in more than one pack (the index would list it
-/// twice), a pack is not a version 2 or 3 pack of the objects its index lists, or an entry's
-/// bytes do not match its index's CRC-32 (the objects are then packed afresh, from what
-/// libgit2 reads of them).
-fn concat_packs(sources: &[(Vec<IndexEntry>, Vec<u8>)]) -> Option<(Vec<u8>, Vec<u8>)> {
+/// distance back). Returns the new pack's checksum (its name), once it and its index are
+/// synced in place. `None` when an object is in more than one pack (the index would list
+/// it twice), a pack is not a version 2 or 3 pack of the objects its index lists, or an
+/// entry's bytes do not match its index's CRC-32 (the objects are then packed afresh, from
+/// what libgit2 reads of them); nothing is left behind then.
+fn concat_packs(
+    pack_dir: &Path,
+    sources: &[(Vec<IndexEntry>, PathBuf)],
+) -> std::io::Result<Option<[u8; 20]>> {
     use sha1::Digest as _;
+    use std::io::Read as _;
     let mut seen = std::collections::HashSet::new();
     let mut count: u32 = 0;
-    let mut size = 12 + 20;
-    for (entries, bytes) in sources {
-        let n = u32::try_from(entries.len()).ok()?;
-        let header = bytes.get(..12)?;
-        if bytes.len() < 32
-            || &header[..4] != b"PACK"
-            || !matches!(header[4..8], [0, 0, 0, 2] | [0, 0, 0, 3])
-            || header[8..12] != n.to_be_bytes()
-            || !entries.iter().all(|e| seen.insert(e.0))
-        {
-            return None;
+    for (entries, _) in sources {
+        let Some(n) = u32::try_from(entries.len())
+            .ok()
+            .and_then(|n| count.checked_add(n))
+        else {
+            return Ok(None);
+        };
+        count = n;
+        if !entries.iter().all(|e| seen.insert(e.0)) {
+            return Ok(None);
         }
-        // Each entry's bytes, from its offset to the next entry's, against its CRC-32.
-        let mut by_offset: Vec<&IndexEntry> = entries.iter().collect();
-        by_offset.sort_unstable_by_key(|e| e.1);
-        let end = bytes.len() as u64 - 20;
-        for (i, (_, offset, crc)) in by_offset.iter().map(|e| **e).enumerate() {
-            let next = by_offset.get(i + 1).map_or(end, |e| e.1);
-            let entry = bytes.get(usize::try_from(offset).ok()?..usize::try_from(next).ok()?)?;
-            if offset < 12 || crc32fast::hash(entry) != crc {
-                return None;
+    }
+    drop(seen);
+    let (tmp, file) = super::pack::temp_file(pack_dir, "pack")?;
+    let written = (|| -> std::io::Result<Option<[u8; 20]>> {
+        let mut out = HashingWriter {
+            inner: std::io::BufWriter::with_capacity(COPY_CHUNK, file),
+            sha: sha1::Sha1::new(),
+            len: 0,
+        };
+        out.write_all(b"PACK\0\0\0\x02")?;
+        out.write_all(&count.to_be_bytes())?;
+        let mut entries = Vec::with_capacity(count as usize);
+        let mut chunk = vec![0u8; COPY_CHUNK];
+        for (listed, path) in sources {
+            let mut src = std::fs::File::open(path)?;
+            let len = src.metadata()?.len();
+            let mut header = [0u8; 12];
+            if len < 32 {
+                return Ok(None);
             }
+            src.read_exact(&mut header)?;
+            if &header[..4] != b"PACK"
+                || !matches!(header[4..8], [0, 0, 0, 2] | [0, 0, 0, 3])
+                || header[8..12] != (listed.len() as u32).to_be_bytes()
+            {
+                return Ok(None);
+            }
+            // Each entry's bytes, from its offset to the next entry's, copied and checked
+            // against its CRC-32 on the way; bytes before the first entry (none in a pack
+            // git or this trail wrote) are copied as they are.
+            let mut by_offset: Vec<&IndexEntry> = listed.iter().collect();
+            by_offset.sort_unstable_by_key(|e| e.1);
+            let end = len - 20;
+            let shift = out.len - 12;
+            let mut at = 12;
+            for (i, &&(_, offset, crc)) in by_offset.iter().enumerate() {
+                let next = by_offset.get(i + 1).map_or(end, |e| e.1);
+                if offset < at || next < offset || next > end {
+                    return Ok(None);
+                }
+                if i == 0 {
+                    copy_range(&mut src, &mut out, offset - at, &mut chunk, None)?;
+                }
+                let mut hasher = crc32fast::Hasher::new();
+                copy_range(
+                    &mut src,
+                    &mut out,
+                    next - offset,
+                    &mut chunk,
+                    Some(&mut hasher),
+                )?;
+                if hasher.finalize() != crc {
+                    return Ok(None);
+                }
+                at = next;
+            }
+            if by_offset.is_empty() {
+                copy_range(&mut src, &mut out, end - 12, &mut chunk, None)?;
+            }
+            entries.extend(
+                listed
+                    .iter()
+                    .map(|(id, offset, crc)| (*id, offset + shift, *crc)),
+            );
         }
-        count = count.checked_add(n)?;
-        size += bytes.len() - 32;
+        let checksum: [u8; 20] = out.sha.finalize().into();
+        let mut file = out.inner.into_inner().map_err(|e| e.into_error())?;
+        file.write_all(&checksum)?;
+        file.sync_all()?;
+        drop(file);
+        let idx = super::pack::build_index(entries, &checksum);
+        super::pack::install(pack_dir, &tmp, &checksum, &idx)?;
+        Ok(Some(checksum))
+    })();
+    if !matches!(written, Ok(Some(_))) {
+        let _ = std::fs::remove_file(&tmp);
     }
-    let mut pack = Vec::with_capacity(size);
-    pack.extend_from_slice(b"PACK\0\0\0\x02");
-    pack.extend_from_slice(&count.to_be_bytes());
-    let mut entries = Vec::with_capacity(count as usize);
-    for (listed, bytes) in sources {
-        let shift = pack.len() as u64 - 12;
-        entries.extend(
-            listed
-                .iter()
-                .map(|(id, offset, crc)| (*id, offset + shift, *crc)),
-        );
-        pack.extend_from_slice(&bytes[12..bytes.len() - 20]);
+    written
+}
+
+/// Writes through to `inner`, hashing what it writes and counting it.
+struct HashingWriter<W> {
+    inner: W,
+    sha: sha1::Sha1,
+    len: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use sha1::Digest as _;
+        let n = self.inner.write(buf)?;
+        self.sha.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
     }
-    let checksum = sha1::Sha1::digest(&pack);
-    pack.extend_from_slice(&checksum);
-    let idx = super::pack::build_index(entries, &checksum);
-    Some((pack, idx))
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Copies the next `n` bytes of `src` to `out`, `chunk` at a time, feeding them to `crc`.
+fn copy_range(
+    src: &mut std::fs::File,
+    out: &mut impl Write,
+    mut n: u64,
+    chunk: &mut [u8],
+    mut crc: Option<&mut crc32fast::Hasher>,
+) -> std::io::Result<()> {
+    use std::io::Read as _;
+    while n > 0 {
+        let take = n.min(chunk.len() as u64) as usize;
+        src.read_exact(&mut chunk[..take])?;
+        if let Some(crc) = crc.as_deref_mut() {
+            crc.update(&chunk[..take]);
+        }
+        out.write_all(&chunk[..take])?;
+        n -= take as u64;
+    }
+    Ok(())
+}
+
+/// Which of the packs (their indexes, each with its object count) a merge takes: none
+/// while there are at most `PACK_MERGE_ABOVE` packs under `PACK_MERGE_MAX_OBJECTS`
+/// objects (larger ones are left as they are and not counted); otherwise, smallest first,
+/// all those up to the largest pack that holds fewer than twice the objects of all the
+/// packs smaller than it together (none when that is only the smallest).
+fn packs_to_merge(mut packs: Vec<(PathBuf, usize)>) -> Vec<PathBuf> {
+    packs.retain(|(_, n)| *n < PACK_MERGE_MAX_OBJECTS);
+    if packs.len() <= PACK_MERGE_ABOVE {
+        return Vec::new();
+    }
+    packs.sort_by_key(|(_, n)| *n);
+    let mut split = 0;
+    let mut sum = 0usize;
+    for (i, (_, n)) in packs.iter().enumerate() {
+        if i > 0 && *n < 2 * sum {
+            split = i + 1;
+        }
+        sum += n;
+    }
+    if split < 2 {
+        return Vec::new();
+    }
+    packs.truncate(split);
+    packs.into_iter().map(|(idx, _)| idx).collect()
 }
 
 /// Geometric repacking (as `git repack --geometric=2`): with the packs sorted by object
 /// count, the smallest ones are merged into one until every pack holds at least twice the
 /// objects of all smaller packs together. Each object is rewritten O(log n) times over the
-/// trail's life, and a batch looks through O(log n) packs, so a commit's cost stays flat as
-/// history grows. The merged pack is written and synced before the packs it replaces are
+/// trail's life (and not at all once its pack holds `PACK_MERGE_MAX_OBJECTS`), and a batch
+/// looks through O(log n) packs plus the large ones (one for about 13,000 requests), so a
+/// commit's cost stays about flat as history grows; a merge streams the packs' bytes and
+/// holds at most the index entries of packs under the cap, so its memory stays flat too. The merged pack is written and synced before the packs it replaces are
 /// removed; a pack with a `.keep` file is left alone.
 fn merge_small_packs(path: &Path) -> Result<(), AuditError> {
     let repo = Repository::open(path).map_err(AuditError::git("open repository"))?;
@@ -937,28 +1029,14 @@ fn merge_small_packs(path: &Path) -> Result<(), AuditError> {
             }
         }
     }
-    if packs.len() <= PACK_MERGE_ABOVE {
+    let merged = packs_to_merge(packs);
+    if merged.is_empty() {
         return Ok(());
     }
-    packs.sort_by_key(|(_, n)| *n);
-    let mut split = 0;
-    let mut sum = 0usize;
-    for (i, (_, n)) in packs.iter().enumerate() {
-        if i > 0 && *n < 2 * sum {
-            split = i + 1;
-        }
-        sum += n;
-    }
-    if split < 2 {
-        return Ok(());
-    }
-    let merged = &packs[..split];
     let mut sources = Vec::with_capacity(merged.len());
-    for (idx, _) in merged {
-        match read_pack_index(idx)
-            .and_then(|entries| Ok((entries, std::fs::read(idx.with_extension("pack"))?)))
-        {
-            Ok(found) => sources.push(found),
+    for idx in &merged {
+        match read_pack_index(idx) {
+            Ok(entries) => sources.push((entries, idx.with_extension("pack"))),
             // Merged and removed by another process meanwhile: not ours to finish.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => {
@@ -969,22 +1047,20 @@ fn merge_small_packs(path: &Path) -> Result<(), AuditError> {
             }
         }
     }
-    let odb = repo
-        .odb()
-        .map_err(AuditError::git("open object database"))?;
-    let pack = match concat_packs(&sources) {
-        Some((pack, idx)) => {
-            super::pack::write_to(&pack_dir, &pack, &idx).map_err(|e| AuditError::Git {
+    let name = match concat_packs(&pack_dir, &sources) {
+        Ok(Some(checksum)) => hex::encode(checksum),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(AuditError::Git {
                 context: "write merged pack",
                 source: Box::new(e),
-            })?;
-            pack
+            })
         }
         // An object in two packs (a batch rebuilt after a lost race writes its objects
         // again), or an entry that does not match its index: packed afresh, each object
-        // once, through libgit2 (which reads and checks each object, and indexes the pack
-        // itself).
-        None => {
+        // once, through libgit2 (which reads and checks each object, and writes and
+        // indexes the pack itself, to files), then synced.
+        Ok(None) => {
             let mut builder = repo.packbuilder().map_err(AuditError::git("merge packs"))?;
             for oid in sources
                 .iter()
@@ -994,13 +1070,22 @@ fn merge_small_packs(path: &Path) -> Result<(), AuditError> {
                     .insert_object(oid, None)
                     .map_err(AuditError::git("merge packs"))?;
             }
-            let mut pack = git2::Buf::new();
             builder
-                .write_buf(&mut pack)
+                .write(&pack_dir, 0)
                 .map_err(AuditError::git("merge packs"))?;
-            let pack = pack.to_vec();
-            write_pack(&repo, &odb, &pack)?;
-            pack
+            let name = builder
+                .name()
+                .map_err(AuditError::git("merge packs"))?
+                .ok_or_else(|| AuditError::Git {
+                    context: "merge packs",
+                    source: "libgit2 wrote a pack without a name".into(),
+                })?
+                .to_string();
+            for ext in ["pack", "idx"] {
+                sync_file(&pack_dir.join(format!("pack-{name}.{ext}")))?;
+            }
+            sync_file(&pack_dir)?;
+            name
         }
     };
     // The new pack indexes exactly the objects of the packs it replaces (a damaged entry
@@ -1011,10 +1096,7 @@ fn merge_small_packs(path: &Path) -> Result<(), AuditError> {
         .collect();
     expected.sort_unstable();
     expected.dedup();
-    let name = pack
-        .get(pack.len().saturating_sub(20)..)
-        .unwrap_or_default();
-    let new_idx = pack_dir.join(format!("pack-{}.idx", hex::encode(name)));
+    let new_idx = pack_dir.join(format!("pack-{name}.idx"));
     match read_pack_index(&new_idx).map(|entries| entries.into_iter().map(|e| e.0).collect::<Vec<_>>()) {
         Ok(ids) if ids == expected => {}
         Ok(ids) => {
@@ -1038,7 +1120,7 @@ fn merge_small_packs(path: &Path) -> Result<(), AuditError> {
     }
     // Every object of the merged packs is now in the new one, on disk: the old ones go,
     // index first so that no reader finds a pack without its index.
-    for (idx, _) in merged {
+    for idx in &merged {
         for ext in ["idx", "pack", "rev"] {
             match std::fs::remove_file(idx.with_extension(ext)) {
                 Ok(()) => {}
@@ -1482,4 +1564,65 @@ fn introducing_commit(repo: &Repository, tip: Oid, path: &str) -> Result<Option<
         next = commit.parent_ids().next();
     }
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packs(counts: &[usize]) -> Vec<(PathBuf, usize)> {
+        counts
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (PathBuf::from(format!("pack-{i}.idx")), *n))
+            .collect()
+    }
+
+    fn names(merged: Vec<PathBuf>) -> Vec<String> {
+        merged
+            .into_iter()
+            .map(|p| p.display().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_merge_takes_the_small_packs_geometrically() {
+        // 16 packs: none merged yet.
+        assert!(packs_to_merge(packs(&[5; PACK_MERGE_ABOVE])).is_empty());
+        // 17 of 5 objects: all of them (each holds less than twice the ones before).
+        assert_eq!(packs_to_merge(packs(&[5; PACK_MERGE_ABOVE + 1])).len(), 17);
+        // A pack of 1,000 beside 16 small ones holds more than twice them: left alone.
+        let mut counts = vec![5; PACK_MERGE_ABOVE];
+        counts.insert(3, 1000);
+        let merged = names(packs_to_merge(packs(&counts)));
+        assert_eq!(merged.len(), 16);
+        assert!(!merged.contains(&"pack-3.idx".to_string()), "{merged:?}");
+    }
+
+    #[test]
+    fn large_packs_are_never_merged_nor_counted() {
+        // Large packs, however many, do not make a merge: the small ones are too few.
+        let mut counts = vec![PACK_MERGE_MAX_OBJECTS; 20];
+        counts.extend([5; PACK_MERGE_ABOVE]);
+        assert!(packs_to_merge(packs(&counts)).is_empty());
+        // With one small pack more, the small ones are merged and the large ones left as
+        // they are, even where the geometric rule alone would take them.
+        counts.push(5);
+        counts.push(PACK_MERGE_MAX_OBJECTS + 7);
+        let merged = packs_to_merge(packs(&counts));
+        assert_eq!(merged.len(), PACK_MERGE_ABOVE + 1);
+        let large: Vec<String> = (0..20)
+            .map(|i| format!("pack-{i}.idx"))
+            .chain([format!("pack-{}.idx", counts.len() - 1)])
+            .collect();
+        assert!(
+            names(merged).iter().all(|m| !large.contains(m)),
+            "a large pack is merged"
+        );
+        // Just under the cap, a pack still merges with its peers.
+        let mut near = vec![5; PACK_MERGE_ABOVE];
+        near.push(PACK_MERGE_MAX_OBJECTS - 1);
+        near.push(PACK_MERGE_MAX_OBJECTS - 1);
+        assert_eq!(packs_to_merge(packs(&near)).len(), PACK_MERGE_ABOVE + 2);
+    }
 }

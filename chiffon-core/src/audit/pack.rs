@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use git2::{ObjectType, Oid};
 use sha1::Digest as _;
@@ -473,27 +473,52 @@ pub(crate) fn read_index(idx: &[u8]) -> Option<Vec<IndexEntry>> {
 /// its index (a reader finds a pack by its index), then syncs the folder: when this returns,
 /// a power loss keeps both.
 pub(crate) fn write_to(pack_dir: &Path, pack: &[u8], idx: &[u8]) -> std::io::Result<()> {
-    let sum = hex::encode(&pack[pack.len().saturating_sub(20)..]);
-    let put = |ext: &str, bytes: &[u8]| -> std::io::Result<()> {
-        let tmp = pack_dir.join(format!(
-            "tmp_chiffon_{}_{}.{ext}",
-            std::process::id(),
-            uuid::Uuid::new_v4().simple()
-        ));
-        let done = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(bytes)?;
-            f.sync_all()?;
-            let path = pack_dir.join(format!("pack-{sum}.{ext}"));
-            std::fs::rename(&tmp, path)
-        })();
-        if done.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        done
-    };
-    put("pack", pack)?;
-    put("idx", idx)?;
+    let (tmp, mut file) = temp_file(pack_dir, "pack")?;
+    let synced = file.write_all(pack).and_then(|()| file.sync_all());
+    if let Err(e) = synced {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    install(pack_dir, &tmp, &pack[pack.len().saturating_sub(20)..], idx)
+}
+
+/// A new temporary file in `pack_dir` (named as no pack is, and unique across processes)
+/// and its path.
+pub(crate) fn temp_file(pack_dir: &Path, ext: &str) -> std::io::Result<(PathBuf, std::fs::File)> {
+    let tmp = pack_dir.join(format!(
+        "tmp_chiffon_{}_{}.{ext}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    let file = std::fs::File::create_new(&tmp)?;
+    Ok((tmp, file))
+}
+
+/// Renames the pack at `tmp_pack` (already synced) into `pack_dir` as `pack-SUM.pack`,
+/// `SUM` being its checksum `sum`, then writes its index `idx` the same way (through a
+/// synced temporary file) and syncs the folder. The temporary pack is removed when it
+/// cannot be renamed.
+pub(crate) fn install(
+    pack_dir: &Path,
+    tmp_pack: &Path,
+    sum: &[u8],
+    idx: &[u8],
+) -> std::io::Result<()> {
+    let sum = hex::encode(sum);
+    let moved = std::fs::rename(tmp_pack, pack_dir.join(format!("pack-{sum}.pack")));
+    if let Err(e) = moved {
+        let _ = std::fs::remove_file(tmp_pack);
+        return Err(e);
+    }
+    let (tmp, mut file) = temp_file(pack_dir, "idx")?;
+    let done = file
+        .write_all(idx)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, pack_dir.join(format!("pack-{sum}.idx"))));
+    if done.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done?;
     std::fs::File::open(pack_dir)?.sync_all()
 }
 
