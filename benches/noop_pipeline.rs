@@ -63,18 +63,22 @@ async fn pg_counters(url: &str) -> Option<(i64, i64)> {
     Some((xacts, syncs))
 }
 
-/// The resident set size of this process, in MiB (Linux).
-fn rss_mib() -> Option<f64> {
+/// The resident set size of this process and the part of it that is mapped files (the git
+/// trail's packs, which libgit2 maps), in MiB (Linux).
+fn rss_mib() -> Option<(f64, f64)> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
+    let field = |name: &str| -> Option<f64> {
+        let kb: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb / 1024.0)
+    };
+    Some((field("VmRSS:")?, field("RssFile:")?))
 }
 
 /// Stores `n` finished requests (rejected at planning, with their `received` and `rejected`
@@ -320,10 +324,11 @@ async fn main() -> anyhow::Result<()> {
         "git trail: {:.1} MiB on disk",
         dir_bytes(&dir.path().join("audit")) as f64 / (1024.0 * 1024.0)
     );
-    if let (Some(served), Some(rss)) = (served_rss, rss_mib()) {
+    if let (Some((served, served_files)), Some((rss, files))) = (served_rss, rss_mib()) {
         println!(
-            "memory: {served:.1} MiB resident after the runs, {rss:.1} MiB after verifying \
-             the audit trail (orchestrator, agent and benchmark in one process)"
+            "memory: {served:.1} MiB resident after the runs ({served_files:.1} MiB of it \
+             mapped files: the program and the trail's packs), {rss:.1} MiB after verifying \
+             the audit trail ({files:.1} MiB) (orchestrator, agent and benchmark in one process)"
         );
     }
     app.shutdown().await;

@@ -755,6 +755,62 @@ fn verify_records_catches_amends_and_rewritten_history() {
     );
 }
 
+/// `audit verify` reads the branch's history once and checks page after page of requests
+/// against it; what reading cached is let go afterwards, and the trail goes on as before.
+#[test]
+fn pages_of_records_are_checked_against_one_history_read() {
+    use chiffon_core::audit::git::{record_digest, ExpectedRecord};
+    let (_dir, trail) = new_trail();
+    let records: Vec<RequestRecord> = (0..6)
+        .map(|i| record(Uuid::now_v7(), &format!("request {i}")))
+        .collect();
+    let commits: Vec<String> = trail
+        .commit_batch(&records)
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let expected: Vec<ExpectedRecord> = records
+        .iter()
+        .zip(&commits)
+        .map(|(r, c)| ExpectedRecord {
+            id: r.id,
+            commit: c.clone(),
+            digest: Some(record_digest(r).unwrap()),
+        })
+        .collect();
+    // The last record's commit is taken off the branch and re-made elsewhere.
+    let repo = git2::Repository::open(trail.path()).unwrap();
+    let before_last = repo
+        .find_commit(git2::Oid::from_str(&commits[4]).unwrap())
+        .unwrap();
+    repo.reference("refs/heads/main", before_last.id(), true, "force")
+        .unwrap();
+    trail
+        .commit_request(&record(Uuid::now_v7(), "inserted"))
+        .unwrap();
+    assert_ne!(trail.commit_request(&records[5]).unwrap(), commits[5]);
+    let history = trail.history().unwrap();
+    for page in expected[..5].chunks(2) {
+        assert!(trail.verify_records_in(&history, page).unwrap().is_empty());
+    }
+    let problems = trail.verify_records_in(&history, &expected[5..]).unwrap();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].reason.contains("not in the branch's history"),
+        "{problems:?}"
+    );
+    trail.release_caches().unwrap();
+    let after = record(Uuid::now_v7(), "after the release");
+    let commit = trail.commit_request(&after).unwrap();
+    let page = [ExpectedRecord {
+        id: after.id,
+        commit,
+        digest: Some(record_digest(&after).unwrap()),
+    }];
+    assert!(trail.verify_records(&page).unwrap().is_empty());
+    assert_fsck_clean(trail.path());
+}
+
 #[test]
 fn the_chain_head_is_anchored_in_commit_messages() {
     use chiffon_core::audit::git::ChainAnchor;

@@ -202,6 +202,14 @@ pub struct ExpectedRecord {
     pub digest: Option<String>,
 }
 
+/// The trail's branch as [`GitTrail::history`] read it: its tip (none while it has no
+/// commits) and the commits in its history.
+#[derive(Debug, Clone)]
+pub struct TrailHistory {
+    tip: Option<Oid>,
+    commits: std::collections::HashSet<Oid>,
+}
+
 /// A finished request whose git record does not verify, and why.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RecordProblem {
@@ -547,17 +555,55 @@ impl GitTrail {
     /// stored commit is in the branch's history (an amend or a force-push is caught). Costs
     /// one walk of the branch's history, then one tree lookup, one blob read and one set
     /// lookup per request (an ancestry query per request would walk the history each time).
+    /// Many pages of requests: [`GitTrail::history`] once, then
+    /// [`GitTrail::verify_records_in`] for each page.
     pub fn verify_records(
         &self,
         expected: &[ExpectedRecord],
     ) -> Result<Vec<RecordProblem>, AuditError> {
+        if expected.is_empty() {
+            return Ok(Vec::new());
+        }
+        let history = self.history()?;
+        self.verify_records_in(&history, expected)
+    }
+
+    /// The branch's tip and every commit in its history, read in one walk: what
+    /// [`GitTrail::verify_records_in`] checks pages of requests against.
+    pub fn history(&self) -> Result<TrailHistory, AuditError> {
         let repo = self.repo();
         let branch = head_branch(&repo)?;
+        let Some(tip) = branch_tip(&repo, &branch)? else {
+            return Ok(TrailHistory {
+                tip: None,
+                commits: Default::default(),
+            });
+        };
+        let mut commits = std::collections::HashSet::new();
+        let mut walk = repo.revwalk().map_err(AuditError::git("walk history"))?;
+        walk.push(tip).map_err(AuditError::git("walk history"))?;
+        for oid in walk {
+            commits.insert(oid.map_err(AuditError::git("walk history"))?);
+        }
+        Ok(TrailHistory {
+            tip: Some(tip),
+            commits,
+        })
+    }
+
+    /// [`GitTrail::verify_records`] against a history read before (its tip's tree, its
+    /// commits): one tree lookup, one blob read and one set lookup per request.
+    pub fn verify_records_in(
+        &self,
+        history: &TrailHistory,
+        expected: &[ExpectedRecord],
+    ) -> Result<Vec<RecordProblem>, AuditError> {
+        let repo = self.repo();
         let problem = |id, reason: &str| RecordProblem {
             id,
             reason: reason.to_string(),
         };
-        let Some(tip) = branch_tip(&repo, &branch)? else {
+        let Some(tip) = history.tip else {
             return Ok(expected
                 .iter()
                 .map(|e| {
@@ -572,14 +618,6 @@ impl GitTrail {
             .find_commit(tip)
             .and_then(|c| c.tree())
             .map_err(AuditError::git("read tip tree"))?;
-        let mut history = std::collections::HashSet::new();
-        if !expected.is_empty() {
-            let mut walk = repo.revwalk().map_err(AuditError::git("walk history"))?;
-            walk.push(tip).map_err(AuditError::git("walk history"))?;
-            for oid in walk {
-                history.insert(oid.map_err(AuditError::git("walk history"))?);
-            }
-        }
         let mut out = Vec::new();
         for e in expected {
             let blob = match entry_id(&tree, &record_path(e.id))? {
@@ -604,7 +642,7 @@ impl GitTrail {
                 }
             }
             match Oid::from_str(&e.commit) {
-                Ok(c) if history.contains(&c) => {}
+                Ok(c) if history.commits.contains(&c) => {}
                 Ok(c) => match repo.find_commit(c) {
                     Ok(_) => out.push(problem(
                         e.id,
@@ -616,6 +654,20 @@ impl GitTrail {
             }
         }
         Ok(out)
+    }
+
+    /// Lets go of what reading the trail cached: opens the repository anew in place of
+    /// this handle's. libgit2 keeps, per pack, up to 16 MiB of the objects it rebuilt from
+    /// deltas, for as long as a handle has the pack open (packs are shared by every handle
+    /// in the process); a verification reads every record and commit, so without this a
+    /// long-running server would keep that memory after each one. Fails only when the
+    /// repository cannot be opened (the old handle is kept then).
+    pub fn release_caches(&self) -> Result<(), AuditError> {
+        let fresh = Repository::open(&self.path).map_err(AuditError::git("open repository"))?;
+        let old = std::mem::replace(&mut *self.repo(), fresh);
+        drop(old);
+        return_free_memory();
+        Ok(())
     }
 
     /// The newest chain anchor in the branch's history (looks back at most `depth`
@@ -1135,6 +1187,17 @@ fn merge_small_packs(path: &Path) -> Result<(), AuditError> {
         }
     }
     sync_file(&pack_dir)
+}
+
+/// Hands the heap's free pages back to the system (glibc keeps what a burst of small
+/// allocations freed, such as libgit2's caches of rebuilt objects, for its own reuse).
+#[allow(unsafe_code)]
+fn return_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own arenas; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn list_files(dir: &Path) -> std::collections::HashSet<PathBuf> {

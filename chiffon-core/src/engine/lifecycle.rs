@@ -1073,6 +1073,7 @@ impl Engine {
         }
         let mut missing = Vec::new();
         let mut record_problems = Vec::new();
+        let mut history = None;
         for status in [
             RequestStatus::Completed,
             RequestStatus::Failed,
@@ -1104,13 +1105,23 @@ impl Engine {
                         None => missing.push(r.id),
                     }
                 }
-                // One look at the tip's tree per page: O(n) for the whole trail.
+                // The branch's history is walked once, for the first page that needs it;
+                // then one look at the tip's tree per request: O(n) for the whole trail.
                 if let (Some(git), false) = (&self.inner.git, expected.is_empty()) {
                     let git = git.clone();
-                    let found = tokio::task::spawn_blocking(move || git.verify_records(&expected))
-                        .await
-                        .map_err(|e| EngineError::Invalid(format!("git verify task failed: {e}")))?
-                        .map_err(|e| EngineError::Invalid(format!("git verify: {e}")))?;
+                    let known = history.take();
+                    let (found, read) = tokio::task::spawn_blocking(move || {
+                        let history = match known {
+                            Some(h) => h,
+                            None => git.history()?,
+                        };
+                        let found = git.verify_records_in(&history, &expected)?;
+                        Ok::<_, crate::audit::git::AuditError>((found, history))
+                    })
+                    .await
+                    .map_err(|e| EngineError::Invalid(format!("git verify task failed: {e}")))?
+                    .map_err(|e| EngineError::Invalid(format!("git verify: {e}")))?;
+                    history = Some(read);
                     for p in found {
                         if p.reason.contains("missing at the branch tip") {
                             missing.push(p.id);
@@ -1138,8 +1149,15 @@ impl Engine {
         let mut anchor = None;
         if let Some(git) = &self.inner.git {
             let git = git.clone();
-            let latest = tokio::task::spawn_blocking(move || git.latest_anchor(1000))
-                .await
+            let latest = tokio::task::spawn_blocking(move || {
+                let latest = git.latest_anchor(1000);
+                // What the verification read is not kept cached in this process.
+                if let Err(e) = git.release_caches() {
+                    tracing::warn!(error = %e, "reopening the audit trail after verifying it failed");
+                }
+                latest
+            })
+            .await
                 .map_err(|e| EngineError::Invalid(format!("git verify task failed: {e}")))?
                 .map_err(|e| EngineError::Invalid(format!("git verify: {e}")))?;
             if let Some(a) = latest {
