@@ -103,6 +103,7 @@ macro_rules! transport_conformance {
             consume_unknown_queue_fails,
             competing_consumers_share_work,
             declare_is_idempotent,
+            large_message_arrives_whole,
         );
     };
     (@cases $fixture:expr; $($case:ident),* $(,)?) => {
@@ -205,6 +206,33 @@ pub async fn publish_confirmed_then_consumed(t: Arc<dyn Transport>) {
     assert_eq!(d.parse().expect("parses"), sent);
     d.ack().await.expect("ack");
     t.health().await.expect("healthy");
+}
+
+/// A message far larger than one frame (RabbitMQ splits a body into frames of the size
+/// client and broker agreed on) arrives whole, with the small ones around it in order.
+pub async fn large_message_arrives_whole(t: Arc<dyn Transport>) {
+    t.declare_topology().await.expect("declare_topology");
+    let q = t.topology().requests_queue.clone();
+    let text: String = (0..300_000u32)
+        .map(|i| char::from(b'a' + (i.wrapping_mul(7919) % 26) as u8))
+        .collect();
+    for sent in ["before", text.as_str(), "after"] {
+        t.publish(&q, &envelope(sent))
+            .await
+            .expect("publish confirmed");
+    }
+    let mut c = consume(&*t, &q, 8).await;
+    for want in ["before", text.as_str(), "after"] {
+        let d = next_delivery(&mut c).await;
+        let got = text_of(&d);
+        assert!(
+            got == want,
+            "a {}-byte text came back as {} bytes",
+            want.len(),
+            got.len()
+        );
+        d.ack().await.expect("ack");
+    }
 }
 
 /// An acked message is gone for good; settling twice is an error.
