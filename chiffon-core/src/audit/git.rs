@@ -916,8 +916,10 @@ fn concat_packs(
         let mut entries = Vec::with_capacity(count as usize);
         let mut chunk = vec![0u8; COPY_CHUNK];
         for (listed, path) in sources {
-            let mut src = std::fs::File::open(path)?;
-            let len = src.metadata()?.len();
+            let file = std::fs::File::open(path)?;
+            let len = file.metadata()?.len();
+            // Entries are a few hundred bytes: read ahead, not one read per entry.
+            let mut src = std::io::BufReader::with_capacity(COPY_CHUNK, file);
             let mut header = [0u8; 12];
             if len < 32 {
                 return Ok(None);
@@ -1005,13 +1007,12 @@ impl<W: Write> Write for HashingWriter<W> {
 
 /// Copies the next `n` bytes of `src` to `out`, `chunk` at a time, feeding them to `crc`.
 fn copy_range(
-    src: &mut std::fs::File,
+    src: &mut impl std::io::Read,
     out: &mut impl Write,
     mut n: u64,
     chunk: &mut [u8],
     mut crc: Option<&mut crc32fast::Hasher>,
 ) -> std::io::Result<()> {
-    use std::io::Read as _;
     while n > 0 {
         let take = n.min(chunk.len() as u64) as usize;
         src.read_exact(&mut chunk[..take])?;
