@@ -664,8 +664,7 @@ impl GitTrail {
     /// repository cannot be opened (the old handle is kept then).
     pub fn release_caches(&self) -> Result<(), AuditError> {
         let fresh = Repository::open(&self.path).map_err(AuditError::git("open repository"))?;
-        let old = std::mem::replace(&mut *self.repo(), fresh);
-        drop(old);
+        *self.repo() = fresh;
         return_free_memory();
         Ok(())
     }
@@ -1057,8 +1056,9 @@ fn packs_to_merge(mut packs: Vec<(PathBuf, usize)>) -> Vec<PathBuf> {
 /// trail's life (and not at all once its pack holds `PACK_MERGE_MAX_OBJECTS`), and a batch
 /// looks through O(log n) packs plus the large ones (one for about 13,000 requests), so a
 /// commit's cost stays about flat as history grows; a merge streams the packs' bytes and
-/// holds at most the index entries of packs under the cap, so its memory stays flat too. The merged pack is written and synced before the packs it replaces are
-/// removed; a pack with a `.keep` file is left alone.
+/// holds at most the index entries of packs under the cap, so its memory stays flat too.
+/// The merged pack is written and synced before the packs it replaces are removed; a pack
+/// with a `.keep` file is left alone.
 fn merge_small_packs(path: &Path) -> Result<(), AuditError> {
     let repo = Repository::open(path).map_err(AuditError::git("open repository"))?;
     let pack_dir = repo.path().join("objects").join("pack");
@@ -1102,6 +1102,7 @@ fn merge_small_packs(path: &Path) -> Result<(), AuditError> {
     }
     let name = match concat_packs(&pack_dir, &sources) {
         Ok(Some(checksum)) => hex::encode(checksum),
+        // A pack merged and removed by another process meanwhile: not ours to finish.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => {
             return Err(AuditError::Git {

@@ -1153,13 +1153,13 @@ impl Engine {
                 let latest = git.latest_anchor(1000);
                 // What the verification read is not kept cached in this process.
                 if let Err(e) = git.release_caches() {
-                    tracing::warn!(error = %e, "reopening the audit trail after verifying it failed");
+                    tracing::warn!(error = %e, "reopening the audit trail after verify failed");
                 }
                 latest
             })
             .await
-                .map_err(|e| EngineError::Invalid(format!("git verify task failed: {e}")))?
-                .map_err(|e| EngineError::Invalid(format!("git verify: {e}")))?;
+            .map_err(|e| EngineError::Invalid(format!("git verify task failed: {e}")))?
+            .map_err(|e| EngineError::Invalid(format!("git verify: {e}")))?;
             if let Some(a) = latest {
                 let now = self.inner.store.audit_hash_at(a.seq).await?;
                 let agrees = now.as_deref() == Some(a.hash.as_str());

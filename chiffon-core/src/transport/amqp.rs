@@ -85,6 +85,8 @@ impl Default for AmqpOptions {
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// The largest frame this client asks for, unless the URL says otherwise (`?frame_max=`).
 /// lapin keeps a send and a receive buffer of 32 frames per connection, so RabbitMQ's
@@ -107,8 +109,6 @@ async fn open_connection(
         Err(_) => Connection::connect(url, props).await,
     }
 }
-const FIRST_BACKOFF: Duration = Duration::from_millis(50);
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// The RabbitMQ [`Transport`]. Cheap to clone: clones share the connection.
 #[derive(Clone)]
